@@ -1,0 +1,224 @@
+//! The IDX file format (MNIST, Fashion-MNIST, EMNIST, ...), raw or gzipped.
+//!
+//! Layout: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, one
+//! big-endian u32 per dimension, then the data. Images have three dimensions `(N, rows, cols)`,
+//! labels one `(N)`. Gzipped files are recognised by their magic bytes, not their name.
+
+use std::io::Read;
+use std::path::Path;
+
+use super::{io_err, DataError, ImageDataset, Result};
+
+/// A parsed IDX array of unsigned bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdxArray {
+    pub dims: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Reads a file, transparently un-gzipping it.
+fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(io_err(path))?;
+    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| {
+            DataError::BadGzip { path: path.to_path_buf(), reason: e.to_string() }
+        })?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parses IDX bytes read from `path`, requiring `want_dims` dimensions.
+pub fn parse_idx(path: &Path, bytes: &[u8], want_dims: usize) -> Result<IdxArray> {
+    if bytes.len() < 4 {
+        return Err(DataError::Truncated { path: path.to_path_buf(), expected: 4, found: bytes.len() as u64 });
+    }
+    let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let bad = |reason: String| DataError::BadMagic { path: path.to_path_buf(), found: magic, reason };
+    if bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("not an IDX file (the first two bytes must be zero)".to_string()));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!(
+            "element type 0x{:02x} is not supported (only unsigned bytes, 0x08)",
+            bytes[2]
+        )));
+    }
+    let ndims = bytes[3] as usize;
+    if ndims != want_dims {
+        let what = if want_dims == 3 { "images (expected magic 0x00000803)" } else { "labels (expected magic 0x00000801)" };
+        return Err(bad(format!("{ndims} dimension(s), but {what} need {want_dims}")));
+    }
+    let header = 4 + 4 * ndims;
+    if bytes.len() < header {
+        return Err(DataError::Truncated { path: path.to_path_buf(), expected: header as u64, found: bytes.len() as u64 });
+    }
+    let dims: Vec<usize> = (0..ndims)
+        .map(|i| {
+            let o = 4 + 4 * i;
+            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
+        })
+        .collect();
+    let count: u64 = dims.iter().map(|&d| d as u64).product();
+    let expected = header as u64 + count;
+    if (bytes.len() as u64) < expected {
+        return Err(DataError::Truncated { path: path.to_path_buf(), expected, found: bytes.len() as u64 });
+    }
+    Ok(IdxArray { dims, data: bytes[header..expected as usize].to_vec() })
+}
+
+/// Reads an IDX file (raw or gzipped) with `want_dims` dimensions.
+pub fn read_idx(path: &Path, want_dims: usize) -> Result<IdxArray> {
+    let bytes = read_maybe_gzip(path)?;
+    parse_idx(path, &bytes, want_dims)
+}
+
+/// Loads an IDX image file and its label file. Class names are the label values `"0"`, `"1"`, ….
+pub fn load_idx(images_path: &Path, labels_path: &Path) -> Result<ImageDataset> {
+    let images = read_idx(images_path, 3)?;
+    let labels = read_idx(labels_path, 1)?;
+    let (n_images, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
+    let n_labels = labels.dims[0];
+    if n_images != n_labels {
+        return Err(DataError::CountMismatch {
+            images: images_path.to_path_buf(),
+            labels: labels_path.to_path_buf(),
+            n_images,
+            n_labels,
+        });
+    }
+    if n_images == 0 || rows == 0 || cols == 0 {
+        return Err(DataError::Invalid(format!(
+            "{}: empty IDX image file ({n_images} images of {rows}×{cols})",
+            images_path.display()
+        )));
+    }
+    let labels: Vec<u32> = labels.data.iter().map(|&l| l as u32).collect();
+    let num_classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+    Ok(ImageDataset {
+        images: images.data,
+        labels,
+        channels: 1,
+        height: rows,
+        width: cols,
+        class_names: (0..num_classes).map(|c| c.to_string()).collect(),
+        source: images_path.display().to_string(),
+    })
+}
+
+/// Encodes an IDX file of unsigned bytes.
+pub fn encode_idx(dims: &[usize], data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0x08, dims.len() as u8];
+    for &d in dims {
+        out.extend((d as u32).to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+/// Writes a dataset's grey images and labels as IDX files (gzipped when the name ends in `.gz`).
+pub fn write_idx(dataset: &ImageDataset, images_path: &Path, labels_path: &Path) -> Result<()> {
+    if dataset.channels != 1 {
+        return Err(DataError::Invalid("IDX export needs single-channel images".into()));
+    }
+    let images = encode_idx(&[dataset.len(), dataset.height, dataset.width], &dataset.images);
+    let labels_u8: Vec<u8> = dataset.labels.iter().map(|&l| l as u8).collect();
+    let labels = encode_idx(&[dataset.len()], &labels_u8);
+    for (path, bytes) in [(images_path, images), (labels_path, labels)] {
+        let bytes = if path.extension().is_some_and(|e| e == "gz") {
+            use std::io::Write;
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            enc.write_all(&bytes).map_err(io_err(path))?;
+            enc.finish().map_err(io_err(path))?
+        } else {
+            bytes
+        };
+        crate::util::write_atomic(path, &bytes).map_err(|e| DataError::Invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ImageDataset {
+        ImageDataset {
+            images: (0..2 * 3 * 4).map(|v| v as u8).collect(),
+            labels: vec![7, 2],
+            channels: 1,
+            height: 3,
+            width: 4,
+            class_names: (0..8).map(|c| c.to_string()).collect(),
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn idx_round_trips_raw_and_gzipped() {
+        let dir = tempfile::tempdir().unwrap();
+        for ext in ["", ".gz"] {
+            let img = dir.path().join(format!("x-images-idx3-ubyte{ext}"));
+            let lab = dir.path().join(format!("x-labels-idx1-ubyte{ext}"));
+            write_idx(&sample(), &img, &lab).unwrap();
+            let back = load_idx(&img, &lab).unwrap();
+            assert_eq!(back.images, sample().images);
+            assert_eq!(back.labels, vec![7, 2]);
+            assert_eq!((back.height, back.width, back.num_classes()), (3, 4, 8));
+        }
+    }
+
+    #[test]
+    fn wrong_magic_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad");
+        std::fs::write(&path, [0x89, b'P', b'N', b'G', 0, 0, 0, 0]).unwrap();
+        let err = read_idx(&path, 3).unwrap_err().to_string();
+        assert!(err.contains("wrong magic number 0x89504e47"), "{err}");
+        assert!(err.contains("bad"), "{err}");
+        // A label file given where images are expected.
+        std::fs::write(&path, encode_idx(&[2], &[1, 2])).unwrap();
+        let err = read_idx(&path, 3).unwrap_err().to_string();
+        assert!(err.contains("1 dimension(s)"), "{err}");
+        // A float IDX file.
+        std::fs::write(&path, [0, 0, 0x0d, 1, 0, 0, 0, 0]).unwrap();
+        assert!(read_idx(&path, 1).unwrap_err().to_string().contains("0x0d"));
+    }
+
+    #[test]
+    fn truncated_files_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short-images-idx3-ubyte");
+        let mut bytes = encode_idx(&[2, 3, 4], &[0; 24]);
+        bytes.truncate(bytes.len() - 5);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_idx(&path, 3).unwrap_err().to_string();
+        assert!(err.contains("truncated: expected 40 bytes, found 35"), "{err}");
+        std::fs::write(&path, [0, 0, 8]).unwrap();
+        assert!(read_idx(&path, 3).unwrap_err().to_string().contains("truncated"));
+        std::fs::write(&path, [0, 0, 8, 3, 0, 0]).unwrap();
+        assert!(read_idx(&path, 3).unwrap_err().to_string().contains("truncated"));
+    }
+
+    #[test]
+    fn corrupt_gzip_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gz");
+        std::fs::write(&path, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
+        let err = read_idx(&path, 1).unwrap_err().to_string();
+        assert!(err.contains("corrupt gzip"), "{err}");
+    }
+
+    #[test]
+    fn image_label_count_mismatch_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("i");
+        let lab = dir.path().join("l");
+        std::fs::write(&img, encode_idx(&[2, 1, 1], &[0, 0])).unwrap();
+        std::fs::write(&lab, encode_idx(&[3], &[0, 1, 2])).unwrap();
+        let err = load_idx(&img, &lab).unwrap_err().to_string();
+        assert!(err.contains("holds 2 images but") && err.contains("holds 3 labels"), "{err}");
+    }
+}

@@ -1,0 +1,31 @@
+//! # DPAR: dynamic patchification for efficient autoregressive image generation
+//!
+//! A Rust implementation (on candle) of DPAR: an autoregressive image generator that merges
+//! low-information image codes into variable-length patches, chosen by the next-code entropy of
+//! a small model, so that the big transformer runs over fewer positions.
+//!
+//! The pipeline, one module per stage:
+//!
+//! ```text
+//! images ─[data]─▶ tokenizer (VQ encoder) ─▶ code shards ─[gpt, unconditional]─▶ entropies
+//!        ─[patching]─▶ patch lengths ─[dpar: encoder → patch transformer → decoder]─▶ codes
+//!        ─[tokenizer (VQ decoder)]─▶ images ─[eval]─▶ metrics
+//! ```
+//!
+//! - [`data`]: IDX and class-folder image readers, code shards.
+//! - [`tokenizer`]: LlamaGen's VQ-VAE (VQ-16 and a small MNIST preset) and its training.
+//! - [`train`]: the one training loop (AdamW, clipping, checkpoints, exact resume).
+//! - [`params`], [`optim`], [`tensor_io`]: seeded parameters, AdamW, safetensors/PyTorch IO.
+//! - [`viz`], [`plot`]: PNG grids and curves.
+//!
+//! The specification followed is `shared/design/dpar-spec.md`; module docs cite its sections.
+
+pub mod data;
+pub mod optim;
+pub mod params;
+pub mod plot;
+pub mod tensor_io;
+pub mod tokenizer;
+pub mod train;
+pub mod util;
+pub mod viz;

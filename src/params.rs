@@ -1,0 +1,279 @@
+//! Named trainable parameters with seeded initialisation.
+//!
+//! candle's CPU device cannot be seeded, so every initial value is drawn here from a ChaCha RNG
+//! derived from `(seed, parameter name)`. A parameter's initial value therefore depends only on
+//! the run's seed and its own name: adding a layer does not change the others, and runs are
+//! reproducible across machines and backends.
+//!
+//! Names follow the reference checkpoints (LlamaGen, the DPAR authors), so a [`ParamStore`] can
+//! load released weights by key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+/// Errors of parameter creation and loading.
+#[derive(Debug, thiserror::Error)]
+pub enum ParamError {
+    /// A parameter was requested twice with different shapes.
+    #[error("parameter `{name}` requested with shape {requested:?} but it already has {existing:?}")]
+    ShapeConflict { name: String, requested: Vec<usize>, existing: Vec<usize> },
+    /// A weight file lacks parameters the model needs.
+    #[error("{path}: missing {} parameter(s): {}", keys.len(), preview(keys))]
+    MissingKeys { path: PathBuf, keys: Vec<String> },
+    /// A weight file holds a tensor of the wrong shape.
+    #[error("{path}: parameter `{name}` has shape {found:?}, the model expects {expected:?}")]
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A weight file holds keys the model does not know (strict loading only).
+    #[error("{path}: {} unexpected parameter(s): {}", keys.len(), preview(keys))]
+    UnexpectedKeys { path: PathBuf, keys: Vec<String> },
+    #[error(transparent)]
+    TensorIo(#[from] crate::tensor_io::TensorIoError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn preview(keys: &[String]) -> String {
+    let shown: Vec<&str> = keys.iter().take(6).map(|s| s.as_str()).collect();
+    if keys.len() > shown.len() {
+        format!("{}, ... ({} more)", shown.join(", "), keys.len() - shown.len())
+    } else {
+        shown.join(", ")
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ParamError>;
+
+/// How a parameter is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// N(0, std²).
+    Normal(f64),
+    /// U(−bound, bound).
+    Uniform(f64),
+    /// Every element equal to the value.
+    Const(f64),
+}
+
+/// The parameters of one model, by name.
+#[derive(Debug)]
+pub struct ParamStore {
+    vars: Mutex<BTreeMap<String, Var>>,
+    seed: u64,
+    device: Device,
+    dtype: DType,
+}
+
+impl ParamStore {
+    /// An empty f32 store whose initial values derive from `seed`.
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Self { vars: Mutex::new(BTreeMap::new()), seed, device: device.clone(), dtype: DType::F32 }
+    }
+
+    /// The root path builder.
+    pub fn root(&self) -> Pb<'_> {
+        Pb { store: self, prefix: String::new() }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Var>> {
+        // A poisoned lock only means another thread panicked while holding it; the map itself is
+        // still consistent (insertions are single operations).
+        self.vars.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Every parameter, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// A parameter by name.
+    pub fn var(&self, name: &str) -> Option<Var> {
+        self.lock().get(name).cloned()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.lock().values().map(|v| v.elem_count()).sum()
+    }
+
+    /// The parameters as named tensors (for saving).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.lock().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// Creates (or returns) the parameter `name`.
+    fn get_or_init(&self, name: &str, shape: Shape, init: Init) -> Result<Tensor> {
+        let mut vars = self.lock();
+        if let Some(var) = vars.get(name) {
+            if var.shape() != &shape {
+                return Err(ParamError::ShapeConflict {
+                    name: name.to_string(),
+                    requested: shape.dims().to_vec(),
+                    existing: var.dims().to_vec(),
+                });
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let count = shape.elem_count();
+        let mut rng = crate::util::rng_for(self.seed, name, 0);
+        let values: Vec<f32> = match init {
+            Init::Normal(std) => {
+                // `std` is a finite positive constant chosen in model code, never user input.
+                let normal = Normal::new(0.0f64, std).expect("init std must be finite and >= 0");
+                (0..count).map(|_| normal.sample(&mut rng) as f32).collect()
+            }
+            Init::Uniform(bound) => {
+                (0..count).map(|_| rng.random_range(-bound..=bound) as f32).collect()
+            }
+            Init::Const(value) => vec![value as f32; count],
+        };
+        let tensor = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
+        let var = Var::from_tensor(&tensor)?;
+        let out = var.as_tensor().clone();
+        vars.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    /// Copies values from `weights` into the store. Every store parameter must be present with the
+    /// right shape; extra keys are an error when `strict`, ignored otherwise. Returns the ignored
+    /// keys. `path` names the source in errors.
+    pub fn load_map(
+        &self,
+        weights: &HashMap<String, Tensor>,
+        path: &Path,
+        strict: bool,
+    ) -> Result<Vec<String>> {
+        let vars = self.lock();
+        let mut missing = Vec::new();
+        for (name, var) in vars.iter() {
+            match weights.get(name) {
+                None => missing.push(name.clone()),
+                Some(t) if t.dims() != var.dims() => {
+                    return Err(ParamError::ShapeMismatch {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        expected: var.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ParamError::MissingKeys { path: path.to_path_buf(), keys: missing });
+        }
+        let mut extra: Vec<String> =
+            weights.keys().filter(|k| !vars.contains_key(*k)).cloned().collect();
+        extra.sort();
+        if strict && !extra.is_empty() {
+            return Err(ParamError::UnexpectedKeys { path: path.to_path_buf(), keys: extra });
+        }
+        for (name, var) in vars.iter() {
+            let value = &weights[name];
+            var.set(&value.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        }
+        Ok(extra)
+    }
+
+    /// Loads weights from a safetensors or PyTorch file (see [`crate::tensor_io::read_weights`]).
+    pub fn load_file(&self, path: &Path, strict: bool, pt_key: Option<&str>) -> Result<Vec<String>> {
+        let weights = crate::tensor_io::read_weights(path, &self.device, pt_key)?;
+        self.load_map(&weights, path, strict)
+    }
+
+    /// Saves every parameter (f32) with metadata, atomically.
+    pub fn save(&self, path: &Path, metadata: &BTreeMap<String, String>) -> Result<()> {
+        crate::tensor_io::write_safetensors(path, &self.named_tensors(), metadata)?;
+        Ok(())
+    }
+}
+
+/// A path into a [`ParamStore`]: `pb.pp("layers").pp(3).get(..)` creates `layers.3.<name>`.
+#[derive(Clone)]
+pub struct Pb<'a> {
+    store: &'a ParamStore,
+    prefix: String,
+}
+
+impl<'a> Pb<'a> {
+    /// A sub-path.
+    pub fn pp(&self, part: impl std::fmt::Display) -> Pb<'a> {
+        let prefix = if self.prefix.is_empty() {
+            part.to_string()
+        } else {
+            format!("{}.{}", self.prefix, part)
+        };
+        Pb { store: self.store, prefix }
+    }
+
+    /// The full name of `name` under this path.
+    pub fn name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Creates or fetches a parameter.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        self.store.get_or_init(&self.name(name), shape.into(), init)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_values_depend_only_on_seed_and_name() {
+        let a = ParamStore::new(3, &Device::Cpu);
+        let b = ParamStore::new(3, &Device::Cpu);
+        let c = ParamStore::new(4, &Device::Cpu);
+        let wa = a.root().pp("x").get((4, 5), "w", Init::Normal(0.02)).unwrap();
+        // b creates another parameter first: `x.w` must not change.
+        b.root().get(7, "other", Init::Uniform(1.0)).unwrap();
+        let wb = b.root().pp("x").get((4, 5), "w", Init::Normal(0.02)).unwrap();
+        let wc = c.root().pp("x").get((4, 5), "w", Init::Normal(0.02)).unwrap();
+        let diff = |x: &Tensor, y: &Tensor| {
+            (x - y).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert_eq!(diff(&wa, &wb), 0.0);
+        assert!(diff(&wa, &wc) > 0.0);
+        let std = wa.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        assert!(std > 0.005 && std < 0.05, "std {std}");
+    }
+
+    #[test]
+    fn loading_reports_missing_and_mismatched_keys() {
+        let store = ParamStore::new(0, &Device::Cpu);
+        store.root().get((2, 2), "a", Init::Const(0.0)).unwrap();
+        store.root().get(3, "b", Init::Const(0.0)).unwrap();
+        let mut weights = HashMap::new();
+        weights.insert("a".to_string(), Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap());
+        let err = store.load_map(&weights, Path::new("w.safetensors"), false).unwrap_err();
+        assert!(err.to_string().contains("missing 1 parameter(s): b"), "{err}");
+        weights.insert("b".to_string(), Tensor::ones(4, DType::F32, &Device::Cpu).unwrap());
+        let err = store.load_map(&weights, Path::new("w.safetensors"), false).unwrap_err();
+        assert!(err.to_string().contains("`b` has shape [4]"), "{err}");
+        weights.insert("b".to_string(), Tensor::ones(3, DType::F32, &Device::Cpu).unwrap());
+        weights.insert("extra".to_string(), Tensor::ones(1, DType::F32, &Device::Cpu).unwrap());
+        assert!(store.load_map(&weights, Path::new("w"), true).is_err());
+        let ignored = store.load_map(&weights, Path::new("w"), false).unwrap();
+        assert_eq!(ignored, vec!["extra".to_string()]);
+        let a = store.var("a").unwrap();
+        assert_eq!(a.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4.0);
+    }
+}

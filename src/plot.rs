@@ -1,0 +1,157 @@
+//! PNG line plots (loss curves, metric-vs-step curves) with plotters, written atomically.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+/// Errors of plotting.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// Nothing to plot.
+    #[error("{0}")]
+    NoData(String),
+    /// plotters failed (for example, no system font for labels).
+    #[error("drawing failed: {0}")]
+    Draw(String),
+    #[error(transparent)]
+    Util(#[from] crate::util::UtilError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+}
+
+pub type Result<T> = std::result::Result<T, PlotError>;
+
+/// One named series of (x, y) points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// Draws line series into a PNG at `path`. `log_y` uses a log scale for the y axis when every
+/// value is positive.
+pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> Result<()> {
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    if all.is_empty() {
+        return Err(PlotError::NoData(format!("{title}: no finite points to plot")));
+    }
+    let (w, h) = (800u32, 500u32);
+    let mut buffer = vec![255u8; (w * h * 3) as usize];
+    let draw = |e: &dyn std::fmt::Display| PlotError::Draw(e.to_string());
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| draw(&e))?;
+        let x_min = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
+        let x_max = all.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+        let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let y_max = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        let x_max = if x_max > x_min { x_max } else { x_min + 1.0 };
+        let log_y = log_y && y_min > 0.0;
+        let mut builder = ChartBuilder::on(&root);
+        builder.caption(title, ("sans-serif", 22)).margin(15).x_label_area_size(40).y_label_area_size(70);
+        macro_rules! finish {
+            ($chart:expr) => {{
+                let mut chart = $chart;
+                chart
+                    .configure_mesh()
+                    .x_desc(x_label)
+                    .y_desc(y_label)
+                    .light_line_style(RGBColor(235, 235, 235))
+                    .draw()
+                    .map_err(|e| draw(&e))?;
+                for (i, s) in series.iter().enumerate() {
+                    let color = COLORS[i % COLORS.len()];
+                    let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+                    chart
+                        .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                        .map_err(|e| draw(&e))?
+                        .label(s.name.clone())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                }
+                if series.len() > 1 {
+                    chart
+                        .configure_series_labels()
+                        .background_style(WHITE.mix(0.8))
+                        .border_style(BLACK)
+                        .draw()
+                        .map_err(|e| draw(&e))?;
+                }
+            }};
+        }
+        if log_y {
+            let chart = builder
+                .build_cartesian_2d(x_min..x_max, (y_min * 0.9..y_max * 1.1).log_scale())
+                .map_err(|e| draw(&e))?;
+            finish!(chart);
+        } else {
+            let pad = ((y_max - y_min) * 0.05).max(1e-9);
+            let chart = builder
+                .build_cartesian_2d(x_min..x_max, (y_min - pad)..(y_max + pad))
+                .map_err(|e| draw(&e))?;
+            finish!(chart);
+        }
+        root.present().map_err(|e| draw(&e))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buffer)
+        .ok_or_else(|| PlotError::Draw("plot buffer has the wrong size".into()))?;
+    crate::viz::save_png(&img, path).map_err(|e| PlotError::Draw(e.to_string()))?;
+    Ok(())
+}
+
+/// Reads a training `log.jsonl` and plots every `loss`-like key (and `val_*` keys) against step.
+pub fn loss_curve_from_log(log: &Path, png: &Path, title: &str) -> Result<()> {
+    let text = std::fs::read_to_string(log)
+        .map_err(|e| PlotError::NoData(format!("{}: {e}", log.display())))?;
+    let mut series: Vec<Series> = Vec::new();
+    for line in text.lines() {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(step) = value.get("step").and_then(|s| s.as_f64()) else { continue };
+        let Some(obj) = value.as_object() else { continue };
+        for (key, v) in obj {
+            let wanted = key == "loss" || (key.starts_with("val_") && key.contains("loss")) || key == "val_recon_mse";
+            let Some(y) = v.as_f64() else { continue };
+            if !wanted {
+                continue;
+            }
+            match series.iter_mut().find(|s| &s.name == key) {
+                Some(s) => s.points.push((step, y)),
+                None => series.push(Series { name: key.clone(), points: vec![(step, y)] }),
+            }
+        }
+    }
+    series.retain(|s| !s.points.is_empty());
+    line_plot(png, &format!("{title}: loss"), "step", "loss", &series, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_curve_is_written_from_a_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        let lines: Vec<String> = (1..=20).map(|s| format!("{{\"step\":{s},\"loss\":{}}}", 5.0 / s as f64)).collect();
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        let png = dir.path().join("loss.png");
+        loss_curve_from_log(&log, &png, "test").unwrap();
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (800, 500));
+    }
+
+    #[test]
+    fn an_empty_log_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        std::fs::write(&log, "").unwrap();
+        assert!(loss_curve_from_log(&log, &dir.path().join("x.png"), "t").is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! Reading and writing named tensors: safetensors (with string metadata) and PyTorch `.pt`.
+//!
+//! Writes are atomic (see [`crate::util::write_atomic`]). Reads check the file and name it in
+//! every error, so a truncated download or a wrong path gives a message rather than a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+/// Errors of tensor file IO.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorIoError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid safetensors file (truncated, corrupt header, ...).
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    BadSafetensors { path: PathBuf, reason: String },
+    /// A PyTorch checkpoint could not be read.
+    #[error("{path}: cannot read PyTorch checkpoint: {reason}")]
+    BadPickle { path: PathBuf, reason: String },
+    /// A tensor the caller needs is absent.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+    /// A metadata entry the caller needs is absent or malformed.
+    #[error("{path}: metadata `{key}`: {reason}")]
+    BadMetadata { path: PathBuf, key: String, reason: String },
+    #[error(transparent)]
+    Util(#[from] crate::util::UtilError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TensorIoError>;
+
+/// Named tensors plus the string metadata of a safetensors file.
+#[derive(Debug, Clone)]
+pub struct TensorFile {
+    pub path: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    /// A tensor by name, or an error naming the file and the tensor.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| TensorIoError::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// A metadata value by key, or an error naming the file and the key.
+    pub fn meta(&self, key: &str) -> Result<&str> {
+        self.metadata.get(key).map(|s| s.as_str()).ok_or_else(|| TensorIoError::BadMetadata {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason: "absent".to_string(),
+        })
+    }
+
+    /// A metadata value parsed with `FromStr`.
+    pub fn meta_parse<T: std::str::FromStr>(&self, key: &str) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.meta(key)?;
+        raw.parse::<T>().map_err(|e| TensorIoError::BadMetadata {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason: format!("cannot parse {raw:?}: {e}"),
+        })
+    }
+}
+
+/// Serialises named tensors (and metadata) into safetensors bytes.
+pub fn safetensors_bytes(
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    // safetensors' View impl for candle tensors expects contiguous CPU data.
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        owned.push((name.clone(), tensor.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    let meta: HashMap<String, String> =
+        metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let meta = if meta.is_empty() { None } else { Some(meta) };
+    safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), meta).map_err(|e| {
+        TensorIoError::BadSafetensors { path: PathBuf::from("<memory>"), reason: e.to_string() }
+    })
+}
+
+/// Writes named tensors and metadata to a safetensors file, atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors_bytes(tensors, metadata).map_err(|e| match e {
+        TensorIoError::BadSafetensors { reason, .. } => {
+            TensorIoError::BadSafetensors { path: path.to_path_buf(), reason }
+        }
+        other => other,
+    })?;
+    crate::util::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// Reads every tensor and the metadata of a safetensors file onto `device`.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<TensorFile> {
+    let bytes = std::fs::read(path)
+        .map_err(|source| TensorIoError::Io { path: path.to_path_buf(), source })?;
+    read_safetensors_bytes(path, &bytes, device)
+}
+
+/// Parses safetensors bytes that came from `path` (used in messages only).
+pub fn read_safetensors_bytes(path: &Path, bytes: &[u8], device: &Device) -> Result<TensorFile> {
+    let bad = |reason: String| TensorIoError::BadSafetensors { path: path.to_path_buf(), reason };
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        let tensor = candle_core::safetensors::Load::load(&view, device)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        tensors.insert(name, tensor);
+    }
+    Ok(TensorFile { path: path.to_path_buf(), tensors, metadata })
+}
+
+/// Reads only the metadata of a safetensors file (cheap: the header is at the front).
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path)
+        .map_err(|source| TensorIoError::Io { path: path.to_path_buf(), source })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        TensorIoError::BadSafetensors { path: path.to_path_buf(), reason: e.to_string() }
+    })?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// Reads a PyTorch `.pt`/`.pth` checkpoint. `key` selects a nested state dict (LlamaGen stores
+/// its weights under `model`); when that key is absent the top level is tried.
+pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
+    let attempt = |k: Option<&str>| candle_core::pickle::read_all_with_key(path, k);
+    let list = match attempt(key) {
+        Ok(list) if !list.is_empty() => list,
+        first => match (key, attempt(None)) {
+            (Some(_), Ok(list)) if !list.is_empty() => list,
+            _ => {
+                let reason = match first {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "no tensors found".to_string(),
+                };
+                return Err(TensorIoError::BadPickle { path: path.to_path_buf(), reason });
+            }
+        },
+    };
+    Ok(list.into_iter().collect())
+}
+
+/// Reads named tensors from `.safetensors`, `.pt`, `.pth` or `.bin` by extension.
+pub fn read_weights(path: &Path, device: &Device, pt_key: Option<&str>) -> Result<HashMap<String, Tensor>> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "pt" | "pth" | "bin" | "ckpt" => {
+            let map = read_pytorch(path, pt_key)?;
+            let mut out = HashMap::with_capacity(map.len());
+            for (name, tensor) in map {
+                out.insert(name, tensor.to_device(device)?);
+            }
+            Ok(out)
+        }
+        _ => Ok(read_safetensors(path, device)?.tensors),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_round_trip_keeps_values_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let a = Tensor::arange(0f32, 6f32, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let b = Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap();
+        let mut meta = BTreeMap::new();
+        meta.insert("grid".to_string(), "16".to_string());
+        write_safetensors(&path, &[("a".into(), a.t().unwrap()), ("b".into(), b)], &meta).unwrap();
+        let file = read_safetensors(&path, &Device::Cpu).unwrap();
+        assert_eq!(
+            file.tensor("a").unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]
+        );
+        assert_eq!(file.tensor("b").unwrap().to_vec1::<u32>().unwrap(), vec![1, 2, 3]);
+        assert_eq!(file.meta_parse::<usize>("grid").unwrap(), 16);
+        assert!(file.tensor("c").unwrap_err().to_string().contains("missing tensor `c`"));
+    }
+
+    #[test]
+    fn truncated_safetensors_gives_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let a = Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        write_safetensors(&path, &[("a".into(), a)], &BTreeMap::new()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
+        let err = read_safetensors(&path, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("t.safetensors"), "{err}");
+        assert!(err.contains("not a valid safetensors"), "{err}");
+    }
+}

@@ -1,0 +1,177 @@
+//! Small shared helpers: atomic file writes, hashing, seeded RNG streams and progress bars.
+//!
+//! Every file this crate writes for a user (checkpoints, shards, PNGs, JSON) goes through
+//! [`write_atomic`]: the bytes land in a temporary file beside the target, which is then renamed
+//! over it, so an interrupted run never leaves a half-written file behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sha2::Digest;
+
+/// Errors of the utility helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum UtilError {
+    /// A file could not be written, renamed or read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, UtilError>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> UtilError + '_ {
+    move |source| UtilError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, then rename.
+/// Creates the parent folder if needed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+    }
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    {
+        let mut file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        file.write_all(bytes).map_err(io_err(&tmp))?;
+        file.sync_all().map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}
+
+/// Hex SHA-256 of a byte slice.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex SHA-256 of a file's contents.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// FNV-1a hash of a string: a stable, platform-independent way to derive sub-seeds from names.
+pub fn fnv1a(text: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// A deterministic RNG for one purpose (`stream`, e.g. "dropout") at one point of a run
+/// (`index`, e.g. the step). Deriving every random stream from `(seed, stream, index)` makes the
+/// RNG state of a run a pure function of its seed and step, so resuming needs no RNG snapshot.
+pub fn rng_for(seed: u64, stream: &str, index: u64) -> ChaCha8Rng {
+    let mixed = seed
+        ^ fnv1a(stream).rotate_left(17)
+        ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ChaCha8Rng::seed_from_u64(mixed)
+}
+
+/// A progress bar with the crate's style: position, rate, ETA and a free-form message.
+/// Hidden automatically when stderr is not a terminal.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!(
+        "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}"
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Formats a duration in seconds as `1h02m03s` / `2m03s` / `4.5s`.
+pub fn human_duration(seconds: f64) -> String {
+    if seconds >= 3600.0 {
+        let s = seconds as u64;
+        format!("{}h{:02}m{:02}s", s / 3600, (s % 3600) / 60, s % 60)
+    } else if seconds >= 60.0 {
+        let s = seconds as u64;
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{seconds:.1}s")
+    }
+}
+
+/// Appends one line to a file (JSONL logs). Creates the file if needed.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    writeln!(file, "{line}").map_err(io_err(path))
+}
+
+/// The median of a slice (NaN for an empty slice).
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        0.5 * (sorted[mid - 1] + sorted[mid])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    #[test]
+    fn atomic_write_replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("file.txt");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["file.txt".to_string()]);
+    }
+
+    #[test]
+    fn rng_streams_are_reproducible_and_distinct() {
+        let a: u64 = rng_for(7, "dropout", 3).random();
+        let b: u64 = rng_for(7, "dropout", 3).random();
+        let c: u64 = rng_for(7, "dropout", 4).random();
+        let d: u64 = rng_for(7, "data", 3).random();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn sha256_matches_a_known_digest() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn median_of_even_and_odd_lengths() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
