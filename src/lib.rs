@@ -21,6 +21,7 @@
 //! The specification followed is `shared/design/dpar-spec.md`; module docs cite its sections.
 
 pub mod data;
+pub mod kernels;
 pub mod optim;
 pub mod params;
 pub mod plot;

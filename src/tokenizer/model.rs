@@ -12,14 +12,14 @@
 use candle_core::{DType, Tensor, D};
 
 use super::{Result, TokenizerError, VqConfig};
+use crate::kernels::conv::{conv2d, ConvParams};
 use crate::params::{Init, Pb};
 
 /// A 2-D convolution with bias, initialised like PyTorch's `nn.Conv2d` (U(±1/√fan_in)).
 struct Conv {
     weight: Tensor,
     bias: Tensor,
-    stride: usize,
-    padding: usize,
+    params: ConvParams,
 }
 
 impl Conv {
@@ -28,36 +28,45 @@ impl Conv {
         Ok(Self {
             weight: pb.get((cout, cin, kernel, kernel), "weight", Init::Uniform(bound))?,
             bias: pb.get(cout, "bias", Init::Uniform(bound))?,
-            stride,
-            padding,
+            params: ConvParams::symmetric(stride, padding),
         })
     }
 
     /// # Shapes
     /// (B, Cin, H, W) → (B, Cout, H', W')
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = conv2d(x, &self.weight, self.params)?;
         Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
     }
 }
 
-/// GroupNorm(groups, eps 1e-6) with affine weight and bias. candle-nn's `GroupNorm` is built from
-/// differentiable ops, so gradients flow.
-fn group_norm(pb: &Pb, channels: usize, groups: usize) -> Result<candle_nn::GroupNorm> {
-    let weight = pb.get(channels, "weight", Init::Const(1.0))?;
-    let bias = pb.get(channels, "bias", Init::Const(0.0))?;
-    Ok(candle_nn::GroupNorm::new(weight, bias, channels, groups, 1e-6)?)
+/// GroupNorm(groups, eps 1e-6) with affine weight and bias, run by our fused kernel (optionally
+/// with the swish that follows it).
+struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
 }
 
-fn norm_forward(norm: &candle_nn::GroupNorm, x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::Module::forward(norm, x)?)
+fn group_norm(pb: &Pb, channels: usize, groups: usize) -> Result<GroupNorm> {
+    Ok(GroupNorm {
+        weight: pb.get(channels, "weight", Init::Const(1.0))?,
+        bias: pb.get(channels, "bias", Init::Const(0.0))?,
+        groups,
+    })
+}
+
+impl GroupNorm {
+    fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        Ok(crate::kernels::group_norm::group_norm(x, &self.weight, &self.bias, self.groups, 1e-6, silu)?)
+    }
 }
 
 /// x + conv2(swish(GN(conv1(swish(GN(x)))))), with a 1×1 `nin_shortcut` when channels change.
 struct ResBlock {
-    norm1: candle_nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: Conv,
-    norm2: candle_nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: Conv,
     nin_shortcut: Option<Conv>,
 }
@@ -78,8 +87,8 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&norm_forward(&self.norm1, x)?.silu()?)?;
-        let h = self.conv2.forward(&norm_forward(&self.norm2, &h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
         let skip = match &self.nin_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -90,7 +99,7 @@ impl ResBlock {
 
 /// Single-head self-attention over the spatial positions, with 1×1 q/k/v/proj convolutions.
 struct AttnBlock {
-    norm: candle_nn::GroupNorm,
+    norm: GroupNorm,
     q: Conv,
     k: Conv,
     v: Conv,
@@ -112,7 +121,7 @@ impl AttnBlock {
     /// (B, C, h, w) → (B, C, h, w)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let normed = norm_forward(&self.norm, x)?;
+        let normed = self.norm.forward(x, false)?;
         let q = self.q.forward(&normed)?.reshape((b, c, h * w))?.transpose(1, 2)?; // (B, hw, C)
         let k = self.k.forward(&normed)?.reshape((b, c, h * w))?; // (B, C, hw)
         let v = self.v.forward(&normed)?.reshape((b, c, h * w))?; // (B, C, hw)
@@ -145,7 +154,7 @@ impl Level {
                 conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?
             } else {
                 // Pad right and bottom by one, then a 3×3 stride-2 convolution.
-                conv.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?
+                conv.forward(&h)?
             };
         }
         Ok(h)
@@ -176,7 +185,7 @@ struct Encoder {
     conv_in: Conv,
     levels: Vec<Level>,
     mid: Mid,
-    norm_out: candle_nn::GroupNorm,
+    norm_out: GroupNorm,
     conv_out: Conv,
 }
 
@@ -200,7 +209,9 @@ impl Encoder {
                 }
             }
             let resample = if i != n - 1 {
-                Some(Conv::new(&lp.pp("downsample").pp("conv"), block_in, block_in, 3, 2, 0)?)
+                let mut conv = Conv::new(&lp.pp("downsample").pp("conv"), block_in, block_in, 3, 2, 0)?;
+                conv.params.pad = (0, 1, 0, 1);
+                Some(conv)
             } else {
                 None
             };
@@ -221,7 +232,7 @@ impl Encoder {
             h = level.forward(h, false)?;
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&norm_forward(&self.norm_out, &h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward(&h, true)?)
     }
 }
 
@@ -229,7 +240,7 @@ struct Decoder {
     conv_in: Conv,
     mid: Mid,
     levels: Vec<Level>,
-    norm_out: candle_nn::GroupNorm,
+    norm_out: GroupNorm,
     conv_out: Conv,
 }
 
@@ -275,7 +286,7 @@ impl Decoder {
         for level in &self.levels {
             h = level.forward(h, true)?;
         }
-        self.conv_out.forward(&norm_forward(&self.norm_out, &h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward(&h, true)?)
     }
 }
 

@@ -1,0 +1,102 @@
+//! Flags and helpers shared by several commands.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+/// Where the images come from.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Dataset folder: IDX files (`train-images-idx3-ubyte[.gz]`, `t10k-…`) or class sub-folders
+    /// of PNG/JPEG images (optionally under `train/` and `test/`).
+    #[arg(long, default_value = "data/mnist")]
+    pub data: PathBuf,
+    /// Explicit IDX image file (overrides --data; needs --labels).
+    #[arg(long, requires = "labels")]
+    pub images: Option<PathBuf>,
+    /// Explicit IDX label file.
+    #[arg(long, requires = "images")]
+    pub labels: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// Loads `split`, prepared to `size × size × channels`.
+    pub fn load(&self, split: &str, size: usize, channels: usize) -> Result<dpar::data::ImageDataset> {
+        let source = match (&self.images, &self.labels) {
+            (Some(images), Some(labels)) => dpar::data::DataSource::Idx { images: images.clone(), labels: labels.clone() },
+            _ => dpar::data::resolve(&self.data, split)?,
+        };
+        let t = std::time::Instant::now();
+        let data = dpar::data::load(&source, size, channels).with_context(|| format!("loading the {split} split"))?;
+        tracing::info!(
+            "loaded {} {split} images ({} classes) from {} in {:.1}s",
+            data.len(),
+            data.num_classes(),
+            data.source,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(data)
+    }
+}
+
+/// The compute device.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// `cpu`, or `cuda` / `cuda:N` in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    pub fn device(&self) -> Result<candle_core::Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(candle_core::Device::Cpu),
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal: usize = d.strip_prefix("cuda:").unwrap_or("0").parse().context("--device cuda:N needs a number")?;
+                if !candle_core::utils::cuda_is_available() {
+                    bail!("--device {d}: this binary was built without CUDA (rebuild with `--features cuda`)");
+                }
+                Ok(candle_core::Device::new_cuda(ordinal)?)
+            }
+            other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DataCmd {
+    /// Print a summary of a dataset split: count, size, classes.
+    Info {
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long, default_value = "train")]
+        split: String,
+    },
+}
+
+pub fn run_data(cmd: DataCmd) -> Result<()> {
+    match cmd {
+        DataCmd::Info { data, split } => {
+            let source = match (&data.images, &data.labels) {
+                (Some(i), Some(l)) => dpar::data::DataSource::Idx { images: i.clone(), labels: l.clone() },
+                _ => dpar::data::resolve(&data.data, &split)?,
+            };
+            let set = match &source {
+                dpar::data::DataSource::Idx { images, labels } => dpar::data::idx::load_idx(images, labels)?,
+                dpar::data::DataSource::Folder { root } => dpar::data::folder::load_image_folder(root, 64, 3)?,
+            };
+            let mut counts = vec![0usize; set.num_classes()];
+            for &y in &set.labels {
+                counts[y as usize] += 1;
+            }
+            println!("source   {:?}", source);
+            println!("images   {} of {}×{}×{}", set.len(), set.channels, set.height, set.width);
+            println!("classes  {}", set.num_classes());
+            for (name, n) in set.class_names.iter().zip(&counts) {
+                println!("  {name:>12}: {n}");
+            }
+            Ok(())
+        }
+    }
+}

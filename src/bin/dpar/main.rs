@@ -1,0 +1,56 @@
+//! The `dpar` command line: thin wrappers that parse flags, call the library and print what was
+//! done and where it was written.
+
+mod common;
+mod tokenizer_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dpar", version, about = "DPAR: dynamic patchification for autoregressive image generation")]
+struct Cli {
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect datasets.
+    #[command(subcommand)]
+    Data(common::DataCmd),
+    /// Train, evaluate and look at the VQ tokenizer.
+    #[command(subcommand)]
+    Tokenizer(tokenizer_cmd::TokenizerCmd),
+    /// Encode a dataset split into code shards.
+    Tokenize(tokenizer_cmd::TokenizeArgs),
+}
+
+fn main() {
+    dpar::util::tune_allocator();
+    let cli = Cli::parse();
+    let level = if cli.quiet {
+        tracing::Level::WARN
+    } else {
+        match cli.verbose {
+            0 => tracing::Level::INFO,
+            1 => tracing::Level::DEBUG,
+            _ => tracing::Level::TRACE,
+        }
+    };
+    tracing_subscriber::fmt().with_max_level(level).with_target(false).with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        Command::Data(cmd) => common::run_data(cmd),
+        Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
+        Command::Tokenize(args) => tokenizer_cmd::tokenize(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

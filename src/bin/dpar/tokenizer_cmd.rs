@@ -1,0 +1,298 @@
+//! `dpar tokenizer {train, reconstruct, eval}` and `dpar tokenize`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use dpar::tokenizer::train::{evaluate, Tokenizer, TokenizerTask, TokenizerTrainConfig};
+use dpar::tokenizer::VqConfig;
+
+use crate::common::{DataArgs, DeviceArgs};
+
+#[derive(Subcommand)]
+pub enum TokenizerCmd {
+    /// Train a VQ tokenizer on a dataset's train split.
+    Train(TrainArgs),
+    /// Write a PNG grid of test images (rows of originals above rows of reconstructions).
+    Reconstruct(ReconstructArgs),
+    /// Measure reconstruction MSE, PSNR and codebook usage on a split.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Architecture preset: `mnist` (32 px grey → 16×16 codes) or `vq16` (LlamaGen VQ-16).
+    #[arg(long, default_value = "mnist")]
+    preset: String,
+    /// Override the codebook size of the preset.
+    #[arg(long)]
+    codebook_size: Option<usize>,
+    /// Run folder for checkpoints, logs and pictures.
+    #[arg(long, default_value = "runs/tokenizer")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 3000)]
+    steps: u64,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use only the first N training images.
+    #[arg(long)]
+    max_images: Option<usize>,
+    /// Restart unused codes every N steps (0: never).
+    #[arg(long, default_value_t = 100)]
+    restart_every: u64,
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: u64,
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+    /// Validation (test split) every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    /// Test images used for validation.
+    #[arg(long, default_value_t = 2000)]
+    val_images: usize,
+    /// Continue from the run folder's checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+pub struct ReconstructArgs {
+    /// Tokenizer run folder or weight file.
+    #[arg(long, default_value = "runs/tokenizer")]
+    tokenizer: PathBuf,
+    /// Architecture preset, for weight files without an embedded config (LlamaGen `.pt`).
+    #[arg(long)]
+    tokenizer_preset: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Number of images.
+    #[arg(long, default_value_t = 32)]
+    n: usize,
+    /// Output PNG (default: <tokenizer folder>/reconstruction.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "runs/tokenizer")]
+    tokenizer: PathBuf,
+    #[arg(long)]
+    tokenizer_preset: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long, default_value = "test")]
+    split: String,
+    #[arg(long, default_value_t = 10000)]
+    max_images: usize,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// Tokenizer run folder or weight file.
+    #[arg(long, default_value = "runs/tokenizer")]
+    tokenizer: PathBuf,
+    #[arg(long)]
+    tokenizer_preset: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Output folder for the shards (default: data/codes/<split>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also store the codes of horizontally flipped images (augmentation copy).
+    #[arg(long)]
+    flip: bool,
+    /// Images per shard file.
+    #[arg(long, default_value_t = 65536)]
+    shard_size: usize,
+    /// Use only the first N images.
+    #[arg(long)]
+    max_images: Option<usize>,
+    #[arg(long, default_value_t = 200)]
+    batch: usize,
+}
+
+pub fn run(cmd: TokenizerCmd) -> Result<()> {
+    match cmd {
+        TokenizerCmd::Train(args) => train(args),
+        TokenizerCmd::Reconstruct(args) => reconstruct(args),
+        TokenizerCmd::Eval(args) => eval(args),
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let mut model = VqConfig::preset(&args.preset)?;
+    if let Some(v) = args.codebook_size {
+        model.codebook_size = v;
+    }
+    model.validate()?;
+    let mut data = args.data.load("train", model.image_size, model.in_channels)?;
+    if let Some(n) = args.max_images {
+        data = data.take(n);
+    }
+    let val = args.data.load("test", model.image_size, model.in_channels).ok().map(|d| d.take(args.val_images));
+    if val.is_none() {
+        tracing::warn!("no test split found: training without validation");
+    }
+    let config = TokenizerTrainConfig {
+        kind: "tokenizer".into(),
+        model,
+        seed: args.seed,
+        batch_size: args.batch_size,
+        restart_every: args.restart_every,
+        data: data.source.clone(),
+        train_images: data.len(),
+        train: dpar::train::LoopConfig {
+            steps: args.steps,
+            adamw: dpar::optim::AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
+            checkpoint_every: args.checkpoint_every,
+            log_every: args.log_every,
+            eval_every: args.eval_every,
+            ..Default::default()
+        },
+    };
+    let mut task = TokenizerTask::new(config.clone(), data, val.clone(), &device)?;
+    let report = dpar::train::run(&mut task, &config.train, &args.out, args.resume)?;
+    println!(
+        "trained tokenizer: {} steps in {} ({:.0} ms/step), final loss {:.5}",
+        report.steps,
+        dpar::util::human_duration(report.seconds),
+        report.ms_per_step,
+        report.final_loss
+    );
+    for (k, v) in &report.validation {
+        println!("  test {k}: {v:.4}");
+    }
+    println!("wrote {}/{{model.safetensors, checkpoint.safetensors, config.json, log.jsonl, loss.png}}", args.out.display());
+    if let Some(val) = val {
+        let tok = Tokenizer::load(&args.out, None, &device)?;
+        let png = args.out.join("reconstruction.png");
+        write_reconstruction(&tok, &val, 32, &png, &device)?;
+        println!("wrote {}", png.display());
+    }
+    Ok(())
+}
+
+/// Rows of 16: originals, then their reconstructions, for `n` images.
+fn write_reconstruction(tok: &Tokenizer, data: &dpar::data::ImageDataset, n: usize, png: &Path, device: &candle_core::Device) -> Result<()> {
+    let n = n.min(data.len());
+    if n == 0 {
+        bail!("no images to reconstruct");
+    }
+    let idx: Vec<usize> = (0..n).collect();
+    let x = data.batch_tensor(&idx, false, device)?;
+    let recon = tok.decode(&tok.model.encode(&x)?)?;
+    let originals = dpar::viz::tensor_to_images(&x)?;
+    let recons = dpar::viz::tensor_to_images(&recon)?;
+    let scale = (128 / tok.config.image_size as u32).max(1);
+    let mut rows = Vec::new();
+    for start in (0..n).step_by(16) {
+        let end = (start + 16).min(n);
+        rows.push(originals[start..end].iter().map(|i| dpar::viz::upscale(i, scale)).collect());
+        rows.push(recons[start..end].iter().map(|i| dpar::viz::upscale(i, scale)).collect());
+    }
+    dpar::viz::save_png(&dpar::viz::grid(&rows, 4), png)?;
+    Ok(())
+}
+
+fn reconstruct(args: ReconstructArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
+    let png = args.out.unwrap_or_else(|| tok.path.parent().unwrap_or(Path::new(".")).join("reconstruction.png"));
+    write_reconstruction(&tok, &data, args.n, &png, &device)?;
+    let stats = evaluate(&tok.model, &data, args.n, &device)?;
+    println!("{} images: MSE {:.5}, PSNR {:.2} dB", stats.images, stats.mse, stats.psnr);
+    println!("wrote {} (rows: originals, then reconstructions)", png.display());
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
+    let t = std::time::Instant::now();
+    let stats = evaluate(&tok.model, &data, args.max_images, &device)?;
+    println!(
+        "{} split, {} images: MSE {:.5} (on [-1, 1]), PSNR {:.2} dB, codebook usage {:.1}% of {} ({:.1}s)",
+        args.split,
+        stats.images,
+        stats.mse,
+        stats.psnr,
+        100.0 * stats.usage,
+        tok.config.codebook_size,
+        t.elapsed().as_secs_f64()
+    );
+    let out = tok.path.with_file_name(format!("eval-{}.json", args.split));
+    dpar::util::write_atomic(&out, serde_json::to_string_pretty(&stats)?.as_bytes())?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+pub fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let device = args.device.device()?;
+    if args.shard_size == 0 {
+        bail!("--shard-size must be > 0");
+    }
+    let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let mut data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
+    if let Some(n) = args.max_images {
+        data = data.take(n);
+    }
+    let out = args.out.unwrap_or_else(|| PathBuf::from("data/codes").join(&args.split));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let t = std::time::Instant::now();
+    let bar = dpar::util::progress_bar(data.len() as u64 * if args.flip { 2 } else { 1 }, "tokenize");
+    let per_image = if args.flip { 2 } else { 1 };
+    let mut written = Vec::new();
+    for (i, start) in (0..data.len()).step_by(args.shard_size).enumerate() {
+        let end = (start + args.shard_size).min(data.len());
+        let part = dpar::data::ImageDataset {
+            images: data.images[start * data.channels * data.height * data.width..end * data.channels * data.height * data.width].to_vec(),
+            labels: data.labels[start..end].to_vec(),
+            ..data.clone()
+        };
+        let shard = tok.tokenize(&part, args.flip, args.batch, &device, |n| bar.inc((n * per_image) as u64))?;
+        let path = out.join(format!("shard-{i:05}.safetensors"));
+        dpar::data::shards::write_shard(&path, &shard)?;
+        written.push(path);
+    }
+    bar.finish_and_clear();
+    let g = tok.config.grid_size();
+    println!(
+        "tokenized {} {} images into {}×{} = {} codes each{} in {:.1}s ({:.0} img/s)",
+        data.len(),
+        args.split,
+        g,
+        g,
+        g * g,
+        if args.flip { " (+ flip copy)" } else { "" },
+        t.elapsed().as_secs_f64(),
+        (data.len() * per_image) as f64 / t.elapsed().as_secs_f64()
+    );
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
