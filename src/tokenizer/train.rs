@@ -229,11 +229,17 @@ impl Tokenizer {
     /// written by `dpar tokenizer train`, or a LlamaGen checkpoint (`.pt` with the state dict
     /// under `model`, or `.safetensors`) together with `preset` (e.g. `vq16`).
     pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<Self> {
+        if !path.exists() {
+            return Err(TokenizerError::BadFile {
+                path: path.to_path_buf(),
+                reason: "no such tokenizer folder or weight file (train one with `dpar tokenizer train`)".into(),
+            });
+        }
         let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
         if !file.is_file() {
             return Err(TokenizerError::BadFile {
                 path: file,
-                reason: "no such tokenizer weight file (train one with `dpar tokenizer train`)".into(),
+                reason: "no tokenizer weights here (train them with `dpar tokenizer train`)".into(),
             });
         }
         let is_safetensors = file.extension().is_some_and(|e| e == "safetensors");

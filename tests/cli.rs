@@ -1,0 +1,66 @@
+//! The command line: bad input gives a clear message and a non-zero exit, never a panic.
+
+mod common;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = common::dpar().args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("panicked"), "dpar {args:?} panicked:\n{text}");
+    (out.status.success(), text)
+}
+
+#[test]
+fn missing_and_corrupt_data_are_named() {
+    let (ok, text) = run(&["data", "info", "--data", "/nonexistent/mnist"]);
+    assert!(!ok);
+    assert!(text.contains("/nonexistent/mnist") && text.contains("no dataset found"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("train-images-idx3-ubyte"), [0u8, 0, 8, 3, 0, 0, 0, 9]).unwrap();
+    std::fs::write(dir.path().join("train-labels-idx1-ubyte"), [0u8, 0, 8, 1, 0, 0, 0, 9]).unwrap();
+    let (ok, text) = run(&["data", "info", "--data", dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(text.contains("train-images-idx3-ubyte: truncated"), "{text}");
+}
+
+#[test]
+fn a_missing_tokenizer_is_named() {
+    let (ok, text) = run(&["tokenize", "--tokenizer", "/nonexistent/tok"]);
+    assert!(!ok);
+    assert!(text.contains("/nonexistent/tok: no such tokenizer") && text.contains("dpar tokenizer train"), "{text}");
+}
+
+#[test]
+fn impossible_hyper_parameters_are_rejected() {
+    let dir = common::mnist_dir();
+    let out = tempfile::tempdir().unwrap();
+    let (ok, text) = run(&[
+        "tokenizer", "train", "--data", dir.to_str().unwrap(), "--max-images", "8", "--steps", "1",
+        "--lr=-1", "--out", out.path().to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(text.contains("learning rate must be finite and > 0"), "{text}");
+}
+
+#[test]
+fn tokenizer_train_reconstruct_and_tokenize_run_end_to_end() {
+    let dir = common::mnist_dir();
+    let out = tempfile::tempdir().unwrap();
+    let run_dir = out.path().join("tok");
+    let data = dir.to_str().unwrap();
+    let (ok, text) = run(&[
+        "tokenizer", "train", "--data", data, "--max-images", "16", "--steps", "2", "--batch-size", "4",
+        "--val-images", "8", "--out", run_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(run_dir.join("model.safetensors").is_file() && run_dir.join("reconstruction.png").is_file());
+    assert!(run_dir.join("config.json").is_file() && run_dir.join("loss.png").is_file());
+    let codes = out.path().join("codes");
+    let (ok, text) = run(&[
+        "tokenize", "--tokenizer", run_dir.to_str().unwrap(), "--data", data, "--split", "test",
+        "--max-images", "10", "--flip", "--out", codes.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("tokenized 10 test images into 16×16 = 256 codes each (+ flip copy)"), "{text}");
+    assert!(codes.join("shard-00000.safetensors").is_file());
+}
