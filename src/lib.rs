@@ -14,17 +14,25 @@
 //!
 //! - [`data`]: IDX and class-folder image readers, code shards.
 //! - [`tokenizer`]: LlamaGen's VQ-VAE (VQ-16 and a small MNIST preset) and its training.
+//! - [`nn`]: LlamaGen layers (RMSNorm, attention with KV cache, SwiGLU, 2D RoPE).
+//! - [`gpt`]: the LlamaGen GPT baseline and its unconditional variant (the entropy model).
+//! - [`sample`]: classifier-free guidance, temperature/top-k/top-p, cached generation.
 //! - [`train`]: the one training loop (AdamW, clipping, checkpoints, exact resume).
 //! - [`params`], [`optim`], [`tensor_io`]: seeded parameters, AdamW, safetensors/PyTorch IO.
 //! - [`viz`], [`plot`]: PNG grids and curves.
 //!
 //! The specification followed is `shared/design/dpar-spec.md`; module docs cite its sections.
 
+pub mod bench;
 pub mod data;
+pub mod flops;
+pub mod gpt;
 pub mod kernels;
+pub mod nn;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod sample;
 pub mod tensor_io;
 pub mod tokenizer;
 pub mod train;

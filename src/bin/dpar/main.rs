@@ -1,8 +1,11 @@
 //! The `dpar` command line: thin wrappers that parse flags, call the library and print what was
 //! done and where it was written.
 
+mod bench_cmd;
 mod common;
+mod sample_cmd;
 mod tokenizer_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +32,13 @@ enum Command {
     Tokenizer(tokenizer_cmd::TokenizerCmd),
     /// Encode a dataset split into code shards.
     Tokenize(tokenizer_cmd::TokenizeArgs),
+    /// Train a model on code shards (the shared training loop).
+    Train(train_cmd::TrainArgs),
+    /// Generate images with a trained model.
+    Sample(sample_cmd::SampleArgs),
+    /// Speed and quality benchmarks.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
 }
 
 fn main() {
@@ -48,6 +58,9 @@ fn main() {
         Command::Data(cmd) => common::run_data(cmd),
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
         Command::Tokenize(args) => tokenizer_cmd::tokenize(args),
+        Command::Train(args) => train_cmd::train(args),
+        Command::Sample(args) => sample_cmd::sample(args),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -1,0 +1,53 @@
+//! `dpar bench speed`: training, forward and cached-sampling speed of the models.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use crate::common::DeviceArgs;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Medians over repeated steps after warm-up, with GFLOP/s.
+    Speed(SpeedArgs),
+}
+
+#[derive(Args)]
+pub struct SpeedArgs {
+    /// Presets to time (comma separated): bench, mnist, …
+    #[arg(long, default_value = "bench,mnist")]
+    models: String,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Also write the table as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Speed(args) => speed(args),
+    }
+}
+
+fn speed(args: SpeedArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let mut rows = Vec::new();
+    for name in args.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let config = dpar::gpt::GptConfig::preset(name)?;
+        tracing::info!("timing {name} ({} layers, width {})", config.n_layer, config.dim);
+        rows.push(dpar::bench::gpt_speed(name, &config, args.batch_size, args.warmup, args.reps, &device)?);
+    }
+    print!("{}", dpar::bench::markdown(&rows));
+    println!("threads: {}, warm-up {} + {} timed repetitions (medians)", rayon::current_num_threads(), args.warmup, args.reps);
+    if let Some(path) = args.json {
+        dpar::util::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

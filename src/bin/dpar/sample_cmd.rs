@@ -1,0 +1,186 @@
+//! `dpar sample`: class-conditional generation with a trained model, decoded to a PNG grid.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use dpar::sample::SamplingConfig;
+use dpar::tokenizer::train::Tokenizer;
+
+use crate::common::DeviceArgs;
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Model run folder or weight file.
+    #[arg(long, default_value = "runs/gpt")]
+    pub ckpt: PathBuf,
+    /// Architecture preset, for LlamaGen weight files without an embedded config.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Tokenizer run folder or weight file, to decode the codes.
+    #[arg(long, default_value = "runs/tokenizer")]
+    pub tokenizer: PathBuf,
+    #[arg(long)]
+    pub tokenizer_preset: Option<String>,
+    /// Classes to draw, e.g. `0,3,7` or `0-9` (default: every class).
+    #[arg(long)]
+    pub classes: Option<String>,
+    /// Images per class (one grid row per class).
+    #[arg(long, default_value_t = 8)]
+    pub per_class: usize,
+    /// Classifier-free guidance scale (1 = none).
+    #[arg(long, default_value_t = 2.0)]
+    pub cfg: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Keep the k most likely codes (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images generated together.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Output folder (samples.png, codes.safetensors, sample.json).
+    #[arg(long, default_value = "out/samples")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Parses `0,3,7`, `0-9` or a mix into class indices, checking them against `num_classes`.
+pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>> {
+    let Some(spec) = spec else { return Ok((0..num_classes as u32).collect()) };
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>(), b.trim().parse::<u32>()),
+            None => (part.parse::<u32>(), part.parse::<u32>()),
+        };
+        let (lo, hi) = (lo.with_context(|| format!("--classes: `{part}` is not a class number"))?, hi.with_context(|| format!("--classes: `{part}` is not a class number"))?);
+        for c in lo..=hi {
+            if c as usize >= num_classes {
+                bail!("--classes: unknown class {c}; the model has {num_classes} classes (0-{})", num_classes - 1);
+            }
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        bail!("--classes: no classes given");
+    }
+    Ok(out)
+}
+
+/// Writes the grid (one row per class), the codes and a JSON record; prints a summary.
+pub struct SampleOutput<'a> {
+    pub out: &'a std::path::Path,
+    pub tokenizer: &'a Tokenizer,
+    pub classes: &'a [u32],
+    pub per_class: usize,
+    pub codes: &'a [Vec<u32>],
+    pub record: serde_json::Value,
+}
+
+pub fn write_outputs(o: SampleOutput, device: &candle_core::Device, decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage) -> Result<()> {
+    std::fs::create_dir_all(o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let l = o.tokenizer.config.seq_len();
+    let flat: Vec<u32> = o.codes.iter().flatten().copied().collect();
+    let codes = candle_core::Tensor::from_vec(flat.clone(), (o.codes.len(), l), device)?;
+    let mut images = Vec::with_capacity(o.codes.len());
+    for start in (0..o.codes.len()).step_by(100) {
+        let n = (o.codes.len() - start).min(100);
+        images.extend(dpar::viz::tensor_to_images(&o.tokenizer.decode(&codes.narrow(0, start, n)?)?)?);
+    }
+    let scale = (96 / o.tokenizer.config.image_size as u32).max(1);
+    let rows: Vec<Vec<image::RgbImage>> = o
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(r, _)| (0..o.per_class).map(|j| decorate(r * o.per_class + j, dpar::viz::upscale(&images[r * o.per_class + j], scale))).collect())
+        .collect();
+    let png = o.out.join("samples.png");
+    dpar::viz::save_png(&dpar::viz::grid(&rows, 4), &png)?;
+    let labels: Vec<u32> = o.classes.iter().flat_map(|&c| std::iter::repeat_n(c, o.per_class)).collect();
+    let shard = dpar::data::shards::CodeShard {
+        info: dpar::data::shards::ShardInfo {
+            grid_size: o.tokenizer.config.grid_size(),
+            codebook_size: o.tokenizer.config.codebook_size,
+            num_classes: o.classes.iter().copied().max().unwrap_or(0) as usize + 1,
+            class_names: (0..=o.classes.iter().copied().max().unwrap_or(0)).map(|c| c.to_string()).collect(),
+            tokenizer_id: o.tokenizer.id.clone(),
+        },
+        codes: flat,
+        labels,
+        flip_codes: None,
+    };
+    let codes_path = o.out.join("codes.safetensors");
+    dpar::data::shards::write_shard(&codes_path, &shard)?;
+    let json = o.out.join("sample.json");
+    dpar::util::write_atomic(&json, serde_json::to_string_pretty(&o.record)?.as_bytes())?;
+    println!("wrote {} (one row per class), {} and {}", png.display(), codes_path.display(), json.display());
+    Ok(())
+}
+
+pub fn sample(args: SampleArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let config = SamplingConfig { cfg_scale: args.cfg, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    config.validate()?;
+    if args.per_class == 0 || args.batch_size == 0 {
+        bail!("--per-class and --batch-size must be > 0");
+    }
+    let (model, _store) = dpar::gpt::load(&args.ckpt, args.preset.as_deref(), &device)?;
+    let tokenizer = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let mc = model.config();
+    if tokenizer.config.grid_size() != mc.grid_size || tokenizer.config.codebook_size > mc.vocab_size {
+        bail!(
+            "tokenizer {} ({}×{} grid, {} codes) does not fit the model ({}×{} grid, vocabulary {})",
+            args.tokenizer.display(),
+            tokenizer.config.grid_size(),
+            tokenizer.config.grid_size(),
+            tokenizer.config.codebook_size,
+            mc.grid_size,
+            mc.grid_size,
+            mc.vocab_size
+        );
+    }
+    let classes = parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    let labels: Vec<u32> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, args.per_class)).collect();
+    let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
+    let t = Instant::now();
+    let mut codes = Vec::with_capacity(labels.len());
+    for (i, chunk) in labels.chunks(args.batch_size).enumerate() {
+        let chunk_config = SamplingConfig { seed: args.seed.wrapping_add(i as u64), ..config.clone() };
+        codes.extend(dpar::sample::generate_gpt(&model, chunk, &chunk_config, &device)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    let n = labels.len();
+    let images_per_s = n as f64 / secs;
+    let tokens_per_s = (n * mc.seq_len()) as f64 / secs;
+    println!(
+        "sampled {n} images ({} classes × {}) in {:.1}s: {images_per_s:.2} images/s, {tokens_per_s:.0} codes/s, {} model steps per image",
+        classes.len(),
+        args.per_class,
+        secs,
+        mc.seq_len()
+    );
+    let record = serde_json::json!({
+        "model": "gpt",
+        "checkpoint": args.ckpt.display().to_string(),
+        "tokenizer": args.tokenizer.display().to_string(),
+        "sampling": config,
+        "classes": classes,
+        "per_class": args.per_class,
+        "batch_size": args.batch_size,
+        "seconds": secs,
+        "images_per_s": images_per_s,
+        "codes_per_s": tokens_per_s,
+        "steps_per_image": mc.seq_len(),
+    });
+    write_outputs(SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }, &device, &|_, img| img)
+}

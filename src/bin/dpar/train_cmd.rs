@@ -1,0 +1,199 @@
+//! `dpar train --model gpt …` (and `dpar entropy train`): the shared training loop on code shards.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use dpar::gpt::train::{GptTask, GptTrainConfig};
+use dpar::gpt::GptConfig;
+
+use crate::common::DeviceArgs;
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum ModelKind {
+    /// The LlamaGen baseline (class-conditional GPT).
+    Gpt,
+    /// The unconditional GPT that supplies DPAR's entropies.
+    Entropy,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Which model to train.
+    #[arg(long, value_enum, default_value = "gpt")]
+    pub model: ModelKind,
+    /// Architecture preset (gpt-b, gpt-l, gpt-xl, gpt-xxl, mnist, mnist-entropy, bench).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// A full experiment config (JSON or TOML, e.g. a run's config.json); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Training code shards (folder or file).
+    #[arg(long, default_value = "data/codes/train")]
+    pub codes: PathBuf,
+    /// Validation code shards (omit the flag's value `none` to skip validation).
+    #[arg(long, default_value = "data/codes/test")]
+    pub val_codes: String,
+    /// Run folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Cosine decay to --min-lr after warm-up (default: constant, as in the paper).
+    #[arg(long)]
+    pub cosine: bool,
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sets token, residual and FFN dropout together.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    #[arg(long)]
+    pub class_dropout: Option<f64>,
+    /// Ignore the flip copy in the shards.
+    #[arg(long)]
+    pub no_flip: bool,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    #[arg(long)]
+    pub val_images: Option<usize>,
+    /// Continue from the run folder's checkpoint (its config.json is the default config).
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Reads a JSON or TOML config file.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let is_toml = path.extension().is_some_and(|e| e == "toml");
+    if is_toml {
+        toml::from_str(&text).with_context(|| format!("{}: not a valid config", path.display()))
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid config", path.display()))
+    }
+}
+
+fn default_out(kind: ModelKind) -> PathBuf {
+    match kind {
+        ModelKind::Gpt => PathBuf::from("runs/gpt"),
+        ModelKind::Entropy => PathBuf::from("runs/entropy"),
+    }
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let device = args.device.device()?;
+    if args.preset.is_some() && args.config.is_some() {
+        bail!("give either --preset or --config, not both");
+    }
+    let out = args.out.clone().unwrap_or_else(|| default_out(args.model));
+    let kind = match args.model {
+        ModelKind::Gpt => "gpt",
+        ModelKind::Entropy => "entropy",
+    };
+    let (train, _) = dpar::data::shards::read_shard_set(&args.codes)?;
+    let val = match args.val_codes.as_str() {
+        "none" | "" => None,
+        path => match dpar::data::shards::read_shard_set(Path::new(path)) {
+            Ok((v, _)) => Some(v),
+            Err(e) => {
+                tracing::warn!("no validation shards ({e}); training without validation");
+                None
+            }
+        },
+    };
+    let saved = out.join("config.json");
+    let mut config: GptTrainConfig = match (&args.config, args.resume && saved.is_file()) {
+        (Some(path), _) => read_config(path)?,
+        (None, true) => read_config(&saved)?,
+        (None, false) => {
+            let preset = args.preset.clone().unwrap_or_else(|| if kind == "gpt" { "mnist".into() } else { "mnist-entropy".into() });
+            let mut model = GptConfig::preset(&preset)?;
+            if kind == "entropy" {
+                model.cls_token_num = 0;
+                model.class_dropout = 0.0;
+            }
+            // Fit the vocabulary, classes and grid to the shards.
+            model.vocab_size = train.info.codebook_size;
+            model.num_classes = train.info.num_classes;
+            model.grid_size = train.info.grid_size;
+            GptTrainConfig {
+                kind: kind.into(),
+                model,
+                seed: 0,
+                batch_size: 16,
+                codes: args.codes.display().to_string(),
+                val_codes: val.as_ref().map(|_| args.val_codes.clone()),
+                val_images: 1000,
+                use_flip: true,
+                tokenizer_id: train.info.tokenizer_id.clone(),
+                train: dpar::train::LoopConfig { steps: 2000, log_every: 10, checkpoint_every: 250, ..Default::default() },
+            }
+        }
+    };
+    if config.kind != kind {
+        bail!("the config describes a `{}` model but --model is {kind}", config.kind);
+    }
+    // Flag overrides.
+    let t = &mut config.train;
+    if let Some(v) = args.steps { t.steps = v; }
+    if let Some(v) = args.lr { t.adamw.lr = v; }
+    if let Some(v) = args.weight_decay { t.adamw.weight_decay = v; }
+    if let Some(v) = args.warmup { t.schedule.warmup_steps = v; }
+    if args.cosine { t.schedule.cosine = true; }
+    if let Some(v) = args.min_lr { t.schedule.min_lr = v; }
+    if let Some(v) = args.grad_clip { t.grad_clip = v; }
+    if let Some(v) = args.checkpoint_every { t.checkpoint_every = v; }
+    if let Some(v) = args.log_every { t.log_every = v; }
+    if let Some(v) = args.eval_every { t.eval_every = v; }
+    if let Some(v) = args.batch_size { config.batch_size = v; }
+    if let Some(v) = args.seed { config.seed = v; }
+    if let Some(v) = args.val_images { config.val_images = v; }
+    if let Some(p) = args.dropout {
+        config.model.token_dropout = p;
+        config.model.resid_dropout = p;
+        config.model.ffn_dropout = p;
+    }
+    if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
+    if args.no_flip { config.use_flip = false; }
+    if train.info.tokenizer_id != config.tokenizer_id {
+        bail!(
+            "{}: codes come from tokenizer {}, the config expects {}",
+            args.codes.display(),
+            &train.info.tokenizer_id[..12.min(train.info.tokenizer_id.len())],
+            &config.tokenizer_id[..12.min(config.tokenizer_id.len())]
+        );
+    }
+    let mut task = GptTask::new(config.clone(), train, val, &device)?;
+    let report = dpar::train::run(&mut task, &config.train, &out, args.resume)?;
+    println!(
+        "trained {kind}: {} steps in {} ({:.0} ms/step, {:.0} codes/s), final train loss {:.4}",
+        report.steps,
+        dpar::util::human_duration(report.seconds),
+        report.ms_per_step,
+        report.throughput,
+        report.final_loss
+    );
+    for (k, v) in &report.validation {
+        println!("  validation {k}: {v:.4}");
+    }
+    println!("wrote {}/{{model.safetensors, checkpoint.safetensors, config.json, log.jsonl, loss.png}}", out.display());
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Training a GPT (baseline or entropy model) on code shards, as a [`crate::train::Task`].
+//!
+//! Each step draws its batch (and, when the shards hold a flip copy, a random choice of copy per
+//! image) from `(seed, step)`; class dropout and dropout masks too. Validation is the mean
+//! next-code cross-entropy on held-out shards, without dropout.
+
+use candle_core::{Device, Tensor};
+use rand::Rng;
+
+use super::{Gpt, GptConfig, GptError, Result, TrainNoise};
+use crate::data::shards::CodeShard;
+use crate::params::ParamStore;
+use crate::train::{BatchSampler, LoopConfig, StepOutput, Task};
+
+/// The GPT experiment config, saved beside every checkpoint.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GptTrainConfig {
+    /// `gpt` (class-conditional baseline) or `entropy` (unconditional entropy model).
+    pub kind: String,
+    pub model: GptConfig,
+    pub seed: u64,
+    pub batch_size: usize,
+    /// Training shards (provenance).
+    pub codes: String,
+    pub val_codes: Option<String>,
+    /// Images of the validation split used for the validation loss.
+    pub val_images: usize,
+    /// Pick the flip copy of an image with probability ½ when the shards hold one.
+    pub use_flip: bool,
+    /// Identity of the tokenizer that made the codes.
+    pub tokenizer_id: String,
+    pub train: LoopConfig,
+}
+
+/// Checks that shards fit a model: grid size, codebook and classes.
+pub fn check_shard_fits(shard: &CodeShard, model: &GptConfig, what: &str) -> Result<()> {
+    let info = &shard.info;
+    if info.grid_size != model.grid_size {
+        return Err(GptError::BadInput(format!(
+            "{what}: shards have a {g}×{g} grid, the model expects {m}×{m}",
+            g = info.grid_size,
+            m = model.grid_size
+        )));
+    }
+    if info.codebook_size > model.vocab_size {
+        return Err(GptError::BadInput(format!(
+            "{what}: shards use a codebook of {}, the model's vocabulary is {}",
+            info.codebook_size, model.vocab_size
+        )));
+    }
+    if model.cls_token_num == 1 && info.num_classes > model.num_classes {
+        return Err(GptError::BadInput(format!(
+            "{what}: shards have {} classes, the model {}",
+            info.num_classes, model.num_classes
+        )));
+    }
+    Ok(())
+}
+
+/// A batch of codes (B, L) and labels (B) from a shard; `flips[i]` selects the flip copy.
+pub fn batch_tensors(shard: &CodeShard, indices: &[usize], flips: &[bool], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let l = shard.info.seq_len();
+    let mut codes = Vec::with_capacity(indices.len() * l);
+    for (&i, &flip) in indices.iter().zip(flips) {
+        codes.extend_from_slice(shard.codes_of(i, flip));
+    }
+    let labels: Vec<u32> = indices.iter().map(|&i| shard.labels[i]).collect();
+    Ok((Tensor::from_vec(codes, (indices.len(), l), device)?, Tensor::new(labels, device)?))
+}
+
+/// Per-image flip choices for a step.
+pub fn flip_choices(shard: &CodeShard, use_flip: bool, n: usize, seed: u64, step: u64) -> Vec<bool> {
+    if use_flip && shard.flip_codes.is_some() {
+        let mut rng = crate::util::rng_for(seed, "flip", step);
+        (0..n).map(|_| rng.random::<bool>()).collect()
+    } else {
+        vec![false; n]
+    }
+}
+
+/// Mean next-code cross-entropy over the first `max_images` images of a shard (no dropout).
+pub fn eval_loss(model: &Gpt, shard: &CodeShard, max_images: usize, device: &Device) -> Result<f64> {
+    let n = shard.len().min(max_images);
+    let mut total = 0f64;
+    for start in (0..n).step_by(50) {
+        let idx: Vec<usize> = (start..(start + 50).min(n)).collect();
+        let (codes, labels) = batch_tensors(shard, &idx, &vec![false; idx.len()], device)?;
+        let labels = (model.config().cls_token_num == 1).then_some(&labels);
+        let loss = model.loss::<rand_chacha::ChaCha8Rng>(&codes, labels, None)?;
+        total += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
+    }
+    Ok(total / n.max(1) as f64)
+}
+
+/// The GPT training task.
+pub struct GptTask {
+    config: GptTrainConfig,
+    store: ParamStore,
+    model: Gpt,
+    train: CodeShard,
+    val: Option<CodeShard>,
+    sampler: BatchSampler,
+    device: Device,
+}
+
+impl GptTask {
+    pub fn new(config: GptTrainConfig, train: CodeShard, val: Option<CodeShard>, device: &Device) -> Result<Self> {
+        check_shard_fits(&train, &config.model, "training shards")?;
+        if let Some(v) = &val {
+            check_shard_fits(v, &config.model, "validation shards")?;
+        }
+        if config.batch_size == 0 || train.is_empty() {
+            return Err(GptError::BadConfig("batch size and training shards must be non-empty".into()));
+        }
+        let store = ParamStore::new(config.seed, device);
+        let model = Gpt::new(&config.model, &store.root())?;
+        let sampler = BatchSampler::new(train.len(), config.batch_size, config.seed);
+        Ok(Self { config, store, model, train, val, sampler, device: device.clone() })
+    }
+
+    pub fn model(&self) -> &Gpt {
+        &self.model
+    }
+}
+
+impl Task for GptTask {
+    fn params(&self) -> &ParamStore {
+        &self.store
+    }
+
+    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
+        let indices = self.sampler.indices(step);
+        let flips = flip_choices(&self.train, self.config.use_flip, indices.len(), self.config.seed, step);
+        let run = || -> Result<StepOutput> {
+            let (codes, labels) = batch_tensors(&self.train, &indices, &flips, &self.device)?;
+            let mut rng = crate::util::rng_for(self.config.seed, "noise", step);
+            let labels = (self.config.model.cls_token_num == 1).then_some(&labels);
+            let loss = self.model.loss(&codes, labels, Some(TrainNoise { rng: &mut rng }))?;
+            Ok(StepOutput { loss, metrics: Vec::new(), tokens: indices.len() * self.config.model.seq_len() })
+        };
+        run().map_err(|e| e.to_string())
+    }
+
+    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+        let Some(val) = &self.val else { return Ok(Vec::new()) };
+        let loss = eval_loss(&self.model, val, self.config.val_images, &self.device).map_err(|e| e.to_string())?;
+        Ok(vec![("loss".to_string(), loss)])
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn name(&self) -> String {
+        self.config.kind.clone()
+    }
+
+    fn throughput_unit(&self) -> &'static str {
+        "codes/s"
+    }
+}

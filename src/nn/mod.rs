@@ -1,0 +1,245 @@
+//! Shared transformer layers (spec §3), every one with a working backward pass:
+//! [`Linear`], [`RmsNorm`], SwiGLU [`FeedForward`], [`attention`] with masks and a KV cache,
+//! [`rope`] (2D and dynamic), the LlamaGen [`Block`] and seeded [`dropout`].
+//!
+//! Initialisation follows LlamaGen: Linear/Embedding weights N(0, 0.02), RMSNorm weights 1.
+//! candle's stock `RmsNorm` and `softmax_last_dim` return tensors without gradients; these
+//! layers use differentiable compositions or our own kernels instead.
+//!
+//! # Shapes
+//! B batch, T tokens, D width, H heads, d = D/H head dim.
+
+pub mod attention;
+pub mod rope;
+
+use candle_core::{Tensor, D};
+use rand::Rng;
+
+pub use attention::{AttnMask, Attention, KvCache};
+
+use crate::params::{Init, Pb};
+
+/// Errors of layer construction and use.
+#[derive(Debug, thiserror::Error)]
+pub enum NnError {
+    /// The configuration is impossible (e.g. width not divisible by heads).
+    #[error("layer config: {0}")]
+    BadConfig(String),
+    #[error(transparent)]
+    Params(#[from] crate::params::ParamError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, NnError>;
+
+/// LlamaGen's weight init std.
+pub const INIT_STD: f64 = 0.02;
+
+/// A bias-free linear layer, weight stored `[out, in]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+}
+
+impl Linear {
+    pub fn new(pb: &Pb, in_dim: usize, out_dim: usize, init: Init) -> Result<Self> {
+        Ok(Self { weight: pb.get((out_dim, in_dim), "weight", init)? })
+    }
+
+    /// # Shapes
+    /// (…, in) → (…, out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("x has at least one dim") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// RMSNorm: x·rsqrt(mean(x²) + eps)·w (spec §3), composed from differentiable ops.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(pb: &Pb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: pb.get(dim, "weight", Init::Const(1.0))?, eps })
+    }
+
+    /// # Shapes
+    /// (…, D) → (…, D)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (ms + self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// SwiGLU feed-forward: w2(silu(w1 x) ⊙ w3 x).
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    pub w1: Linear,
+    pub w2: Linear,
+    pub w3: Linear,
+}
+
+/// LlamaGen's hidden size: round_up(⌊2·4D/3⌋, multiple_of).
+pub fn ffn_hidden(dim: usize, multiple_of: usize) -> usize {
+    let hidden = 2 * 4 * dim / 3;
+    hidden.div_ceil(multiple_of) * multiple_of
+}
+
+impl FeedForward {
+    pub fn new(pb: &Pb, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            w1: Linear::new(&pb.pp("w1"), dim, hidden, Init::Normal(INIT_STD))?,
+            w2: Linear::new(&pb.pp("w2"), hidden, dim, Init::Normal(INIT_STD))?,
+            w3: Linear::new(&pb.pp("w3"), dim, hidden, Init::Normal(INIT_STD))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.w1.forward(x)?.silu()?;
+        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+    }
+}
+
+/// Inverted dropout with a mask drawn from `rng` (candle's CPU RNG cannot be seeded).
+/// Identity when `p` is 0.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut impl Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let p = p as f32;
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// Dropout settings and the RNG to draw masks from, for a training forward.
+pub struct DropoutCtx<'a, R: Rng> {
+    pub rng: &'a mut R,
+    /// After `wo` (resid_dropout_p).
+    pub resid: f64,
+    /// After w2 (ffn_dropout_p).
+    pub ffn: f64,
+}
+
+/// A LlamaGen block: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)).
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attention: Attention,
+    pub feed_forward: FeedForward,
+    pub attention_norm: RmsNorm,
+    pub ffn_norm: RmsNorm,
+}
+
+impl Block {
+    /// Parameter names: `attention.{wqkv,wo}`, `feed_forward.{w1,w2,w3}`, `{attention,ffn}_norm`.
+    pub fn new(pb: &Pb, dim: usize, n_head: usize, ffn_hidden: usize, norm_eps: f64) -> Result<Self> {
+        Ok(Self {
+            attention: Attention::new(&pb.pp("attention"), dim, n_head)?,
+            feed_forward: FeedForward::new(&pb.pp("feed_forward"), dim, ffn_hidden)?,
+            attention_norm: RmsNorm::new(&pb.pp("attention_norm"), dim, norm_eps)?,
+            ffn_norm: RmsNorm::new(&pb.pp("ffn_norm"), dim, norm_eps)?,
+        })
+    }
+
+    /// # Shapes
+    /// x (B, T, D) → (B, T, D)
+    pub fn forward<R: Rng>(
+        &self,
+        x: &Tensor,
+        rope: Option<&rope::RopeRows>,
+        mask: &AttnMask,
+        cache: Option<&mut KvCache>,
+        dropout_ctx: Option<&mut DropoutCtx<'_, R>>,
+    ) -> Result<Tensor> {
+        let mut attn = self.attention.forward(&self.attention_norm.forward(x)?, rope, mask, cache)?;
+        let mut ctx = dropout_ctx;
+        if let Some(c) = ctx.as_deref_mut() {
+            attn = dropout(&attn, c.resid, c.rng)?;
+        }
+        let h = (x + attn)?;
+        let mut ffn = self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?;
+        if let Some(c) = ctx.as_deref_mut() {
+            ffn = dropout(&ffn, c.ffn, c.rng)?;
+        }
+        Ok((h + ffn)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamStore;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn ffn_hidden_follows_llamagen() {
+        assert_eq!(ffn_hidden(768, 256), 2048);
+        assert_eq!(ffn_hidden(1024, 256), 2816);
+        assert_eq!(ffn_hidden(1280, 256), 3584);
+        assert_eq!(ffn_hidden(256, 256), 768);
+    }
+
+    /// Central finite differences of a scalar function of `x` against its autograd gradient,
+    /// in `x`'s dtype (f64 for composed ops, f32 for our f32-only kernels).
+    pub(crate) fn check_gradient(x: &Var, f: &dyn Fn(&Tensor) -> Tensor, tol: f32) {
+        let grads = f(x.as_tensor()).backward().unwrap();
+        let analytic = grads.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let base = x.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eps = if x.dtype() == DType::F64 { 1e-4 } else { 1e-2 };
+        for i in (0..base.len()).step_by((base.len() / 12).max(1)) {
+            let eval = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap().to_dtype(x.dtype()).unwrap();
+                f(&t).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+            };
+            let numeric = ((eval(eps) - eval(-eps)) / (2.0 * eps)) as f32;
+            let err = (numeric - analytic[i]).abs() / (1e-2 + numeric.abs().max(analytic[i].abs()));
+            assert!(err < tol, "element {i}: numeric {numeric}, analytic {}", analytic[i]);
+        }
+    }
+
+    pub(crate) fn rand_var(shape: &[usize], seed: u64) -> Var {
+        use rand::Rng;
+        let mut rng = crate::util::rng_for(seed, "nn-test", 0);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// RMSNorm's gradient (in f64) matches finite differences.
+    #[test]
+    fn rms_norm_gradient_matches_finite_differences() {
+        let store = ParamStore::new(0, &Device::Cpu);
+        let norm = RmsNorm::new(&store.root(), 6, 1e-5).unwrap();
+        let weight = rand_var(&[6], 3);
+        let norm = RmsNorm { weight: weight.as_tensor().clone(), ..norm };
+        let probe = rand_var(&[2, 3, 6], 4);
+        let x = rand_var(&[2, 3, 6], 5);
+        check_gradient(&x, &|x| (norm.forward(x).unwrap() * probe.as_tensor()).unwrap().sum_all().unwrap(), 1e-3);
+    }
+
+    #[test]
+    fn dropout_is_identity_at_zero_and_preserves_the_mean() {
+        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
+        let mut rng = crate::util::rng_for(0, "d", 0);
+        let same = dropout(&x, 0.0, &mut rng).unwrap();
+        assert_eq!(same.sum_all().unwrap().to_scalar::<f32>().unwrap(), 10000.0);
+        let dropped = dropout(&x, 0.1, &mut rng).unwrap();
+        let mean = dropped.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((mean - 1.0).abs() < 0.03, "{mean}");
+        let zeros = dropped.eq(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((zeros - 0.1).abs() < 0.02, "{zeros}");
+    }
+}

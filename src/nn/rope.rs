@@ -1,0 +1,273 @@
+//! Rotary position embeddings: LlamaGen's 2D RoPE (spec §3.1) and DPAR's Dynamic RoPE
+//! (spec §3.2), applied by one CPU kernel with a backward pass.
+//!
+//! Layout: `d/2` rotation pairs, *interleaved* (elements 2i and 2i+1 of a head vector, not the
+//! half-split layout). A table holds, per sequence position, `d/2` angles as cos and sin.
+//! Class slots get cos = sin = 0 (not the identity), so their q and k are exactly zero in every
+//! layer, as in LlamaGen's released weights.
+//!
+//! # Shapes
+//! x (B, H, T, d); table rows (T, d/2), or (B·T, d/2) when every batch row has its own positions.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::kernels::cpu_f32;
+
+/// Per-position rotation angles, stored as cos and sin (`rows × half`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeRows {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub rows: usize,
+    /// d/2: rotation pairs per head.
+    pub half: usize,
+}
+
+impl RopeRows {
+    /// Builds rows from angles (`rows × half`); `None` marks a class slot (cos = sin = 0).
+    pub fn from_angles(angles: &[Option<Vec<f32>>], half: usize) -> Self {
+        let mut cos = Vec::with_capacity(angles.len() * half);
+        let mut sin = Vec::with_capacity(angles.len() * half);
+        for row in angles {
+            match row {
+                Some(a) => {
+                    debug_assert_eq!(a.len(), half);
+                    cos.extend(a.iter().map(|t| t.cos()));
+                    sin.extend(a.iter().map(|t| t.sin()));
+                }
+                None => {
+                    cos.extend(std::iter::repeat_n(0.0, half));
+                    sin.extend(std::iter::repeat_n(0.0, half));
+                }
+            }
+        }
+        Self { cos: Arc::new(cos), sin: Arc::new(sin), rows: angles.len(), half }
+    }
+
+    /// The rows `idx` of this table, in that order.
+    pub fn select(&self, idx: &[usize]) -> Self {
+        let mut cos = Vec::with_capacity(idx.len() * self.half);
+        let mut sin = Vec::with_capacity(idx.len() * self.half);
+        for &i in idx {
+            cos.extend_from_slice(&self.cos[i * self.half..(i + 1) * self.half]);
+            sin.extend_from_slice(&self.sin[i * self.half..(i + 1) * self.half]);
+        }
+        Self { cos: Arc::new(cos), sin: Arc::new(sin), rows: idx.len(), half: self.half }
+    }
+
+    /// Rows `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> Self {
+        self.select(&(start..start + len).collect::<Vec<_>>())
+    }
+
+    /// Concatenates several tables (e.g. the rows of every image of a packed batch).
+    pub fn concat(parts: &[RopeRows]) -> Self {
+        let half = parts.first().map(|p| p.half).unwrap_or(0);
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in parts {
+            cos.extend_from_slice(&p.cos);
+            sin.extend_from_slice(&p.sin);
+        }
+        Self { rows: cos.len() / half.max(1), cos: Arc::new(cos), sin: Arc::new(sin), half }
+    }
+
+    /// The angle of row `r`, pair `i` (for tests): atan2(sin, cos).
+    pub fn angle(&self, r: usize, i: usize) -> f32 {
+        self.sin[r * self.half + i].atan2(self.cos[r * self.half + i])
+    }
+}
+
+/// d/4 frequencies ω_j = base^(−4j/d), j = 0 … d/4 − 1 (LlamaGen's 2D RoPE).
+pub fn freqs_2d(head_dim: usize, base: f64) -> Vec<f64> {
+    (0..head_dim / 4).map(|j| base.powf(-4.0 * j as f64 / head_dim as f64)).collect()
+}
+
+/// Angles of grid cell (row, col): pairs [0, d/4) rotate by row·ω_j, pairs [d/4, d/2) by col·ω_j.
+pub fn angles_2d(row: usize, col: usize, freqs: &[f64]) -> Vec<f32> {
+    let mut a: Vec<f32> = freqs.iter().map(|w| (row as f64 * w) as f32).collect();
+    a.extend(freqs.iter().map(|w| (col as f64 * w) as f32));
+    a
+}
+
+/// LlamaGen's 2D table: `cls_token_num` zero rows, then one row per code in raster order
+/// (code k at row k div G, column k mod G). Requires d divisible by 4.
+pub fn table_2d(grid: usize, head_dim: usize, base: f64, cls_token_num: usize) -> RopeRows {
+    let freqs = freqs_2d(head_dim, base);
+    let mut rows: Vec<Option<Vec<f32>>> = vec![None; cls_token_num];
+    for k in 0..grid * grid {
+        rows.push(Some(angles_2d(k / grid, k % grid, &freqs)));
+    }
+    RopeRows::from_angles(&rows, head_dim / 2)
+}
+
+#[derive(Debug, Clone)]
+struct RopeOp {
+    rows: RopeRows,
+    /// Rotate by −angle (the backward pass).
+    inverse: bool,
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "dpar-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let &[b, h, t, d] = l.dims() else {
+            candle_core::bail!("rope: expected (B, H, T, d), got {:?}", l.dims());
+        };
+        let half = self.rows.half;
+        if d != 2 * half {
+            candle_core::bail!("rope: head dim {d} does not match the table's {} pairs", half);
+        }
+        let per_batch = if self.rows.rows == t {
+            false
+        } else if self.rows.rows == b * t {
+            true
+        } else {
+            candle_core::bail!("rope: table has {} rows for B = {b}, T = {t}", self.rows.rows);
+        };
+        let x = cpu_f32(s, l, "rope input")?;
+        let mut out = vec![0f32; x.len()];
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        out.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(bh, (o, xi))| {
+            let bi = bh / h;
+            for ti in 0..t {
+                let row = if per_batch { bi * t + ti } else { ti };
+                let cos = &self.rows.cos[row * half..(row + 1) * half];
+                let sin = &self.rows.sin[row * half..(row + 1) * half];
+                let xs = &xi[ti * d..(ti + 1) * d];
+                let os = &mut o[ti * d..(ti + 1) * d];
+                for i in 0..half {
+                    let (x0, x1) = (xs[2 * i], xs[2 * i + 1]);
+                    let (c, sn) = (cos[i], sign * sin[i]);
+                    os[2 * i] = x0 * c - x1 * sn;
+                    os[2 * i + 1] = x1 * c + x0 * sn;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // The rotation is orthogonal: its adjoint is the rotation by −angle. Class-slot rows
+        // (cos = sin = 0) map everything to zero both ways.
+        let inv = RopeOp { rows: self.rows.clone(), inverse: !self.inverse };
+        Ok(Some(grad.contiguous()?.apply_op1(inv)?))
+    }
+}
+
+/// Applies the rotations of `rows` to `x` (B, H, T, d). CPU f32 uses our kernel; other devices
+/// use the composed formula.
+pub fn apply(x: &Tensor, rows: &RopeRows) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return x.contiguous()?.apply_op1(RopeOp { rows: rows.clone(), inverse: false });
+    }
+    apply_reference(x, rows)
+}
+
+/// The composed reference: reshape to pairs, rotate with broadcast multiplies.
+pub fn apply_reference(x: &Tensor, rows: &RopeRows) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    let dev = x.device();
+    let (cos, sin) = if rows.rows == t {
+        (
+            Tensor::from_slice(&rows.cos[..], (1, 1, t, half, 1), dev)?,
+            Tensor::from_slice(&rows.sin[..], (1, 1, t, half, 1), dev)?,
+        )
+    } else {
+        (
+            Tensor::from_slice(&rows.cos[..], (b, 1, t, half, 1), dev)?,
+            Tensor::from_slice(&rows.sin[..], (b, 1, t, half, 1), dev)?,
+        )
+    };
+    let cos = cos.to_dtype(x.dtype())?;
+    let sin = sin.to_dtype(x.dtype())?;
+    let pairs = x.reshape((b, h, t, half, 2))?;
+    let x0 = pairs.narrow(4, 0, 1)?;
+    let x1 = pairs.narrow(4, 1, 1)?;
+    let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let y1 = (x1.broadcast_mul(&cos)? + x0.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[y0, y1], 4)?.reshape((b, h, t, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::Rng;
+
+    #[test]
+    fn class_row_is_zero_and_code_rows_hold_row_and_column_angles() {
+        let (grid, d) = (4, 16);
+        let table = table_2d(grid, d, 10000.0, 1);
+        assert_eq!(table.rows, 1 + grid * grid);
+        assert!(table.cos[..d / 2].iter().chain(&table.sin[..d / 2]).all(|&v| v == 0.0));
+        let freqs = freqs_2d(d, 10000.0);
+        assert_eq!(freqs.len(), d / 4);
+        assert!((freqs[1] - 10000f64.powf(-4.0 / 16.0)).abs() < 1e-12);
+        for k in 0..grid * grid {
+            let (r, c) = (k / grid, k % grid);
+            for j in 0..d / 4 {
+                let want_r = (r as f64 * freqs[j]) as f32;
+                let want_c = (c as f64 * freqs[j]) as f32;
+                // Row 1+k holds code k: pairs [0, d/4) by the row, [d/4, d/2) by the column.
+                assert!((table.cos[(1 + k) * d / 2 + j] - want_r.cos()).abs() < 1e-6);
+                assert!((table.sin[(1 + k) * d / 2 + j] - want_r.sin()).abs() < 1e-6);
+                assert!((table.cos[(1 + k) * d / 2 + d / 4 + j] - want_c.cos()).abs() < 1e-6);
+                assert!((table.sin[(1 + k) * d / 2 + d / 4 + j] - want_c.sin()).abs() < 1e-6);
+            }
+        }
+    }
+
+    fn rand_var(shape: &[usize], seed: u64) -> Var {
+        let mut rng = crate::util::rng_for(seed, "rope-test", 0);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn kernel_matches_the_composed_rotation_forward_and_backward() {
+        let table = table_2d(3, 8, 10000.0, 1);
+        let rows = table.narrow(0, 7);
+        let x = rand_var(&[2, 3, 7, 8], 1);
+        let probe = rand_var(&[2, 3, 7, 8], 2);
+        let ours = apply(&x, &rows).unwrap();
+        let reference = apply_reference(&x, &rows).unwrap();
+        let diff = (&ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6);
+        // The class row (position 0) zeroes q and k.
+        let first = ours.narrow(2, 0, 1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(first, 0.0);
+        let g1 = (&ours * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "{d}");
+        // Per-batch rows: batch 1 uses shifted positions.
+        let per_batch = RopeRows::concat(&[table.narrow(0, 7), table.narrow(3, 7)]);
+        let a = apply(&x, &per_batch).unwrap();
+        let b = apply_reference(&x, &per_batch).unwrap();
+        assert!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// Relative positions: the dot product of a rotated q and k depends only on the offset.
+    #[test]
+    fn rotated_dot_products_depend_on_relative_position() {
+        let table = table_2d(8, 8, 10000.0, 0);
+        let q = rand_var(&[1, 1, 1, 8], 5);
+        let k = rand_var(&[1, 1, 1, 8], 6);
+        let dot = |pq: usize, pk: usize| {
+            let rq = apply(&q, &table.select(&[pq])).unwrap();
+            let rk = apply(&k, &table.select(&[pk])).unwrap();
+            (rq * rk).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        // Same (Δrow, Δcol) = (1, 2): cells (0,0)→(1,2) and (3,3)→(4,5).
+        assert!((dot(0, 10) - dot(27, 37)).abs() < 1e-5);
+    }
+}
