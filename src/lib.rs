@@ -31,6 +31,7 @@ pub mod kernels;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod patching;
 pub mod plot;
 pub mod sample;
 pub mod tensor_io;

@@ -1,0 +1,368 @@
+//! The patcher (spec §4): per-code entropies → patch lengths. A pure function, in two forms:
+//!
+//! - [`patch_lengths`], the batch form: first the *forced* boundaries (z_0, z_1, row starts,
+//!   H_k > θ), then every segment between forced boundaries cut into runs of at most P codes;
+//! - [`OnlinePatcher`], the online form for generation: it decides for z_k, before z_k is
+//!   sampled, from H_k and the length of the current patch.
+//!
+//! The two are written independently on purpose; property tests show they agree.
+//!
+//! Rule: code z_k starts a new patch iff k ∈ {0, 1}, or k mod G = 0 (row reset), or H_k > θ
+//! (entropy gate), or the current patch already holds P codes (max length). The last three are
+//! switchable for the paper's ablations; "static" patchification is fixed length P with row
+//! resets and no entropy.
+//!
+//! Entropies are stored per image as L values with H_0 = +∞ (z_0 has no prediction; the value
+//! makes rule 3 agree with rule 1).
+
+/// Errors of the patcher.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    /// Impossible settings.
+    #[error("patcher: {0}")]
+    BadConfig(String),
+    /// Inputs that do not fit (length mismatch).
+    #[error("patcher input: {0}")]
+    BadInput(String),
+}
+
+pub type Result<T> = std::result::Result<T, PatchError>;
+
+/// Patcher settings: threshold θ, max length P and the three switches.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PatchConfig {
+    /// θ: a code with H_k > θ opens a patch (natural-log entropy).
+    pub threshold: f64,
+    /// P: the most codes a patch may hold (when `max_len_rule`).
+    pub max_patch_len: usize,
+    pub entropy_gate: bool,
+    pub max_len_rule: bool,
+    pub row_reset: bool,
+}
+
+impl PatchConfig {
+    /// DPAR's full rule set.
+    pub fn dpar(threshold: f64, max_patch_len: usize) -> Self {
+        Self { threshold, max_patch_len, entropy_gate: true, max_len_rule: true, row_reset: true }
+    }
+
+    /// Static patchification: fixed length P with row resets, no entropy.
+    pub fn static_patches(max_patch_len: usize) -> Self {
+        Self { threshold: f64::INFINITY, max_patch_len, entropy_gate: false, max_len_rule: true, row_reset: true }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.threshold.is_nan() {
+            return Err(PatchError::BadConfig("threshold θ is NaN".into()));
+        }
+        if self.max_len_rule && self.max_patch_len == 0 {
+            return Err(PatchError::BadConfig("max patch length P must be ≥ 1".into()));
+        }
+        Ok(())
+    }
+
+    /// A short human label, e.g. `entropy+maxlen+row (θ=1.20, P=4)`.
+    pub fn label(&self) -> String {
+        let mut parts = Vec::new();
+        if self.entropy_gate {
+            parts.push("entropy");
+        }
+        if self.max_len_rule {
+            parts.push("maxlen");
+        }
+        if self.row_reset {
+            parts.push("row");
+        }
+        let rules = if parts.is_empty() { "none".to_string() } else { parts.join("+") };
+        format!("{rules} (θ={:.3}, P={})", self.threshold, self.max_patch_len)
+    }
+}
+
+/// Rules 1–3 for code k (everything but the max-length rule).
+fn forced_boundary(k: usize, entropy: f32, grid: usize, config: &PatchConfig) -> bool {
+    k <= 1 || (config.row_reset && k % grid == 0) || (config.entropy_gate && entropy as f64 > config.threshold)
+}
+
+/// Batch form: patch lengths of the first `n_codes` codes of an image (n_codes ≤ L; use L − 1
+/// for the encoder's inputs). `entropies` holds H_k for every code of the image (index 0 unused).
+pub fn patch_lengths(entropies: &[f32], grid: usize, config: &PatchConfig, n_codes: usize) -> Result<Vec<usize>> {
+    config.validate()?;
+    if grid == 0 {
+        return Err(PatchError::BadConfig("grid size must be > 0".into()));
+    }
+    if entropies.len() != grid * grid {
+        return Err(PatchError::BadInput(format!(
+            "{} entropies for a {grid}×{grid} grid of {} codes",
+            entropies.len(),
+            grid * grid
+        )));
+    }
+    if n_codes > entropies.len() {
+        return Err(PatchError::BadInput(format!("asked for {n_codes} codes of {}", entropies.len())));
+    }
+    // Segments between forced boundaries.
+    let starts: Vec<usize> = (0..n_codes).filter(|&k| forced_boundary(k, entropies[k], grid, config)).collect();
+    let mut lengths = Vec::with_capacity(n_codes);
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(n_codes);
+        let mut remaining = end - start;
+        if config.max_len_rule {
+            while remaining > config.max_patch_len {
+                lengths.push(config.max_patch_len);
+                remaining -= config.max_patch_len;
+            }
+        }
+        lengths.push(remaining);
+    }
+    Ok(lengths)
+}
+
+/// Online form: decides, code by code, whether z_k opens a new patch.
+#[derive(Debug, Clone)]
+pub struct OnlinePatcher {
+    config: PatchConfig,
+    grid: usize,
+    next: usize,
+    lengths: Vec<usize>,
+}
+
+impl OnlinePatcher {
+    pub fn new(config: PatchConfig, grid: usize) -> Result<Self> {
+        config.validate()?;
+        if grid == 0 {
+            return Err(PatchError::BadConfig("grid size must be > 0".into()));
+        }
+        Ok(Self { config, grid, next: 0, lengths: Vec::new() })
+    }
+
+    /// The index of the code the next call decides for.
+    pub fn position(&self) -> usize {
+        self.next
+    }
+
+    /// Decides for the next code z_k given H_k (ignored for k = 0) and records it. Returns
+    /// whether z_k opens a new patch.
+    pub fn push(&mut self, entropy: f32) -> bool {
+        let k = self.next;
+        let current = self.lengths.last().copied().unwrap_or(0);
+        let opens = k <= 1
+            || (self.config.row_reset && k % self.grid == 0)
+            || (self.config.entropy_gate && entropy as f64 > self.config.threshold)
+            || (self.config.max_len_rule && current >= self.config.max_patch_len);
+        if opens {
+            self.lengths.push(1);
+        } else if let Some(last) = self.lengths.last_mut() {
+            *last += 1;
+        }
+        self.next += 1;
+        opens
+    }
+
+    /// Lengths of the patches so far (the last one may still grow).
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+}
+
+/// Start index of every patch (prefix sums of the lengths).
+pub fn patch_starts(lengths: &[usize]) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(lengths.len());
+    let mut acc = 0;
+    for &l in lengths {
+        starts.push(acc);
+        acc += l;
+    }
+    starts
+}
+
+/// For every code, the index of the patch that holds it.
+pub fn patch_ids(lengths: &[usize]) -> Vec<usize> {
+    lengths.iter().enumerate().flat_map(|(i, &l)| std::iter::repeat_n(i, l)).collect()
+}
+
+/// Summary statistics of patch lengths over many images.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PatchStats {
+    pub images: usize,
+    /// Codes per patch on average (= the token-count reduction factor).
+    pub mean_len: f64,
+    pub min_patches: usize,
+    pub mean_patches: f64,
+    pub max_patches: usize,
+    /// `histogram[n]` = number of patches of length n (index 0 unused).
+    pub histogram: Vec<usize>,
+}
+
+/// Patch statistics of `images` images whose L entropies each are concatenated in `entropies`.
+pub fn stats(entropies: &[f32], grid: usize, config: &PatchConfig) -> Result<PatchStats> {
+    let l = grid * grid;
+    if l == 0 || entropies.len() % l != 0 {
+        return Err(PatchError::BadInput(format!("{} entropies is not a whole number of {l}-code images", entropies.len())));
+    }
+    let images = entropies.len() / l;
+    let mut histogram = vec![0usize; 2];
+    let (mut total_patches, mut min_p, mut max_p) = (0usize, usize::MAX, 0usize);
+    for img in entropies.chunks(l) {
+        let lengths = patch_lengths(img, grid, config, l)?;
+        for &len in &lengths {
+            if len >= histogram.len() {
+                histogram.resize(len + 1, 0);
+            }
+            histogram[len] += 1;
+        }
+        total_patches += lengths.len();
+        min_p = min_p.min(lengths.len());
+        max_p = max_p.max(lengths.len());
+    }
+    Ok(PatchStats {
+        images,
+        mean_len: (images * l) as f64 / total_patches.max(1) as f64,
+        min_patches: if images == 0 { 0 } else { min_p },
+        mean_patches: total_patches as f64 / images.max(1) as f64,
+        max_patches: max_p,
+        histogram,
+    })
+}
+
+/// Finds θ whose mean patch length is closest to `target` by bisection (the mean length grows
+/// with θ). Returns θ and its statistics. `target` must lie between the lengths reachable at
+/// θ = −∞ and θ = +∞ for the other settings of `config`.
+pub fn calibrate(entropies: &[f32], grid: usize, config: &PatchConfig, target: f64) -> Result<(f64, PatchStats)> {
+    if !(target.is_finite() && target >= 1.0) {
+        return Err(PatchError::BadConfig(format!("target mean patch length must be ≥ 1, got {target}")));
+    }
+    let finite: Vec<f32> = entropies.iter().copied().filter(|h| h.is_finite()).collect();
+    if finite.is_empty() {
+        return Err(PatchError::BadInput("no finite entropies to calibrate on".into()));
+    }
+    let lo_h = finite.iter().copied().fold(f32::INFINITY, f32::min) as f64;
+    let hi_h = finite.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let at = |theta: f64| stats(entropies, grid, &PatchConfig { threshold: theta, entropy_gate: true, ..*config });
+    let (mut lo, mut hi) = (lo_h - 1e-3, hi_h + 1e-3);
+    let (min_len, max_len) = (at(lo)?.mean_len, at(hi)?.mean_len);
+    if target < min_len - 1e-9 || target > max_len + 1e-9 {
+        return Err(PatchError::BadConfig(format!(
+            "target mean length {target} is out of reach: θ gives between {min_len:.3} and {max_len:.3} with these rules"
+        )));
+    }
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if at(mid)?.mean_len < target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let (s_lo, s_hi) = (at(lo)?, at(hi)?);
+    Ok(if (s_lo.mean_len - target).abs() <= (s_hi.mean_len - target).abs() { (lo, s_lo) } else { (hi, s_hi) })
+}
+
+/// The value at `q` ∈ [0, 1] of the sorted finite entropies (k ≥ 1 of every image).
+pub fn percentile(entropies: &[f32], q: f64) -> Option<f64> {
+    let mut v: Vec<f32> = entropies.iter().copied().filter(|h| h.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    Some(v[idx] as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const INF: f32 = f32::INFINITY;
+
+    /// A 4×4 grid worked by hand, θ = 1.0, P = 3:
+    ///
+    /// ```text
+    /// k:   0    1    2    3  |  4    5    6    7  |  8    9   10   11  | 12   13   14   15
+    /// H:   ∞   0.1  0.2  0.3 | 0.1  2.0  0.1  0.1 | 0.1  0.1  0.1  0.1 | 0.1  0.1  0.1  5.0
+    /// ```
+    /// z_0 alone; z_1 opens (rule 1) and absorbs z_2, z_3 (row ends); z_4 opens (row start);
+    /// z_5 opens (H > θ) and takes z_6, z_7; z_8 opens (row); z_9, z_10 join it, making 3, so
+    /// z_11 opens (max length); z_12 opens (row) with z_13, z_14; z_15 opens (H > θ).
+    #[test]
+    fn hand_worked_four_by_four_exercises_every_rule() {
+        let h = [INF, 0.1, 0.2, 0.3, 0.1, 2.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 5.0];
+        let c = PatchConfig::dpar(1.0, 3);
+        assert_eq!(patch_lengths(&h, 4, &c, 16).unwrap(), vec![1, 3, 1, 3, 3, 1, 3, 1]);
+        // Without the next code (encoder inputs, L − 1 = 15): the last patch is cut away.
+        assert_eq!(patch_lengths(&h, 4, &c, 15).unwrap(), vec![1, 3, 1, 3, 3, 1, 3]);
+        // Switches off one at a time.
+        let no_gate = PatchConfig { entropy_gate: false, ..c };
+        assert_eq!(patch_lengths(&h, 4, &no_gate, 16).unwrap(), vec![1, 3, 3, 1, 3, 1, 3, 1]);
+        let no_max = PatchConfig { max_len_rule: false, ..c };
+        assert_eq!(patch_lengths(&h, 4, &no_max, 16).unwrap(), vec![1, 3, 1, 3, 4, 3, 1]);
+        let no_row = PatchConfig { row_reset: false, ..c };
+        assert_eq!(patch_lengths(&h, 4, &no_row, 16).unwrap(), vec![1, 3, 1, 3, 3, 3, 1, 1]);
+        // Static: fixed length P with row resets.
+        assert_eq!(patch_lengths(&h, 4, &PatchConfig::static_patches(2), 16).unwrap(), vec![1, 2, 1, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let h = vec![0.0f32; 16];
+        assert!(patch_lengths(&h[..15], 4, &PatchConfig::dpar(1.0, 4), 15).unwrap_err().to_string().contains("15 entropies for a 4×4 grid"));
+        assert!(patch_lengths(&h, 4, &PatchConfig::dpar(f64::NAN, 4), 16).unwrap_err().to_string().contains("NaN"));
+        assert!(patch_lengths(&h, 4, &PatchConfig::dpar(1.0, 0), 16).unwrap_err().to_string().contains("P must be ≥ 1"));
+        assert!(OnlinePatcher::new(PatchConfig::dpar(1.0, 0), 4).is_err());
+    }
+
+    #[test]
+    fn calibration_reaches_the_target_and_percentiles_sort() {
+        let h: Vec<f32> = (0..64 * 16).map(|i| ((i * 37) % 101) as f32 / 25.0).collect();
+        let (theta, s) = calibrate(&h, 4, &PatchConfig::dpar(0.0, 4), 1.8).unwrap();
+        assert!((s.mean_len - 1.8).abs() < 0.1, "θ {theta}: {}", s.mean_len);
+        assert!(calibrate(&h, 4, &PatchConfig::dpar(0.0, 4), 9.0).is_err());
+        assert!(percentile(&h, 0.3).unwrap() <= percentile(&h, 0.7).unwrap());
+    }
+
+    fn arb_case() -> impl Strategy<Value = (usize, Vec<f32>, f64, usize, [bool; 3])> {
+        (2usize..7).prop_flat_map(|g| {
+            (
+                Just(g),
+                proptest::collection::vec(0.0f32..5.0, g * g),
+                0.0f64..5.0,
+                1usize..6,
+                proptest::array::uniform3(any::<bool>()),
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn online_and_batch_forms_agree_and_lengths_are_valid((g, mut h, theta, p, [gate, maxlen, row]) in arb_case()) {
+            h[0] = f32::INFINITY;
+            let c = PatchConfig { threshold: theta, max_patch_len: p, entropy_gate: gate, max_len_rule: maxlen, row_reset: row };
+            let l = g * g;
+            for n in [l, l - 1] {
+                let batch = patch_lengths(&h, g, &c, n).unwrap();
+                let mut online = OnlinePatcher::new(c, g).unwrap();
+                for &hk in &h[..n] {
+                    online.push(hk);
+                }
+                prop_assert_eq!(online.lengths(), &batch[..]);
+                prop_assert_eq!(batch.iter().sum::<usize>(), n);
+                prop_assert_eq!(batch[0], 1);
+                let starts = patch_starts(&batch);
+                for (&s, &len) in starts.iter().zip(&batch) {
+                    prop_assert!(len >= 1);
+                    if maxlen { prop_assert!(len <= p); }
+                    if row && s > 0 { prop_assert_eq!(s / g, (s + len - 1) / g, "patch {}..{} crosses a row", s, s + len); }
+                }
+            }
+        }
+
+        #[test]
+        fn raising_theta_never_increases_the_number_of_patches((g, mut h, theta, p, [_, maxlen, row]) in arb_case(), bump in 0.0f64..3.0) {
+            h[0] = f32::INFINITY;
+            let c = PatchConfig { threshold: theta, max_patch_len: p, entropy_gate: true, max_len_rule: maxlen, row_reset: row };
+            let raised = PatchConfig { threshold: theta + bump, ..c };
+            let n = g * g;
+            prop_assert!(patch_lengths(&h, g, &raised, n).unwrap().len() <= patch_lengths(&h, g, &c, n).unwrap().len());
+        }
+    }
+}
