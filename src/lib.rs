@@ -25,6 +25,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod entropy;
 pub mod flops;
 pub mod gpt;
 pub mod kernels;

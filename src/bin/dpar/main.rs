@@ -3,6 +3,7 @@
 
 mod bench_cmd;
 mod common;
+mod patch_cmd;
 mod sample_cmd;
 mod tokenizer_cmd;
 mod train_cmd;
@@ -36,6 +37,11 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Generate images with a trained model.
     Sample(sample_cmd::SampleArgs),
+    /// The entropy model: train it, then store per-code entropies beside the shards.
+    #[command(subcommand)]
+    Entropy(patch_cmd::EntropyCmd),
+    /// Patch statistics, threshold calibration and patch pictures.
+    Patchify(patch_cmd::PatchifyArgs),
     /// Speed and quality benchmarks.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
@@ -61,6 +67,8 @@ fn main() {
         Command::Train(args) => train_cmd::train(args),
         Command::Sample(args) => sample_cmd::sample(args),
         Command::Bench(cmd) => bench_cmd::run(cmd),
+        Command::Entropy(cmd) => patch_cmd::run_entropy(cmd),
+        Command::Patchify(args) => patch_cmd::run_patchify(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

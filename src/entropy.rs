@@ -1,0 +1,204 @@
+//! Per-code entropies (spec §4): the frozen unconditional GPT runs once over every shard (and
+//! every flip copy) and its next-code entropies H_k (natural log) are stored beside the codes.
+//!
+//! Storage: a sidecar `<shard>.entropy.safetensors` next to each shard file, with
+//!
+//! | tensor         | dtype | shape      | meaning                                  |
+//! |----------------|-------|------------|------------------------------------------|
+//! | `entropy`      | F32   | `[N, G·G]` | H_k of every code; **H_0 = +∞**          |
+//! | `entropy_flip` | F32   | `[N, G·G]` | the same for the flip copy, when present |
+//!
+//! z_0 has no prediction (nothing precedes it); storing +∞ keeps one row per code and makes
+//! the entropy gate open a patch at z_0, which rule 1 requires anyway. Metadata records the
+//! entropy model's identity (`entropy_model_id`, SHA-256 of its weights), the tokenizer that made
+//! the codes and a hash of the codes, so a sidecar is never paired with the wrong shard or model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::data::shards::{self, CodeShard};
+use crate::gpt::Gpt;
+
+/// Errors of entropy computation and storage.
+#[derive(Debug, thiserror::Error)]
+pub enum EntropyError {
+    /// The sidecar does not belong to this shard or model.
+    #[error("{path}: {reason}")]
+    Mismatch { path: PathBuf, reason: String },
+    /// The model cannot produce entropies for these codes.
+    #[error("entropy model: {0}")]
+    BadModel(String),
+    #[error(transparent)]
+    Gpt(#[from] crate::gpt::GptError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    TensorIo(#[from] crate::tensor_io::TensorIoError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EntropyError>;
+
+/// The entropies of one shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardEntropies {
+    /// `N × L`, H_0 = +∞.
+    pub entropy: Vec<f32>,
+    pub entropy_flip: Option<Vec<f32>>,
+    pub entropy_model_id: String,
+}
+
+impl ShardEntropies {
+    /// Entropies of image `i` (flip copy when `flip` and present).
+    pub fn of(&self, i: usize, l: usize, flip: bool) -> &[f32] {
+        let source = match (&self.entropy_flip, flip) {
+            (Some(f), true) => f,
+            _ => &self.entropy,
+        };
+        &source[i * l..(i + 1) * l]
+    }
+}
+
+/// Hash of a shard's codes (and flip codes): ties a sidecar to its shard.
+pub fn codes_hash(shard: &CodeShard) -> String {
+    let mut bytes = Vec::with_capacity(shard.codes.len() * 4);
+    for c in shard.codes.iter().chain(shard.flip_codes.iter().flatten()) {
+        bytes.extend(c.to_le_bytes());
+    }
+    crate::util::sha256_hex(&bytes)[..32].to_string()
+}
+
+/// Checks that an entropy model can read a shard's codes.
+pub fn check_model_fits(model: &Gpt, shard: &CodeShard, path: &Path) -> Result<()> {
+    let c = model.config();
+    if c.cls_token_num != 0 {
+        return Err(EntropyError::BadModel("entropies come from an unconditional model (train it with `dpar entropy train`)".into()));
+    }
+    if c.grid_size != shard.info.grid_size || c.vocab_size < shard.info.codebook_size {
+        return Err(EntropyError::Mismatch {
+            path: path.to_path_buf(),
+            reason: format!(
+                "shard has a {}×{} grid of {} codes; the entropy model expects {}×{} and {} codes",
+                shard.info.grid_size, shard.info.grid_size, shard.info.codebook_size, c.grid_size, c.grid_size, c.vocab_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// H_k of every code of every image (`N × L`, H_0 = +∞), `batch` images at a time.
+pub fn compute(model: &Gpt, shard: &CodeShard, flip: bool, batch: usize, device: &Device, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
+    let l = shard.info.seq_len();
+    let mut out = Vec::with_capacity(shard.len() * l);
+    for start in (0..shard.len()).step_by(batch.max(1)) {
+        let idx: Vec<usize> = (start..(start + batch.max(1)).min(shard.len())).collect();
+        let mut codes = Vec::with_capacity(idx.len() * l);
+        for &i in &idx {
+            codes.extend_from_slice(shard.codes_of(i, flip));
+        }
+        let codes = Tensor::from_vec(codes, (idx.len(), l), device)?;
+        let h = model.entropies(&codes)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?; // (b, L−1)
+        for row in h {
+            out.push(f32::INFINITY);
+            out.extend(row);
+        }
+        progress(idx.len());
+    }
+    Ok(out)
+}
+
+/// Writes a shard's entropy sidecar atomically.
+pub fn write(shard_path: &Path, shard: &CodeShard, entropies: &ShardEntropies) -> Result<()> {
+    let (n, l) = (shard.len(), shard.info.seq_len());
+    let mut tensors = vec![("entropy".to_string(), Tensor::from_slice(&entropies.entropy, (n, l), &Device::Cpu)?)];
+    if let Some(f) = &entropies.entropy_flip {
+        tensors.push(("entropy_flip".to_string(), Tensor::from_slice(f, (n, l), &Device::Cpu)?));
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "dpar-entropy-v1".to_string());
+    meta.insert("entropy_model_id".to_string(), entropies.entropy_model_id.clone());
+    meta.insert("tokenizer_id".to_string(), shard.info.tokenizer_id.clone());
+    meta.insert("codes_hash".to_string(), codes_hash(shard));
+    crate::tensor_io::write_safetensors(&shards::entropy_path(shard_path), &tensors, &meta)?;
+    Ok(())
+}
+
+/// Reads a shard's entropy sidecar, checking that it belongs to this shard and, when
+/// `expected_model` is given, to that entropy model.
+pub fn read(shard_path: &Path, shard: &CodeShard, expected_model: Option<&str>) -> Result<ShardEntropies> {
+    let path = shards::entropy_path(shard_path);
+    if !path.is_file() {
+        return Err(EntropyError::Mismatch {
+            path,
+            reason: "no entropies for this shard (run `dpar entropy compute`)".into(),
+        });
+    }
+    let file = crate::tensor_io::read_safetensors(&path, &Device::Cpu)?;
+    let mismatch = |reason: String| EntropyError::Mismatch { path: path.clone(), reason };
+    if file.meta("codes_hash").unwrap_or("") != codes_hash(shard) {
+        return Err(mismatch(format!("was computed for other codes than {} (recompute with `dpar entropy compute`)", shard_path.display())));
+    }
+    let model_id = file.meta("entropy_model_id")?.to_string();
+    if let Some(want) = expected_model {
+        if want != model_id {
+            return Err(mismatch(format!(
+                "entropies come from entropy model {}…, but {}… was expected",
+                &model_id[..12.min(model_id.len())],
+                &want[..12.min(want.len())]
+            )));
+        }
+    }
+    let (n, l) = (shard.len(), shard.info.seq_len());
+    let read_one = |name: &str| -> Result<Vec<f32>> {
+        let t = file.tensor(name)?;
+        if t.dims() != [n, l] {
+            return Err(mismatch(format!("`{name}` has shape {:?}, the shard has {n} images of {l} codes", t.dims())));
+        }
+        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let entropy = read_one("entropy")?;
+    let entropy_flip = if file.tensors.contains_key("entropy_flip") { Some(read_one("entropy_flip")?) } else { None };
+    if shard.flip_codes.is_some() && entropy_flip.is_none() {
+        return Err(mismatch("the shard has a flip copy but the sidecar has no `entropy_flip`".into()));
+    }
+    Ok(ShardEntropies { entropy, entropy_flip, entropy_model_id: model_id })
+}
+
+/// Reads the entropies of every shard of a set, concatenated in the order of
+/// [`shards::read_shard_set`].
+pub fn read_set(path: &Path, expected_model: Option<&str>) -> Result<(CodeShard, ShardEntropies)> {
+    let files = shards::shard_files(path)?;
+    let mut all_shard: Option<CodeShard> = None;
+    let mut all: Option<ShardEntropies> = None;
+    for file in &files {
+        let shard = shards::read_shard(file)?;
+        let e = read(file, &shard, expected_model)?;
+        match (&mut all_shard, &mut all) {
+            (Some(s), Some(a)) => {
+                if a.entropy_model_id != e.entropy_model_id {
+                    return Err(EntropyError::Mismatch { path: file.clone(), reason: "shards of the set have entropies from different models".into() });
+                }
+                if s.info != shard.info {
+                    return Err(EntropyError::Mismatch { path: file.clone(), reason: "shards of the set differ in grid, codebook or tokenizer".into() });
+                }
+                s.codes.extend(&shard.codes);
+                s.labels.extend(&shard.labels);
+                if let (Some(x), Some(y)) = (&mut s.flip_codes, &shard.flip_codes) {
+                    x.extend(y);
+                }
+                a.entropy.extend(&e.entropy);
+                if let (Some(x), Some(y)) = (&mut a.entropy_flip, &e.entropy_flip) {
+                    x.extend(y);
+                }
+            }
+            _ => {
+                all_shard = Some(shard);
+                all = Some(e);
+            }
+        }
+    }
+    Ok((all_shard.expect("shard_files returns at least one file"), all.expect("set with one shard")))
+}
