@@ -7,6 +7,7 @@
 pub mod conv;
 pub mod gemm;
 pub mod group_norm;
+pub mod segment;
 
 /// Extracts a contiguous f32 slice from CPU storage, or explains why not.
 pub(crate) fn cpu_f32<'a>(

@@ -56,6 +56,72 @@ impl KvCache {
     }
 }
 
+/// A KV cache whose batch rows advance independently (DPAR's patch transformer: each image
+/// closes patches at its own pace). Plain host memory: rows are written in place, and a step's
+/// attention reads each row's own prefix. Inference only (no gradients).
+#[derive(Debug, Clone)]
+pub struct RaggedKvCache {
+    heads: usize,
+    head_dim: usize,
+    max_len: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    lens: Vec<usize>,
+}
+
+impl RaggedKvCache {
+    pub fn new(batch: usize, heads: usize, head_dim: usize, max_len: usize) -> Self {
+        let n = batch * heads * max_len * head_dim;
+        Self { heads, head_dim, max_len, k: vec![0.0; n], v: vec![0.0; n], lens: vec![0; batch] }
+    }
+
+    /// Cached positions of batch row `row`.
+    pub fn len_of(&self, row: usize) -> usize {
+        self.lens[row]
+    }
+
+    fn at(&self, row: usize, head: usize, pos: usize) -> usize {
+        ((row * self.heads + head) * self.max_len + pos) * self.head_dim
+    }
+
+    /// Appends one position per listed row (q, k, v as (R, H, d) host data) and returns the
+    /// attention output (R, H, d) of each query over its row's cached keys (itself included).
+    fn step(&mut self, rows: &[usize], q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let (h, d) = (self.heads, self.head_dim);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; rows.len() * h * d];
+        for (i, &row) in rows.iter().enumerate() {
+            let pos = self.lens[row];
+            if pos >= self.max_len {
+                return Err(NnError::BadConfig(format!("ragged cache row {row} is full ({} positions)", self.max_len)));
+            }
+            for hi in 0..h {
+                let src = (i * h + hi) * d;
+                let dst = self.at(row, hi, pos);
+                self.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                self.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                let qv = &q[src..src + d];
+                let base = self.at(row, hi, 0);
+                let scores: Vec<f32> = (0..=pos)
+                    .map(|t| scale * qv.iter().zip(&self.k[base + t * d..base + (t + 1) * d]).map(|(a, b)| a * b).sum::<f32>())
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                let o = &mut out[src..src + d];
+                for (t, e) in exps.iter().enumerate() {
+                    let w = e / sum;
+                    for (x, y) in o.iter_mut().zip(&self.v[base + t * d..base + (t + 1) * d]) {
+                        *x += w * y;
+                    }
+                }
+            }
+            self.lens[row] = pos + 1;
+        }
+        Ok(out)
+    }
+}
+
 /// Additive causal mask (T_q, T_k) for queries at absolute positions offset..offset+T_q.
 pub fn causal_mask(t_q: usize, t_k: usize, offset: usize, device: &candle_core::Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t_q)
@@ -113,6 +179,22 @@ impl Attention {
             k = rope::apply(&k, rows)?;
         }
         Ok((q, k, v))
+    }
+
+    /// One decoding step for a subset of the rows of a ragged cache: `x` holds one token for each
+    /// of `rows` (in that order), `rope_rows` one rotation row per token.
+    /// # Shapes
+    /// x (R, 1, D) → (R, 1, D)
+    pub fn forward_ragged(&self, x: &Tensor, rope_rows: &RopeRows, cache: &mut RaggedKvCache, rows: &[usize]) -> Result<Tensor> {
+        let (r, t, dim) = x.dims3()?;
+        if t != 1 || r != rows.len() {
+            return Err(NnError::BadConfig(format!("ragged step takes one token for each of {} rows, got {:?}", rows.len(), x.dims())));
+        }
+        let (q, k, v) = self.qkv(x, Some(rope_rows))?; // (R, H, 1, d)
+        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let out = cache.step(rows, &host(q)?, &host(k)?, &host(v)?)?;
+        let out = Tensor::from_vec(out, (r, 1, dim), x.device())?.to_dtype(x.dtype())?;
+        self.wo.forward(&out)
     }
 
     /// # Shapes
@@ -224,5 +306,36 @@ mod tests {
         let d = (Tensor::cat(&steps, 1).unwrap() - &yb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(d < 1e-12, "{d}");
         assert!(att.forward(&packed, None, &AttnMask::Segments(vec![(0, 3)]), None).is_err());
+    }
+
+    /// Rows of a ragged cache advancing at different times give each row's causal outputs.
+    #[test]
+    fn ragged_cache_rows_advance_independently() {
+        let store = ParamStore::new(1, &Device::Cpu);
+        let att = Attention::new(&store.root(), 8, 2).unwrap();
+        let seq = |seed| rand_var(&[1, 3, 8], seed).as_tensor().to_dtype(DType::F32).unwrap();
+        let (a, b) = (seq(20), seq(21));
+        let table = rope::table_2d(2, 4, 10000.0, 1);
+        let ya = att.forward(&a, Some(&table.narrow(0, 3)), &AttnMask::Causal, None).unwrap();
+        let yb = att.forward(&b, Some(&table.narrow(0, 3)), &AttnMask::Causal, None).unwrap();
+        let mut cache = RaggedKvCache::new(2, 2, 4, 4);
+        // Schedule: a0 b0 | a1 | a2 b1 | b2
+        let mut got_a = Vec::new();
+        let mut got_b = Vec::new();
+        for (ia, ib) in [(Some(0), Some(0)), (Some(1), None), (Some(2), Some(1)), (None, Some(2))] {
+            let mut rows = Vec::new();
+            let mut xs = Vec::new();
+            let mut rope_rows = Vec::new();
+            if let Some(i) = ia { rows.push(0); xs.push(a.narrow(1, i, 1).unwrap()); rope_rows.push(i); }
+            if let Some(i) = ib { rows.push(1); xs.push(b.narrow(1, i, 1).unwrap()); rope_rows.push(i); }
+            let y = att.forward_ragged(&Tensor::cat(&xs, 0).unwrap(), &table.select(&rope_rows), &mut cache, &rows).unwrap();
+            for (j, &r) in rows.iter().enumerate() {
+                let yj = y.narrow(0, j, 1).unwrap();
+                if r == 0 { got_a.push(yj) } else { got_b.push(yj) }
+            }
+        }
+        let diff = |g: &[Tensor], want: &Tensor| (Tensor::cat(g, 1).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&got_a, &ya) < 1e-5 && diff(&got_b, &yb) < 1e-5);
+        assert_eq!((cache.len_of(0), cache.len_of(1)), (3, 3));
     }
 }

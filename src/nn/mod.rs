@@ -15,7 +15,7 @@ pub mod rope;
 use candle_core::{Tensor, D};
 use rand::Rng;
 
-pub use attention::{AttnMask, Attention, KvCache};
+pub use attention::{AttnMask, Attention, KvCache, RaggedKvCache};
 
 use crate::params::{Init, Pb};
 
@@ -173,6 +173,15 @@ impl Block {
             ffn = dropout(&ffn, c.ffn, c.rng)?;
         }
         Ok((h + ffn)?)
+    }
+}
+
+impl Block {
+    /// One inference step of a subset of rows over a ragged cache (see
+    /// [`Attention::forward_ragged`]).
+    pub fn forward_ragged(&self, x: &Tensor, rope: &rope::RopeRows, cache: &mut RaggedKvCache, rows: &[usize]) -> Result<Tensor> {
+        let h = (x + self.attention.forward_ragged(&self.attention_norm.forward(x)?, rope, cache, rows)?)?;
+        Ok((&h + self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?)?)
     }
 }
 

@@ -104,6 +104,51 @@ pub fn table_2d(grid: usize, head_dim: usize, base: f64, cls_token_num: usize) -
     RopeRows::from_angles(&rows, head_dim / 2)
 }
 
+/// How the patch transformer encodes a patch's position (paper Table 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchRope {
+    /// `dynamic_4d` (spec §3.2): row, then start/end/end/start column groups.
+    Dynamic4d,
+    /// Dynamic RoPE without the repeated groups: row, then start and end columns once each.
+    Dynamic2d,
+    /// Plain 2D RoPE at the patch's first code (row, start column).
+    Plain2d,
+}
+
+/// Angles of a patch covering codes `start ..= end` (inside one row when rows reset).
+///
+/// `Dynamic4d`: pairs [0, d/4) rotate by r·ω_j (as 2D RoPE's row part); then four groups of d/16
+/// pairs by cs·φ_m, ce·φ_m, ce·φ_m, cs·φ_m with φ_m = base^(−16m/d). `Dynamic2d`: after the row
+/// part, two groups of d/8 pairs by cs·φ'_m and ce·φ'_m, φ'_m = base^(−8m/d). `Plain2d`: the 2D
+/// RoPE angles of the start code.
+pub fn patch_angles(start: usize, end: usize, grid: usize, head_dim: usize, base: f64, mode: PatchRope) -> Vec<f32> {
+    let (row, cs, ce) = (start / grid, start % grid, end % grid);
+    let row_part = freqs_2d(head_dim, base).into_iter().map(|w| (row as f64 * w) as f32);
+    let group = |pos: usize, n: usize, step: f64| -> Vec<f32> {
+        (0..n).map(|m| (pos as f64 * base.powf(-step * m as f64 / head_dim as f64)) as f32).collect()
+    };
+    match mode {
+        PatchRope::Plain2d => angles_2d(row, cs, &freqs_2d(head_dim, base)),
+        PatchRope::Dynamic4d => {
+            let n = head_dim / 16;
+            let mut a: Vec<f32> = row_part.collect();
+            a.extend(group(cs, n, 16.0));
+            a.extend(group(ce, n, 16.0));
+            a.extend(group(ce, n, 16.0));
+            a.extend(group(cs, n, 16.0));
+            a
+        }
+        PatchRope::Dynamic2d => {
+            let n = head_dim / 8;
+            let mut a: Vec<f32> = row_part.collect();
+            a.extend(group(cs, n, 8.0));
+            a.extend(group(ce, n, 8.0));
+            a
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct RopeOp {
     rows: RopeRows,
@@ -254,6 +299,34 @@ mod tests {
         let a = apply(&x, &per_batch).unwrap();
         let b = apply_reference(&x, &per_batch).unwrap();
         assert!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    #[test]
+    fn dynamic_rope_of_a_one_code_patch() {
+        let (grid, d) = (16, 64);
+        let freqs = freqs_2d(d, 10000.0);
+        for k in [0usize, 17, 255] {
+            let a = patch_angles(k, k, grid, d, 10000.0, PatchRope::Dynamic4d);
+            assert_eq!(a.len(), d / 2);
+            let two_d = angles_2d(k / grid, k % grid, &freqs);
+            // The row part equals 2D RoPE's row part.
+            assert_eq!(&a[..d / 4], &two_d[..d / 4]);
+            // Start and end columns coincide: the four groups are equal.
+            let n = d / 16;
+            let g = |i: usize| &a[d / 4 + i * n..d / 4 + (i + 1) * n];
+            assert_eq!(g(0), g(1));
+            assert_eq!(g(1), g(2));
+            assert_eq!(g(2), g(3));
+        }
+        // A longer patch: groups are start, end, end, start.
+        let a = patch_angles(32 + 2, 32 + 5, grid, d, 10000.0, PatchRope::Dynamic4d);
+        let n = d / 16;
+        assert!((a[d / 4 + 1] - 2.0 * 10000f64.powf(-16.0 / 64.0) as f32).abs() < 1e-6);
+        assert!((a[d / 4 + n + 1] - 5.0 * 10000f64.powf(-16.0 / 64.0) as f32).abs() < 1e-6);
+        assert_eq!(&a[d / 4 + n..d / 4 + 2 * n], &a[d / 4 + 2 * n..d / 4 + 3 * n]);
+        assert_eq!(&a[d / 4..d / 4 + n], &a[d / 4 + 3 * n..]);
+        assert_eq!(patch_angles(5, 9, grid, d, 10000.0, PatchRope::Dynamic2d).len(), d / 2);
+        assert_eq!(patch_angles(5, 9, grid, d, 10000.0, PatchRope::Plain2d), angles_2d(0, 5, &freqs));
     }
 
     /// Relative positions: the dot product of a rotated q and k depends only on the offset.
