@@ -31,7 +31,9 @@ pub type Result<T> = std::result::Result<T, PatchError>;
 /// Patcher settings: threshold θ, max length P and the three switches.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PatchConfig {
-    /// θ: a code with H_k > θ opens a patch (natural-log entropy).
+    /// θ: a code with H_k > θ opens a patch (natural-log entropy). ±∞ is stored as a string in
+    /// JSON, which has no infinities.
+    #[serde(with = "crate::util::serde_f64_inf")]
     pub threshold: f64,
     /// P: the most codes a patch may hold (when `max_len_rule`).
     pub max_patch_len: usize,
@@ -300,6 +302,15 @@ mod tests {
         assert_eq!(patch_lengths(&h, 4, &no_row, 16).unwrap(), vec![1, 3, 1, 3, 3, 3, 1, 1]);
         // Static: fixed length P with row resets.
         assert_eq!(patch_lengths(&h, 4, &PatchConfig::static_patches(2), 16).unwrap(), vec![1, 2, 1, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn infinite_thresholds_survive_a_json_round_trip() {
+        for c in [PatchConfig::static_patches(4), PatchConfig::dpar(f64::NEG_INFINITY, 2), PatchConfig::dpar(1.25, 3)] {
+            let text = serde_json::to_string(&c).unwrap();
+            let back: PatchConfig = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, c, "{text}");
+        }
     }
 
     #[test]

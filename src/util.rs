@@ -146,6 +146,43 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Serde for f64 values that may be infinite: JSON has no ±∞, so they are written as the
+/// strings `"inf"` / `"-inf"`; finite values stay numbers.
+pub mod serde_f64_inf {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else if v.is_nan() {
+            s.serialize_str("nan")
+        } else if *v > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(f64),
+        Str(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(v) => Ok(v),
+            NumOrStr::Str(s) => match s.to_ascii_lowercase().as_str() {
+                "inf" | "+inf" | "infinity" => Ok(f64::INFINITY),
+                "-inf" | "-infinity" => Ok(f64::NEG_INFINITY),
+                "nan" => Ok(f64::NAN),
+                other => other.parse::<f64>().map_err(serde::de::Error::custom),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

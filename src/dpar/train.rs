@@ -1,1 +1,193 @@
-//! Training DPAR on code shards with stored entropies (placeholder until the task lands).
+//! Training DPAR on code shards with stored entropies, as a [`crate::train::Task`].
+//!
+//! Each step draws its images (and flip copies) from `(seed, step)`, turns each image's stored
+//! entropies into patch lengths with the configured patcher, and runs the packed forward: one
+//! flat sequence per stage, block-diagonal masks, no padding to the longest image.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::model::GlobalLayout;
+use super::{Dpar, DparConfig, DparError, Result};
+use crate::data::shards::CodeShard;
+use crate::entropy::ShardEntropies;
+use crate::gpt::train::{batch_tensors, flip_choices};
+use crate::gpt::TrainNoise;
+use crate::params::ParamStore;
+use crate::patching::patch_lengths;
+use crate::train::{BatchSampler, LoopConfig, StepOutput, Task};
+
+/// The DPAR experiment config, saved beside every checkpoint.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DparTrainConfig {
+    /// Always `dpar`.
+    pub kind: String,
+    pub model: DparConfig,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub codes: String,
+    pub val_codes: Option<String>,
+    pub val_images: usize,
+    pub use_flip: bool,
+    pub tokenizer_id: String,
+    /// SHA-256 of the entropy model whose stored entropies define the patches.
+    pub entropy_model_id: String,
+    pub train: LoopConfig,
+}
+
+/// Codes with their entropies, as the task reads them.
+#[derive(Debug, Clone)]
+pub struct EntropyCodes {
+    pub shard: CodeShard,
+    pub entropies: ShardEntropies,
+}
+
+/// Checks that shards fit the model.
+pub fn check_fits(data: &EntropyCodes, model: &DparConfig, what: &str) -> Result<()> {
+    let info = &data.shard.info;
+    if info.grid_size != model.grid_size || info.codebook_size > model.vocab_size || info.num_classes > model.num_classes {
+        return Err(DparError::BadInput(format!(
+            "{what}: shards have a {}×{} grid, {} codes and {} classes; the model expects {}×{}, at most {} codes and {} classes",
+            info.grid_size, info.grid_size, info.codebook_size, info.num_classes, model.grid_size, model.grid_size, model.vocab_size, model.num_classes
+        )));
+    }
+    Ok(())
+}
+
+/// Patch lengths (over all L codes) of the given images.
+pub fn batch_lengths(data: &EntropyCodes, indices: &[usize], flips: &[bool], config: &DparConfig) -> Result<Vec<Vec<usize>>> {
+    let l = config.seq_len();
+    indices
+        .iter()
+        .zip(flips)
+        .map(|(&i, &f)| Ok(patch_lengths(data.entropies.of(i, l, f), config.grid_size, &config.patch, l)?))
+        .collect()
+}
+
+/// Mean next-code cross-entropy (and mean patch-transformer positions per image) over the first
+/// `max_images` images, packed forward, no dropout.
+pub fn eval_loss(model: &Dpar, data: &EntropyCodes, max_images: usize, device: &Device) -> Result<(f64, f64)> {
+    let n = data.shard.len().min(max_images);
+    let (mut total, mut patches) = (0f64, 0f64);
+    for start in (0..n).step_by(32) {
+        let idx: Vec<usize> = (start..(start + 32).min(n)).collect();
+        let flips = vec![false; idx.len()];
+        let (codes, labels) = batch_tensors(&data.shard, &idx, &flips, device)?;
+        let layout = model.layout(batch_lengths(data, &idx, &flips, model.config())?, model.config().seq_len())?;
+        let loss = model.loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None)?;
+        total += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
+        patches += layout.packed_len() as f64;
+    }
+    Ok((total / n.max(1) as f64, patches / n.max(1) as f64))
+}
+
+/// The DPAR training task.
+pub struct DparTask {
+    config: DparTrainConfig,
+    store: ParamStore,
+    model: Dpar,
+    train: EntropyCodes,
+    val: Option<EntropyCodes>,
+    sampler: BatchSampler,
+    device: Device,
+}
+
+impl DparTask {
+    pub fn new(config: DparTrainConfig, train: EntropyCodes, val: Option<EntropyCodes>, device: &Device) -> Result<Self> {
+        check_fits(&train, &config.model, "training shards")?;
+        if let Some(v) = &val {
+            check_fits(v, &config.model, "validation shards")?;
+        }
+        if train.entropies.entropy_model_id != config.entropy_model_id {
+            return Err(DparError::BadInput("the training entropies come from another entropy model than the config names".into()));
+        }
+        if config.batch_size == 0 || train.shard.is_empty() {
+            return Err(DparError::BadConfig("batch size and training shards must be non-empty".into()));
+        }
+        let store = ParamStore::new(config.seed, device);
+        let model = Dpar::new(&config.model, &store.root())?;
+        let sampler = BatchSampler::new(train.shard.len(), config.batch_size, config.seed);
+        Ok(Self { config, store, model, train, val, sampler, device: device.clone() })
+    }
+
+    pub fn model(&self) -> &Dpar {
+        &self.model
+    }
+}
+
+impl Task for DparTask {
+    fn params(&self) -> &ParamStore {
+        &self.store
+    }
+
+    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
+        let indices = self.sampler.indices(step);
+        let flips = flip_choices(&self.train.shard, self.config.use_flip, indices.len(), self.config.seed, step);
+        let run = || -> Result<StepOutput> {
+            let (codes, labels) = batch_tensors(&self.train.shard, &indices, &flips, &self.device)?;
+            let layout = self.model.layout(batch_lengths(&self.train, &indices, &flips, &self.config.model)?, self.config.model.seq_len())?;
+            let mut rng = crate::util::rng_for(self.config.seed, "noise", step);
+            let loss = self.model.loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng }))?;
+            Ok(StepOutput {
+                loss,
+                metrics: vec![("patches_per_image".to_string(), layout.mean_patches())],
+                tokens: indices.len() * self.config.model.seq_len(),
+            })
+        };
+        run().map_err(|e| e.to_string())
+    }
+
+    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+        let Some(val) = &self.val else { return Ok(Vec::new()) };
+        let (loss, patches) = eval_loss(&self.model, val, self.config.val_images, &self.device).map_err(|e| e.to_string())?;
+        Ok(vec![("loss".to_string(), loss), ("patches_per_image".to_string(), patches)])
+    }
+
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn name(&self) -> String {
+        "dpar".to_string()
+    }
+
+    fn throughput_unit(&self) -> &'static str {
+        "codes/s"
+    }
+}
+
+/// Loads a DPAR model from a run folder or weight file written by `dpar train --model dpar`.
+pub fn load(path: &Path, device: &Device) -> Result<(Dpar, ParamStore, DparTrainConfig)> {
+    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
+    if !file.is_file() {
+        return Err(DparError::BadFile { path: file, reason: "no such model file (train one with `dpar train --model dpar`)".into() });
+    }
+    let meta = crate::tensor_io::read_safetensors_metadata(&file)?;
+    let full: serde_json::Value = meta
+        .get("config")
+        .and_then(|c| serde_json::from_str(c).ok())
+        .ok_or_else(|| DparError::BadFile { path: file.clone(), reason: "no embedded config".into() })?;
+    let kind = full.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    if kind != "dpar" {
+        return Err(DparError::BadFile { path: file.clone(), reason: format!("holds a `{kind}` model, not a DPAR model") });
+    }
+    let config: DparTrainConfig = serde_json::from_value(full).map_err(|e| DparError::BadFile { path: file.clone(), reason: format!("config: {e}") })?;
+    let store = ParamStore::new(0, device);
+    let model = Dpar::new(&config.model, &store.root())?;
+    store.load_file(&file, false, None)?;
+    Ok((model, store, config))
+}
+
+/// Reads a shard set with its entropies (from `expected_model` when given).
+pub fn read_entropy_codes(path: &Path, expected_model: Option<&str>) -> Result<EntropyCodes> {
+    let (shard, entropies) = crate::entropy::read_set(path, expected_model)?;
+    Ok(EntropyCodes { shard, entropies })
+}
+
+/// A (B, L) batch of codes and labels with their lengths, for callers outside the task.
+pub fn batch(data: &EntropyCodes, indices: &[usize], config: &DparConfig, device: &Device) -> Result<(Tensor, Tensor, Vec<Vec<usize>>)> {
+    let flips = vec![false; indices.len()];
+    let (codes, labels) = batch_tensors(&data.shard, indices, &flips, device)?;
+    Ok((codes, labels, batch_lengths(data, indices, &flips, config)?))
+}

@@ -48,8 +48,25 @@ pub struct SampleArgs {
     /// Output folder (samples.png, codes.safetensors, sample.json).
     #[arg(long, default_value = "out/samples")]
     pub out: PathBuf,
+    /// DPAR: the entropy model that decides patches while sampling.
+    #[arg(long, default_value = "runs/entropy")]
+    pub entropy_model: PathBuf,
+    /// DPAR: inference patcher overrides (θ and P may differ from training).
+    #[command(flatten)]
+    pub patch: crate::patch_cmd::PatchArgs,
+    /// DPAR: draw patch boundaries over the samples.
+    #[arg(long)]
+    pub show_patches: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// The `kind` recorded in a checkpoint's config (`gpt`, `entropy`, `dpar`), if any.
+pub fn checkpoint_kind(path: &std::path::Path) -> Option<String> {
+    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
+    let meta = dpar::tensor_io::read_safetensors_metadata(&file).ok()?;
+    let config: serde_json::Value = serde_json::from_str(meta.get("config")?).ok()?;
+    config.get("kind")?.as_str().map(str::to_string)
 }
 
 /// Parses `0,3,7`, `0-9` or a mix into class indices, checking them against `num_classes`.
@@ -132,6 +149,9 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if args.per_class == 0 || args.batch_size == 0 {
         bail!("--per-class and --batch-size must be > 0");
     }
+    if checkpoint_kind(&args.ckpt).as_deref() == Some("dpar") {
+        return sample_dpar(args, config, device);
+    }
     let (model, _store) = dpar::gpt::load(&args.ckpt, args.preset.as_deref(), &device)?;
     let tokenizer = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     let mc = model.config();
@@ -183,4 +203,78 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         "steps_per_image": mc.seq_len(),
     });
     write_outputs(SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }, &device, &|_, img| img)
+}
+
+fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::Device) -> Result<()> {
+    let (model, _store, train_config) = dpar::dpar::train::load(&args.ckpt, &device)?;
+    let (entropy_model, _es) = dpar::gpt::load(&args.entropy_model, None, &device)?;
+    let entropy_file = if args.entropy_model.is_dir() { args.entropy_model.join("model.safetensors") } else { args.entropy_model.clone() };
+    let entropy_id = dpar::util::sha256_file(&entropy_file)?;
+    if entropy_id != train_config.entropy_model_id {
+        bail!(
+            "{}: this entropy model ({}…) is not the one the DPAR model was trained with ({}…)",
+            args.entropy_model.display(),
+            &entropy_id[..12],
+            &train_config.entropy_model_id[..12.min(train_config.entropy_model_id.len())]
+        );
+    }
+    let tokenizer = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let mc = model.config();
+    if tokenizer.config.grid_size() != mc.grid_size || tokenizer.config.codebook_size > mc.vocab_size {
+        bail!("tokenizer {} does not fit the DPAR model (grid {}, vocabulary {})", args.tokenizer.display(), mc.grid_size, mc.vocab_size);
+    }
+    let patch = args.patch.apply(mc.patch);
+    patch.validate()?;
+    let classes = parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    let labels: Vec<u32> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, args.per_class)).collect();
+    let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
+    let t = Instant::now();
+    let mut codes = Vec::with_capacity(labels.len());
+    let mut lengths = Vec::with_capacity(labels.len());
+    for (i, chunk) in labels.chunks(args.batch_size).enumerate() {
+        let chunk_config = SamplingConfig { seed: args.seed.wrapping_add(i as u64), ..config.clone() };
+        let out = dpar::dpar::generate::generate(&model, &entropy_model, chunk, &chunk_config, &patch, &device)?;
+        codes.extend(out.codes);
+        lengths.extend(out.lengths);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    let n = labels.len();
+    let steps: Vec<usize> = lengths.iter().map(|l| l.len()).collect();
+    let mean_steps = steps.iter().sum::<usize>() as f64 / n as f64;
+    println!(
+        "sampled {n} images ({} classes × {}) in {:.1}s: {:.2} images/s, {:.0} codes/s; patcher {}; patch-transformer steps per image: mean {:.1} (min {}, max {}) vs {} codes, mean patch length {:.2}",
+        classes.len(),
+        args.per_class,
+        secs,
+        n as f64 / secs,
+        (n * mc.seq_len()) as f64 / secs,
+        patch.label(),
+        mean_steps,
+        steps.iter().min().copied().unwrap_or(0),
+        steps.iter().max().copied().unwrap_or(0),
+        mc.seq_len(),
+        mc.seq_len() as f64 / mean_steps
+    );
+    let record = serde_json::json!({
+        "model": "dpar",
+        "checkpoint": args.ckpt.display().to_string(),
+        "entropy_model": args.entropy_model.display().to_string(),
+        "tokenizer": args.tokenizer.display().to_string(),
+        "sampling": config,
+        "patch": patch,
+        "classes": classes,
+        "per_class": args.per_class,
+        "batch_size": args.batch_size,
+        "seconds": secs,
+        "images_per_s": n as f64 / secs,
+        "codes_per_s": (n * mc.seq_len()) as f64 / secs,
+        "patch_steps_per_image": mean_steps,
+        "patch_lengths": lengths,
+    });
+    let grid = mc.grid_size;
+    let show = args.show_patches;
+    let decorate = move |i: usize, img: image::RgbImage| if show { dpar::viz::patch_overlay(&img, grid, &lengths[i]) } else { img };
+    write_outputs(SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }, &device, &decorate)
 }

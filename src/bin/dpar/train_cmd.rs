@@ -15,6 +15,8 @@ pub enum ModelKind {
     Gpt,
     /// The unconditional GPT that supplies DPAR's entropies.
     Entropy,
+    /// DPAR: patch encoder, patch transformer, patch decoder (needs stored entropies).
+    Dpar,
 }
 
 #[derive(Args, Debug)]
@@ -76,8 +78,53 @@ pub struct TrainArgs {
     /// Continue from the run folder's checkpoint (its config.json is the default config).
     #[arg(long)]
     pub resume: bool,
+    /// DPAR: patcher switches (θ, P, rules) for training.
+    #[command(flatten)]
+    pub patch: crate::patch_cmd::PatchArgs,
+    /// DPAR: find θ by bisection on the training entropies so that the mean patch length is
+    /// this (used when --threshold is not given; the paper's 256 px figure is 1.81).
+    #[arg(long, default_value_t = 1.8)]
+    pub target_mean_len: f64,
+    /// DPAR: position encoding of the patch transformer (paper Table 9).
+    #[arg(long, value_enum)]
+    pub patch_rope: Option<PatchRopeArg>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum PatchRopeArg {
+    Dynamic4d,
+    Dynamic2d,
+    Plain2d,
+}
+
+impl From<PatchRopeArg> for dpar::nn::rope::PatchRope {
+    fn from(a: PatchRopeArg) -> Self {
+        match a {
+            PatchRopeArg::Dynamic4d => Self::Dynamic4d,
+            PatchRopeArg::Dynamic2d => Self::Dynamic2d,
+            PatchRopeArg::Plain2d => Self::Plain2d,
+        }
+    }
+}
+
+/// Applies the loop flags to a loop config.
+fn apply_loop_flags(args: &TrainArgs, t: &mut dpar::train::LoopConfig) {
+    if let Some(v) = args.steps { t.steps = v; }
+    if let Some(v) = args.lr { t.adamw.lr = v; }
+    if let Some(v) = args.weight_decay { t.adamw.weight_decay = v; }
+    if let Some(v) = args.warmup { t.schedule.warmup_steps = v; }
+    if args.cosine { t.schedule.cosine = true; }
+    if let Some(v) = args.min_lr { t.schedule.min_lr = v; }
+    if let Some(v) = args.grad_clip { t.grad_clip = v; }
+    if let Some(v) = args.checkpoint_every { t.checkpoint_every = v; }
+    if let Some(v) = args.log_every { t.log_every = v; }
+    if let Some(v) = args.eval_every { t.eval_every = v; }
+}
+
+fn default_loop() -> dpar::train::LoopConfig {
+    dpar::train::LoopConfig { steps: 2000, log_every: 10, checkpoint_every: 250, ..Default::default() }
 }
 
 /// Reads a JSON or TOML config file.
@@ -95,19 +142,20 @@ fn default_out(kind: ModelKind) -> PathBuf {
     match kind {
         ModelKind::Gpt => PathBuf::from("runs/gpt"),
         ModelKind::Entropy => PathBuf::from("runs/entropy"),
+        ModelKind::Dpar => PathBuf::from("runs/dpar"),
     }
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
+    if args.model == ModelKind::Dpar {
+        return train_dpar(args);
+    }
     let device = args.device.device()?;
     if args.preset.is_some() && args.config.is_some() {
         bail!("give either --preset or --config, not both");
     }
     let out = args.out.clone().unwrap_or_else(|| default_out(args.model));
-    let kind = match args.model {
-        ModelKind::Gpt => "gpt",
-        ModelKind::Entropy => "entropy",
-    };
+    let kind = if args.model == ModelKind::Gpt { "gpt" } else { "entropy" };
     let (train, _) = dpar::data::shards::read_shard_set(&args.codes)?;
     let val = match args.val_codes.as_str() {
         "none" | "" => None,
@@ -144,7 +192,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 val_images: 1000,
                 use_flip: true,
                 tokenizer_id: train.info.tokenizer_id.clone(),
-                train: dpar::train::LoopConfig { steps: 2000, log_every: 10, checkpoint_every: 250, ..Default::default() },
+                train: default_loop(),
             }
         }
     };
@@ -152,17 +200,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         bail!("the config describes a `{}` model but --model is {kind}", config.kind);
     }
     // Flag overrides.
-    let t = &mut config.train;
-    if let Some(v) = args.steps { t.steps = v; }
-    if let Some(v) = args.lr { t.adamw.lr = v; }
-    if let Some(v) = args.weight_decay { t.adamw.weight_decay = v; }
-    if let Some(v) = args.warmup { t.schedule.warmup_steps = v; }
-    if args.cosine { t.schedule.cosine = true; }
-    if let Some(v) = args.min_lr { t.schedule.min_lr = v; }
-    if let Some(v) = args.grad_clip { t.grad_clip = v; }
-    if let Some(v) = args.checkpoint_every { t.checkpoint_every = v; }
-    if let Some(v) = args.log_every { t.log_every = v; }
-    if let Some(v) = args.eval_every { t.eval_every = v; }
+    apply_loop_flags(&args, &mut config.train);
     if let Some(v) = args.batch_size { config.batch_size = v; }
     if let Some(v) = args.seed { config.seed = v; }
     if let Some(v) = args.val_images { config.val_images = v; }
@@ -189,6 +227,95 @@ pub fn train(args: TrainArgs) -> Result<()> {
         dpar::util::human_duration(report.seconds),
         report.ms_per_step,
         report.throughput,
+        report.final_loss
+    );
+    for (k, v) in &report.validation {
+        println!("  validation {k}: {v:.4}");
+    }
+    println!("wrote {}/{{model.safetensors, checkpoint.safetensors, config.json, log.jsonl, loss.png}}", out.display());
+    Ok(())
+}
+
+fn train_dpar(args: TrainArgs) -> Result<()> {
+    use dpar::dpar::train::{read_entropy_codes, DparTask, DparTrainConfig};
+    let device = args.device.device()?;
+    if args.preset.is_some() && args.config.is_some() {
+        bail!("give either --preset or --config, not both");
+    }
+    let out = args.out.clone().unwrap_or_else(|| default_out(args.model));
+    let train = read_entropy_codes(&args.codes, None)?;
+    let val = match args.val_codes.as_str() {
+        "none" | "" => None,
+        path => match read_entropy_codes(Path::new(path), Some(&train.entropies.entropy_model_id)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!("no validation shards with entropies ({e}); training without validation");
+                None
+            }
+        },
+    };
+    let saved = out.join("config.json");
+    let from_file = args.config.is_some() || (args.resume && saved.is_file());
+    let mut config: DparTrainConfig = match (&args.config, args.resume && saved.is_file()) {
+        (Some(path), _) => read_config(path)?,
+        (None, true) => read_config(&saved)?,
+        (None, false) => {
+            let mut model = dpar::dpar::DparConfig::preset(args.preset.as_deref().unwrap_or("mnist"))?;
+            model.vocab_size = train.shard.info.codebook_size;
+            model.num_classes = train.shard.info.num_classes;
+            model.grid_size = train.shard.info.grid_size;
+            DparTrainConfig {
+                kind: "dpar".into(),
+                model,
+                seed: 0,
+                batch_size: 16,
+                codes: args.codes.display().to_string(),
+                val_codes: val.as_ref().map(|_| args.val_codes.clone()),
+                val_images: 1000,
+                use_flip: true,
+                tokenizer_id: train.shard.info.tokenizer_id.clone(),
+                entropy_model_id: train.entropies.entropy_model_id.clone(),
+                train: default_loop(),
+            }
+        }
+    };
+    if config.kind != "dpar" {
+        bail!("the config describes a `{}` model, not dpar", config.kind);
+    }
+    apply_loop_flags(&args, &mut config.train);
+    if let Some(v) = args.batch_size { config.batch_size = v; }
+    if let Some(v) = args.seed { config.seed = v; }
+    if let Some(v) = args.val_images { config.val_images = v; }
+    if let Some(p) = args.dropout {
+        config.model.token_dropout = p;
+        config.model.resid_dropout = p;
+        config.model.ffn_dropout = p;
+    }
+    if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
+    if args.no_flip { config.use_flip = false; }
+    if let Some(r) = args.patch_rope { config.model.patch_rope = r.into(); }
+    config.model.patch = args.patch.apply(config.model.patch);
+    // θ: given, kept from a saved config, or calibrated on the training entropies.
+    let calibrate = config.model.patch.entropy_gate && args.patch.threshold.is_none() && !(from_file && config.model.patch.threshold.is_finite());
+    if calibrate {
+        let (theta, stats) = dpar::patching::calibrate(&train.entropies.entropy, config.model.grid_size, &config.model.patch, args.target_mean_len)?;
+        config.model.patch.threshold = theta;
+        println!("calibrated θ = {theta:.4} on the training entropies: mean patch length {:.3} ({:.1} patches per image)", stats.mean_len, stats.mean_patches);
+    }
+    if train.shard.info.tokenizer_id != config.tokenizer_id {
+        bail!("{}: codes come from another tokenizer than the config expects", args.codes.display());
+    }
+    println!("patcher: {}", config.model.patch.label());
+    let mut task = DparTask::new(config.clone(), train, val, &device)?;
+    let report = dpar::train::run(&mut task, &config.train, &out, args.resume)?;
+    let patches = report.final_metrics.iter().find(|(k, _)| k == "patches_per_image").map(|(_, v)| *v).unwrap_or(f64::NAN);
+    println!(
+        "trained dpar: {} steps in {} ({:.0} ms/step, {:.0} codes/s, {:.1} patches per image), final train loss {:.4}",
+        report.steps,
+        dpar::util::human_duration(report.seconds),
+        report.ms_per_step,
+        report.throughput,
+        patches,
         report.final_loss
     );
     for (k, v) in &report.validation {
