@@ -64,6 +64,7 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
                     .configure_mesh()
                     .x_desc(x_label)
                     .y_desc(y_label)
+                    .x_label_formatter(&|x| if x.abs() >= 100.0 { format!("{x:.0}") } else { format!("{x}") })
                     .light_line_style(RGBColor(235, 235, 235))
                     .draw()
                     .map_err(|e| draw(&e))?;
