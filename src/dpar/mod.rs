@@ -78,6 +78,9 @@ pub struct DparConfig {
     pub patch_rope: PatchRope,
     /// The patcher used for training (θ, P, switches).
     pub patch: PatchConfig,
+    /// Fused CPU kernels or stock candle ops (same maths; see `nn::Ops`).
+    #[serde(default)]
+    pub ops: crate::nn::Ops,
 }
 
 impl DparConfig {
@@ -101,6 +104,7 @@ impl DparConfig {
             patch_rope: PatchRope::Dynamic4d,
             // Paper defaults at 256 px with VQ-16 (spec §4).
             patch: PatchConfig::dpar(7.8, 4),
+            ops: crate::nn::Ops::Fused,
         }
     }
 

@@ -36,11 +36,11 @@ struct EncoderCross {
 }
 
 impl EncoderCross {
-    fn new(pb: &Pb, dim: usize, n_head: usize, eps: f64) -> Result<Self> {
+    fn new(pb: &Pb, dim: usize, n_head: usize, eps: f64, ops: crate::nn::Ops) -> Result<Self> {
         let lin = |name: &str| Linear::new(&pb.pp(name), dim, dim, Init::Normal(INIT_STD));
         Ok(Self {
-            norm_q: RmsNorm::new(&pb.pp("cross_attn_norm_q"), dim, eps)?,
-            norm_kv: RmsNorm::new(&pb.pp("cross_attn_norm_kv"), dim, eps)?,
+            norm_q: RmsNorm::new(&pb.pp("cross_attn_norm_q"), dim, eps, ops)?,
+            norm_kv: RmsNorm::new(&pb.pp("cross_attn_norm_kv"), dim, eps, ops)?,
             wq: lin("wq")?,
             wk: lin("wk")?,
             wv: lin("wv")?,
@@ -111,7 +111,7 @@ impl Dpar {
     pub fn new(config: &DparConfig, pb: &Pb) -> Result<Self> {
         config.validate()?;
         let c = config;
-        let block = |p: Pb, i: usize| Block::new(&p.pp(i), c.dim, c.n_head, c.hidden(), c.norm_eps);
+        let block = |p: Pb, i: usize| Block::new(&p.pp(i), c.dim, c.n_head, c.hidden(), c.norm_eps, c.ops);
         let enc = pb.pp("local_encoder");
         let dec = pb.pp("local_decoder");
         Ok(Self {
@@ -119,20 +119,20 @@ impl Dpar {
             cls_embedding: pb.pp("cls_embedding").pp("embedding_table").get((c.num_classes + 1, c.dim), "weight", Init::Normal(INIT_STD))?,
             tok_embeddings: pb.pp("tok_embeddings").get((c.vocab_size, c.dim), "weight", Init::Normal(INIT_STD))?,
             enc_layers: (0..c.encoder_layers).map(|i| block(enc.pp("layers"), i)).collect::<nn::Result<_>>()?,
-            enc_cross: EncoderCross::new(&enc.pp("cross_attn_layers").pp(0), c.dim, c.n_head, c.norm_eps)?,
+            enc_cross: EncoderCross::new(&enc.pp("cross_attn_layers").pp(0), c.dim, c.n_head, c.norm_eps, c.ops)?,
             layers: (0..c.global_layers).map(|i| block(pb.pp("layers"), i)).collect::<nn::Result<_>>()?,
             dec_layers: (0..c.decoder_layers).map(|i| block(dec.pp("layers"), i)).collect::<nn::Result<_>>()?,
             dec_proj: (0..c.decoder_layers)
                 .map(|i| {
                     let p = dec.pp("cross_attn_layers").pp(i);
                     Ok(DecoderProj {
-                        norm: RmsNorm::new(&p.pp("cross_attn_norm_kv"), c.dim, c.norm_eps)?,
+                        norm: RmsNorm::new(&p.pp("cross_attn_norm_kv"), c.dim, c.norm_eps, c.ops)?,
                         wo: Linear::new(&p.pp("wo"), c.dim, c.dim, Init::Normal(INIT_STD))?,
                     })
                 })
                 .collect::<Result<_>>()?,
             start: pb.pp("decoder_start_embedding").get((1, c.dim), "weight", Init::Normal(INIT_STD))?,
-            norm: RmsNorm::new(&pb.pp("norm"), c.dim, c.norm_eps)?,
+            norm: RmsNorm::new(&pb.pp("norm"), c.dim, c.norm_eps, c.ops)?,
             output: Linear::new(&pb.pp("output"), c.dim, c.vocab_size, Init::Const(0.0))?,
             rope_enc: rope::table_2d(c.grid_size, c.head_dim(), c.rope_base, 0),
             rope_dec: rope::table_2d(c.grid_size, c.head_dim(), c.rope_base, 1),
@@ -306,7 +306,7 @@ impl Dpar {
     pub fn loss<R: Rng>(&self, codes: &Tensor, labels: &Tensor, layout: &PatchLayout, mode: GlobalLayout, noise: Option<TrainNoise<'_, R>>) -> Result<Tensor> {
         let logits = self.forward(codes, labels, layout, mode, noise)?;
         let (b, n, v) = logits.dims3()?;
-        Ok(candle_nn::loss::cross_entropy(&logits.reshape((b * n, v))?, &codes.flatten_all()?)?)
+        Ok(nn::cross_entropy(&logits.reshape((b * n, v))?, &codes.flatten_all()?, self.config.ops)?)
     }
 
     // ---- Incremental steps for generation (spec §6) ----

@@ -65,6 +65,9 @@ pub struct GptConfig {
     pub ffn_dropout: f64,
     /// Probability of replacing a label by the null class in training.
     pub class_dropout: f64,
+    /// Fused CPU kernels or stock candle ops (same maths; see `nn::Ops`).
+    #[serde(default)]
+    pub ops: crate::nn::Ops,
 }
 
 impl GptConfig {
@@ -84,6 +87,7 @@ impl GptConfig {
             resid_dropout: 0.1,
             ffn_dropout: 0.1,
             class_dropout: 0.1,
+            ops: crate::nn::Ops::Fused,
         }
     }
 
@@ -231,14 +235,14 @@ impl Gpt {
             None
         };
         let layers = (0..c.n_layer)
-            .map(|i| Block::new(&pb.pp("layers").pp(i), c.dim, c.n_head, c.hidden(), c.norm_eps))
+            .map(|i| Block::new(&pb.pp("layers").pp(i), c.dim, c.n_head, c.hidden(), c.norm_eps, c.ops))
             .collect::<nn::Result<Vec<_>>>()?;
         Ok(Self {
             config: c.clone(),
             cls_embedding,
             tok_embeddings: pb.pp("tok_embeddings").get((c.vocab_size, c.dim), "weight", Init::Normal(INIT_STD))?,
             layers,
-            norm: RmsNorm::new(&pb.pp("norm"), c.dim, c.norm_eps)?,
+            norm: RmsNorm::new(&pb.pp("norm"), c.dim, c.norm_eps, c.ops)?,
             // LlamaGen zero-initialises the output head.
             output: Linear::new(&pb.pp("output"), c.dim, c.vocab_size, Init::Const(0.0))?,
             rope: rope::table_2d(c.grid_size, c.head_dim(), c.rope_base, c.cls_token_num),
@@ -355,7 +359,7 @@ impl Gpt {
         let logits = self.forward(codes, labels, noise)?;
         let targets = self.targets(codes)?;
         let (b, t, v) = logits.dims3()?;
-        Ok(candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?)?)
+        Ok(nn::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?, self.config.ops)?)
     }
 
     /// An empty cache for decoding up to a full sequence.
@@ -455,6 +459,7 @@ mod tests {
             resid_dropout: 0.1,
             ffn_dropout: 0.1,
             class_dropout: 0.1,
+            ops: crate::nn::Ops::Fused,
         }
     }
 

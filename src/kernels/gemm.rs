@@ -60,6 +60,59 @@ pub fn sgemm(
     }
 }
 
+/// `dst (m×n, leading dim ldd) = [dst +] alpha · op(a) · op(b)` for row-major matrices with
+/// explicit leading dimensions (row strides): `a` is m×k (lda) or, with `trans_a`, k×m;
+/// `b` is k×n (ldb) or, with `trans_b`, n×k. Single-threaded; used inside parallel kernels on
+/// tiles of larger matrices.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_ld(
+    dst: &mut [f32],
+    ldd: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let need = |rows: usize, cols: usize, ld: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols };
+    assert!(ldd >= n && dst.len() >= need(m, n, ldd), "sgemm_ld: dst too small");
+    let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+    assert!(lda >= a_cols && a.len() >= need(a_rows, a_cols, lda), "sgemm_ld: a too small");
+    assert!(ldb >= b_cols && b.len() >= need(b_rows, b_cols, ldb), "sgemm_ld: b too small");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * ldd..r * ldd + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if trans_a { (1, lda as isize) } else { (lda as isize, 1) };
+    let (b_rs, b_cs) = if trans_b { (1, ldb as isize) } else { (ldb as isize, 1) };
+    // SAFETY: the asserts above bound every element the strides reach inside each slice.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, ldd as isize, accumulate,
+            a.as_ptr(), a_cs, a_rs,
+            b.as_ptr(), b_cs, b_rs,
+            1.0, alpha,
+            false, false, false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// Threads to give one GEMM: all of rayon's pool.
 pub fn threads() -> usize {
     rayon::current_num_threads()
@@ -81,6 +134,30 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn strided_sgemm_works_on_tiles_of_larger_matrices() {
+        // a: 3×2 tile at row stride 5; b: 2×4 tile at row stride 6; dst: 3×4 at stride 7.
+        let a: Vec<f32> = (0..15).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..12).map(|i| (i as f32) * 0.5).collect();
+        let mut dst = vec![0.0; 21];
+        sgemm_ld(&mut dst, 7, &a, 5, &b, 6, 3, 4, 2, false, false, false, 2.0);
+        for i in 0..3 {
+            for j in 0..4 {
+                let want: f32 = (0..2).map(|p| a[i * 5 + p] * b[p * 6 + j]).sum::<f32>() * 2.0;
+                assert!((dst[i * 7 + j] - want).abs() < 1e-4);
+            }
+        }
+        // Transposed b: rows of an n×k matrix at stride 6.
+        let mut dst2 = vec![0.0; 21];
+        sgemm_ld(&mut dst2, 7, &a, 5, &b, 6, 3, 2, 2, false, true, false, 1.0);
+        for i in 0..3 {
+            for j in 0..2 {
+                let want: f32 = (0..2).map(|p| a[i * 5 + p] * b[j * 6 + p]).sum();
+                assert!((dst2[i * 7 + j] - want).abs() < 1e-4);
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! `conv_transpose2d`) is ~4× slower still; [`conv`] replaces it with im2col + GEMM in both
 //! directions. [`gemm`] is the safe wrapper over the `gemm` crate that every kernel uses.
 
+pub mod attention;
 pub mod conv;
+pub mod fused;
 pub mod gemm;
 pub mod group_norm;
 pub mod segment;

@@ -11,7 +11,7 @@
 use candle_core::{Tensor, D};
 
 use super::rope::{self, RopeRows};
-use super::{Linear, NnError, Result, INIT_STD};
+use super::{Linear, NnError, Ops, Result, INIT_STD};
 use crate::params::{Init, Pb};
 
 /// Which keys each query may see.
@@ -150,10 +150,11 @@ pub struct Attention {
     pub wo: Linear,
     pub n_head: usize,
     pub head_dim: usize,
+    pub ops: Ops,
 }
 
 impl Attention {
-    pub fn new(pb: &Pb, dim: usize, n_head: usize) -> Result<Self> {
+    pub fn new(pb: &Pb, dim: usize, n_head: usize, ops: Ops) -> Result<Self> {
         if n_head == 0 || dim % n_head != 0 {
             return Err(NnError::BadConfig(format!("width {dim} is not divisible by {n_head} heads")));
         }
@@ -162,6 +163,7 @@ impl Attention {
             wo: Linear::new(&pb.pp("wo"), dim, dim, Init::Normal(INIT_STD))?,
             n_head,
             head_dim: dim / n_head,
+            ops,
         })
     }
 
@@ -201,6 +203,22 @@ impl Attention {
     /// x (B, T, D) → (B, T, D)
     pub fn forward(&self, x: &Tensor, rope_rows: Option<&RopeRows>, mask: &AttnMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t, dim) = x.dims3()?;
+        // Full sequences without a cache go through the flash kernel on the fused qkv layout.
+        if cache.is_none() && self.ops.fused_for(x) {
+            let segments = match mask {
+                AttnMask::Causal => Some(crate::kernels::attention::causal_segments(b, t)),
+                AttnMask::Segments(s) if b == 1 => Some(s.clone()),
+                _ => None,
+            };
+            if let Some(segments) = segments {
+                let mut qkv = self.wqkv.forward(&x.reshape((b * t, dim))?)?; // (B·T, 3D)
+                if let Some(rows) = rope_rows {
+                    qkv = rope::apply_qkv(&qkv, rows, self.n_head)?;
+                }
+                let out = crate::kernels::attention::flash_attention(&qkv, self.n_head, &segments)?; // (B·T, D)
+                return self.wo.forward(&out.reshape((b, t, dim))?);
+            }
+        }
         let (q, k, v) = self.qkv(x, rope_rows)?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let (k, v) = match cache {
@@ -250,7 +268,7 @@ mod tests {
 
     fn attention_f64(dim: usize, heads: usize) -> Attention {
         let store = ParamStore::new(1, &Device::Cpu);
-        let mut a = Attention::new(&store.root(), dim, heads).unwrap();
+        let mut a = Attention::new(&store.root(), dim, heads, Ops::Stock).unwrap();
         a.wqkv.weight = rand_var(&[3 * dim, dim], 7).as_tensor().affine(0.3, 0.0).unwrap();
         a.wo.weight = rand_var(&[dim, dim], 8).as_tensor().affine(0.3, 0.0).unwrap();
         a
@@ -312,7 +330,7 @@ mod tests {
     #[test]
     fn ragged_cache_rows_advance_independently() {
         let store = ParamStore::new(1, &Device::Cpu);
-        let att = Attention::new(&store.root(), 8, 2).unwrap();
+        let att = Attention::new(&store.root(), 8, 2, Ops::Fused).unwrap();
         let seq = |seed| rand_var(&[1, 3, 8], seed).as_tensor().to_dtype(DType::F32).unwrap();
         let (a, b) = (seq(20), seq(21));
         let table = rope::table_2d(2, 4, 10000.0, 1);

@@ -36,6 +36,23 @@ pub type Result<T> = std::result::Result<T, NnError>;
 /// LlamaGen's weight init std.
 pub const INIT_STD: f64 = 0.02;
 
+/// Which implementation the layers run: our fused CPU kernels (default) or the stock composed
+/// candle ops (the reference, kept for comparison and for devices without our kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ops {
+    #[default]
+    Fused,
+    Stock,
+}
+
+impl Ops {
+    /// Whether the fused kernels apply to `x` (CPU f32 only).
+    pub fn fused_for(self, x: &Tensor) -> bool {
+        self == Ops::Fused && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    }
+}
+
 /// A bias-free linear layer, weight stored `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -65,16 +82,20 @@ impl Linear {
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
+    pub ops: Ops,
 }
 
 impl RmsNorm {
-    pub fn new(pb: &Pb, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: pb.get(dim, "weight", Init::Const(1.0))?, eps })
+    pub fn new(pb: &Pb, dim: usize, eps: f64, ops: Ops) -> Result<Self> {
+        Ok(Self { weight: pb.get(dim, "weight", Init::Const(1.0))?, eps, ops })
     }
 
     /// # Shapes
     /// (…, D) → (…, D)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.ops.fused_for(x) {
+            return Ok(crate::kernels::fused::rms_norm(x, &self.weight, self.eps)?);
+        }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (ms + self.eps)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
@@ -87,6 +108,7 @@ pub struct FeedForward {
     pub w1: Linear,
     pub w2: Linear,
     pub w3: Linear,
+    pub ops: Ops,
 }
 
 /// LlamaGen's hidden size: round_up(⌊2·4D/3⌋, multiple_of).
@@ -96,18 +118,33 @@ pub fn ffn_hidden(dim: usize, multiple_of: usize) -> usize {
 }
 
 impl FeedForward {
-    pub fn new(pb: &Pb, dim: usize, hidden: usize) -> Result<Self> {
+    pub fn new(pb: &Pb, dim: usize, hidden: usize, ops: Ops) -> Result<Self> {
         Ok(Self {
             w1: Linear::new(&pb.pp("w1"), dim, hidden, Init::Normal(INIT_STD))?,
             w2: Linear::new(&pb.pp("w2"), hidden, dim, Init::Normal(INIT_STD))?,
             w3: Linear::new(&pb.pp("w3"), dim, hidden, Init::Normal(INIT_STD))?,
+            ops,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.ops.fused_for(x) {
+            // One matmul for gate and up ([w1; w3] stacked), then the fused silu(gate)·up.
+            let w13 = Linear { weight: Tensor::cat(&[&self.w1.weight, &self.w3.weight], 0)? };
+            let h = crate::kernels::fused::swiglu(&w13.forward(x)?)?;
+            return self.w2.forward(&h);
+        }
         let gate = self.w1.forward(x)?.silu()?;
         self.w2.forward(&(gate * self.w3.forward(x)?)?)
     }
+}
+
+/// Mean cross-entropy of logits (N, V) against u32 targets (N): fused kernel or candle's ops.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ops: Ops) -> Result<Tensor> {
+    if ops.fused_for(logits) {
+        return Ok(crate::kernels::fused::cross_entropy(logits, targets)?);
+    }
+    Ok(candle_nn::loss::cross_entropy(logits, targets)?)
 }
 
 /// Inverted dropout with a mask drawn from `rng` (candle's CPU RNG cannot be seeded).
@@ -143,12 +180,12 @@ pub struct Block {
 
 impl Block {
     /// Parameter names: `attention.{wqkv,wo}`, `feed_forward.{w1,w2,w3}`, `{attention,ffn}_norm`.
-    pub fn new(pb: &Pb, dim: usize, n_head: usize, ffn_hidden: usize, norm_eps: f64) -> Result<Self> {
+    pub fn new(pb: &Pb, dim: usize, n_head: usize, ffn_hidden: usize, norm_eps: f64, ops: Ops) -> Result<Self> {
         Ok(Self {
-            attention: Attention::new(&pb.pp("attention"), dim, n_head)?,
-            feed_forward: FeedForward::new(&pb.pp("feed_forward"), dim, ffn_hidden)?,
-            attention_norm: RmsNorm::new(&pb.pp("attention_norm"), dim, norm_eps)?,
-            ffn_norm: RmsNorm::new(&pb.pp("ffn_norm"), dim, norm_eps)?,
+            attention: Attention::new(&pb.pp("attention"), dim, n_head, ops)?,
+            feed_forward: FeedForward::new(&pb.pp("feed_forward"), dim, ffn_hidden, ops)?,
+            attention_norm: RmsNorm::new(&pb.pp("attention_norm"), dim, norm_eps, ops)?,
+            ffn_norm: RmsNorm::new(&pb.pp("ffn_norm"), dim, norm_eps, ops)?,
         })
     }
 
@@ -231,7 +268,7 @@ mod tests {
     #[test]
     fn rms_norm_gradient_matches_finite_differences() {
         let store = ParamStore::new(0, &Device::Cpu);
-        let norm = RmsNorm::new(&store.root(), 6, 1e-5).unwrap();
+        let norm = RmsNorm::new(&store.root(), 6, 1e-5, Ops::Stock).unwrap();
         let weight = rand_var(&[6], 3);
         let norm = RmsNorm { weight: weight.as_tensor().clone(), ..norm };
         let probe = rand_var(&[2, 3, 6], 4);

@@ -206,6 +206,64 @@ impl CustomOp1 for RopeOp {
     }
 }
 
+/// RoPE applied in place of the fused projection `qkv` (N, 3·H·d): q and k of every head are
+/// rotated, v is copied. Token n uses row n (one row per token) or row n mod T (a shared table
+/// of T rows for B sequences of T tokens). This is the layout the flash-attention kernel reads.
+#[derive(Debug, Clone)]
+struct RopeQkvOp {
+    rows: RopeRows,
+    heads: usize,
+    inverse: bool,
+}
+
+impl CustomOp1 for RopeQkvOp {
+    fn name(&self) -> &'static str {
+        "dpar-rope-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, three_dim) = l.shape().dims2()?;
+        let half = self.rows.half;
+        let dim = three_dim / 3;
+        if three_dim != 3 * dim || dim != self.heads * 2 * half {
+            candle_core::bail!("rope_qkv: {three_dim} columns do not hold 3 × {} heads × {} dims", self.heads, 2 * half);
+        }
+        let table_rows = self.rows.rows;
+        if table_rows == 0 || (table_rows != n && n % table_rows != 0) {
+            candle_core::bail!("rope_qkv: table of {table_rows} rows for {n} tokens");
+        }
+        let x = cpu_f32(s, l, "rope_qkv input")?;
+        let mut out = x.to_vec();
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        out.par_chunks_mut(three_dim).enumerate().for_each(|(tok, row)| {
+            let r = tok % table_rows;
+            let cos = &self.rows.cos[r * half..(r + 1) * half];
+            let sin = &self.rows.sin[r * half..(r + 1) * half];
+            // q and k blocks: columns [0, 2·dim); each head is 2·half wide.
+            for head_vec in row[..2 * dim].chunks_mut(2 * half) {
+                for i in 0..half {
+                    let (x0, x1) = (head_vec[2 * i], head_vec[2 * i + 1]);
+                    let (c, sn) = (cos[i], sign * sin[i]);
+                    head_vec[2 * i] = x0 * c - x1 * sn;
+                    head_vec[2 * i + 1] = x1 * c + x0 * sn;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inv = RopeQkvOp { rows: self.rows.clone(), heads: self.heads, inverse: !self.inverse };
+        Ok(Some(grad.contiguous()?.apply_op1(inv)?))
+    }
+}
+
+/// Rotates q and k inside a fused `qkv` (N, 3·H·d) (see [`RopeQkvOp`]); CPU f32 only, other
+/// devices go through the (B, H, T, d) path.
+pub fn apply_qkv(qkv: &Tensor, rows: &RopeRows, heads: usize) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(RopeQkvOp { rows: rows.clone(), heads, inverse: false })
+}
+
 /// Applies the rotations of `rows` to `x` (B, H, T, d). CPU f32 uses our kernel; other devices
 /// use the composed formula.
 pub fn apply(x: &Tensor, rows: &RopeRows) -> Result<Tensor> {
@@ -327,6 +385,28 @@ mod tests {
         assert_eq!(&a[d / 4..d / 4 + n], &a[d / 4 + 3 * n..]);
         assert_eq!(patch_angles(5, 9, grid, d, 10000.0, PatchRope::Dynamic2d).len(), d / 2);
         assert_eq!(patch_angles(5, 9, grid, d, 10000.0, PatchRope::Plain2d), angles_2d(0, 5, &freqs));
+    }
+
+    /// The fused-layout kernel equals rotating the (B, H, T, d) view, forward and backward.
+    #[test]
+    fn qkv_layout_kernel_matches_the_head_layout() {
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let table = table_2d(3, d, 10000.0, 1);
+        let qkv = rand_var(&[b * t, 3 * h * d], 9);
+        let probe = rand_var(&[b * t, 3 * h * d], 10);
+        let fused = apply_qkv(&qkv, &table.narrow(0, t), h).unwrap();
+        let split = |x: &Tensor, i: usize| x.narrow(1, i * h * d, h * d).unwrap().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        for i in 0..3 {
+            let want = if i < 2 { apply_reference(&split(&qkv, i), &table.narrow(0, t)).unwrap() } else { split(&qkv, 2) };
+            let diff = (split(&fused, i) - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "part {i}: {diff}");
+        }
+        let g = (&fused * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let reference = Tensor::cat(&[apply_reference(&split(&qkv, 0), &table.narrow(0, t)).unwrap(), apply_reference(&split(&qkv, 1), &table.narrow(0, t)).unwrap(), split(&qkv, 2)], 1).unwrap();
+        let probe_split = Tensor::cat(&[split(probe.as_tensor(), 0), split(probe.as_tensor(), 1), split(probe.as_tensor(), 2)], 1).unwrap();
+        let g2 = (&reference * probe_split).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff = (g.get(qkv.as_tensor()).unwrap() - g2.get(qkv.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{diff}");
     }
 
     /// Relative positions: the dot product of a rotated q and k depends only on the offset.

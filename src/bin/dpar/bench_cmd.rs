@@ -16,6 +16,9 @@ pub struct SpeedArgs {
     /// Presets to time (comma separated): bench, mnist, …
     #[arg(long, default_value = "bench,mnist")]
     models: String,
+    /// Implementations to time (comma separated): fused, stock.
+    #[arg(long, default_value = "stock,fused")]
+    ops: String,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     #[arg(long, default_value_t = 2)]
@@ -39,9 +42,16 @@ fn speed(args: SpeedArgs) -> Result<()> {
     let device = args.device.device()?;
     let mut rows = Vec::new();
     for name in args.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let config = dpar::gpt::GptConfig::preset(name)?;
-        tracing::info!("timing {name} ({} layers, width {})", config.n_layer, config.dim);
-        rows.push(dpar::bench::gpt_speed(name, &config, args.batch_size, args.warmup, args.reps, &device)?);
+        for ops in args.ops.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let mut config = dpar::gpt::GptConfig::preset(name)?;
+            config.ops = match ops {
+                "fused" => dpar::nn::Ops::Fused,
+                "stock" => dpar::nn::Ops::Stock,
+                other => anyhow::bail!("--ops: unknown `{other}` (fused, stock)"),
+            };
+            tracing::info!("timing {name} with {ops} ops ({} layers, width {})", config.n_layer, config.dim);
+            rows.push(dpar::bench::gpt_speed(&format!("{name} ({ops})"), &config, args.batch_size, args.warmup, args.reps, &device)?);
+        }
     }
     print!("{}", dpar::bench::markdown(&rows));
     println!("threads: {}, warm-up {} + {} timed repetitions (medians)", rayon::current_num_threads(), args.warmup, args.reps);
