@@ -116,6 +116,107 @@ pub fn gpt_speed(name: &str, c: &GptConfig, batch: usize, warmup: usize, reps: u
     })
 }
 
+/// One fused op against its stock composed version on the bench shapes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpRow {
+    pub op: String,
+    pub shape: String,
+    /// Forward + backward, milliseconds (median).
+    pub stock_ms: f64,
+    pub fused_ms: f64,
+}
+
+fn rand_tensor(shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = crate::util::rng_for(seed, "op-bench", 0);
+    let n: usize = shape.iter().product();
+    Ok(Tensor::from_vec((0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, device)?)
+}
+
+/// Times forward + backward of `f` (a loss built from the variables) after warm-up.
+fn time_fwd_bwd(warmup: usize, reps: usize, f: &dyn Fn() -> candle_core::Result<Tensor>) -> Result<f64> {
+    time_ms(warmup, reps, || {
+        let loss = f()?;
+        loss.backward()?;
+        Ok(())
+    })
+}
+
+/// Each fused kernel against the stock composed candle ops, forward + backward, on the shapes
+/// of the bench model (16 × 256 tokens, width 256, 4 heads, SwiGLU 688, vocabulary 1024).
+pub fn op_speed(warmup: usize, reps: usize, device: &Device) -> Result<Vec<OpRow>> {
+    use crate::kernels::{attention, fused, matmul};
+    use crate::nn::rope;
+    use candle_core::Var;
+    let (b, t, d, h, f, v) = (16usize, 256usize, 256usize, 4usize, 688usize, 1024usize);
+    let n = b * t;
+    let var = |shape: &[usize], seed| -> Result<Var> { Ok(Var::from_tensor(&rand_tensor(shape, seed, device)?)?) };
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, stock: f64, fused: f64| rows.push(OpRow { op: op.into(), shape, stock_ms: stock, fused_ms: fused });
+
+    // Linear (the qkv projection).
+    let x = var(&[n, d], 1)?;
+    let w = var(&[3 * d, d], 2)?;
+    let stock = time_fwd_bwd(warmup, reps, &|| x.matmul(&w.t()?)?.sum_all())?;
+    let ours = time_fwd_bwd(warmup, reps, &|| matmul::linear(&x, &w)?.sum_all())?;
+    push("linear x·Wᵀ (faer)", format!("{n}×{d} · {d}×{}", 3 * d), stock, ours);
+
+    // Attention.
+    let qkv = var(&[n, 3 * d], 3)?;
+    let probe = rand_tensor(&[n, d], 4, device)?;
+    let segs = attention::causal_segments(b, t);
+    let table = rope::table_2d(16, d / h, 10000.0, 0);
+    let stock = time_fwd_bwd(warmup, reps, &|| (attention::attention_reference(&qkv, h, &segs)? * &probe)?.sum_all())?;
+    let ours = time_fwd_bwd(warmup, reps, &|| (attention::flash_attention(&qkv, h, &segs)? * &probe)?.sum_all())?;
+    push("causal attention", format!("{b}×{t} tokens, {h} heads × {}", d / h), stock, ours);
+
+    // RoPE on q and k (stock: the (B, H, T, d) layout with composed ops).
+    let probe3 = rand_tensor(&[n, 3 * d], 5, device)?;
+    let stock = time_fwd_bwd(warmup, reps, &|| {
+        let parts: Vec<Tensor> = (0..3)
+            .map(|i| {
+                let p = qkv.narrow(1, i * d, d)?.reshape((b, t, h, d / h))?.transpose(1, 2)?.contiguous()?;
+                if i < 2 { rope::apply_reference(&p, &table.narrow(0, t)) } else { Ok(p) }
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let merged = Tensor::cat(&parts, 1)?.transpose(1, 2)?.reshape((n, 3 * d))?;
+        (merged * &probe3)?.sum_all()
+    })?;
+    let ours = time_fwd_bwd(warmup, reps, &|| (rope::apply_qkv(&qkv, &table.narrow(0, t), h)? * &probe3)?.sum_all())?;
+    push("RoPE (2D, q and k)", format!("{n} tokens × {h} heads"), stock, ours);
+
+    // RMSNorm.
+    let wn = var(&[d], 6)?;
+    let probe_d = rand_tensor(&[n, d], 7, device)?;
+    let stock = time_fwd_bwd(warmup, reps, &|| (fused::rms_norm_reference(&x, &wn, 1e-5)? * &probe_d)?.sum_all())?;
+    let ours = time_fwd_bwd(warmup, reps, &|| (fused::rms_norm(&x, &wn, 1e-5)? * &probe_d)?.sum_all())?;
+    push("RMSNorm", format!("{n}×{d}"), stock, ours);
+
+    // SwiGLU.
+    let hh = var(&[n, 2 * f], 8)?;
+    let probe_f = rand_tensor(&[n, f], 9, device)?;
+    let stock = time_fwd_bwd(warmup, reps, &|| (fused::swiglu_reference(&hh)? * &probe_f)?.sum_all())?;
+    let ours = time_fwd_bwd(warmup, reps, &|| (fused::swiglu(&hh)? * &probe_f)?.sum_all())?;
+    push("SwiGLU", format!("{n}×{f}"), stock, ours);
+
+    // Softmax + cross-entropy.
+    let logits = var(&[n, v], 10)?;
+    let mut rng = crate::util::rng_for(11, "targets", 0);
+    let targets = Tensor::from_vec((0..n).map(|_| rng.random_range(0..v as u32)).collect::<Vec<_>>(), n, device)?;
+    let stock = time_fwd_bwd(warmup, reps, &|| candle_nn::loss::cross_entropy(&logits, &targets))?;
+    let ours = time_fwd_bwd(warmup, reps, &|| fused::cross_entropy(&logits, &targets))?;
+    push("softmax + cross-entropy", format!("{n}×{v}"), stock, ours);
+    Ok(rows)
+}
+
+/// A markdown table of fused-vs-stock op timings.
+pub fn op_markdown(rows: &[OpRow]) -> String {
+    let mut s = String::from("| op | shape | stock fwd+bwd ms | fused fwd+bwd ms | speed-up |\n|---|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!("| {} | {} | {:.2} | {:.2} | {:.1}× |\n", r.op, r.shape, r.stock_ms, r.fused_ms, r.stock_ms / r.fused_ms));
+    }
+    s
+}
+
 /// A markdown table of speed rows.
 pub fn markdown(rows: &[SpeedRow]) -> String {
     let mut s = String::from("| model | batch × positions | train ms/step | train GFLOP/s | codes/s | forward ms | forward GFLOP/s | cached sample step ms |\n|---|---|---|---|---|---|---|---|\n");

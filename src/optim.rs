@@ -7,8 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::sync::Mutex;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// Errors of the optimiser.
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +66,60 @@ impl AdamWConfig {
     }
 }
 
+/// First and second moments of one parameter: host vectors updated by the fused one-pass step
+/// (CPU f32 parameters), or candle tensors updated with composed ops (other devices).
+enum Moments {
+    Host { m: Mutex<Vec<f32>>, v: Mutex<Vec<f32>> },
+    Tensors { m: Var, v: Var },
+}
+
 struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    m: Var,
-    v: Var,
+    moments: Moments,
+}
+
+/// One fused AdamW update of a CPU f32 parameter, in place: a single pass reads the gradient and
+/// updates the moments and the weight.
+struct FusedStep<'a> {
+    grad: &'a [f32],
+    m: &'a Mutex<Vec<f32>>,
+    v: &'a Mutex<Vec<f32>>,
+    decay_factor: f32,
+    beta1: f32,
+    beta2: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    eps: f32,
+}
+
+impl candle_core::InplaceOp1 for FusedStep<'_> {
+    fn name(&self) -> &'static str {
+        "dpar-adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("adamw: f32 parameters expected") };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("adamw: contiguous parameters expected") };
+        let w = &mut data[start..end];
+        let mut m = self.m.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = self.v.lock().unwrap_or_else(|e| e.into_inner());
+        if w.len() != self.grad.len() || m.len() != w.len() {
+            candle_core::bail!("adamw: gradient and moments do not match the parameter");
+        }
+        let (b1, b2) = (self.beta1, self.beta2);
+        for i in 0..w.len() {
+            let g = self.grad[i];
+            let mi = b1 * m[i] + (1.0 - b1) * g;
+            let vi = b2 * v[i] + (1.0 - b2) * g * g;
+            m[i] = mi;
+            v[i] = vi;
+            let denom = vi.sqrt() / self.bias2_sqrt + self.eps;
+            w[i] = w[i] * self.decay_factor - self.step_size * mi / denom;
+        }
+        Ok(())
+    }
 }
 
 /// AdamW over a fixed list of named parameters.
@@ -87,9 +137,13 @@ impl AdamW {
         let mut slots = Vec::with_capacity(vars.len());
         for (name, var) in vars {
             let decay = var.rank() >= 2;
-            let m = Var::zeros(var.shape(), var.dtype(), var.device())?;
-            let v = Var::zeros(var.shape(), var.dtype(), var.device())?;
-            slots.push(Slot { name, var, decay, m, v });
+            let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
+                let n = var.elem_count();
+                Moments::Host { m: Mutex::new(vec![0.0; n]), v: Mutex::new(vec![0.0; n]) }
+            } else {
+                Moments::Tensors { m: Var::zeros(var.shape(), var.dtype(), var.device())?, v: Var::zeros(var.shape(), var.dtype(), var.device())? }
+            };
+            slots.push(Slot { name, var, decay, moments });
         }
         Ok(Self { slots, config, step: 0 })
     }
@@ -125,18 +179,34 @@ impl AdamW {
         let bias2_sqrt = bias2.sqrt();
         for slot in &self.slots {
             let Some(grad) = grads.get(slot.var.as_tensor()) else { continue };
-            let m = ((slot.m.as_tensor() * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
-            let v = ((slot.v.as_tensor() * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((v.sqrt()? / bias2_sqrt)? + c.eps)?;
-            let update = (m.div(&denom)? * step_size)?;
-            let decayed = if slot.decay && c.weight_decay > 0.0 {
-                (slot.var.as_tensor() * (1.0 - c.lr * c.weight_decay))?
-            } else {
-                slot.var.as_tensor().clone()
-            };
-            slot.var.set(&(decayed - update)?)?;
-            slot.m.set(&m)?;
-            slot.v.set(&v)?;
+            let decay_factor = if slot.decay && c.weight_decay > 0.0 { 1.0 - c.lr * c.weight_decay } else { 1.0 };
+            match &slot.moments {
+                Moments::Host { m, v } => {
+                    crate::kernels::with_f32(grad, "adamw grad", |g| {
+                        slot.var.as_tensor().inplace_op1(&FusedStep {
+                            grad: g,
+                            m,
+                            v,
+                            decay_factor: decay_factor as f32,
+                            beta1: c.beta1 as f32,
+                            beta2: c.beta2 as f32,
+                            step_size: step_size as f32,
+                            bias2_sqrt: bias2_sqrt as f32,
+                            eps: c.eps as f32,
+                        })
+                    })?;
+                }
+                Moments::Tensors { m: m_var, v: v_var } => {
+                    let m = ((m_var.as_tensor() * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
+                    let v = ((v_var.as_tensor() * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
+                    let denom = ((v.sqrt()? / bias2_sqrt)? + c.eps)?;
+                    let update = (m.div(&denom)? * step_size)?;
+                    let decayed = (slot.var.as_tensor() * decay_factor)?;
+                    slot.var.set(&(decayed - update)?)?;
+                    m_var.set(&m)?;
+                    v_var.set(&v)?;
+                }
+            }
         }
         Ok(())
     }
@@ -145,8 +215,21 @@ impl AdamW {
     pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
         let mut out = Vec::with_capacity(self.slots.len() * 2);
         for slot in &self.slots {
-            out.push((format!("adam.m.{}", slot.name), slot.m.as_tensor().clone()));
-            out.push((format!("adam.v.{}", slot.name), slot.v.as_tensor().clone()));
+            let (m, v) = match &slot.moments {
+                Moments::Host { m, v } => {
+                    let to_t = |x: &Mutex<Vec<f32>>| {
+                        let data = x.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        Tensor::from_vec(data, slot.var.shape(), slot.var.device())
+                    };
+                    match (to_t(m), to_t(v)) {
+                        (Ok(m), Ok(v)) => (m, v),
+                        _ => continue,
+                    }
+                }
+                Moments::Tensors { m, v } => (m.as_tensor().clone(), v.as_tensor().clone()),
+            };
+            out.push((format!("adam.m.{}", slot.name), m));
+            out.push((format!("adam.v.{}", slot.name), v));
         }
         (out, self.step)
     }
@@ -154,19 +237,23 @@ impl AdamW {
     /// Restores a state written by [`AdamW::state`].
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for slot in &self.slots {
-            for (kind, target) in [("m", &slot.m), ("v", &slot.v)] {
+            for kind in ["m", "v"] {
                 let key = format!("adam.{kind}.{}", slot.name);
-                let value = tensors
-                    .get(&key)
-                    .ok_or_else(|| OptimError::BadState(format!("missing `{key}`")))?;
-                if value.dims() != target.dims() {
-                    return Err(OptimError::BadState(format!(
-                        "`{key}` has shape {:?}, parameter has {:?}",
-                        value.dims(),
-                        target.dims()
-                    )));
+                let value = tensors.get(&key).ok_or_else(|| OptimError::BadState(format!("missing `{key}`")))?;
+                if value.dims() != slot.var.dims() {
+                    return Err(OptimError::BadState(format!("`{key}` has shape {:?}, parameter has {:?}", value.dims(), slot.var.dims())));
                 }
-                target.set(value)?;
+                match &slot.moments {
+                    Moments::Host { m, v } => {
+                        let data = value.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        let target = if kind == "m" { m } else { v };
+                        *target.lock().unwrap_or_else(|e| e.into_inner()) = data;
+                    }
+                    Moments::Tensors { m, v } => {
+                        let target = if kind == "m" { m } else { v };
+                        target.set(value)?;
+                    }
+                }
             }
         }
         self.step = step;
@@ -266,6 +353,28 @@ mod tests {
         assert!((w_new[0][0] - (0.95 - 0.1)).abs() < 1e-6, "{w_new:?}");
         assert!((w_new[0][1] - (-1.9 - 0.1)).abs() < 1e-6, "{w_new:?}");
         assert!((b_new[0] - 0.4).abs() < 1e-6, "{b_new:?}");
+    }
+
+    /// The fused one-pass update equals the composed-op update (an f64 parameter takes the
+    /// composed path) over several steps.
+    #[test]
+    fn fused_update_matches_the_composed_update() {
+        let dev = Device::Cpu;
+        let init: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect();
+        let w32 = Var::from_tensor(&Tensor::from_vec(init.clone(), (3, 4), &dev).unwrap()).unwrap();
+        let w64 = Var::from_tensor(&Tensor::from_vec(init, (3, 4), &dev).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+        let config = AdamWConfig { lr: 0.05, weight_decay: 0.1, ..Default::default() };
+        let mut a = AdamW::new(vec![("w".into(), w32.clone())], config).unwrap();
+        let mut b = AdamW::new(vec![("w".into(), w64.clone())], config).unwrap();
+        for _ in 0..5 {
+            a.step(&w32.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap()).unwrap();
+            b.step(&w64.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap()).unwrap();
+        }
+        let x = w32.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = w64.as_tensor().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (p, q) in x.iter().zip(&y) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
     }
 
     #[test]

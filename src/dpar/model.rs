@@ -37,7 +37,7 @@ struct EncoderCross {
 
 impl EncoderCross {
     fn new(pb: &Pb, dim: usize, n_head: usize, eps: f64, ops: crate::nn::Ops) -> Result<Self> {
-        let lin = |name: &str| Linear::new(&pb.pp(name), dim, dim, Init::Normal(INIT_STD));
+        let lin = |name: &str| Linear::new(&pb.pp(name), dim, dim, Init::Normal(INIT_STD)).map(|l| l.with_ops(ops));
         Ok(Self {
             norm_q: RmsNorm::new(&pb.pp("cross_attn_norm_q"), dim, eps, ops)?,
             norm_kv: RmsNorm::new(&pb.pp("cross_attn_norm_kv"), dim, eps, ops)?,
@@ -127,13 +127,13 @@ impl Dpar {
                     let p = dec.pp("cross_attn_layers").pp(i);
                     Ok(DecoderProj {
                         norm: RmsNorm::new(&p.pp("cross_attn_norm_kv"), c.dim, c.norm_eps, c.ops)?,
-                        wo: Linear::new(&p.pp("wo"), c.dim, c.dim, Init::Normal(INIT_STD))?,
+                        wo: Linear::new(&p.pp("wo"), c.dim, c.dim, Init::Normal(INIT_STD))?.with_ops(c.ops),
                     })
                 })
                 .collect::<Result<_>>()?,
             start: pb.pp("decoder_start_embedding").get((1, c.dim), "weight", Init::Normal(INIT_STD))?,
             norm: RmsNorm::new(&pb.pp("norm"), c.dim, c.norm_eps, c.ops)?,
-            output: Linear::new(&pb.pp("output"), c.dim, c.vocab_size, Init::Const(0.0))?,
+            output: Linear::new(&pb.pp("output"), c.dim, c.vocab_size, Init::Const(0.0))?.with_ops(c.ops),
             rope_enc: rope::table_2d(c.grid_size, c.head_dim(), c.rope_base, 0),
             rope_dec: rope::table_2d(c.grid_size, c.head_dim(), c.rope_base, 1),
         })
@@ -293,7 +293,7 @@ impl Dpar {
             y = layer.forward::<R>(&(y + injected)?, Some(&rows_dec), &AttnMask::Causal, None, None)?;
         }
         // 6. Head.
-        let logits = self.output.forward(&self.norm.forward(&y)?)?;
+        let logits = self.norm.then_linear(&y, &self.output)?;
         Ok((logits, g))
     }
 
@@ -370,7 +370,7 @@ impl Dpar {
         for ((layer, cache), inj) in self.dec_layers.iter().zip(caches.iter_mut()).zip(injections) {
             y = layer.forward::<rand_chacha::ChaCha8Rng>(&(y + inj.reshape((r, 1, dim))?)?, Some(&rows), &AttnMask::Causal, Some(cache), None)?;
         }
-        Ok(self.output.forward(&self.norm.forward(&y)?)?.squeeze(1)?)
+        Ok(self.norm.then_linear(&y, &self.output)?.squeeze(1)?)
     }
 
     /// The decoder start vector for `r` rows (R, D).

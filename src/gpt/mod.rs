@@ -120,9 +120,20 @@ impl GptConfig {
         Self { cls_token_num: 0, class_dropout: 0.0, vocab_size: 512, num_classes: 10, ..Self::llamagen(128, 4, 2) }
     }
 
-    /// The speed bench model of issue 6: 4 layers, width 256, 4 heads, SwiGLU 688, vocab 1024.
+    /// The speed bench model: 4 layers, width 256, 4 heads, SwiGLU 688, vocab 1024, and — like
+    /// the PyTorch reference `shared/bench/torch_bench_model.py` — no dropout, so both do the
+    /// same work.
     pub fn bench() -> Self {
-        Self { ffn_hidden: Some(688), vocab_size: 1024, num_classes: 10, ..Self::llamagen(256, 4, 4) }
+        Self {
+            ffn_hidden: Some(688),
+            vocab_size: 1024,
+            num_classes: 10,
+            token_dropout: 0.0,
+            resid_dropout: 0.0,
+            ffn_dropout: 0.0,
+            class_dropout: 0.0,
+            ..Self::llamagen(256, 4, 4)
+        }
     }
 
     /// A preset by name.
@@ -244,7 +255,7 @@ impl Gpt {
             layers,
             norm: RmsNorm::new(&pb.pp("norm"), c.dim, c.norm_eps, c.ops)?,
             // LlamaGen zero-initialises the output head.
-            output: Linear::new(&pb.pp("output"), c.dim, c.vocab_size, Init::Const(0.0))?,
+            output: Linear::new(&pb.pp("output"), c.dim, c.vocab_size, Init::Const(0.0))?.with_ops(c.ops),
             rope: rope::table_2d(c.grid_size, c.head_dim(), c.rope_base, c.cls_token_num),
         })
     }
@@ -346,7 +357,7 @@ impl Gpt {
                 }
             }
         }
-        Ok(self.output.forward(&self.norm.forward(&h)?)?)
+        Ok(self.norm.then_linear(&h, &self.output)?)
     }
 
     /// The training targets of codes (B, L): all L codes with a class slot, z_1 … z_{L−1} without.
@@ -389,7 +400,7 @@ impl Gpt {
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, Some(layer_cache), None)?;
         }
-        let logits = self.output.forward(&self.norm.forward(&h)?)?; // (B, 1, V)
+        let logits = self.norm.then_linear(&h, &self.output)?; // (B, 1, V)
         Ok(logits.squeeze(1)?)
     }
 

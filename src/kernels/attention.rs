@@ -60,14 +60,13 @@ fn forward_one(qkv: &[f32], dim: usize, h: usize, d: usize, start: usize, len: u
                 // Causal: key kb + j is visible to query qb + i iff kb + j ≤ qb + i.
                 let visible = (qb + i + 1).saturating_sub(kb).min(kn);
                 row[visible..].fill(f32::NEG_INFINITY);
-                let block_max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let block_max = super::math::max(&row[..visible]);
                 let new_m = m[i].max(block_max);
-                let correction = if m[i] == f32::NEG_INFINITY { 0.0 } else { (m[i] - new_m).exp() };
-                let mut sum = 0f32;
+                let correction = if m[i] == f32::NEG_INFINITY { 0.0 } else { super::math::exp(m[i] - new_m) };
                 for x in row.iter_mut() {
-                    *x = (*x - new_m).exp();
-                    sum += *x;
+                    *x = super::math::exp(*x - new_m);
                 }
+                let sum = super::math::sum(row);
                 l[i] = l[i] * correction + sum;
                 m[i] = new_m;
                 acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= correction);
@@ -92,7 +91,7 @@ fn backward_one(qkv: &[f32], out: &[f32], grad: &[f32], lse: &[f32], dim: usize,
     let delta: Vec<f32> = (0..len)
         .map(|i| {
             let r = (start + i) * dim + h * d;
-            grad[r..r + d].iter().zip(&out[r..r + d]).map(|(a, b)| a * b).sum()
+            super::math::dot(&grad[r..r + d], &out[r..r + d])
         })
         .collect();
     let mut p = vec![0f32; BQ * BK];
@@ -109,8 +108,9 @@ fn backward_one(qkv: &[f32], out: &[f32], grad: &[f32], lse: &[f32], dim: usize,
             for i in 0..qn {
                 let visible = (qb + i + 1).saturating_sub(kb).min(kn);
                 let row = &mut p[i * kn..(i + 1) * kn];
+                let li = lse[qb + i];
                 for x in &mut row[..visible] {
-                    *x = (*x - lse[qb + i]).exp();
+                    *x = super::math::exp(*x - li);
                 }
                 row[visible..].fill(0.0);
             }
@@ -132,10 +132,65 @@ fn backward_one(qkv: &[f32], out: &[f32], grad: &[f32], lse: &[f32], dim: usize,
     [dq, dk, dv]
 }
 
-impl Flash {
-    fn tasks(&self) -> Vec<(usize, usize, usize)> {
-        self.segments.iter().enumerate().flat_map(|(s, _)| (0..self.heads).map(move |h| (s, h, 0))).collect()
+/// Flash-attention forward over host data: qkv (n, 3·H·d) → (out (n, H·d), lse (n, H)).
+pub fn flash_forward(qkv: &[f32], n: usize, heads: usize, d: usize, segments: &[(usize, usize)]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let dim = heads * d;
+    if qkv.len() != n * 3 * dim {
+        candle_core::bail!("flash attention: qkv holds {} values, expected {n} × 3·{heads}·{d}", qkv.len());
     }
+    let covered: usize = segments.iter().map(|s| s.1).sum();
+    if covered != n || segments.iter().any(|&(s, len)| s + len > n) {
+        candle_core::bail!("flash attention: segments cover {covered} of {n} rows");
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let tasks: Vec<(usize, usize)> = (0..segments.len()).flat_map(|s| (0..heads).map(move |h| (s, h))).collect();
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(s, hi)| {
+            let (start, len) = segments[s];
+            forward_one(qkv, dim, hi, d, start, len, scale)
+        })
+        .collect();
+    let mut out = super::block::uninit(n * dim);
+    let mut lse = super::block::uninit(n * heads);
+    for (&(s, hi), (o, ls)) in tasks.iter().zip(results) {
+        let (start, len) = segments[s];
+        for i in 0..len {
+            out[(start + i) * dim + hi * d..(start + i) * dim + (hi + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
+            lse[(start + i) * heads + hi] = ls[i];
+        }
+    }
+    Ok((out, lse))
+}
+
+/// Flash-attention backward over host data: the gradient of qkv (n, 3·H·d).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(qkv: &[f32], out: &[f32], grad: &[f32], lse_all: &[f32], n: usize, heads: usize, d: usize, segments: &[(usize, usize)]) -> Result<Vec<f32>> {
+    let dim = heads * d;
+    if lse_all.len() != n * heads {
+        candle_core::bail!("flash attention backward before forward");
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let tasks: Vec<(usize, usize)> = (0..segments.len()).flat_map(|s| (0..heads).map(move |h| (s, h))).collect();
+    let results: Vec<[Vec<f32>; 3]> = tasks
+        .par_iter()
+        .map(|&(s, hi)| {
+            let (start, len) = segments[s];
+            let lse: Vec<f32> = (0..len).map(|i| lse_all[(start + i) * heads + hi]).collect();
+            backward_one(qkv, out, grad, &lse, dim, hi, d, start, len, scale)
+        })
+        .collect();
+    let mut dqkv = super::block::uninit(n * 3 * dim);
+    for (&(s, hi), parts) in tasks.iter().zip(results) {
+        let (start, len) = segments[s];
+        for (which, part) in parts.iter().enumerate() {
+            for i in 0..len {
+                let o = (start + i) * 3 * dim + which * dim + hi * d;
+                dqkv[o..o + d].copy_from_slice(&part[i * d..(i + 1) * d]);
+            }
+        }
+    }
+    Ok(dqkv)
 }
 
 impl CustomOp1 for Flash {
@@ -146,73 +201,21 @@ impl CustomOp1 for Flash {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, three_dim) = l.shape().dims2()?;
         let (h, d) = (self.heads, self.head_dim);
-        let dim = h * d;
-        if three_dim != 3 * dim {
+        if three_dim != 3 * h * d {
             candle_core::bail!("flash attention: qkv has {three_dim} columns, expected 3·{h}·{d}");
         }
-        let covered: usize = self.segments.iter().map(|s| s.1).sum();
-        if covered != n || self.segments.iter().any(|&(s, len)| s + len > n) {
-            candle_core::bail!("flash attention: segments cover {covered} of {n} rows");
-        }
-        let qkv = cpu_f32(st, l, "qkv")?;
-        let scale = 1.0 / (d as f32).sqrt();
-        let results: Vec<((usize, usize), (Vec<f32>, Vec<f32>))> = self
-            .tasks()
-            .into_par_iter()
-            .map(|(s, hi, _)| {
-                let (start, len) = self.segments[s];
-                ((s, hi), forward_one(qkv, dim, hi, d, start, len, scale))
-            })
-            .collect();
-        let mut out = vec![0f32; n * dim];
-        let mut lse = vec![0f32; n * h];
-        for ((s, hi), (o, ls)) in results {
-            let (start, len) = self.segments[s];
-            for i in 0..len {
-                out[(start + i) * dim + hi * d..(start + i) * dim + (hi + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
-                lse[(start + i) * h + hi] = ls[i];
-            }
-        }
+        let (out, lse) = flash_forward(cpu_f32(st, l, "qkv")?, n, h, d, &self.segments)?;
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
-        Ok((CpuStorage::F32(out), Shape::from((n, dim))))
+        Ok((CpuStorage::F32(out), Shape::from((n, h * d))))
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, _) = arg.dims2()?;
-        let (h, d) = (self.heads, self.head_dim);
-        let dim = h * d;
-        let scale = 1.0 / (d as f32).sqrt();
-        let lse_all = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if lse_all.len() != n * h {
-            candle_core::bail!("flash attention backward before forward");
-        }
-        let mut dqkv = vec![0f32; n * 3 * dim];
-        with_f32(arg, "qkv", |qkv| {
-            with_f32(res, "out", |out| {
-                with_f32(grad, "grad", |g| {
-                    let results: Vec<((usize, usize), [Vec<f32>; 3])> = self
-                        .tasks()
-                        .into_par_iter()
-                        .map(|(s, hi, _)| {
-                            let (start, len) = self.segments[s];
-                            let lse: Vec<f32> = (0..len).map(|i| lse_all[(start + i) * h + hi]).collect();
-                            ((s, hi), backward_one(qkv, out, g, &lse, dim, hi, d, start, len, scale))
-                        })
-                        .collect();
-                    for ((s, hi), parts) in results {
-                        let (start, len) = self.segments[s];
-                        for (which, part) in parts.iter().enumerate() {
-                            for i in 0..len {
-                                let o = (start + i) * 3 * dim + which * dim + hi * d;
-                                dqkv[o..o + d].copy_from_slice(&part[i * d..(i + 1) * d]);
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-            })
+        let (n, three_dim) = arg.dims2()?;
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let dqkv = with_f32(arg, "qkv", |qkv| {
+            with_f32(res, "out", |out| with_f32(grad, "grad", |g| flash_backward(qkv, out, g, &lse, n, self.heads, self.head_dim, &self.segments)))
         })?;
-        Ok(Some(Tensor::from_vec(dqkv, (n, 3 * dim), arg.device())?))
+        Ok(Some(Tensor::from_vec(dqkv, (n, three_dim), arg.device())?))
     }
 }
 

@@ -24,7 +24,7 @@ struct RmsNormOp {
 }
 
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let ms = super::math::dot(row, row) / row.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
 
@@ -67,12 +67,16 @@ impl CustomOp2 for RmsNormOp {
                         .zip(xv.par_chunks(d * chunk).zip(gv.par_chunks(d * chunk)))
                         .map(|(dxc, (xc, gc))| {
                             let mut dw = vec![0f32; d];
+                            let mut gw = vec![0f32; d];
                             for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
                                 let r = inv_rms(xr, self.eps);
                                 // dx = r·(g∘w − x·r²·mean(g∘w∘x)); dw += g∘x·r
-                                let dot = gr.iter().zip(wv).zip(xr).map(|((g, w), x)| g * w * x).sum::<f32>() / d as f32;
                                 for j in 0..d {
-                                    dxr[j] = r * (gr[j] * wv[j] - xr[j] * r * r * dot);
+                                    gw[j] = gr[j] * wv[j];
+                                }
+                                let k = r * r * super::math::dot(&gw, xr) / d as f32;
+                                for j in 0..d {
+                                    dxr[j] = r * (gw[j] - xr[j] * k);
                                     dw[j] += gr[j] * xr[j] * r;
                                 }
                             }
@@ -111,7 +115,7 @@ pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 struct SwiGlu;
 
 fn silu_parts(a: f32) -> (f32, f32) {
-    let s = 1.0 / (1.0 + (-a).exp());
+    let s = super::math::sigmoid(a);
     (a * s, s * (1.0 + a * (1.0 - s)))
 }
 
@@ -189,9 +193,8 @@ pub fn swiglu_reference(h: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct CrossEntropy;
 
-fn row_lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+fn row_lse(row: &[f32], scratch: &mut [f32]) -> f32 {
+    super::math::log_sum_exp(row, scratch)
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -215,10 +218,14 @@ impl CustomOp2 for CrossEntropy {
         if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("cross_entropy: target {t} outside {v} classes");
         }
+        let rows_per = chunk_rows(n);
         let total: f64 = logits
-            .par_chunks(v)
-            .zip(targets.par_iter())
-            .map(|(row, &t)| (row_lse(row) - row[t as usize]) as f64)
+            .par_chunks(v * rows_per)
+            .zip(targets.par_chunks(rows_per))
+            .map(|(rows, ts)| {
+                let mut scratch = vec![0f32; v];
+                rows.chunks(v).zip(ts).map(|(row, &t)| (row_lse(row, &mut scratch) - row[t as usize]) as f64).sum::<f64>()
+            })
             .sum();
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
@@ -230,10 +237,11 @@ impl CustomOp2 for CrossEntropy {
         let mut d = vec![0f32; n * v];
         with_f32(logits, "cross_entropy logits", |l| {
             d.par_chunks_mut(v).zip(l.par_chunks(v)).zip(t.par_iter()).for_each(|((drow, row), &ti)| {
-                let lse = row_lse(row);
-                for (o, &x) in drow.iter_mut().zip(row) {
-                    *o = (x - lse).exp() * g;
-                }
+                // softmax = exp(x − max)/Σ; written into drow, then scaled.
+                let m = super::math::max(row);
+                let total = super::math::exp_shifted(row, m, drow);
+                let scale = g / total;
+                drow.iter_mut().for_each(|o| *o *= scale);
                 drow[ti as usize] -= g;
             });
             Ok(())

@@ -25,7 +25,7 @@ struct GroupNormOp {
 }
 
 fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
+    super::math::sigmoid(v)
 }
 
 /// (mean, 1/std) of a group's values, accumulated in f64.

@@ -5,9 +5,12 @@
 //! directions. [`gemm`] is the safe wrapper over the `gemm` crate that every kernel uses.
 
 pub mod attention;
+pub mod block;
 pub mod conv;
 pub mod fused;
 pub mod gemm;
+pub mod math;
+pub mod matmul;
 pub mod group_norm;
 pub mod segment;
 

@@ -159,8 +159,8 @@ impl Attention {
             return Err(NnError::BadConfig(format!("width {dim} is not divisible by {n_head} heads")));
         }
         Ok(Self {
-            wqkv: Linear::new(&pb.pp("wqkv"), dim, 3 * dim, Init::Normal(INIT_STD))?,
-            wo: Linear::new(&pb.pp("wo"), dim, dim, Init::Normal(INIT_STD))?,
+            wqkv: Linear::new(&pb.pp("wqkv"), dim, 3 * dim, Init::Normal(INIT_STD))?.with_ops(ops),
+            wo: Linear::new(&pb.pp("wo"), dim, dim, Init::Normal(INIT_STD))?.with_ops(ops),
             n_head,
             head_dim: dim / n_head,
             ops,

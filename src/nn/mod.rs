@@ -57,11 +57,19 @@ impl Ops {
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
+    /// Fused: our faer GEMM op on CPU f32; stock: candle's matmul.
+    pub ops: Ops,
 }
 
 impl Linear {
     pub fn new(pb: &Pb, in_dim: usize, out_dim: usize, init: Init) -> Result<Self> {
-        Ok(Self { weight: pb.get((out_dim, in_dim), "weight", init)? })
+        Ok(Self { weight: pb.get((out_dim, in_dim), "weight", init)?, ops: Ops::Fused })
+    }
+
+    /// The same layer run by `ops`.
+    pub fn with_ops(mut self, ops: Ops) -> Self {
+        self.ops = ops;
+        self
     }
 
     /// # Shapes
@@ -70,7 +78,12 @@ impl Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = if self.ops.fused_for(&x2) && self.weight.dtype() == candle_core::DType::F32 {
+            crate::kernels::matmul::linear(&x2, &self.weight)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has at least one dim") = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
@@ -88,6 +101,14 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn new(pb: &Pb, dim: usize, eps: f64, ops: Ops) -> Result<Self> {
         Ok(Self { weight: pb.get(dim, "weight", Init::Const(1.0))?, eps, ops })
+    }
+
+    /// `linear(RMSNorm(x))`, as one fused op when possible.
+    pub fn then_linear(&self, x: &Tensor, linear: &Linear) -> Result<Tensor> {
+        if self.ops.fused_for(x) && linear.ops == Ops::Fused {
+            return Ok(crate::kernels::block::norm_linear(x, &self.weight, &linear.weight, self.eps)?);
+        }
+        linear.forward(&self.forward(x)?)
     }
 
     /// # Shapes
@@ -120,9 +141,9 @@ pub fn ffn_hidden(dim: usize, multiple_of: usize) -> usize {
 impl FeedForward {
     pub fn new(pb: &Pb, dim: usize, hidden: usize, ops: Ops) -> Result<Self> {
         Ok(Self {
-            w1: Linear::new(&pb.pp("w1"), dim, hidden, Init::Normal(INIT_STD))?,
-            w2: Linear::new(&pb.pp("w2"), hidden, dim, Init::Normal(INIT_STD))?,
-            w3: Linear::new(&pb.pp("w3"), dim, hidden, Init::Normal(INIT_STD))?,
+            w1: Linear::new(&pb.pp("w1"), dim, hidden, Init::Normal(INIT_STD))?.with_ops(ops),
+            w2: Linear::new(&pb.pp("w2"), hidden, dim, Init::Normal(INIT_STD))?.with_ops(ops),
+            w3: Linear::new(&pb.pp("w3"), dim, hidden, Init::Normal(INIT_STD))?.with_ops(ops),
             ops,
         })
     }
@@ -130,7 +151,7 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.ops.fused_for(x) {
             // One matmul for gate and up ([w1; w3] stacked), then the fused silu(gate)·up.
-            let w13 = Linear { weight: Tensor::cat(&[&self.w1.weight, &self.w3.weight], 0)? };
+            let w13 = Linear { weight: Tensor::cat(&[&self.w1.weight, &self.w3.weight], 0)?, ops: self.ops };
             let h = crate::kernels::fused::swiglu(&w13.forward(x)?)?;
             return self.w2.forward(&h);
         }
@@ -199,6 +220,17 @@ impl Block {
         cache: Option<&mut KvCache>,
         dropout_ctx: Option<&mut DropoutCtx<'_, R>>,
     ) -> Result<Tensor> {
+        if cache.is_none() && self.attention.ops.fused_for(x) {
+            let (b, t, _) = x.dims3()?;
+            let segments = match mask {
+                AttnMask::Causal => Some(crate::kernels::attention::causal_segments(b, t)),
+                AttnMask::Segments(s) if b == 1 => Some(s.clone()),
+                _ => None,
+            };
+            if let Some(segments) = segments {
+                return self.forward_fused(x, rope, &segments, dropout_ctx);
+            }
+        }
         let mut attn = self.attention.forward(&self.attention_norm.forward(x)?, rope, mask, cache)?;
         let mut ctx = dropout_ctx;
         if let Some(c) = ctx.as_deref_mut() {
@@ -213,7 +245,41 @@ impl Block {
     }
 }
 
+/// A dropout mask drawn exactly like [`dropout`] (same RNG draws in the same order).
+pub fn dropout_mask(n: usize, p: f64, rng: &mut impl Rng) -> crate::kernels::block::Mask {
+    if p <= 0.0 {
+        return None;
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let p = p as f32;
+    Some(std::sync::Arc::new((0..n).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect()))
+}
+
 impl Block {
+    /// The block in five fused ops (see `kernels::block`): norm+qkv, RoPE+attention,
+    /// wo+residual, norm+[w1;w3], SwiGLU+w2+residual.
+    fn forward_fused<R: Rng>(&self, x: &Tensor, rope: Option<&rope::RopeRows>, segments: &[(usize, usize)], dropout_ctx: Option<&mut DropoutCtx<'_, R>>) -> Result<Tensor> {
+        use crate::kernels::block;
+        let n = x.elem_count();
+        let a = &self.attention;
+        let qkv = block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps)?;
+        let o = block::rope_attention(&qkv, rope, a.n_head, segments)?;
+        let mut ctx = dropout_ctx;
+        let mask_a = match ctx.as_deref_mut() {
+            Some(c) => dropout_mask(n, c.resid, c.rng),
+            None => None,
+        };
+        let h = block::linear_residual(&o, &a.wo.weight, x, mask_a)?;
+        let ff = &self.feed_forward;
+        let w13 = Tensor::cat(&[&ff.w1.weight, &ff.w3.weight], 0)?;
+        let h13 = block::norm_linear(&h, &self.ffn_norm.weight, &w13, self.ffn_norm.eps)?;
+        let mask_f = match ctx.as_deref_mut() {
+            Some(c) => dropout_mask(n, c.ffn, c.rng),
+            None => None,
+        };
+        Ok(block::swiglu_linear_residual(&h13, &ff.w2.weight, &h, mask_f)?)
+    }
+
     /// One inference step of a subset of rows over a ragged cache (see
     /// [`Attention::forward_ragged`]).
     pub fn forward_ragged(&self, x: &Tensor, rope: &rope::RopeRows, cache: &mut RaggedKvCache, rows: &[usize]) -> Result<Tensor> {

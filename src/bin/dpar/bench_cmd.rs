@@ -25,6 +25,12 @@ pub struct SpeedArgs {
     warmup: usize,
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Also time each fused op against its stock version.
+    #[arg(long)]
+    op_table: bool,
+    /// Skip the model rows (with --op-table: ops only).
+    #[arg(long)]
+    no_models: bool,
     /// Also write the table as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -41,7 +47,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
 fn speed(args: SpeedArgs) -> Result<()> {
     let device = args.device.device()?;
     let mut rows = Vec::new();
-    for name in args.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    let models = if args.no_models { String::new() } else { args.models.clone() };
+    for name in models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         for ops in args.ops.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let mut config = dpar::gpt::GptConfig::preset(name)?;
             config.ops = match ops {
@@ -53,10 +60,18 @@ fn speed(args: SpeedArgs) -> Result<()> {
             rows.push(dpar::bench::gpt_speed(&format!("{name} ({ops})"), &config, args.batch_size, args.warmup, args.reps, &device)?);
         }
     }
-    print!("{}", dpar::bench::markdown(&rows));
+    if !rows.is_empty() {
+        print!("{}", dpar::bench::markdown(&rows));
+    }
+    let ops = if args.op_table { dpar::bench::op_speed(args.warmup, args.reps, &device)? } else { Vec::new() };
+    if !ops.is_empty() {
+        println!();
+        print!("{}", dpar::bench::op_markdown(&ops));
+    }
     println!("threads: {}, warm-up {} + {} timed repetitions (medians)", rayon::current_num_threads(), args.warmup, args.reps);
     if let Some(path) = args.json {
-        dpar::util::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        let json = serde_json::json!({ "models": rows, "ops": ops });
+        dpar::util::write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
         println!("wrote {}", path.display());
     }
     Ok(())
