@@ -305,8 +305,7 @@ impl Dpar {
     /// Mean cross-entropy over the n targets z_0 … z_{n−1} of every image.
     pub fn loss<R: Rng>(&self, codes: &Tensor, labels: &Tensor, layout: &PatchLayout, mode: GlobalLayout, noise: Option<TrainNoise<'_, R>>) -> Result<Tensor> {
         let logits = self.forward(codes, labels, layout, mode, noise)?;
-        let (b, n, v) = logits.dims3()?;
-        Ok(nn::cross_entropy(&logits.reshape((b * n, v))?, &codes.flatten_all()?, self.config.ops)?)
+        Ok(nn::cross_entropy(&logits, codes, self.config.ops)?)
     }
 
     // ---- Incremental steps for generation (spec §6) ----

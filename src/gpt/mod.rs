@@ -369,8 +369,7 @@ impl Gpt {
     pub fn loss<R: Rng>(&self, codes: &Tensor, labels: Option<&Tensor>, noise: Option<TrainNoise<'_, R>>) -> Result<Tensor> {
         let logits = self.forward(codes, labels, noise)?;
         let targets = self.targets(codes)?;
-        let (b, t, v) = logits.dims3()?;
-        Ok(nn::cross_entropy(&logits.reshape((b * t, v))?, &targets.flatten_all()?, self.config.ops)?)
+        Ok(nn::cross_entropy(&logits, &targets, self.config.ops)?)
     }
 
     /// An empty cache for decoding up to a full sequence.

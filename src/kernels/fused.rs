@@ -203,7 +203,8 @@ impl CustomOp2 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, ls: &CpuStorage, ll: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, v) = ll.shape().dims2()?;
+        let v = *ll.dims().last().unwrap_or(&0);
+        let n = ll.shape().elem_count() / v.max(1);
         let logits = cpu_f32(ls, ll, "cross_entropy logits")?;
         let targets = match ts {
             CpuStorage::U32(t) => match tl.contiguous_offsets() {
@@ -231,10 +232,11 @@ impl CustomOp2 for CrossEntropy {
     }
 
     fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, v) = logits.dims2()?;
+        let v = logits.dim(candle_core::D::Minus1)?;
+        let n = logits.elem_count() / v;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / n as f32;
-        let t = targets.to_vec1::<u32>()?;
-        let mut d = vec![0f32; n * v];
+        let t = targets.flatten_all()?.to_vec1::<u32>()?;
+        let mut d = super::block::uninit(n * v);
         with_f32(logits, "cross_entropy logits", |l| {
             d.par_chunks_mut(v).zip(l.par_chunks(v)).zip(t.par_iter()).for_each(|((drow, row), &ti)| {
                 // softmax = exp(x − max)/Σ; written into drow, then scaled.
@@ -246,17 +248,18 @@ impl CustomOp2 for CrossEntropy {
             });
             Ok(())
         })?;
-        Ok((Some(Tensor::from_vec(d, (n, v), logits.device())?), None))
+        Ok((Some(Tensor::from_vec(d, logits.shape(), logits.device())?), None))
     }
 }
 
-/// Mean cross-entropy of logits (N, V) against u32 targets (N).
+/// Mean cross-entropy of logits (…, V) against u32 targets (…) (any matching leading shape).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
         // The targets carry no gradient: the op's backward returns None for them.
         return logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy);
     }
-    candle_nn::loss::cross_entropy(logits, targets)
+    let v = logits.dim(candle_core::D::Minus1)?;
+    candle_nn::loss::cross_entropy(&logits.reshape(((), v))?, &targets.flatten_all()?)
 }
 
 #[cfg(test)]

@@ -160,12 +160,13 @@ impl FeedForward {
     }
 }
 
-/// Mean cross-entropy of logits (N, V) against u32 targets (N): fused kernel or candle's ops.
+/// Mean cross-entropy of logits (…, V) against u32 targets (…): fused kernel or candle's ops.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ops: Ops) -> Result<Tensor> {
     if ops.fused_for(logits) {
         return Ok(crate::kernels::fused::cross_entropy(logits, targets)?);
     }
-    Ok(candle_nn::loss::cross_entropy(logits, targets)?)
+    let v = logits.dim(D::Minus1)?;
+    Ok(candle_nn::loss::cross_entropy(&logits.reshape(((), v))?, &targets.flatten_all()?)?)
 }
 
 /// Inverted dropout with a mask drawn from `rng` (candle's CPU RNG cannot be seeded).
