@@ -87,21 +87,18 @@ pub fn gpt_speed(name: &str, c: &GptConfig, batch: usize, warmup: usize, reps: u
         model.loss::<rand_chacha::ChaCha8Rng>(&codes, labels.as_ref(), None)?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    // Cached sampling: prefill half the sequence, then time single steps.
-    let mut cache = model.new_cache();
-    let half = c.seq_len() / 2;
-    if let Some(y) = &labels {
-        model.step(&mut cache, Some(y), None)?;
-    }
-    for k in 0..half {
-        model.step(&mut cache, None, Some(&codes.narrow(1, k, 1)?))?;
-    }
-    let mut k = half;
-    let sample_step_ms = time_ms(1, reps.min(c.seq_len() - half - 2), || {
-        model.step(&mut cache, None, Some(&codes.narrow(1, k, 1)?))?.to_dtype(candle_core::DType::F32)?;
-        k += 1;
-        Ok(())
-    })?;
+    // Cached sampling: a whole generation of the batch (no guidance), per code.
+    let sample_step_ms = if c.cls_token_num == 1 {
+        let labels_v: Vec<u32> = labels.as_ref().map(|y| y.to_vec1::<u32>()).transpose()?.unwrap_or_default();
+        let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
+        let gen_ms = time_ms(0, 1, || {
+            crate::sample::generate_gpt(&model, &labels_v, &sampling, device).map_err(|e| BenchError::Bad(e.to_string()))?;
+            Ok(())
+        })?;
+        gen_ms / c.seq_len() as f64
+    } else {
+        f64::NAN
+    };
     let fwd_flops = crate::flops::gpt_forward(c) * batch as f64;
     Ok(SpeedRow {
         name: name.to_string(),
@@ -110,6 +107,78 @@ pub fn gpt_speed(name: &str, c: &GptConfig, batch: usize, warmup: usize, reps: u
         train_ms,
         forward_ms,
         sample_step_ms,
+        train_gflops: crate::flops::training(fwd_flops) / train_ms / 1e6,
+        forward_gflops: fwd_flops / forward_ms / 1e6,
+        train_codes_per_s: (batch * c.seq_len()) as f64 / train_ms * 1e3,
+    })
+}
+
+/// Random patch lengths with a mean near `target` (for DPAR speed runs): i.i.d. entropies
+/// through the patcher with a calibrated θ, P = 4, every rule on.
+pub fn synthetic_lengths(grid: usize, batch: usize, target: f64, seed: u64) -> Result<Vec<Vec<usize>>> {
+    let l = grid * grid;
+    let mut rng = crate::util::rng_for(seed, "bench-entropy", 0);
+    let mut h: Vec<f32> = (0..batch * l).map(|_| rng.random_range(0.0f32..4.0)).collect();
+    for img in h.chunks_mut(l) {
+        img[0] = f32::INFINITY;
+    }
+    let base = crate::patching::PatchConfig::dpar(0.0, 4);
+    let (theta, _) = crate::patching::calibrate(&h, grid, &base, target).map_err(|e| BenchError::Bad(e.to_string()))?;
+    let c = crate::patching::PatchConfig { threshold: theta, ..base };
+    h.chunks(l).map(|img| crate::patching::patch_lengths(img, grid, &c, l).map_err(|e| BenchError::Bad(e.to_string()))).collect()
+}
+
+/// Times DPAR: packed training step, forward, and cached generation (per code, the whole
+/// incremental algorithm of spec §6 including the entropy model) with mean patch length ≈ 1.8.
+pub fn dpar_speed(name: &str, c: &crate::dpar::DparConfig, entropy: &GptConfig, batch: usize, warmup: usize, reps: usize, device: &Device) -> Result<SpeedRow> {
+    use crate::dpar::model::GlobalLayout;
+    use crate::dpar::Dpar;
+    let bad = |e: crate::dpar::DparError| BenchError::Bad(e.to_string());
+    let store = ParamStore::new(0, device);
+    let model = Dpar::new(c, &store.root()).map_err(bad)?;
+    let gpt_like = GptConfig { vocab_size: c.vocab_size, num_classes: c.num_classes, grid_size: c.grid_size, ..GptConfig::mnist() };
+    let (codes, labels) = random_batch(&gpt_like, batch, 1, device)?;
+    let lengths = synthetic_lengths(c.grid_size, batch, 1.8, 2)?;
+    let layout = model.layout(lengths, c.seq_len()).map_err(bad)?;
+    let positions = layout.packed_len() / batch;
+    let mut opt = AdamW::new(store.vars(), AdamWConfig::default())?;
+    let vars: Vec<_> = store.vars().into_iter().map(|(_, v)| v).collect();
+    let mut step = 0u64;
+    let train_ms = time_ms(warmup, reps, || {
+        step += 1;
+        let mut rng = crate::util::rng_for(0, "bench-noise", step);
+        let loss = model.loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng })).map_err(bad)?;
+        let mut grads = loss.backward()?;
+        clip_grad_norm(&mut grads, vars.iter(), 1.0)?;
+        opt.step(&grads)?;
+        Ok(())
+    })?;
+    let forward_ms = time_ms(warmup, reps, || {
+        model.loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None).map_err(bad)?.to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    // Generation: a random entropy model and a θ at its median entropy give patches of ~2.
+    let estore = ParamStore::new(1, device);
+    let ec = GptConfig { vocab_size: c.vocab_size, grid_size: c.grid_size, ..entropy.clone() };
+    let emodel = Gpt::new(&ec, &estore.root())?;
+    let out = estore.var("output.weight").ok_or_else(|| BenchError::Bad("entropy model without head".into()))?;
+    out.set(&Tensor::randn(0f32, 1.0, out.shape(), device)?)?;
+    let theta = ((c.vocab_size as f64).ln() - 0.35).max(0.0);
+    let labels_v: Vec<u32> = labels.to_vec1::<u32>()?;
+    let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
+    let patch = crate::patching::PatchConfig::dpar(theta, 4);
+    let gen_ms = time_ms(0, 1, || {
+        crate::dpar::generate::generate(&model, &emodel, &labels_v, &sampling, &patch, device).map_err(bad)?;
+        Ok(())
+    })?;
+    let fwd_flops = crate::flops::dpar_forward(c, positions as f64) * batch as f64;
+    Ok(SpeedRow {
+        name: name.to_string(),
+        batch,
+        positions,
+        train_ms,
+        forward_ms,
+        sample_step_ms: gen_ms / c.seq_len() as f64,
         train_gflops: crate::flops::training(fwd_flops) / train_ms / 1e6,
         forward_gflops: fwd_flops / forward_ms / 1e6,
         train_codes_per_s: (batch * c.seq_len()) as f64 / train_ms * 1e3,
@@ -219,7 +288,7 @@ pub fn op_markdown(rows: &[OpRow]) -> String {
 
 /// A markdown table of speed rows.
 pub fn markdown(rows: &[SpeedRow]) -> String {
-    let mut s = String::from("| model | batch × positions | train ms/step | train GFLOP/s | codes/s | forward ms | forward GFLOP/s | cached sample step ms |\n|---|---|---|---|---|---|---|---|\n");
+    let mut s = String::from("| model | batch × positions | train ms/step | train GFLOP/s | codes/s | forward ms | forward GFLOP/s | cached sample step ms (per code, whole batch) |\n|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
             "| {} | {} × {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} |\n",

@@ -19,6 +19,22 @@ pub fn gpt_forward(c: &GptConfig) -> f64 {
     blocks_forward(c.n_layer, c.dim, c.hidden(), t) + 2.0 * (t * c.dim * c.vocab_size) as f64
 }
 
+/// Forward FLOPs of DPAR on one image with `patches` patch-transformer positions (class slot
+/// included): encoder blocks over L − 1 codes, the cross-attention (q/k/v/o projections; the
+/// per-patch attention is negligible), the patch transformer over the patches, the decoder's
+/// per-layer injection and blocks over L positions, and the head.
+pub fn dpar_forward(c: &crate::dpar::DparConfig, patches: f64) -> f64 {
+    let l = c.seq_len() as f64;
+    let (d, h) = (c.dim as f64, c.hidden() as f64);
+    let blocks = |layers: usize, t: f64| layers as f64 * (2.0 * t * (4.0 * d * d + 3.0 * d * h) + 4.0 * t * t * d);
+    let encoder = blocks(c.encoder_layers, l - 1.0);
+    let cross = 2.0 * (l - 1.0) * 2.0 * d * d + 2.0 * (patches - 1.0) * 2.0 * d * d;
+    let global = blocks(c.global_layers, patches);
+    let decoder = blocks(c.decoder_layers, l) + c.decoder_layers as f64 * 2.0 * patches * d * d;
+    let head = 2.0 * l * d * c.vocab_size as f64;
+    encoder + cross + global + decoder + head
+}
+
 /// Training FLOPs (forward + backward ≈ 3 × forward).
 pub fn training(forward: f64) -> f64 {
     3.0 * forward

@@ -13,8 +13,9 @@ pub enum BenchCmd {
 
 #[derive(Args)]
 pub struct SpeedArgs {
-    /// Presets to time (comma separated): bench, mnist, …
-    #[arg(long, default_value = "bench,mnist")]
+    /// Presets to time (comma separated): GPT presets (bench, mnist, …) and DPAR presets
+    /// prefixed `dpar-` (dpar-mnist, dpar-b, …).
+    #[arg(long, default_value = "bench,mnist,dpar-mnist")]
     models: String,
     /// Implementations to time (comma separated): fused, stock.
     #[arg(long, default_value = "stock,fused")]
@@ -50,14 +51,25 @@ fn speed(args: SpeedArgs) -> Result<()> {
     let models = if args.no_models { String::new() } else { args.models.clone() };
     for name in models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         for ops in args.ops.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let mut config = dpar::gpt::GptConfig::preset(name)?;
-            config.ops = match ops {
+            let kind = match ops {
                 "fused" => dpar::nn::Ops::Fused,
                 "stock" => dpar::nn::Ops::Stock,
                 other => anyhow::bail!("--ops: unknown `{other}` (fused, stock)"),
             };
-            tracing::info!("timing {name} with {ops} ops ({} layers, width {})", config.n_layer, config.dim);
-            rows.push(dpar::bench::gpt_speed(&format!("{name} ({ops})"), &config, args.batch_size, args.warmup, args.reps, &device)?);
+            let label = format!("{name} ({ops})");
+            if let Some(preset) = name.strip_prefix("dpar-") {
+                let mut config = dpar::dpar::DparConfig::preset(preset)?;
+                config.ops = kind;
+                let mut entropy = dpar::gpt::GptConfig::mnist_entropy();
+                entropy.ops = kind;
+                tracing::info!("timing DPAR {preset} with {ops} ops ({}+{}+{} layers, width {})", config.encoder_layers, config.global_layers, config.decoder_layers, config.dim);
+                rows.push(dpar::bench::dpar_speed(&label, &config, &entropy, args.batch_size, args.warmup, args.reps, &device)?);
+            } else {
+                let mut config = dpar::gpt::GptConfig::preset(name)?;
+                config.ops = kind;
+                tracing::info!("timing {name} with {ops} ops ({} layers, width {})", config.n_layer, config.dim);
+                rows.push(dpar::bench::gpt_speed(&label, &config, args.batch_size, args.warmup, args.reps, &device)?);
+            }
         }
     }
     if !rows.is_empty() {
