@@ -172,8 +172,8 @@ pub(crate) fn generate_gpt_with(model: &Gpt, labels: &[u32], config: &SamplingCo
     if c.cls_token_num != 1 {
         return Err(SampleError::BadConfig("class-conditional sampling needs a model with a class slot".into()));
     }
-    let mut cache = model.new_cache();
     let all_labels = guided_labels(labels, c.num_classes as u32, guided, device)?;
+    let mut cache = model.new_cache(all_labels.dim(0)?)?;
     let mut logits = model.step(&mut cache, Some(&all_labels), None)?;
     let mut out = vec![Vec::with_capacity(l); b];
     for k in 0..l {

@@ -78,8 +78,8 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
     let guided = sampling.uses_guidance();
     let rows = if guided { 2 * b } else { b };
     let u = uniforms(sampling.seed, b, l);
-    let mut caches = model.new_caches(rows);
-    let mut entropy_cache = entropy_model.new_cache();
+    let mut caches = model.new_caches(b, rows)?;
+    let mut entropy_cache = entropy_model.new_cache(b)?;
     let mut patchers = (0..b).map(|_| OnlinePatcher::new(*patch, grid)).collect::<std::result::Result<Vec<_>, _>>()?;
     for p in &mut patchers {
         p.push(f32::INFINITY); // z_0 is a patch of its own
@@ -88,14 +88,14 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
     // h_all[k] = encoder states of z_k, (B, D).
     let mut h_all: Vec<Tensor> = Vec::with_capacity(l);
     let all_labels = Tensor::new(guided_labels(labels, c.num_classes as u32, guided), device)?;
-    let mut g = model.global_step(&mut caches.global, &(0..rows).collect::<Vec<_>>(), &model.class_embeddings(&all_labels)?, &model.class_rope(rows))?;
+    let mut g = model.global_step(&mut caches, &(0..rows).collect::<Vec<_>>(), &model.class_embeddings(&all_labels)?, &model.class_rope(rows))?;
     let mut injections = model.decoder_injections(&g)?;
-    let logits = model.decoder_step(&mut caches.decoder, &model.start_vectors(rows)?, &injections, 0)?;
+    let logits = model.decoder_step(&mut caches, &model.start_vectors(rows)?, &injections, 0)?;
     let mut codes: Vec<Vec<u32>> = choose_codes(&logits, b, guided, sampling, &u, 0, l)?.into_iter().map(|z| vec![z]).collect();
     for k in 1..l {
         let prev = Tensor::from_vec(codes.iter().map(|z| z[k - 1]).collect::<Vec<_>>(), (b, 1), device)?;
         // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
-        let h = model.encoder_step(&mut caches.encoder, &prev, k - 1)?;
+        let h = model.encoder_step(&mut caches, &prev, k - 1)?;
         h_all.push(h.clone());
         let entropy_logits = entropy_model.step(&mut entropy_cache, None, Some(&prev))?;
         let entropies = entropy_of_logits(&entropy_logits)?.to_vec1::<f32>()?;
@@ -119,7 +119,7 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
                 step_rows.extend(closing.iter().map(|&i| i + b));
                 spans.extend(spans.clone());
             }
-            let g_new = model.global_step(&mut caches.global, &step_rows, &dup(&vectors, guided)?, &model.patch_rope(&spans))?;
+            let g_new = model.global_step(&mut caches, &step_rows, &dup(&vectors, guided)?, &model.patch_rope(&spans))?;
             // Replace the stepped rows of g.
             let mut map: Vec<u32> = (0..rows as u32).collect();
             for (j, &r) in step_rows.iter().enumerate() {
@@ -129,7 +129,7 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
             injections = model.decoder_injections(&g)?;
         }
         // 3. Decoder step at position k.
-        let logits = model.decoder_step(&mut caches.decoder, &dup(&h, guided)?, &injections, k)?;
+        let logits = model.decoder_step(&mut caches, &dup(&h, guided)?, &injections, k)?;
         for (i, z) in choose_codes(&logits, b, guided, sampling, &u, k, l)?.into_iter().enumerate() {
             codes[i].push(z);
         }

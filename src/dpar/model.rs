@@ -21,7 +21,7 @@ use super::{DparConfig, DparError, Result};
 use crate::gpt::TrainNoise;
 use crate::kernels::segment::{segment_attention, segment_max};
 use crate::nn::rope::{self, RopeRows};
-use crate::nn::{self, AttnMask, Block, DropoutCtx, KvCache, Linear, RaggedKvCache, RmsNorm, INIT_STD};
+use crate::nn::{self, AttnMask, Block, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
 use crate::params::{Init, Pb};
 
 /// The patch encoder's cross-attention: each patch's max-pooled query attends to its own codes.
@@ -102,9 +102,11 @@ pub struct Dpar {
 
 /// The KV caches of every stage for incremental generation.
 pub struct StepCaches {
-    pub encoder: Vec<KvCache>,
+    pub encoder: Vec<RaggedKvCache>,
     pub global: Vec<RaggedKvCache>,
-    pub decoder: Vec<KvCache>,
+    pub decoder: Vec<RaggedKvCache>,
+    /// `[w1; w3]` of every block, stacked once per generation: encoder, global, decoder.
+    w13: [Vec<Tensor>; 3],
 }
 
 impl Dpar {
@@ -312,33 +314,37 @@ impl Dpar {
 
     /// Empty caches: the encoder's for one stream per image, the patch transformer's and the
     /// decoder's for `rows` sequences (2 per image with guidance).
-    pub fn new_caches(&self, rows: usize) -> StepCaches {
+    pub fn new_caches(&self, images: usize, rows: usize) -> Result<StepCaches> {
         let c = &self.config;
         let l = c.seq_len();
-        StepCaches {
-            encoder: (0..c.encoder_layers).map(|_| KvCache::new(l)).collect(),
-            global: (0..c.global_layers).map(|_| RaggedKvCache::new(rows, c.n_head, c.head_dim(), l + 1)).collect(),
-            decoder: (0..c.decoder_layers).map(|_| KvCache::new(l)).collect(),
-        }
+        let cache = |n: usize| RaggedKvCache::new(n, c.n_head, c.head_dim(), l + 1);
+        let stack = |layers: &[Block]| layers.iter().map(|b| b.stacked_w13()).collect::<nn::Result<Vec<_>>>();
+        Ok(StepCaches {
+            encoder: (0..c.encoder_layers).map(|_| cache(images)).collect(),
+            global: (0..c.global_layers).map(|_| cache(rows)).collect(),
+            decoder: (0..c.decoder_layers).map(|_| cache(rows)).collect(),
+            w13: [stack(&self.enc_layers)?, stack(&self.layers)?, stack(&self.dec_layers)?],
+        })
     }
 
     /// One cached encoder step: code z_{pos} of every image → its state h_{pos} (R, D).
-    pub fn encoder_step(&self, caches: &mut [KvCache], codes: &Tensor, pos: usize) -> Result<Tensor> {
-        let rows = self.rope_enc.narrow(pos, 1);
+    pub fn encoder_step(&self, caches: &mut StepCaches, codes: &Tensor, pos: usize) -> Result<Tensor> {
+        let rope_rows = self.rope_enc.narrow(pos, 1);
         let mut h = self.embed(codes)?;
-        for (layer, cache) in self.enc_layers.iter().zip(caches.iter_mut()) {
-            h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, Some(cache), None)?;
+        let rows: Vec<usize> = (0..h.dim(0)?).collect();
+        for ((layer, cache), w13) in self.enc_layers.iter().zip(caches.encoder.iter_mut()).zip(&caches.w13[0]) {
+            h = layer.forward_ragged(&h, &rope_rows, cache, &rows, Some(w13))?;
         }
         Ok(h.squeeze(1)?)
     }
 
     /// One cached patch-transformer step for the listed rows: inputs x (R, D) (class embeddings
     /// or patch vectors) with one RoPE row each → g (R, D).
-    pub fn global_step(&self, caches: &mut [RaggedKvCache], rows: &[usize], x: &Tensor, rope_rows: &RopeRows) -> Result<Tensor> {
+    pub fn global_step(&self, caches: &mut StepCaches, rows: &[usize], x: &Tensor, rope_rows: &RopeRows) -> Result<Tensor> {
         let (r, dim) = x.dims2()?;
         let mut h = x.reshape((r, 1, dim))?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            h = layer.forward_ragged(&h, rope_rows, cache, rows)?;
+        for ((layer, cache), w13) in self.layers.iter().zip(caches.global.iter_mut()).zip(&caches.w13[1]) {
+            h = layer.forward_ragged(&h, rope_rows, cache, rows, Some(w13))?;
         }
         Ok(h.reshape((r, dim))?)
     }
@@ -362,12 +368,13 @@ impl Dpar {
 
     /// One cached decoder step at position `pos`: input x (R, D) (the start vector at 0, else
     /// h_{pos−1}) plus the per-layer injections (R, D) → logits for z_{pos} (R, V).
-    pub fn decoder_step(&self, caches: &mut [KvCache], x: &Tensor, injections: &[Tensor], pos: usize) -> Result<Tensor> {
+    pub fn decoder_step(&self, caches: &mut StepCaches, x: &Tensor, injections: &[Tensor], pos: usize) -> Result<Tensor> {
         let (r, dim) = x.dims2()?;
-        let rows = self.rope_dec.narrow(pos, 1);
+        let rope_rows = self.rope_dec.narrow(pos, 1);
+        let rows: Vec<usize> = (0..r).collect();
         let mut y = x.reshape((r, 1, dim))?;
-        for ((layer, cache), inj) in self.dec_layers.iter().zip(caches.iter_mut()).zip(injections) {
-            y = layer.forward::<rand_chacha::ChaCha8Rng>(&(y + inj.reshape((r, 1, dim))?)?, Some(&rows), &AttnMask::Causal, Some(cache), None)?;
+        for (((layer, cache), inj), w13) in self.dec_layers.iter().zip(caches.decoder.iter_mut()).zip(injections).zip(&caches.w13[2]) {
+            y = layer.forward_ragged(&(y + inj.reshape((r, 1, dim))?)?, &rope_rows, cache, &rows, Some(w13))?;
         }
         Ok(self.norm.then_linear(&y, &self.output)?.squeeze(1)?)
     }

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
 
 use crate::nn::rope::{self, RopeRows};
-use crate::nn::{self, AttnMask, Block, DropoutCtx, KvCache, Linear, RmsNorm, INIT_STD};
+use crate::nn::{self, AttnMask, Block, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
 use crate::params::{Init, ParamStore, Pb};
 
 /// Errors of the GPT model.
@@ -217,13 +217,16 @@ pub struct Gpt {
 
 /// KV caches of every layer for incremental decoding.
 pub struct GptCache {
-    layers: Vec<KvCache>,
+    layers: Vec<RaggedKvCache>,
+    /// `[w1; w3]` per layer, stacked once for the whole generation.
+    w13: Vec<Tensor>,
+    batch: usize,
 }
 
 impl GptCache {
     /// Positions consumed so far.
     pub fn len(&self) -> usize {
-        self.layers.first().map(|c| c.len()).unwrap_or(0)
+        self.layers.first().map(|c| c.len_of(0)).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -372,9 +375,14 @@ impl Gpt {
         Ok(nn::cross_entropy(&logits, &targets, self.config.ops)?)
     }
 
-    /// An empty cache for decoding up to a full sequence.
-    pub fn new_cache(&self) -> GptCache {
-        GptCache { layers: (0..self.layers.len()).map(|_| KvCache::new(self.config.input_len())).collect() }
+    /// An empty cache for decoding `batch` sequences up to their full length.
+    pub fn new_cache(&self, batch: usize) -> Result<GptCache> {
+        let c = &self.config;
+        Ok(GptCache {
+            layers: (0..self.layers.len()).map(|_| RaggedKvCache::new(batch, c.n_head, c.head_dim(), c.input_len())).collect(),
+            w13: self.layers.iter().map(|l| l.stacked_w13()).collect::<nn::Result<_>>()?,
+            batch,
+        })
     }
 
     /// One cached decoding step: feeds the class slot (when `labels` is given and the cache is
@@ -394,10 +402,15 @@ impl Gpt {
         if pos >= self.config.input_len() {
             return Err(GptError::BadInput(format!("the sequence is full ({pos} positions)")));
         }
-        let rows = self.rope.narrow(pos, 1);
+        let b = h.dim(0)?;
+        if b != cache.batch {
+            return Err(GptError::BadInput(format!("the cache holds {} sequences, the step {b}", cache.batch)));
+        }
+        let rope_rows = self.rope.narrow(pos, 1);
+        let rows: Vec<usize> = (0..b).collect();
         let mut h = h;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, Some(layer_cache), None)?;
+        for ((layer, layer_cache), w13) in self.layers.iter().zip(cache.layers.iter_mut()).zip(&cache.w13) {
+            h = layer.forward_ragged(&h, &rope_rows, layer_cache, &rows, Some(w13))?;
         }
         let logits = self.norm.then_linear(&h, &self.output)?; // (B, 1, V)
         Ok(logits.squeeze(1)?)

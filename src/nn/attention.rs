@@ -84,40 +84,58 @@ impl RaggedKvCache {
         ((row * self.heads + head) * self.max_len + pos) * self.head_dim
     }
 
-    /// Appends one position per listed row (q, k, v as (R, H, d) host data) and returns the
-    /// attention output (R, H, d) of each query over its row's cached keys (itself included).
-    fn step(&mut self, rows: &[usize], q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+    /// Appends one position per listed row and returns the attention output (R, H·d) of each
+    /// query over its row's cached keys (itself included). Row i's q, k and v start at
+    /// `q[i·stride]`, `k[i·stride]`, `v[i·stride]` (stride H·d for separate arrays, 3·H·d for a
+    /// fused qkv buffer).
+    pub fn step(&mut self, rows: &[usize], q: &[f32], k: &[f32], v: &[f32], stride: usize) -> Result<Vec<f32>> {
         let (h, d) = (self.heads, self.head_dim);
+        let dim = h * d;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; rows.len() * h * d];
         for (i, &row) in rows.iter().enumerate() {
+            if row >= self.lens.len() {
+                return Err(NnError::BadConfig(format!("ragged cache has no row {row}")));
+            }
             let pos = self.lens[row];
             if pos >= self.max_len {
                 return Err(NnError::BadConfig(format!("ragged cache row {row} is full ({} positions)", self.max_len)));
             }
             for hi in 0..h {
-                let src = (i * h + hi) * d;
+                let src = i * stride + hi * d;
                 let dst = self.at(row, hi, pos);
                 self.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
                 self.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
-                let qv = &q[src..src + d];
-                let base = self.at(row, hi, 0);
-                let scores: Vec<f32> = (0..=pos)
-                    .map(|t| scale * qv.iter().zip(&self.k[base + t * d..base + (t + 1) * d]).map(|(a, b)| a * b).sum::<f32>())
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f32 = exps.iter().sum();
-                let o = &mut out[src..src + d];
-                for (t, e) in exps.iter().enumerate() {
-                    let w = e / sum;
-                    for (x, y) in o.iter_mut().zip(&self.v[base + t * d..base + (t + 1) * d]) {
+            }
+            self.lens[row] = pos + 1;
+        }
+        // Each (row, head) attends over its own prefix; rows are independent.
+        use rayon::prelude::*;
+        let mut out = vec![0f32; rows.len() * dim];
+        let this = &*self;
+        out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
+            let row = rows[i];
+            let len = this.lens[row];
+            let mut scores = vec![0f32; len];
+            for hi in 0..h {
+                let qv = &q[i * stride + hi * d..i * stride + (hi + 1) * d];
+                let base = this.at(row, hi, 0);
+                for (t, sc) in scores.iter_mut().enumerate() {
+                    *sc = scale * crate::kernels::math::dot(qv, &this.k[base + t * d..base + (t + 1) * d]);
+                }
+                let m = crate::kernels::math::max(&scores);
+                for sc in scores.iter_mut() {
+                    *sc = crate::kernels::math::exp(*sc - m);
+                }
+                let inv = 1.0 / crate::kernels::math::sum(&scores);
+                let oh = &mut o[hi * d..(hi + 1) * d];
+                for (t, &w) in scores.iter().enumerate() {
+                    let w = w * inv;
+                    for (x, y) in oh.iter_mut().zip(&this.v[base + t * d..base + (t + 1) * d]) {
                         *x += w * y;
                     }
                 }
             }
-            self.lens[row] = pos + 1;
-        }
+        });
         Ok(out)
     }
 }
@@ -194,7 +212,7 @@ impl Attention {
         }
         let (q, k, v) = self.qkv(x, Some(rope_rows))?; // (R, H, 1, d)
         let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-        let out = cache.step(rows, &host(q)?, &host(k)?, &host(v)?)?;
+        let out = cache.step(rows, &host(q)?, &host(k)?, &host(v)?, dim)?;
         let out = Tensor::from_vec(out, (r, 1, dim), x.device())?.to_dtype(x.dtype())?;
         self.wo.forward(&out)
     }

@@ -281,9 +281,38 @@ impl Block {
         Ok(block::swiglu_linear_residual(&h13, &ff.w2.weight, &h, mask_f)?)
     }
 
+    /// `[w1; w3]` stacked, for the fused feed-forward. Inference loops compute it once per
+    /// generation (weights do not change while sampling) and pass it to
+    /// [`Block::forward_ragged`].
+    pub fn stacked_w13(&self) -> Result<Tensor> {
+        Ok(Tensor::cat(&[&self.feed_forward.w1.weight, &self.feed_forward.w3.weight], 0)?)
+    }
+
     /// One inference step of a subset of rows over a ragged cache (see
-    /// [`Attention::forward_ragged`]).
-    pub fn forward_ragged(&self, x: &Tensor, rope: &rope::RopeRows, cache: &mut RaggedKvCache, rows: &[usize]) -> Result<Tensor> {
+    /// [`Attention::forward_ragged`]). With fused ops: norm+qkv, RoPE on the qkv rows, the cache
+    /// kernel, wo+residual, norm+[w1;w3] (`w13`, see [`Block::stacked_w13`]) and SwiGLU+w2+residual.
+    pub fn forward_ragged(&self, x: &Tensor, rope: &rope::RopeRows, cache: &mut RaggedKvCache, rows: &[usize], w13: Option<&Tensor>) -> Result<Tensor> {
+        if self.attention.ops.fused_for(x) {
+            use crate::kernels::block;
+            let (r, _, dim) = x.dims3()?;
+            let a = &self.attention;
+            let qkv = block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps)?;
+            let qkv = rope::apply_qkv(&qkv.reshape((r, 3 * dim))?, rope, a.n_head)?;
+            let host = qkv.flatten_all()?.to_vec1::<f32>()?;
+            let o = cache.step(rows, &host, &host[dim..], &host[2 * dim..], 3 * dim)?;
+            let o = Tensor::from_vec(o, (r, 1, dim), x.device())?;
+            let h = block::linear_residual(&o, &a.wo.weight, x, None)?;
+            let stacked;
+            let w13 = match w13 {
+                Some(w) => w,
+                None => {
+                    stacked = self.stacked_w13()?;
+                    &stacked
+                }
+            };
+            let h13 = block::norm_linear(&h, &self.ffn_norm.weight, w13, self.ffn_norm.eps)?;
+            return Ok(block::swiglu_linear_residual(&h13, &self.feed_forward.w2.weight, &h, None)?);
+        }
         let h = (x + self.attention.forward_ragged(&self.attention_norm.forward(x)?, rope, cache, rows)?)?;
         Ok((&h + self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?)?)
     }
