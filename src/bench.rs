@@ -226,7 +226,7 @@ pub fn op_speed(warmup: usize, reps: usize, device: &Device) -> Result<Vec<OpRow
     let x = var(&[n, d], 1)?;
     let w = var(&[3 * d, d], 2)?;
     let stock = time_fwd_bwd(warmup, reps, &|| x.matmul(&w.t()?)?.sum_all())?;
-    let ours = time_fwd_bwd(warmup, reps, &|| matmul::linear(&x, &w)?.sum_all())?;
+    let ours = time_fwd_bwd(warmup, reps, &|| matmul::linear(&x, &w, matmul::Gemm::F32)?.sum_all())?;
     push("linear x·Wᵀ (faer)", format!("{n}×{d} · {d}×{}", 3 * d), stock, ours);
 
     // Attention.

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::faer_gemm;
+use super::matmul::Gemm;
 use super::{cpu_f32, with_f32};
 use crate::nn::rope::RopeRows;
 
@@ -76,6 +76,7 @@ fn normalize(x: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 #[derive(Debug, Clone)]
 struct NormLinear {
     eps: f32,
+    gemm: Gemm,
 }
 
 impl CustomOp3 for NormLinear {
@@ -89,7 +90,7 @@ impl CustomOp3 for NormLinear {
         let (x, g, w) = (cpu_f32(xs, xl, "x")?, cpu_f32(gs, gl, "norm weight")?, cpu_f32(ws, wl, "weight")?);
         let (xn, _) = normalize(x, g, self.eps);
         let mut y = uninit(n * out);
-        faer_gemm(&mut y, n, out, d, &xn, false, w, true, false);
+        self.gemm.run(&mut y, n, out, d, &xn, false, w, true, false);
         Ok((CpuStorage::F32(y), with_last(xl.dims(), out)))
     }
 
@@ -104,10 +105,10 @@ impl CustomOp3 for NormLinear {
                 with_f32(w, "weight", |wv| {
                     with_f32(dy, "grad", |dyv| {
                         let (xn, r) = normalize(xv, gv, self.eps);
-                        faer_gemm(&mut dw, out, d, n, dyv, true, &xn, false, false);
+                        self.gemm.run(&mut dw, out, d, n, dyv, true, &xn, false, false);
                         drop(xn);
                         // dxn = dy·W, written into dx, then turned into dx in place.
-                        faer_gemm(&mut dx, n, d, out, dyv, false, wv, false, false);
+                        self.gemm.run(&mut dx, n, d, out, dyv, false, wv, false, false);
                         let chunk = (n / (4 * rayon::current_num_threads())).max(16);
                         dg_parts = dx
                             .par_chunks_mut(d * chunk)
@@ -144,8 +145,8 @@ impl CustomOp3 for NormLinear {
 }
 
 /// `RMSNorm(x; g)·Wᵀ`: x (…, D), g (D), W (out, D) → (…, out).
-pub fn norm_linear(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&g.contiguous()?, &w.contiguous()?, NormLinear { eps: eps as f32 })
+pub fn norm_linear(x: &Tensor, g: &Tensor, w: &Tensor, eps: f64, gemm: Gemm) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&g.contiguous()?, &w.contiguous()?, NormLinear { eps: eps as f32, gemm })
 }
 
 // ---------------------------------------------------------------- RoPE + flash attention
@@ -234,6 +235,7 @@ pub type Mask = Option<Arc<Vec<f32>>>;
 #[derive(Debug, Clone)]
 struct LinearResidual {
     mask: Mask,
+    gemm: Gemm,
 }
 
 fn apply_mask(v: &mut [f32], mask: &Mask) {
@@ -255,7 +257,7 @@ impl CustomOp3 for LinearResidual {
         }
         let (x, w, r) = (cpu_f32(xs, xl, "x")?, cpu_f32(ws, wl, "weight")?, cpu_f32(rs, rl, "residual")?);
         let mut y = uninit(n * out);
-        faer_gemm(&mut y, n, out, k, x, false, w, true, false);
+        self.gemm.run(&mut y, n, out, k, x, false, w, true, false);
         apply_mask(&mut y, &self.mask);
         y.par_iter_mut().zip(r.par_iter()).for_each(|(a, b)| *a += b);
         Ok((CpuStorage::F32(y), rl.shape().clone()))
@@ -278,11 +280,11 @@ impl CustomOp3 for LinearResidual {
                 None => g,
             };
             with_f32(w, "weight", |wv| {
-                faer_gemm(&mut dx, n, k, out, g, false, wv, false, false);
+                self.gemm.run(&mut dx, n, k, out, g, false, wv, false, false);
                 Ok(())
             })?;
             with_f32(x, "x", |xv| {
-                faer_gemm(&mut dw, out, k, n, g, true, xv, false, false);
+                self.gemm.run(&mut dw, out, k, n, g, true, xv, false, false);
                 Ok(())
             })
         })?;
@@ -292,8 +294,8 @@ impl CustomOp3 for LinearResidual {
 }
 
 /// `r + mask ⊙ (x·Wᵀ)`: x (…, in), W (out, in), r (…, out).
-pub fn linear_residual(x: &Tensor, w: &Tensor, r: &Tensor, mask: Mask) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &r.contiguous()?, LinearResidual { mask })
+pub fn linear_residual(x: &Tensor, w: &Tensor, r: &Tensor, mask: Mask, gemm: Gemm) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &r.contiguous()?, LinearResidual { mask, gemm })
 }
 
 // ---------------------------------------------------------------- SwiGLU + linear + residual
@@ -301,6 +303,7 @@ pub fn linear_residual(x: &Tensor, w: &Tensor, r: &Tensor, mask: Mask) -> Result
 #[derive(Debug, Clone)]
 struct SwiGluLinearResidual {
     mask: Mask,
+    gemm: Gemm,
 }
 
 /// silu(a) ⊙ b for every row of [a | b].
@@ -330,7 +333,7 @@ impl CustomOp3 for SwiGluLinearResidual {
         let (h, w, r) = (cpu_f32(hs, hl, "h")?, cpu_f32(ws, wl, "weight")?, cpu_f32(rs, rl, "residual")?);
         let s = swiglu_rows(h, f);
         let mut y = uninit(n * out);
-        faer_gemm(&mut y, n, out, f, &s, false, w, true, false);
+        self.gemm.run(&mut y, n, out, f, &s, false, w, true, false);
         apply_mask(&mut y, &self.mask);
         y.par_iter_mut().zip(r.par_iter()).for_each(|(a, b)| *a += b);
         Ok((CpuStorage::F32(y), rl.shape().clone()))
@@ -355,10 +358,10 @@ impl CustomOp3 for SwiGluLinearResidual {
                         None => g,
                     };
                     let s = swiglu_rows(hv, f);
-                    faer_gemm(&mut dw, out, f, n, g, true, &s, false, false);
+                    self.gemm.run(&mut dw, out, f, n, g, true, &s, false, false);
                     drop(s);
                     let mut ds = uninit(n * f);
-                    faer_gemm(&mut ds, n, f, out, g, false, wv, false, false);
+                    self.gemm.run(&mut ds, n, f, out, g, false, wv, false, false);
                     dh.par_chunks_mut(2 * f).zip(hv.par_chunks(2 * f).zip(ds.par_chunks(f))).for_each(|(dr, (hr, dsr))| {
                         for j in 0..f {
                             let a = hr[j];
@@ -377,8 +380,8 @@ impl CustomOp3 for SwiGluLinearResidual {
 }
 
 /// `r + mask ⊙ (silu(a) ⊙ b)·W₂ᵀ` for h = [a | b] (…, 2F), W₂ (out, F), r (…, out).
-pub fn swiglu_linear_residual(h: &Tensor, w2: &Tensor, r: &Tensor, mask: Mask) -> Result<Tensor> {
-    h.contiguous()?.apply_op3(&w2.contiguous()?, &r.contiguous()?, SwiGluLinearResidual { mask })
+pub fn swiglu_linear_residual(h: &Tensor, w2: &Tensor, r: &Tensor, mask: Mask, gemm: Gemm) -> Result<Tensor> {
+    h.contiguous()?.apply_op3(&w2.contiguous()?, &r.contiguous()?, SwiGluLinearResidual { mask, gemm })
 }
 
 #[cfg(test)]
@@ -414,9 +417,41 @@ mod tests {
         let x = rand_var(&[3, 5, 16], 1, 2.0);
         let g = rand_var(&[16], 2, 1.0);
         let w = rand_var(&[7, 16], 3, 0.5);
-        let ours = norm_linear(&x, &g, &w, 1e-5).unwrap();
+        let ours = norm_linear(&x, &g, &w, 1e-5, Gemm::F32).unwrap();
         let reference = rms_norm_reference(&x, &g, 1e-5).unwrap().broadcast_matmul(&w.t().unwrap()).unwrap();
         check(&ours, &reference, &[&x, &g, &w], 4, 1e-4);
+    }
+
+    /// The bf16 path: every fused matmul op equals the f32 composed reference within bf16
+    /// tolerance (relative 2e-2 of the output scale; bf16 keeps 8 significant bits).
+    #[test]
+    fn bf16_ops_match_composed_ops_within_bf16_tolerance() {
+        let rel = |a: &Tensor, b: &Tensor| {
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+            max_diff(a, b) / scale
+        };
+        let x = rand_var(&[4, 9, 32], 21, 2.0);
+        let g = rand_var(&[32], 22, 1.0);
+        let w = rand_var(&[24, 32], 23, 0.5);
+        let ours = norm_linear(&x, &g, &w, 1e-5, Gemm::Bf16).unwrap();
+        let reference = rms_norm_reference(&x, &g, 1e-5).unwrap().broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert!(rel(&ours, &reference) < 2e-2, "{}", rel(&ours, &reference));
+        let probe = rand_var(&[4, 9, 24], 24, 1.0);
+        let g1 = (&ours * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &g, &w] {
+            let r = rel(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(r < 2e-2, "gradient: {r}");
+        }
+        let r = rand_var(&[4, 9, 24], 25, 1.0);
+        let hh = rand_var(&[4, 9, 2 * 16], 26, 2.0);
+        let w2 = rand_var(&[24, 16], 27, 0.5);
+        let ours = swiglu_linear_residual(&hh, &w2, &r, None, Gemm::Bf16).unwrap();
+        let reference = (r.as_tensor() + swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap()).unwrap();
+        assert!(rel(&ours, &reference) < 2e-2);
+        let ours = linear_residual(&x, &w, &r, None, Gemm::Bf16).unwrap();
+        let reference = (r.as_tensor() + x.broadcast_matmul(&w.t().unwrap()).unwrap()).unwrap();
+        assert!(rel(&ours, &reference) < 2e-2);
     }
 
     #[test]
@@ -440,16 +475,16 @@ mod tests {
         let mut rng = crate::util::rng_for(1, "mask", 0);
         let mask: Vec<f32> = (0..120).map(|_| if rng.random::<f32>() < 0.2 { 0.0 } else { 1.25 }).collect();
         let mask_t = Tensor::from_vec(mask.clone(), (2, 6, 10), &Device::Cpu).unwrap();
-        let ours = linear_residual(&x, &w, &r, Some(Arc::new(mask.clone()))).unwrap();
+        let ours = linear_residual(&x, &w, &r, Some(Arc::new(mask.clone())), Gemm::F32).unwrap();
         let reference = (r.as_tensor() + (x.broadcast_matmul(&w.t().unwrap()).unwrap() * &mask_t).unwrap()).unwrap();
         check(&ours, &reference, &[&x, &w, &r], 10, 1e-4);
 
         let hh = rand_var(&[2, 6, 2 * 9], 11, 2.0);
         let w2 = rand_var(&[10, 9], 12, 0.5);
-        let ours = swiglu_linear_residual(&hh, &w2, &r, Some(Arc::new(mask))).unwrap();
+        let ours = swiglu_linear_residual(&hh, &w2, &r, Some(Arc::new(mask)), Gemm::F32).unwrap();
         let reference = (r.as_tensor() + (swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap() * &mask_t).unwrap()).unwrap();
         check(&ours, &reference, &[&hh, &w2, &r], 13, 1e-4);
-        let ours = swiglu_linear_residual(&hh, &w2, &r, None).unwrap();
+        let ours = swiglu_linear_residual(&hh, &w2, &r, None, Gemm::F32).unwrap();
         let reference = (r.as_tensor() + swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap()).unwrap();
         check(&ours, &reference, &[&hh, &w2, &r], 14, 1e-4);
     }

@@ -25,8 +25,26 @@ pub fn faer_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
     faer::linalg::matmul::matmul(c, accum, a, b, 1.0f32, Par::rayon(rayon::current_num_threads()));
 }
 
+/// The precision of a GEMM: f32, or bf16 operands with f32 accumulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gemm {
+    F32,
+    Bf16,
+}
+
+impl Gemm {
+    /// `dst = [dst +] op(a)·op(b)` (see [`faer_gemm`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(self, dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
+        match self {
+            Gemm::F32 => faer_gemm(dst, m, n, k, a, trans_a, b, trans_b, accumulate),
+            Gemm::Bf16 => super::bf16::bf16_gemm(dst, m, n, k, a, trans_a, b, trans_b, accumulate),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
-struct LinearOp;
+struct LinearOp(Gemm);
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
@@ -41,23 +59,23 @@ impl CustomOp2 for LinearOp {
         }
         let x = cpu_f32(xs, xl, "linear input")?;
         let w = cpu_f32(ws, wl, "linear weight")?;
-        let mut y = vec![0f32; n * out];
-        faer_gemm(&mut y, n, out, k, x, false, w, true, false);
+        let mut y = super::block::uninit(n * out);
+        self.0.run(&mut y, n, out, k, x, false, w, true, false);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k) = x.dims2()?;
         let out = w.dim(0)?;
-        let mut dx = vec![0f32; n * k];
-        let mut dw = vec![0f32; out * k];
+        let mut dx = super::block::uninit(n * k);
+        let mut dw = super::block::uninit(out * k);
         with_f32(grad, "linear grad", |g| {
             with_f32(w, "linear weight", |wv| {
-                faer_gemm(&mut dx, n, k, out, g, false, wv, false, false);
+                self.0.run(&mut dx, n, k, out, g, false, wv, false, false);
                 Ok(())
             })?;
             with_f32(x, "linear input", |xv| {
-                faer_gemm(&mut dw, out, k, n, g, true, xv, false, false);
+                self.0.run(&mut dw, out, k, n, g, true, xv, false, false);
                 Ok(())
             })
         })?;
@@ -66,8 +84,8 @@ impl CustomOp2 for LinearOp {
 }
 
 /// `x·Wᵀ` for x (N, in) and W (out, in) on CPU f32.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
+pub fn linear(x: &Tensor, w: &Tensor, gemm: Gemm) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp(gemm))
 }
 
 #[cfg(test)]
@@ -87,7 +105,7 @@ mod tests {
         let x = rand_var(&[37, 19], 1);
         let w = rand_var(&[23, 19], 2);
         let probe = rand_var(&[37, 23], 3);
-        let a = linear(&x, &w).unwrap();
+        let a = linear(&x, &w, Gemm::F32).unwrap();
         let b = x.matmul(&w.t().unwrap()).unwrap();
         let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff(&a, &b) < 1e-5);

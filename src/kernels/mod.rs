@@ -5,6 +5,7 @@
 //! directions. [`gemm`] is the safe wrapper over the `gemm` crate that every kernel uses.
 
 pub mod attention;
+pub mod bf16;
 pub mod block;
 pub mod conv;
 pub mod fused;

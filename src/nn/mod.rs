@@ -44,12 +44,23 @@ pub enum Ops {
     #[default]
     Fused,
     Stock,
+    /// The fused kernels with bf16 matmul operands (f32 accumulation and master weights).
+    Bf16,
 }
 
 impl Ops {
     /// Whether the fused kernels apply to `x` (CPU f32 only).
     pub fn fused_for(self, x: &Tensor) -> bool {
-        self == Ops::Fused && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+        self != Ops::Stock && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    }
+
+    /// The GEMM precision of the fused kernels.
+    pub fn gemm(self) -> crate::kernels::matmul::Gemm {
+        if self == Ops::Bf16 {
+            crate::kernels::matmul::Gemm::Bf16
+        } else {
+            crate::kernels::matmul::Gemm::F32
+        }
     }
 }
 
@@ -80,7 +91,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
         let y = if self.ops.fused_for(&x2) && self.weight.dtype() == candle_core::DType::F32 {
-            crate::kernels::matmul::linear(&x2, &self.weight)?
+            crate::kernels::matmul::linear(&x2, &self.weight, self.ops.gemm())?
         } else {
             x2.matmul(&self.weight.t()?)?
         };
@@ -105,8 +116,8 @@ impl RmsNorm {
 
     /// `linear(RMSNorm(x))`, as one fused op when possible.
     pub fn then_linear(&self, x: &Tensor, linear: &Linear) -> Result<Tensor> {
-        if self.ops.fused_for(x) && linear.ops == Ops::Fused {
-            return Ok(crate::kernels::block::norm_linear(x, &self.weight, &linear.weight, self.eps)?);
+        if self.ops.fused_for(x) && linear.ops != Ops::Stock {
+            return Ok(crate::kernels::block::norm_linear(x, &self.weight, &linear.weight, self.eps, linear.ops.gemm())?);
         }
         linear.forward(&self.forward(x)?)
     }
@@ -263,22 +274,23 @@ impl Block {
         use crate::kernels::block;
         let n = x.elem_count();
         let a = &self.attention;
-        let qkv = block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps)?;
+        let gemm = a.ops.gemm();
+        let qkv = block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps, gemm)?;
         let o = block::rope_attention(&qkv, rope, a.n_head, segments)?;
         let mut ctx = dropout_ctx;
         let mask_a = match ctx.as_deref_mut() {
             Some(c) => dropout_mask(n, c.resid, c.rng),
             None => None,
         };
-        let h = block::linear_residual(&o, &a.wo.weight, x, mask_a)?;
+        let h = block::linear_residual(&o, &a.wo.weight, x, mask_a, gemm)?;
         let ff = &self.feed_forward;
         let w13 = Tensor::cat(&[&ff.w1.weight, &ff.w3.weight], 0)?;
-        let h13 = block::norm_linear(&h, &self.ffn_norm.weight, &w13, self.ffn_norm.eps)?;
+        let h13 = block::norm_linear(&h, &self.ffn_norm.weight, &w13, self.ffn_norm.eps, gemm)?;
         let mask_f = match ctx.as_deref_mut() {
             Some(c) => dropout_mask(n, c.ffn, c.rng),
             None => None,
         };
-        Ok(block::swiglu_linear_residual(&h13, &ff.w2.weight, &h, mask_f)?)
+        Ok(block::swiglu_linear_residual(&h13, &ff.w2.weight, &h, mask_f, gemm)?)
     }
 
     /// `[w1; w3]` stacked, for the fused feed-forward. Inference loops compute it once per
@@ -296,12 +308,13 @@ impl Block {
             use crate::kernels::block;
             let (r, _, dim) = x.dims3()?;
             let a = &self.attention;
-            let qkv = block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps)?;
+            let gemm = a.ops.gemm();
+            let qkv = block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps, gemm)?;
             let qkv = rope::apply_qkv(&qkv.reshape((r, 3 * dim))?, rope, a.n_head)?;
             let host = qkv.flatten_all()?.to_vec1::<f32>()?;
             let o = cache.step(rows, &host, &host[dim..], &host[2 * dim..], 3 * dim)?;
             let o = Tensor::from_vec(o, (r, 1, dim), x.device())?;
-            let h = block::linear_residual(&o, &a.wo.weight, x, None)?;
+            let h = block::linear_residual(&o, &a.wo.weight, x, None, gemm)?;
             let stacked;
             let w13 = match w13 {
                 Some(w) => w,
@@ -310,8 +323,8 @@ impl Block {
                     &stacked
                 }
             };
-            let h13 = block::norm_linear(&h, &self.ffn_norm.weight, w13, self.ffn_norm.eps)?;
-            return Ok(block::swiglu_linear_residual(&h13, &self.feed_forward.w2.weight, &h, None)?);
+            let h13 = block::norm_linear(&h, &self.ffn_norm.weight, w13, self.ffn_norm.eps, gemm)?;
+            return Ok(block::swiglu_linear_residual(&h13, &self.feed_forward.w2.weight, &h, None, gemm)?);
         }
         let h = (x + self.attention.forward_ragged(&self.attention_norm.forward(x)?, rope, cache, rows)?)?;
         Ok((&h + self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?)?)

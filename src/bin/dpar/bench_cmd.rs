@@ -17,7 +17,7 @@ pub struct SpeedArgs {
     /// prefixed `dpar-` (dpar-mnist, dpar-b, …).
     #[arg(long, default_value = "bench,mnist,dpar-mnist")]
     models: String,
-    /// Implementations to time (comma separated): fused, stock.
+    /// Implementations to time (comma separated): stock, fused, bf16.
     #[arg(long, default_value = "stock,fused")]
     ops: String,
     #[arg(long, default_value_t = 16)]
@@ -54,7 +54,8 @@ fn speed(args: SpeedArgs) -> Result<()> {
             let kind = match ops {
                 "fused" => dpar::nn::Ops::Fused,
                 "stock" => dpar::nn::Ops::Stock,
-                other => anyhow::bail!("--ops: unknown `{other}` (fused, stock)"),
+                "bf16" => dpar::nn::Ops::Bf16,
+                other => anyhow::bail!("--ops: unknown `{other}` (fused, stock, bf16)"),
             };
             let label = format!("{name} ({ops})");
             if let Some(preset) = name.strip_prefix("dpar-") {

@@ -1,0 +1,245 @@
+//! A bf16 GEMM for the optional mixed-precision path: operands are rounded to bfloat16 while
+//! they are packed, products are accumulated in f32 (AVX512-BF16's `vdpbf16ps`: 16 lanes, each
+//! a dot product of two bf16 pairs, twice the multiply rate of f32 FMA). Master weights,
+//! activations outside the matmuls and all reductions stay f32.
+//!
+//! Blocking (Goto style): K in blocks of 256, the B block packed once into 32-column panels of
+//! bf16 pairs, row blocks of A packed per thread into 6-row panels; a 6×32 micro-kernel keeps
+//! twelve 16-lane accumulators in registers. Rows of C are spread over rayon's threads.
+//!
+//! Without AVX512-BF16 at run time the same bf16-rounded operands go through faer's f32 GEMM:
+//! identical numbers, no speed-up.
+
+use rayon::prelude::*;
+
+const MR: usize = 6;
+const NR: usize = 32;
+const KC: usize = 256;
+/// Rows of C per rayon task.
+const MC: usize = 8 * MR;
+
+/// f32 → bf16 bits, round to nearest even (NaN stays NaN). Branch-free, so loops vectorise.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1))) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    let is_nan = (bits & 0x7FFF_FFFF) > 0x7F80_0000;
+    (if is_nan { quiet_nan } else { rounded }) as u16
+}
+
+/// bf16 bits → f32.
+#[inline(always)]
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Rounds every value to the nearest bf16 (in f32 storage).
+pub fn round_slice(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| from_bf16(to_bf16(v))).collect()
+}
+
+fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dst (m×n) = [dst +] op(a)·op(b)` with bf16 operands and f32 accumulation; the layout
+/// conventions of [`super::matmul::faer_gemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "bf16_gemm: slices too small for {m}×{n}×{k}");
+    if !accumulate {
+        dst[..m * n].fill(0.0);
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    if !available() {
+        super::matmul::faer_gemm(dst, m, n, k, &round_slice(&a[..m * k]), trans_a, &round_slice(&b[..k * n]), trans_b, true);
+        return;
+    }
+    let n_panels = n.div_ceil(NR);
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let kp = kc.div_ceil(2);
+        // Pack B: panel jp holds, per k-pair q, 32 columns of (B[2q][j], B[2q+1][j]) words.
+        let mut bp = vec![0u32; n_panels * kp * NR];
+        bp.par_chunks_mut(kp * NR).enumerate().for_each(|(jp, panel)| {
+            let j0 = jp * NR;
+            let cols = NR.min(n - j0);
+            if trans_b {
+                // B[p][j] = b[j·k + p]: the pair of column j is contiguous in row j of b.
+                let mut words = vec![0u32; kp];
+                for c in 0..cols {
+                    pack_pairs(&b[(j0 + c) * k + k0..(j0 + c) * k + k0 + kc], &mut words);
+                    for q in 0..kp {
+                        panel[q * NR + c] = words[q];
+                    }
+                }
+            } else {
+                // B[p][j] = b[p·n + j]: pairs interleave rows 2q and 2q + 1.
+                for q in 0..kp {
+                    let p = k0 + 2 * q;
+                    let lo = &b[p * n + j0..p * n + j0 + cols];
+                    let hi = (p + 1 < k0 + kc).then(|| &b[(p + 1) * n + j0..(p + 1) * n + j0 + cols]);
+                    interleave(lo, hi, &mut panel[q * NR..q * NR + cols]);
+                }
+            }
+        });
+        // Rows of C in blocks of MC = 8·MR per rayon task (enough work to amortise the task),
+        // each packing its own A panels.
+        dst[..m * n].par_chunks_mut(MC * n).enumerate().for_each(|(blk, cblock)| {
+            let mut ap = vec![0u32; kp * MR];
+            let mut words = vec![0u32; kp.max(MR)];
+            let block_rows = MC.min(m - blk * MC);
+            for sub in (0..block_rows).step_by(MR) {
+                let i0 = blk * MC + sub;
+                let rows = MR.min(block_rows - sub);
+                if trans_a {
+                    // A[i][p] = a[p·m + i]: pairs interleave rows 2q and 2q + 1 of a.
+                    for q in 0..kp {
+                        let p = k0 + 2 * q;
+                        let lo = &a[p * m + i0..p * m + i0 + rows];
+                        let hi = (p + 1 < k0 + kc).then(|| &a[(p + 1) * m + i0..(p + 1) * m + i0 + rows]);
+                        interleave(lo, hi, &mut words[..rows]);
+                        ap[q * MR..q * MR + rows].copy_from_slice(&words[..rows]);
+                    }
+                } else {
+                    for r in 0..rows {
+                        pack_pairs(&a[(i0 + r) * k + k0..(i0 + r) * k + k0 + kc], &mut words[..kp]);
+                        for q in 0..kp {
+                            ap[q * MR + r] = words[q];
+                        }
+                    }
+                }
+                for jp in 0..n_panels {
+                    let cols = NR.min(n - jp * NR);
+                    let panel = &bp[jp * kp * NR..(jp + 1) * kp * NR];
+                    // SAFETY: the kernel reads kp·MR words of `ap` and kp·NR of `panel`, and
+                    // writes rows < `rows`, columns < `cols` (row stride n) inside `cblock`.
+                    unsafe { kernel(kp, &ap, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols) };
+                }
+            }
+        });
+    }
+}
+
+/// Packs consecutive pairs of a row into 32-bit words (low half = even element), zero-padding
+/// an odd tail: the row converted to bf16 in order, read as pairs.
+#[inline]
+fn pack_pairs(row: &[f32], words: &mut [u32]) {
+    let pairs = row.len() / 2;
+    for (q, w) in words.iter_mut().enumerate().take(pairs) {
+        *w = to_bf16(row[2 * q]) as u32 | (to_bf16(row[2 * q + 1]) as u32) << 16;
+    }
+    if row.len() % 2 == 1 {
+        words[pairs] = to_bf16(row[row.len() - 1]) as u32;
+    }
+}
+
+/// Words `(lo[i], hi[i])` for two rows (hi absent: zero).
+#[inline]
+fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+    match hi {
+        Some(hi) => {
+            for i in 0..out.len() {
+                out[i] = to_bf16(lo[i]) as u32 | (to_bf16(hi[i]) as u32) << 16;
+            }
+        }
+        None => {
+            for i in 0..out.len() {
+                out[i] = to_bf16(lo[i]) as u32;
+            }
+        }
+    }
+}
+
+/// The 6×32 micro-kernel: C[r][j] += Σ_q A-pair(r, q) · B-pair(q, j).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel(kp: usize, a: &[u32], b: &[u32], c: &mut [f32], ldc: usize, rows: usize, cols: usize) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let ap = a.as_ptr() as *const i32;
+    let bptr = b.as_ptr();
+    for q in 0..kp {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bptr.add(q * NR) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bptr.add(q * NR + 16) as *const _));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(q * MR + r)));
+            row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+            row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+        }
+    }
+    for (r, row) in acc.iter().enumerate().take(rows) {
+        let base = c.as_mut_ptr().add(r * ldc);
+        for (h, v) in row.iter().enumerate() {
+            let lo = h * 16;
+            if lo >= cols {
+                break;
+            }
+            let live = (cols - lo).min(16);
+            let mask: __mmask16 = if live == 16 { 0xFFFF } else { (1u16 << live) - 1 };
+            let ptr = base.add(lo);
+            let old = _mm512_maskz_loadu_ps(mask, ptr);
+            _mm512_mask_storeu_ps(ptr, mask, _mm512_add_ps(old, *v));
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_kp: usize, _a: &[u32], _b: &[u32], _c: &mut [f32], _ldc: usize, _rows: usize, _cols: usize) {
+    unreachable!("bf16 kernel is only dispatched on x86_64 with AVX512-BF16")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        assert_eq!(from_bf16(to_bf16(1.0)), 1.0);
+        // 1 + 2^-8 lies exactly between bf16 neighbours 1 and 1 + 2^-7: ties go to even (1).
+        assert_eq!(from_bf16(to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        assert_eq!(from_bf16(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+    }
+
+    /// The bf16 GEMM equals an f64 product of the bf16-rounded operands (up to f32 summation),
+    /// for every transpose and for sizes that exercise every edge (odd K, partial panels).
+    #[test]
+    fn bf16_gemm_matches_the_product_of_rounded_operands() {
+        for &(m, n, k) in &[(13, 45, 37), (6, 32, 2), (1, 1, 1), (70, 33, 600)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let mut got = vec![0.5f32; m * n];
+                    bf16_gemm(&mut got, m, n, k, &a, ta, &b, tb, true);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|p| {
+                                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                                    from_bf16(to_bf16(av)) as f64 * from_bf16(to_bf16(bv)) as f64
+                                })
+                                .sum::<f64>()
+                                + 0.5;
+                            let err = (got[i * n + j] as f64 - want).abs();
+                            assert!(err < 1e-3 * (1.0 + want.abs()), "{m}×{n}×{k} ta {ta} tb {tb} [{i},{j}]: {} vs {want}", got[i * n + j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
