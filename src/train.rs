@@ -271,13 +271,17 @@ fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Re
 }
 
 /// Settings that may change between an interrupted run and its resumption: the total number of
-/// steps and the logging/checkpoint cadence. Everything else must match.
+/// steps, the logging/checkpoint cadence and the kernel implementation (`model.ops`: the same
+/// maths). Everything else must match.
 fn strip_resumable(config: &serde_json::Value) -> serde_json::Value {
     let mut c = config.clone();
     if let Some(lp) = c.get_mut("train").and_then(|t| t.as_object_mut()) {
         for key in ["steps", "log_every", "checkpoint_every", "eval_every"] {
             lp.remove(key);
         }
+    }
+    if let Some(m) = c.get_mut("model").and_then(|t| t.as_object_mut()) {
+        m.remove("ops");
     }
     c
 }

@@ -100,3 +100,42 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
         }
     }
 }
+
+#[derive(Args, Debug)]
+pub struct PlotLogsArgs {
+    /// Run folders or log.jsonl files, each as NAME=PATH or PATH.
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+    /// The metric to plot (a key of the log lines).
+    #[arg(long, default_value = "loss")]
+    pub metric: String,
+    #[arg(long, default_value = "out/losses.png")]
+    pub out: PathBuf,
+    /// Linear y axis (default: log scale).
+    #[arg(long)]
+    pub linear: bool,
+}
+
+pub fn plot_logs(args: PlotLogsArgs) -> Result<()> {
+    let mut series = Vec::new();
+    for spec in &args.runs {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+            None => (spec.clone(), PathBuf::from(spec)),
+        };
+        let log = if path.is_dir() { path.join("log.jsonl") } else { path };
+        let text = std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+        let points: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(&args.metric)?.as_f64()?)))
+            .collect();
+        if points.is_empty() {
+            bail!("{}: no `{}` values", log.display(), args.metric);
+        }
+        series.push(dpar::plot::Series { name, points });
+    }
+    dpar::plot::line_plot(&args.out, &args.metric, "step", &args.metric, &series, !args.linear)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

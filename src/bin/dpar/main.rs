@@ -45,6 +45,8 @@ enum Command {
     /// Speed and quality benchmarks.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
+    /// Overlay the loss curves of several runs (their log.jsonl) in one PNG.
+    PlotLogs(common::PlotLogsArgs),
 }
 
 fn main() {
@@ -67,6 +69,7 @@ fn main() {
         Command::Train(args) => train_cmd::train(args),
         Command::Sample(args) => sample_cmd::sample(args),
         Command::Bench(cmd) => bench_cmd::run(cmd),
+        Command::PlotLogs(args) => common::plot_logs(args),
         Command::Entropy(cmd) => patch_cmd::run_entropy(cmd),
         Command::Patchify(args) => patch_cmd::run_patchify(args),
     };

@@ -88,8 +88,29 @@ pub struct TrainArgs {
     /// DPAR: position encoding of the patch transformer (paper Table 9).
     #[arg(long, value_enum)]
     pub patch_rope: Option<PatchRopeArg>,
+    /// Kernels: `fused` (our CPU kernels, default), `bf16` (fused with bf16 matmul operands and
+    /// f32 accumulation) or `stock` (candle's composed ops, the reference).
+    #[arg(long, value_enum)]
+    pub ops: Option<OpsArg>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum OpsArg {
+    Fused,
+    Bf16,
+    Stock,
+}
+
+impl From<OpsArg> for dpar::nn::Ops {
+    fn from(a: OpsArg) -> Self {
+        match a {
+            OpsArg::Fused => Self::Fused,
+            OpsArg::Bf16 => Self::Bf16,
+            OpsArg::Stock => Self::Stock,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -210,6 +231,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         config.model.ffn_dropout = p;
     }
     if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
+    if let Some(o) = args.ops { config.model.ops = o.into(); }
     if args.no_flip { config.use_flip = false; }
     if train.info.tokenizer_id != config.tokenizer_id {
         bail!(
@@ -292,6 +314,7 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
         config.model.ffn_dropout = p;
     }
     if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
+    if let Some(o) = args.ops { config.model.ops = o.into(); }
     if args.no_flip { config.use_flip = false; }
     if let Some(r) = args.patch_rope { config.model.patch_rope = r.into(); }
     config.model.patch = args.patch.apply(config.model.patch);
