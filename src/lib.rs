@@ -27,6 +27,7 @@ pub mod bench;
 pub mod data;
 pub mod dpar;
 pub mod entropy;
+pub mod eval;
 pub mod flops;
 pub mod gpt;
 pub mod kernels;
