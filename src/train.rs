@@ -210,9 +210,32 @@ pub struct RunPaths {
     pub config: PathBuf,
     pub log: PathBuf,
     pub loss_png: PathBuf,
+    pub snapshots: PathBuf,
 }
 
 impl RunPaths {
+    /// The weights saved at `step` (every `eval_every` steps).
+    pub fn snapshot(&self, step: u64) -> PathBuf {
+        self.snapshots.join(format!("model-step{step:07}.safetensors"))
+    }
+
+    /// Every snapshot of the run, sorted by step.
+    pub fn list_snapshots(&self) -> Vec<(u64, PathBuf)> {
+        let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.snapshots)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter_map(|p| {
+                        let name = p.file_name()?.to_str()?.to_string();
+                        let step = name.strip_prefix("model-step")?.strip_suffix(".safetensors")?.parse().ok()?;
+                        Some((step, p))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
     pub fn new(out_dir: &Path) -> Self {
         Self {
             checkpoint: out_dir.join("checkpoint.safetensors"),
@@ -220,6 +243,7 @@ impl RunPaths {
             config: out_dir.join("config.json"),
             log: out_dir.join("log.jsonl"),
             loss_png: out_dir.join("loss.png"),
+            snapshots: out_dir.join("snapshots"),
         }
     }
 }
@@ -390,6 +414,14 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: boo
                 for (k, v) in task.validate().map_err(TrainError::Task)? {
                     record.insert(format!("val_{k}"), v.into());
                 }
+            }
+            if config.eval_every > 0 && done % config.eval_every == 0 {
+                // Weight snapshots at every evaluation step, for quality-vs-steps curves.
+                let mut meta = BTreeMap::new();
+                meta.insert("format".to_string(), "dpar-weights-v1".to_string());
+                meta.insert("step".to_string(), done.to_string());
+                meta.insert("config".to_string(), serde_json::to_string_pretty(&task.config_json()).unwrap_or_default());
+                task.params().save(&paths.snapshot(done), &meta)?;
             }
             crate::util::append_line(&paths.log, &serde_json::Value::Object(record).to_string())?;
             let extra: String = metrics.iter().take(3).map(|(k, v)| format!(" {k} {v:.4}")).collect();

@@ -3,6 +3,7 @@
 
 mod bench_cmd;
 mod common;
+mod eval_cmd;
 mod patch_cmd;
 mod sample_cmd;
 mod tokenizer_cmd;
@@ -45,6 +46,9 @@ enum Command {
     /// Speed and quality benchmarks.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
+    /// Quality metrics in a classifier's feature space (FD, IS, precision/recall, accuracy).
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCmd),
     /// Overlay the loss curves of several runs (their log.jsonl) in one PNG.
     PlotLogs(common::PlotLogsArgs),
 }
@@ -70,6 +74,7 @@ fn main() {
         Command::Sample(args) => sample_cmd::sample(args),
         Command::Bench(cmd) => bench_cmd::run(cmd),
         Command::PlotLogs(args) => common::plot_logs(args),
+        Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::Entropy(cmd) => patch_cmd::run_entropy(cmd),
         Command::Patchify(args) => patch_cmd::run_patchify(args),
     };
