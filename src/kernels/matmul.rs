@@ -8,8 +8,26 @@
 //! # Shapes
 //! x (N, in), w (out, in) → y (N, out)
 
+use std::cell::Cell;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
+
+thread_local! {
+    /// FLOPs (2·m·n·k) of every dense GEMM this thread ran through [`Gemm::run`] /
+    /// [`faer_gemm`] since the last [`take_flop_count`] (ops run on the calling thread), so the
+    /// analytic FLOP formulas can be checked against counted shapes.
+    static GEMM_FLOPS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Returns the GEMM FLOPs this thread counted since the previous call and resets the counter.
+pub fn take_flop_count() -> u64 {
+    GEMM_FLOPS.with(|c| c.replace(0))
+}
+
+fn count(m: usize, n: usize, k: usize) {
+    GEMM_FLOPS.with(|c| c.set(c.get() + 2 * (m * n * k) as u64));
+}
 
 use super::{cpu_f32, with_f32};
 
@@ -18,6 +36,7 @@ use super::{cpu_f32, with_f32};
 #[allow(clippy::too_many_arguments)]
 pub fn faer_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "faer_gemm: slices too small for {m}×{n}×{k}");
+    count(m, n, k);
     let a = if trans_a { MatRef::from_row_major_slice(&a[..m * k], k, m).transpose() } else { MatRef::from_row_major_slice(&a[..m * k], m, k) };
     let b = if trans_b { MatRef::from_row_major_slice(&b[..k * n], n, k).transpose() } else { MatRef::from_row_major_slice(&b[..k * n], k, n) };
     let c = MatMut::from_row_major_slice_mut(&mut dst[..m * n], m, n);
@@ -38,7 +57,10 @@ impl Gemm {
     pub fn run(self, dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
         match self {
             Gemm::F32 => faer_gemm(dst, m, n, k, a, trans_a, b, trans_b, accumulate),
-            Gemm::Bf16 => super::bf16::bf16_gemm(dst, m, n, k, a, trans_a, b, trans_b, accumulate),
+            Gemm::Bf16 => {
+                count(m, n, k);
+                super::bf16::bf16_gemm(dst, m, n, k, a, trans_a, b, trans_b, accumulate)
+            }
         }
     }
 }
