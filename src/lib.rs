@@ -28,6 +28,7 @@ pub mod data;
 pub mod dpar;
 pub mod entropy;
 pub mod eval;
+pub mod experiments;
 pub mod flops;
 pub mod gpt;
 pub mod kernels;
