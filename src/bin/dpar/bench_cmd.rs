@@ -5,6 +5,16 @@ use clap::{Args, Subcommand};
 
 use crate::common::DeviceArgs;
 
+/// `dpar bench` alone runs the side-by-side comparison; `dpar bench speed` times the kernels.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    cmd: Option<BenchCmd>,
+    #[command(flatten)]
+    side: crate::experiment_cmd::SideBySideArgs,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Medians over repeated steps after warm-up, with GFLOP/s.
@@ -39,9 +49,10 @@ pub struct SpeedArgs {
     device: DeviceArgs,
 }
 
-pub fn run(cmd: BenchCmd) -> Result<()> {
-    match cmd {
-        BenchCmd::Speed(args) => speed(args),
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.cmd {
+        Some(BenchCmd::Speed(a)) => speed(a),
+        None => crate::experiment_cmd::side_by_side(args.side),
     }
 }
 

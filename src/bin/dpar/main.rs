@@ -4,6 +4,7 @@
 mod bench_cmd;
 mod common;
 mod eval_cmd;
+mod experiment_cmd;
 mod patch_cmd;
 mod sample_cmd;
 mod tokenizer_cmd;
@@ -43,9 +44,11 @@ enum Command {
     Entropy(patch_cmd::EntropyCmd),
     /// Patch statistics, threshold calibration and patch pictures.
     Patchify(patch_cmd::PatchifyArgs),
-    /// Speed and quality benchmarks.
+    /// Side-by-side benchmark of the baseline and DPAR (`dpar bench`), or speed (`dpar bench speed`).
+    Bench(bench_cmd::BenchArgs),
+    /// The paper's ablations as commands (small scale).
     #[command(subcommand)]
-    Bench(bench_cmd::BenchCmd),
+    Ablate(experiment_cmd::AblateCmd),
     /// Quality metrics in a classifier's feature space (FD, IS, precision/recall, accuracy).
     #[command(subcommand)]
     Eval(eval_cmd::EvalCmd),
@@ -72,7 +75,8 @@ fn main() {
         Command::Tokenize(args) => tokenizer_cmd::tokenize(args),
         Command::Train(args) => train_cmd::train(args),
         Command::Sample(args) => sample_cmd::sample(args),
-        Command::Bench(cmd) => bench_cmd::run(cmd),
+        Command::Bench(args) => bench_cmd::run(args),
+        Command::Ablate(cmd) => experiment_cmd::ablate(cmd),
         Command::PlotLogs(args) => common::plot_logs(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::Entropy(cmd) => patch_cmd::run_entropy(cmd),
