@@ -131,7 +131,14 @@ impl ClassifierTrainConfig {
             seed: 0,
             batch_size: 128,
             data: data.into(),
-            train: LoopConfig { steps: 1500, adamw: AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..Default::default() }, log_every: 50, checkpoint_every: 500, ..Default::default() },
+            train: LoopConfig {
+                steps: 3000,
+                adamw: AdamWConfig { lr: 2e-3, weight_decay: 0.0, ..Default::default() },
+                schedule: crate::optim::LrSchedule { warmup_steps: 100, cosine: true, min_lr: 0.0 },
+                log_every: 50,
+                checkpoint_every: 1000,
+                ..Default::default()
+            },
         }
     }
 }

@@ -139,3 +139,44 @@ pub fn plot_logs(args: PlotLogsArgs) -> Result<()> {
     println!("wrote {}", args.out.display());
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A weight file (or run folder with model.safetensors) written by dpar.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Output weight file.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Storage type: f32, f16 or bf16 (loading converts back to f32).
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+}
+
+/// Copies weights with their metadata (config) in another storage type, e.g. to ship small files.
+pub fn export(args: ExportArgs) -> Result<()> {
+    let file = if args.from.is_dir() { args.from.join("model.safetensors") } else { args.from.clone() };
+    let dtype = match args.dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    };
+    let loaded = dpar::tensor_io::read_safetensors(&file, &candle_core::Device::Cpu)?;
+    let mut tensors: Vec<(String, candle_core::Tensor)> = Vec::with_capacity(loaded.tensors.len());
+    for (name, t) in loaded.tensors {
+        let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+        tensors.push((name, t));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta: std::collections::BTreeMap<String, String> = loaded.metadata.into_iter().collect();
+    dpar::tensor_io::write_safetensors(&args.to, &tensors, &meta)?;
+    let size = std::fs::metadata(&args.to).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({} tensors as {}, {:.1} MB)", args.to.display(), tensors.len(), args.dtype, size as f64 / 1e6);
+    if let Some(parent) = args.to.parent() {
+        if let Ok(config) = std::fs::read_to_string(file.with_file_name("config.json")) {
+            dpar::util::write_atomic(&parent.join("config.json"), config.as_bytes())?;
+        }
+    }
+    Ok(())
+}

@@ -28,7 +28,7 @@ pub struct TrainClassifierArgs {
     device: DeviceArgs,
     #[arg(long, default_value = "runs/classifier")]
     out: PathBuf,
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 3000)]
     steps: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,

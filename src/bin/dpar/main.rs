@@ -52,6 +52,8 @@ enum Command {
     /// Quality metrics in a classifier's feature space (FD, IS, precision/recall, accuracy).
     #[command(subcommand)]
     Eval(eval_cmd::EvalCmd),
+    /// Copy weights (with their config) in another storage type, e.g. f16 for shipping.
+    Export(common::ExportArgs),
     /// Overlay the loss curves of several runs (their log.jsonl) in one PNG.
     PlotLogs(common::PlotLogsArgs),
 }
@@ -78,6 +80,7 @@ fn main() {
         Command::Bench(args) => bench_cmd::run(args),
         Command::Ablate(cmd) => experiment_cmd::ablate(cmd),
         Command::PlotLogs(args) => common::plot_logs(args),
+        Command::Export(args) => common::export(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::Entropy(cmd) => patch_cmd::run_entropy(cmd),
         Command::Patchify(args) => patch_cmd::run_patchify(args),

@@ -211,8 +211,10 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     let entropy_file = if args.entropy_model.is_dir() { args.entropy_model.join("model.safetensors") } else { args.entropy_model.clone() };
     let entropy_id = dpar::util::sha256_file(&entropy_file)?;
     if entropy_id != train_config.entropy_model_id {
-        bail!(
-            "{}: this entropy model ({}…) is not the one the DPAR model was trained with ({}…)",
+        // The architecture is checked by the generator; a different file (e.g. the same model
+        // exported to f16 for shipping) only shifts entropies slightly.
+        tracing::warn!(
+            "{}: this entropy model file ({}…) is not the one the DPAR model was trained with ({}…); patch boundaries may differ slightly from training",
             args.entropy_model.display(),
             &entropy_id[..12],
             &train_config.entropy_model_id[..12.min(train_config.entropy_model_id.len())]
@@ -274,7 +276,17 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
         "patch_lengths": lengths,
     });
     let grid = mc.grid_size;
-    let show = args.show_patches;
-    let decorate = move |i: usize, img: image::RgbImage| if show { dpar::viz::patch_overlay(&img, grid, &lengths[i]) } else { img };
-    write_outputs(SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }, &device, &decorate)
+    write_outputs(SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record: record.clone() }, &device, &|_, img| img)?;
+    if args.show_patches {
+        // The same samples with their patch boundaries, one colour per patch.
+        let decorate = |i: usize, img: image::RgbImage| dpar::viz::patch_overlay(&img, grid, &lengths[i]);
+        let patches_dir = args.out.join("with-patches");
+        write_outputs(SampleOutput { out: &patches_dir, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }, &device, &decorate)?;
+        let from = patches_dir.join("samples.png");
+        let to = args.out.join("samples-patches.png");
+        std::fs::rename(&from, &to).with_context(|| format!("moving {}", from.display()))?;
+        std::fs::remove_dir_all(&patches_dir).ok();
+        println!("wrote {} (patch boundaries drawn)", to.display());
+    }
+    Ok(())
 }
