@@ -92,7 +92,7 @@ pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>>
     Ok(out)
 }
 
-/// Writes the grid (one row per class), the codes and a JSON record; prints a summary.
+/// What a sampling run produced.
 pub struct SampleOutput<'a> {
     pub out: &'a std::path::Path,
     pub tokenizer: &'a Tokenizer,
@@ -102,44 +102,66 @@ pub struct SampleOutput<'a> {
     pub record: serde_json::Value,
 }
 
-pub fn write_outputs(o: SampleOutput, device: &candle_core::Device, decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage) -> Result<()> {
-    std::fs::create_dir_all(o.out).with_context(|| format!("creating {}", o.out.display()))?;
-    let l = o.tokenizer.config.seq_len();
-    let flat: Vec<u32> = o.codes.iter().flatten().copied().collect();
-    let codes = candle_core::Tensor::from_vec(flat.clone(), (o.codes.len(), l), device)?;
-    let mut images = Vec::with_capacity(o.codes.len());
-    for start in (0..o.codes.len()).step_by(100) {
-        let n = (o.codes.len() - start).min(100);
-        images.extend(dpar::viz::tensor_to_images(&o.tokenizer.decode(&codes.narrow(0, start, n)?)?)?);
+impl SampleOutput<'_> {
+    /// Decodes every sample to an RGB image, scaled up for viewing.
+    fn images(&self, device: &candle_core::Device) -> Result<Vec<image::RgbImage>> {
+        let l = self.tokenizer.config.seq_len();
+        let flat: Vec<u32> = self.codes.iter().flatten().copied().collect();
+        let codes = candle_core::Tensor::from_vec(flat, (self.codes.len(), l), device)?;
+        let scale = (96 / self.tokenizer.config.image_size as u32).max(1);
+        let mut images = Vec::with_capacity(self.codes.len());
+        for start in (0..self.codes.len()).step_by(100) {
+            let n = (self.codes.len() - start).min(100);
+            images.extend(dpar::viz::tensor_to_images(&self.tokenizer.decode(&codes.narrow(0, start, n)?)?)?.iter().map(|i| dpar::viz::upscale(i, scale)));
+        }
+        Ok(images)
     }
-    let scale = (96 / o.tokenizer.config.image_size as u32).max(1);
-    let rows: Vec<Vec<image::RgbImage>> = o
-        .classes
-        .iter()
-        .enumerate()
-        .map(|(r, _)| (0..o.per_class).map(|j| decorate(r * o.per_class + j, dpar::viz::upscale(&images[r * o.per_class + j], scale))).collect())
-        .collect();
-    let png = o.out.join("samples.png");
-    dpar::viz::save_png(&dpar::viz::grid(&rows, 4), &png)?;
-    let labels: Vec<u32> = o.classes.iter().flat_map(|&c| std::iter::repeat_n(c, o.per_class)).collect();
-    let shard = dpar::data::shards::CodeShard {
-        info: dpar::data::shards::ShardInfo {
-            grid_size: o.tokenizer.config.grid_size(),
-            codebook_size: o.tokenizer.config.codebook_size,
-            num_classes: o.classes.iter().copied().max().unwrap_or(0) as usize + 1,
-            class_names: (0..=o.classes.iter().copied().max().unwrap_or(0)).map(|c| c.to_string()).collect(),
-            tokenizer_id: o.tokenizer.id.clone(),
-        },
-        codes: flat,
-        labels,
-        flip_codes: None,
-    };
-    let codes_path = o.out.join("codes.safetensors");
-    dpar::data::shards::write_shard(&codes_path, &shard)?;
-    let json = o.out.join("sample.json");
-    dpar::util::write_atomic(&json, serde_json::to_string_pretty(&o.record)?.as_bytes())?;
-    println!("wrote {} (one row per class), {} and {}", png.display(), codes_path.display(), json.display());
-    Ok(())
+
+    /// A grid with one row per class; `decorate` may draw on each image (index, image).
+    fn write_grid(&self, images: &[image::RgbImage], path: &std::path::Path, decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage) -> Result<()> {
+        let rows: Vec<Vec<image::RgbImage>> = (0..self.classes.len())
+            .map(|r| (0..self.per_class).map(|j| decorate(r * self.per_class + j, images[r * self.per_class + j].clone())).collect())
+            .collect();
+        dpar::viz::save_png(&dpar::viz::grid(&rows, 4), path)?;
+        Ok(())
+    }
+
+    /// Writes samples.png, codes.safetensors (a code shard with the requested labels) and
+    /// sample.json; with `patches`, also samples-patches.png with each image's patches drawn.
+    pub fn write(&self, device: &candle_core::Device, patches: Option<(usize, &[Vec<usize>])>) -> Result<()> {
+        std::fs::create_dir_all(self.out).with_context(|| format!("creating {}", self.out.display()))?;
+        let images = self.images(device)?;
+        let png = self.out.join("samples.png");
+        self.write_grid(&images, &png, &|_, img| img)?;
+        let mut written = vec![png];
+        if let Some((grid, lengths)) = patches {
+            let path = self.out.join("samples-patches.png");
+            self.write_grid(&images, &path, &|i, img| dpar::viz::patch_overlay(&img, grid, &lengths[i]))?;
+            written.push(path);
+        }
+        let max_class = self.classes.iter().copied().max().unwrap_or(0);
+        let shard = dpar::data::shards::CodeShard {
+            info: dpar::data::shards::ShardInfo {
+                grid_size: self.tokenizer.config.grid_size(),
+                codebook_size: self.tokenizer.config.codebook_size,
+                num_classes: max_class as usize + 1,
+                class_names: (0..=max_class).map(|c| c.to_string()).collect(),
+                tokenizer_id: self.tokenizer.id.clone(),
+            },
+            codes: self.codes.iter().flatten().copied().collect(),
+            labels: self.classes.iter().flat_map(|&c| std::iter::repeat_n(c, self.per_class)).collect(),
+            flip_codes: None,
+        };
+        let codes_path = self.out.join("codes.safetensors");
+        dpar::data::shards::write_shard(&codes_path, &shard)?;
+        let json = self.out.join("sample.json");
+        dpar::util::write_atomic(&json, serde_json::to_string_pretty(&self.record)?.as_bytes())?;
+        written.extend([codes_path, json]);
+        for p in written {
+            println!("wrote {}", p.display());
+        }
+        Ok(())
+    }
 }
 
 pub fn sample(args: SampleArgs) -> Result<()> {
@@ -202,7 +224,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         "codes_per_s": tokens_per_s,
         "steps_per_image": mc.seq_len(),
     });
-    write_outputs(SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }, &device, &|_, img| img)
+    SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }.write(&device, None)
 }
 
 fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::Device) -> Result<()> {
@@ -275,18 +297,7 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
         "patch_steps_per_image": mean_steps,
         "patch_lengths": lengths,
     });
-    let grid = mc.grid_size;
-    write_outputs(SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record: record.clone() }, &device, &|_, img| img)?;
-    if args.show_patches {
-        // The same samples with their patch boundaries, one colour per patch.
-        let decorate = |i: usize, img: image::RgbImage| dpar::viz::patch_overlay(&img, grid, &lengths[i]);
-        let patches_dir = args.out.join("with-patches");
-        write_outputs(SampleOutput { out: &patches_dir, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }, &device, &decorate)?;
-        let from = patches_dir.join("samples.png");
-        let to = args.out.join("samples-patches.png");
-        std::fs::rename(&from, &to).with_context(|| format!("moving {}", from.display()))?;
-        std::fs::remove_dir_all(&patches_dir).ok();
-        println!("wrote {} (patch boundaries drawn)", to.display());
-    }
+    let output = SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record };
+    output.write(&device, args.show_patches.then_some((mc.grid_size, lengths.as_slice())))?;
     Ok(())
 }
