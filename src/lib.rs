@@ -25,6 +25,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod dpar;
 pub mod entropy;
 pub mod eval;

@@ -64,6 +64,25 @@ pub struct StepOutput {
     pub tokens: usize,
 }
 
+/// One of `count` equal, contiguous parts of a step's global batch (data-parallel ranks ×
+/// gradient-accumulation micro-batches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Part {
+    /// The part of `items` this is (the global batch must divide evenly).
+    pub fn slice<'a, T>(&self, items: &'a [T]) -> std::result::Result<&'a [T], String> {
+        if self.count == 0 || items.len() % self.count != 0 {
+            return Err(format!("a batch of {} cannot be split into {} equal parts (ranks × micro-batches)", items.len(), self.count));
+        }
+        let n = items.len() / self.count;
+        Ok(&items[self.index * n..(self.index + 1) * n])
+    }
+}
+
 /// A model being trained.
 pub trait Task {
     /// The parameters to optimise.
@@ -71,6 +90,16 @@ pub trait Task {
     /// Forward pass and loss for `step` (0-based). Randomness must come from
     /// `crate::util::rng_for(seed, …, step)` so that resume is exact.
     fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String>;
+    /// Loss of one part of step `step`'s global batch (data parallelism, gradient
+    /// accumulation). Tasks that support it draw the global batch and every per-sample random
+    /// choice for the whole batch, then keep their part, so the parts of all ranks together
+    /// equal the single-process batch.
+    fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, String> {
+        if part.count == 1 {
+            return self.step_loss(step);
+        }
+        Err(format!("{} training does not support data parallelism or gradient accumulation", self.name()))
+    }
     /// Called after each optimiser step (e.g. dead-code restarts).
     fn after_step(&mut self, _step: u64) -> std::result::Result<Vec<(String, f64)>, String> {
         Ok(Vec::new())
@@ -330,11 +359,87 @@ fn truncate_log(path: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes) training of `task` into `out_dir`.
+/// Runs (or resumes) training of `task` into `out_dir` in this process alone.
 pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: bool) -> Result<TrainReport> {
+    run_parallel(task, config, out_dir, resume, &crate::dist::Single, 1)
+}
+
+/// Computes one optimiser step's gradients over `accum` micro-batches per rank, averaged over
+/// the ranks of `collective`: the global batch of the step is cut into world × accum equal
+/// parts; this rank takes parts rank·accum … rank·accum + accum − 1. Returns the summed-and-
+/// averaged gradients, the mean loss over the global batch, the last micro-batch's metrics and
+/// this rank's processed tokens.
+fn parallel_gradients(
+    task: &mut dyn Task,
+    vars: &[candle_core::Var],
+    step: u64,
+    collective: &dyn crate::dist::Collective,
+    accum: usize,
+) -> Result<(candle_core::backprop::GradStore, f64, Vec<(String, f64)>, usize)> {
+    let parts = collective.world_size() * accum;
+    let mut flat: Vec<f32> = Vec::new();
+    let mut loss_sum = 0f64;
+    let mut metrics = Vec::new();
+    let mut tokens = 0;
+    for m in 0..accum {
+        let part = Part { index: collective.rank() * accum + m, count: parts };
+        let out = task.part_loss(step, part).map_err(TrainError::Task)?;
+        loss_sum += out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let grads = (out.loss / accum as f64)?.backward()?;
+        let mut offset = 0;
+        for var in vars {
+            let n = var.elem_count();
+            if flat.len() < offset + n {
+                flat.resize(offset + n, 0.0);
+            }
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let g = g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                flat[offset..offset + n].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+            offset += n;
+        }
+        metrics = out.metrics;
+        tokens += out.tokens;
+    }
+    // The step's mean loss travels with the gradients (last value).
+    flat.push((loss_sum / accum as f64) as f32);
+    crate::dist::all_reduce_mean_bucketed(collective, &mut flat).map_err(|e| TrainError::Task(e.to_string()))?;
+    let loss = flat.pop().unwrap_or(f32::NAN) as f64;
+    let mut store = candle_core::backprop::GradStore::default();
+    let mut offset = 0;
+    for var in vars {
+        let n = var.elem_count();
+        let g = candle_core::Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?.to_dtype(var.dtype())?;
+        store.insert(var.as_tensor(), g);
+        offset += n;
+    }
+    Ok((store, loss, metrics, tokens))
+}
+
+/// Runs (or resumes) training as one rank of a data-parallel group: every rank computes the
+/// gradients of its share of each global batch (over `accum` micro-batches), the gradients are
+/// averaged over the ranks in buckets, clipped by their global norm and applied identically on
+/// every rank. Rank 0 alone writes checkpoints, logs and pictures. With one rank and one
+/// micro-batch this is the plain single-process loop.
+pub fn run_parallel(
+    task: &mut dyn Task,
+    config: &LoopConfig,
+    out_dir: &Path,
+    resume: bool,
+    collective: &dyn crate::dist::Collective,
+    accum: usize,
+) -> Result<TrainReport> {
     config.validate()?;
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| TrainError::BadConfig(format!("cannot create {}: {e}", out_dir.display())))?;
+    if accum == 0 {
+        return Err(TrainError::BadConfig("gradient accumulation needs at least one micro-batch".into()));
+    }
+    let leader = collective.rank() == 0;
+    let fast_path = collective.world_size() == 1 && accum == 1;
+    let dist_err = |e: crate::dist::DistError| TrainError::Task(e.to_string());
+    if leader {
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| TrainError::BadConfig(format!("cannot create {}: {e}", out_dir.display())))?;
+    }
     let paths = RunPaths::new(out_dir);
     let vars = task.params().vars();
     let mut opt = AdamW::new(vars.clone(), config.adamw)?;
@@ -344,25 +449,36 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: boo
         if paths.checkpoint.is_file() {
             start = load_checkpoint(task, &mut opt, &paths)?;
             resumed_from = Some(start);
-            truncate_log(&paths.log, start)?;
+            if leader {
+                truncate_log(&paths.log, start)?;
+            }
             tracing::info!("resumed {} from step {start} ({})", task.name(), paths.checkpoint.display());
         } else {
             tracing::warn!("--resume: no checkpoint at {}, starting from scratch", paths.checkpoint.display());
         }
-    } else if paths.log.exists() {
+    } else if leader && paths.log.exists() {
         std::fs::remove_file(&paths.log).map_err(|e| TrainError::BadConfig(format!("{}: {e}", paths.log.display())))?;
+    }
+    let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    if !fast_path && collective.world_size() > 1 {
+        // Every rank starts from rank 0's parameters.
+        for var in &var_list {
+            let mut values = var.as_tensor().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            collective.broadcast(&mut values, 0).map_err(dist_err)?;
+            var.set(&candle_core::Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+        }
+        tracing::info!("rank {} of {} ({} backend), {accum} micro-batch(es) per step", collective.rank(), collective.world_size(), collective.name());
     }
     if start >= config.steps {
         tracing::info!("{}: already at step {start} of {}; nothing to do", task.name(), config.steps);
     }
     let params: usize = task.params().num_params();
     tracing::info!("{}: {params} parameters, steps {start}..{}", task.name(), config.steps);
-    crate::util::write_atomic(
-        &paths.config,
-        serde_json::to_string_pretty(&task.config_json()).unwrap_or_default().as_bytes(),
-    )?;
+    if leader {
+        crate::util::write_atomic(&paths.config, serde_json::to_string_pretty(&task.config_json()).unwrap_or_default().as_bytes())?;
+    }
 
-    let bar = crate::util::progress_bar(config.steps, &task.name());
+    let bar = if leader { crate::util::progress_bar(config.steps, &task.name()) } else { indicatif::ProgressBar::hidden() };
     bar.set_position(start);
     let interactive = !bar.is_hidden();
     let t0 = Instant::now();
@@ -370,36 +486,43 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: boo
     let mut total_tokens = 0usize;
     let mut last = (f64::NAN, Vec::new());
     let mut last_checkpoint_step = resumed_from;
-    let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     for step in start..config.steps {
         let ts = Instant::now();
         opt.set_lr(config.schedule.lr(config.adamw.lr, step, config.steps));
-        let out = task.step_loss(step).map_err(TrainError::Task)?;
-        let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let ckpt_msg = || match last_checkpoint_step {
+        let ckpt_msg = |last: Option<u64>| match last {
             Some(s) => format!("{} at step {s}", paths.checkpoint.display()),
             None => "none written yet".to_string(),
         };
+        let (mut grads, loss, step_metrics, tokens) = if fast_path {
+            let out = task.step_loss(step).map_err(TrainError::Task)?;
+            let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !loss.is_finite() {
+                bar.abandon();
+                return Err(TrainError::NonFinite { step, what: "loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
+            }
+            (out.loss.backward()?, loss, out.metrics, out.tokens)
+        } else {
+            parallel_gradients(task, &var_list, step, collective, accum)?
+        };
         if !loss.is_finite() {
             bar.abandon();
-            return Err(TrainError::NonFinite { step, what: "loss".into(), value: loss, checkpoint: ckpt_msg() });
+            return Err(TrainError::NonFinite { step, what: "loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
         }
-        let mut grads = out.loss.backward()?;
         let grad_norm = clip_grad_norm(&mut grads, var_list.iter(), config.grad_clip)?;
         if !grad_norm.is_finite() {
             bar.abandon();
-            return Err(TrainError::NonFinite { step, what: "gradient norm".into(), value: grad_norm, checkpoint: ckpt_msg() });
+            return Err(TrainError::NonFinite { step, what: "gradient norm".into(), value: grad_norm, checkpoint: ckpt_msg(last_checkpoint_step) });
         }
         opt.step(&grads)?;
         drop(grads);
-        let mut metrics = out.metrics;
+        let mut metrics = step_metrics;
         metrics.extend(task.after_step(step).map_err(TrainError::Task)?);
         let dt = ts.elapsed().as_secs_f64();
         step_times.push(dt);
-        total_tokens += out.tokens;
+        total_tokens += tokens;
         let done = step + 1;
-        let throughput = out.tokens as f64 / dt;
-        if done % config.log_every == 0 || done == config.steps || done == start + 1 {
+        let throughput = tokens as f64 * collective.world_size() as f64 / dt;
+        if leader && (done % config.log_every == 0 || done == config.steps || done == start + 1) {
             let mut record = serde_json::Map::new();
             record.insert("step".into(), done.into());
             record.insert("loss".into(), loss.into());
@@ -415,14 +538,6 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: boo
                     record.insert(format!("val_{k}"), v.into());
                 }
             }
-            if config.eval_every > 0 && done % config.eval_every == 0 {
-                // Weight snapshots at every evaluation step, for quality-vs-steps curves.
-                let mut meta = BTreeMap::new();
-                meta.insert("format".to_string(), "dpar-weights-v1".to_string());
-                meta.insert("step".to_string(), done.to_string());
-                meta.insert("config".to_string(), serde_json::to_string_pretty(&task.config_json()).unwrap_or_default());
-                task.params().save(&paths.snapshot(done), &meta)?;
-            }
             crate::util::append_line(&paths.log, &serde_json::Value::Object(record).to_string())?;
             let extra: String = metrics.iter().take(3).map(|(k, v)| format!(" {k} {v:.4}")).collect();
             let msg = format!("loss {loss:.4}{extra} | {throughput:.0} {}", task.throughput_unit());
@@ -432,16 +547,24 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: boo
                 tracing::info!("{} step {done}/{}: {msg}", task.name(), config.steps);
             }
         }
+        if leader && config.eval_every > 0 && done % config.eval_every == 0 {
+            // Weight snapshots at every evaluation step, for quality-vs-steps curves.
+            let mut meta = BTreeMap::new();
+            meta.insert("format".to_string(), "dpar-weights-v1".to_string());
+            meta.insert("step".to_string(), done.to_string());
+            meta.insert("config".to_string(), serde_json::to_string_pretty(&task.config_json()).unwrap_or_default());
+            task.params().save(&paths.snapshot(done), &meta)?;
+        }
         bar.set_position(done);
-        if done % config.checkpoint_every == 0 || done == config.steps {
+        if leader && (done % config.checkpoint_every == 0 || done == config.steps) {
             save_checkpoint(task, &opt, done, &paths)?;
             last_checkpoint_step = Some(done);
         }
         last = (loss, metrics);
     }
     bar.finish_and_clear();
-    let validation = task.validate().map_err(TrainError::Task)?;
-    if !validation.is_empty() {
+    let validation = if leader { task.validate().map_err(TrainError::Task)? } else { Vec::new() };
+    if leader && !validation.is_empty() {
         let mut record = serde_json::Map::new();
         record.insert("step".into(), config.steps.into());
         for (k, v) in &validation {
@@ -450,8 +573,10 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: boo
         record.insert("final".into(), true.into());
         crate::util::append_line(&paths.log, &serde_json::Value::Object(record).to_string())?;
     }
-    if let Err(e) = crate::plot::loss_curve_from_log(&paths.log, &paths.loss_png, &task.name()) {
-        tracing::warn!("could not draw {}: {e}", paths.loss_png.display());
+    if leader {
+        if let Err(e) = crate::plot::loss_curve_from_log(&paths.log, &paths.loss_png, &task.name()) {
+            tracing::warn!("could not draw {}: {e}", paths.loss_png.display());
+        }
     }
     let seconds = t0.elapsed().as_secs_f64();
     let ms_per_step = crate::util::median(&step_times) * 1e3;
@@ -463,7 +588,7 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: boo
         validation,
         seconds,
         ms_per_step,
-        throughput: if seconds > 0.0 { total_tokens as f64 / seconds } else { 0.0 },
+        throughput: if seconds > 0.0 { total_tokens as f64 * collective.world_size() as f64 / seconds } else { 0.0 },
         out_dir: out_dir.to_path_buf(),
     })
 }

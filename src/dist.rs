@@ -1,0 +1,305 @@
+//! Data-parallel training past one process: a small [`Collective`] interface and its backends.
+//!
+//! - [`Single`]: one process, every operation a no-op (the default; the training loop keeps its
+//!   fast path and never touches these calls);
+//! - [`ThreadGroup`]: ranks as threads of one process, for fast tests and for using several
+//!   sockets of one machine; operations time out (a dead rank makes the others fail with a clear
+//!   error instead of hanging);
+//! - `MpiCollective` (feature `mpi`): OpenMPI through the `mpi` crate, ranks launched by
+//!   `mpirun`, all-reduce of gradient buckets on the host;
+//! - `NcclCollective` (feature `nccl`): NCCL through cudarc, one process per GPU, the NCCL id
+//!   exchanged over MPI.
+//!
+//! Gradients travel as flat f32 buffers; the loop splits them into buckets of at most
+//! [`BUCKET_FLOATS`] values so large models reduce in bounded messages.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// Errors of collective operations.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// A peer did not arrive in time or left the group.
+    #[error("rank {rank}: {reason}")]
+    Peer { rank: usize, reason: String },
+    /// Misuse (wrong sizes, bad setup).
+    #[error("collective: {0}")]
+    Bad(String),
+}
+
+pub type Result<T> = std::result::Result<T, DistError>;
+
+/// Values per all-reduce message.
+pub const BUCKET_FLOATS: usize = 1 << 22;
+
+/// The operations data-parallel training needs.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Replaces every buffer by its mean over the ranks (all ranks pass equally long buffers).
+    fn all_reduce_mean(&self, buffer: &mut [f32]) -> Result<()>;
+    /// Copies `root`'s buffer into every rank's.
+    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    /// Backend name for logs.
+    fn name(&self) -> &'static str;
+}
+
+/// All-reduces a buffer bucket by bucket.
+pub fn all_reduce_mean_bucketed(c: &dyn Collective, buffer: &mut [f32]) -> Result<()> {
+    for chunk in buffer.chunks_mut(BUCKET_FLOATS) {
+        c.all_reduce_mean(chunk)?;
+    }
+    Ok(())
+}
+
+/// One process.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_mean(&self, _buffer: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _buffer: &mut [f32], _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "single"
+    }
+}
+
+#[derive(Default)]
+struct Round {
+    /// Increments when a round completes.
+    generation: u64,
+    arrived: usize,
+    sum: Vec<f32>,
+    result: Arc<Vec<f32>>,
+    /// A rank that left (dropped its handle) while others may still wait.
+    left: Option<usize>,
+}
+
+struct Shared {
+    world: usize,
+    state: Mutex<Round>,
+    cv: Condvar,
+}
+
+/// Ranks as threads of one process.
+pub struct ThreadGroup {
+    shared: Arc<Shared>,
+    rank: usize,
+    timeout: Duration,
+}
+
+impl ThreadGroup {
+    /// Handles for `world` ranks; operations fail after `timeout` without all peers.
+    pub fn new(world: usize, timeout: Duration) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared { world, state: Mutex::new(Round::default()), cv: Condvar::new() });
+        (0..world).map(|rank| ThreadGroup { shared: shared.clone(), rank, timeout }).collect()
+    }
+
+    /// One rendezvous: every rank contributes `data` (summed), gets the sum back.
+    fn exchange(&self, data: &[f32], contribute: bool) -> Result<Arc<Vec<f32>>> {
+        let peer = |reason: String| DistError::Peer { rank: self.rank, reason };
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = st.left {
+            return Err(peer(format!("rank {r} left the group; stopping")));
+        }
+        if st.arrived == 0 {
+            st.sum = vec![0.0; data.len()];
+        } else if st.sum.len() != data.len() {
+            return Err(DistError::Bad(format!("rank {} sent {} values, peers {}", self.rank, data.len(), st.sum.len())));
+        }
+        if contribute {
+            st.sum.iter_mut().zip(data).for_each(|(a, b)| *a += b);
+        }
+        st.arrived += 1;
+        let generation = st.generation;
+        if st.arrived == self.shared.world {
+            st.result = Arc::new(std::mem::take(&mut st.sum));
+            st.arrived = 0;
+            st.generation += 1;
+            self.shared.cv.notify_all();
+            return Ok(st.result.clone());
+        }
+        let (st, wait) = self
+            .shared
+            .cv
+            .wait_timeout_while(st, self.timeout, |s| s.generation == generation && s.left.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        if st.generation != generation {
+            return Ok(st.result.clone());
+        }
+        if let Some(r) = st.left {
+            return Err(peer(format!("rank {r} left the group; stopping")));
+        }
+        debug_assert!(wait.timed_out());
+        Err(peer(format!("peers did not reach the collective within {:?}; a rank may have died", self.timeout)))
+    }
+}
+
+impl Drop for ThreadGroup {
+    /// A rank that goes away (finished, failed or panicked) releases the ranks waiting for it.
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.left.is_none() {
+            st.left = Some(self.rank);
+        }
+        self.shared.cv.notify_all();
+    }
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+    fn all_reduce_mean(&self, buffer: &mut [f32]) -> Result<()> {
+        let sum = self.exchange(buffer, true)?;
+        let inv = 1.0 / self.shared.world as f32;
+        buffer.iter_mut().zip(sum.iter()).for_each(|(b, s)| *b = s * inv);
+        Ok(())
+    }
+    fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<()> {
+        let sum = self.exchange(buffer, self.rank == root)?;
+        buffer.copy_from_slice(&sum);
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.exchange(&[], false).map(|_| ())
+    }
+    fn name(&self) -> &'static str {
+        "threads"
+    }
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_backend {
+    use mpi::collective::SystemOperation;
+    use mpi::topology::Communicator;
+    use mpi::traits::*;
+
+    use super::{Collective, DistError, Result};
+
+    /// OpenMPI ranks launched by `mpirun`. A rank that dies makes `mpirun` abort the job
+    /// (MPI's default error handler), so the others do not hang.
+    pub struct MpiCollective {
+        _universe: mpi::environment::Universe,
+        world: mpi::topology::SimpleCommunicator,
+    }
+
+    // SAFETY: the communicator is used from the training thread only; MPI is initialised with
+    // the default threading level and every call happens on that thread.
+    unsafe impl Send for MpiCollective {}
+    unsafe impl Sync for MpiCollective {}
+
+    impl MpiCollective {
+        /// Initialises MPI (once per process).
+        pub fn init() -> Result<Self> {
+            let universe = mpi::initialize().ok_or_else(|| DistError::Bad("MPI was already initialised".into()))?;
+            let world = universe.world();
+            Ok(Self { _universe: universe, world })
+        }
+    }
+
+    impl Collective for MpiCollective {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+        fn world_size(&self) -> usize {
+            self.world.size() as usize
+        }
+        fn all_reduce_mean(&self, buffer: &mut [f32]) -> Result<()> {
+            let mut out = vec![0f32; buffer.len()];
+            self.world.all_reduce_into(&buffer[..], &mut out[..], SystemOperation::sum());
+            let inv = 1.0 / self.world_size() as f32;
+            buffer.iter_mut().zip(out).for_each(|(b, s)| *b = s * inv);
+            Ok(())
+        }
+        fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<()> {
+            self.world.process_at_rank(root as i32).broadcast_into(buffer);
+            Ok(())
+        }
+        fn barrier(&self) -> Result<()> {
+            self.world.barrier();
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "mpi"
+        }
+    }
+}
+
+#[cfg(feature = "mpi")]
+pub use mpi_backend::MpiCollective;
+
+/// Whether this process was started by `mpirun` (OpenMPI, MPICH or Slurm's PMI).
+pub fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_group_averages_and_broadcasts() {
+        let group = ThreadGroup::new(3, Duration::from_secs(10));
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|g| {
+                std::thread::spawn(move || {
+                    let r = g.rank() as f32;
+                    let mut buf = vec![r, 10.0 * r];
+                    g.all_reduce_mean(&mut buf).unwrap();
+                    let mut b = vec![r; 2];
+                    g.broadcast(&mut b, 2).unwrap();
+                    g.barrier().unwrap();
+                    (buf, b)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (mean, b) = h.join().unwrap();
+            assert_eq!(mean, vec![1.0, 10.0]);
+            assert_eq!(b, vec![2.0, 2.0]);
+        }
+    }
+
+    /// A rank that dies makes the others stop with a clear error instead of hanging.
+    #[test]
+    fn a_dead_rank_stops_the_others_with_a_clear_error() {
+        let mut group = ThreadGroup::new(2, Duration::from_secs(30));
+        let survivor = group.pop().unwrap();
+        let dying = group.pop().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut buf = vec![1.0f32];
+            survivor.all_reduce_mean(&mut buf)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        drop(dying); // rank 0 dies before its all-reduce
+        let err = t.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("rank 1: rank 0 left the group"), "{err}");
+
+        // Without a departure notice (a hung peer), the bounded timeout applies.
+        let mut group = ThreadGroup::new(2, Duration::from_millis(200));
+        let lonely = group.pop().unwrap();
+        let stuck = group.pop().unwrap();
+        let err = lonely.all_reduce_mean(&mut [1.0]).unwrap_err().to_string();
+        assert!(err.contains("did not reach the collective"), "{err}");
+        drop(stuck);
+    }
+}
