@@ -92,6 +92,15 @@ const PATCH_COLORS: [[u8; 3]; 8] = [
 /// colour (cycling through 8, so neighbours differ) and outlined in white. `lengths` are the
 /// patch lengths in raster order (summing to at most grid²; uncovered cells stay untinted).
 pub fn patch_overlay(img: &image::RgbImage, grid: usize, lengths: &[usize]) -> image::RgbImage {
+    draw_patches(img, grid, lengths, true)
+}
+
+/// Patch edges only (white), no tint: for drawing patches over a heat map.
+pub fn patch_outline(img: &image::RgbImage, grid: usize, lengths: &[usize]) -> image::RgbImage {
+    draw_patches(img, grid, lengths, false)
+}
+
+fn draw_patches(img: &image::RgbImage, grid: usize, lengths: &[usize], tint: bool) -> image::RgbImage {
     let mut out = img.clone();
     let cell_w = img.width() as usize / grid.max(1);
     let cell_h = img.height() as usize / grid.max(1);
@@ -111,7 +120,7 @@ pub fn patch_overlay(img: &image::RgbImage, grid: usize, lengths: &[usize]) -> i
                     || (right_edge && x + 1 == (c + 1) * cell_w);
                 if on_border {
                     p.0 = [255, 255, 255];
-                } else {
+                } else if tint {
                     for ch in 0..3 {
                         p.0[ch] = ((p.0[ch] as u32 * 55 + color[ch] as u32 * 45) / 100) as u8;
                     }

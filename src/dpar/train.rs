@@ -12,11 +12,11 @@ use super::model::GlobalLayout;
 use super::{Dpar, DparConfig, DparError, Result};
 use crate::data::shards::CodeShard;
 use crate::entropy::ShardEntropies;
-use crate::gpt::train::{batch_tensors, flip_choices};
+use crate::gpt::train::{batch_tensors, flip_choices, noise_rng};
 use crate::gpt::TrainNoise;
 use crate::params::ParamStore;
 use crate::patching::patch_lengths;
-use crate::train::{BatchSampler, LoopConfig, StepOutput, Task};
+use crate::train::{BatchSampler, LoopConfig, Part, StepOutput, Task};
 
 /// The DPAR experiment config, saved beside every checkpoint.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -122,12 +122,18 @@ impl Task for DparTask {
     }
 
     fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
-        let indices = self.sampler.indices(step);
-        let flips = flip_choices(&self.train.shard, self.config.use_flip, indices.len(), self.config.seed, step);
+        self.part_loss(step, Part { index: 0, count: 1 })
+    }
+
+    fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, String> {
+        let all = self.sampler.indices(step);
+        let all_flips = flip_choices(&self.train.shard, self.config.use_flip, all.len(), self.config.seed, step);
+        let indices = part.slice(&all)?.to_vec();
+        let flips = part.slice(&all_flips)?.to_vec();
         let run = || -> Result<StepOutput> {
             let (codes, labels) = batch_tensors(&self.train.shard, &indices, &flips, &self.device)?;
             let layout = self.model.layout(batch_lengths(&self.train, &indices, &flips, &self.config.model)?, self.config.model.seq_len())?;
-            let mut rng = crate::util::rng_for(self.config.seed, "noise", step);
+            let mut rng = noise_rng(self.config.seed, step, part);
             let loss = self.model.loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng }))?;
             Ok(StepOutput {
                 loss,

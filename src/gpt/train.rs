@@ -10,7 +10,7 @@ use rand::Rng;
 use super::{Gpt, GptConfig, GptError, Result, TrainNoise};
 use crate::data::shards::CodeShard;
 use crate::params::ParamStore;
-use crate::train::{BatchSampler, LoopConfig, StepOutput, Task};
+use crate::train::{BatchSampler, LoopConfig, Part, StepOutput, Task};
 
 /// The GPT experiment config, saved beside every checkpoint.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -78,6 +78,17 @@ pub fn flip_choices(shard: &CodeShard, use_flip: bool, n: usize, seed: u64, step
     }
 }
 
+/// The RNG of a step's dropout and class-dropout draws. One process uses one stream per step;
+/// each part of a split batch (ranks × micro-batches) has its own stream, so with dropout the
+/// split run is a statistically equivalent, not bit-identical, version of the single one.
+pub fn noise_rng(seed: u64, step: u64, part: Part) -> rand_chacha::ChaCha8Rng {
+    if part.count == 1 {
+        crate::util::rng_for(seed, "noise", step)
+    } else {
+        crate::util::rng_for(seed, &format!("noise-{}-of-{}", part.index, part.count), step)
+    }
+}
+
 /// Mean next-code cross-entropy over the first `max_images` images of a shard (no dropout).
 pub fn eval_loss(model: &Gpt, shard: &CodeShard, max_images: usize, device: &Device) -> Result<f64> {
     let n = shard.len().min(max_images);
@@ -129,11 +140,18 @@ impl Task for GptTask {
     }
 
     fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
-        let indices = self.sampler.indices(step);
-        let flips = flip_choices(&self.train, self.config.use_flip, indices.len(), self.config.seed, step);
+        self.part_loss(step, Part { index: 0, count: 1 })
+    }
+
+    fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, String> {
+        // The global batch and its flip choices, then this part of them.
+        let all = self.sampler.indices(step);
+        let all_flips = flip_choices(&self.train, self.config.use_flip, all.len(), self.config.seed, step);
+        let indices = part.slice(&all)?.to_vec();
+        let flips = part.slice(&all_flips)?.to_vec();
         let run = || -> Result<StepOutput> {
             let (codes, labels) = batch_tensors(&self.train, &indices, &flips, &self.device)?;
-            let mut rng = crate::util::rng_for(self.config.seed, "noise", step);
+            let mut rng = noise_rng(self.config.seed, step, part);
             let labels = (self.config.model.cls_token_num == 1).then_some(&labels);
             let loss = self.model.loss(&codes, labels, Some(TrainNoise { rng: &mut rng }))?;
             Ok(StepOutput { loss, metrics: Vec::new(), tokens: indices.len() * self.config.model.seq_len() })

@@ -236,12 +236,12 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
             let big = dpar::viz::upscale(img, cell * grid as u32 / img.width().max(1));
             let plain = big.clone();
             let overlay = dpar::viz::patch_overlay(&big, grid, &lengths);
-            let heat = dpar::viz::patch_overlay(&dpar::viz::heatmap(h, grid, cell, 0.0, vmax), grid, &[l]);
+            let heat = dpar::viz::patch_outline(&dpar::viz::heatmap(h, grid, cell, 0.0, vmax), grid, &lengths);
             rows.push(vec![dpar::viz::hstack(&[plain, overlay, heat, dpar::viz::colorbar(cell * grid as u32, 12)], 6)]);
         }
         dpar::viz::save_png(&dpar::viz::grid(&rows, 8), &args.out)?;
         println!(
-            "wrote {}: per image, the decoded digit, its patches (one colour per patch, white edges), and the entropy heat map (0 → {vmax:.2} nats, viridis; the bar on the right is the scale)",
+            "wrote {}: per image, the decoded digit, its patches (one colour per patch, white edges), and the entropy heat map with the same patch edges (0 → {vmax:.2} nats, viridis: dark = predictable, yellow = surprising; the bar on the right is the scale)",
             args.out.display()
         );
     }
