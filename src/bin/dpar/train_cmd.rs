@@ -92,6 +92,17 @@ pub struct TrainArgs {
     /// f32 accumulation) or `stock` (candle's composed ops, the reference).
     #[arg(long, value_enum)]
     pub ops: Option<OpsArg>,
+    /// Data parallelism in this process: N ranks as threads, each with a 1/N share of every
+    /// batch. Under `mpirun` (a build with `--features mpi`) the ranks are MPI processes instead.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
+    /// Micro-batches per optimiser step (gradient accumulation): each rank splits its share of
+    /// the batch into this many parts.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Seconds a rank waits for its peers before giving up (threads backend).
+    #[arg(long, default_value_t = 600)]
+    pub rank_timeout: u64,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -146,6 +157,55 @@ fn apply_loop_flags(args: &TrainArgs, t: &mut dpar::train::LoopConfig) {
 
 fn default_loop() -> dpar::train::LoopConfig {
     dpar::train::LoopConfig { steps: 2000, log_every: 10, checkpoint_every: 250, ..Default::default() }
+}
+
+/// Runs the shared loop for a task built by `make`, as one process, N thread ranks or this
+/// process's MPI rank; returns rank 0's report.
+pub fn run_ranks<T: dpar::train::Task>(
+    make: &(dyn Fn() -> Result<T> + Sync),
+    config: &dpar::train::LoopConfig,
+    out: &Path,
+    args: &TrainArgs,
+) -> Result<dpar::train::TrainReport> {
+    if args.grad_accum == 0 || args.world_size == 0 {
+        bail!("--world-size and --grad-accum must be ≥ 1");
+    }
+    if dpar::dist::launched_by_mpi() {
+        #[cfg(feature = "mpi")]
+        {
+            let collective = dpar::dist::MpiCollective::init()?;
+            let mut task = make()?;
+            return Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &collective, args.grad_accum)?);
+        }
+        #[cfg(not(feature = "mpi"))]
+        bail!("started by mpirun, but this binary was built without MPI (rebuild with `cargo build --release --features mpi`)");
+    }
+    if args.world_size == 1 {
+        let mut task = make()?;
+        return Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &dpar::dist::Single, args.grad_accum)?);
+    }
+    let group = dpar::dist::ThreadGroup::new(args.world_size, std::time::Duration::from_secs(args.rank_timeout));
+    let results: Vec<Result<dpar::train::TrainReport>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|rank| {
+                scope.spawn(move || -> Result<dpar::train::TrainReport> {
+                    let mut task = make()?;
+                    Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &rank, args.grad_accum)?)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))).collect()
+    });
+    let mut first = None;
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(report) if rank == 0 => first = Some(report),
+            Ok(_) => {}
+            Err(e) => return Err(e.context(format!("rank {rank}"))),
+        }
+    }
+    first.ok_or_else(|| anyhow::anyhow!("rank 0 produced no report"))
 }
 
 /// Reads a JSON or TOML config file.
@@ -241,8 +301,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
             &config.tokenizer_id[..12.min(config.tokenizer_id.len())]
         );
     }
-    let mut task = GptTask::new(config.clone(), train, val, &device)?;
-    let report = dpar::train::run(&mut task, &config.train, &out, args.resume)?;
+    let make = || -> Result<GptTask> { Ok(GptTask::new(config.clone(), train.clone(), val.clone(), &device)?) };
+    let report = run_ranks(&make, &config.train, &out, &args)?;
     println!(
         "trained {kind}: {} steps in {} ({:.0} ms/step, {:.0} codes/s), final train loss {:.4}",
         report.steps,
@@ -329,8 +389,8 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
         bail!("{}: codes come from another tokenizer than the config expects", args.codes.display());
     }
     println!("patcher: {}", config.model.patch.label());
-    let mut task = DparTask::new(config.clone(), train, val, &device)?;
-    let report = dpar::train::run(&mut task, &config.train, &out, args.resume)?;
+    let make = || -> Result<DparTask> { Ok(DparTask::new(config.clone(), train.clone(), val.clone(), &device)?) };
+    let report = run_ranks(&make, &config.train, &out, &args)?;
     let patches = report.final_metrics.iter().find(|(k, _)| k == "patches_per_image").map(|(_, v)| *v).unwrap_or(f64::NAN);
     println!(
         "trained dpar: {} steps in {} ({:.0} ms/step, {:.0} codes/s, {:.1} patches per image), final train loss {:.4}",
