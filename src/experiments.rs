@@ -192,6 +192,21 @@ pub fn train_dpar(env: &Env, name: &str, config: DparTrainConfig) -> Result<Path
     Ok(run)
 }
 
+/// The run folder name of an ablation model: named by its patch rules, so that a table that
+/// needs a model another table trained (same rules, same budget) reuses it.
+pub fn run_name(patch: &PatchConfig) -> String {
+    if !patch.entropy_gate && patch.max_len_rule && patch.row_reset {
+        return format!("ablate-static-p{}", patch.max_patch_len);
+    }
+    let mut name = format!("ablate-theta{:.4}-p{}", patch.threshold, patch.max_patch_len);
+    for (on, tag) in [(patch.entropy_gate, "-nogate"), (patch.max_len_rule, "-nomaxlen"), (patch.row_reset, "-norow")] {
+        if !on {
+            name.push_str(tag);
+        }
+    }
+    name
+}
+
 /// Trains a GPT into `out/name` (resuming; skipped when already finished).
 pub fn train_gpt(env: &Env, name: &str, config: GptTrainConfig) -> Result<PathBuf> {
     let run = env.setup.out.join(name);
@@ -303,7 +318,7 @@ pub fn ablate_patching(env: &Env, scale: &Scale, target_len: f64) -> Result<Tabl
     let mut rows = Vec::new();
     let mut data = Vec::new();
     for (name, patch) in &variants {
-        let run = train_dpar(env, &format!("ablate-{name}"), scale.config(env, *patch, env.setup.seed))?;
+        let run = train_dpar(env, &run_name(patch), scale.config(env, *patch, env.setup.seed))?;
         let stats = env.patch_stats(patch)?;
         let row = eval_dpar(env, name, &run, patch, env.setup.samples)?;
         let tick = |b: bool| if b { "✓" } else { "" }.to_string();
@@ -330,7 +345,7 @@ pub fn ablate_threshold(env: &Env, scale: &Scale, targets: &[f64]) -> Result<Tab
     for &target in targets {
         let theta = env.theta_for(&base, target)?;
         let patch = PatchConfig { threshold: theta, ..base };
-        let run = train_dpar(env, &format!("ablate-theta-{target:.2}"), scale.config(env, patch, env.setup.seed))?;
+        let run = train_dpar(env, &run_name(&patch), scale.config(env, patch, env.setup.seed))?;
         let stats = env.patch_stats(&patch)?;
         let row = eval_dpar(env, &format!("θ={theta:.3}"), &run, &patch, env.setup.samples)?;
         let mut cells = vec![format!("{theta:.3}"), format!("{:.2}", stats.mean_len)];
@@ -350,7 +365,7 @@ pub fn ablate_max_len(env: &Env, scale: &Scale, target_len: f64, ps: &[usize]) -
     let mut data = Vec::new();
     for &p in ps {
         let patch = PatchConfig::dpar(theta, p);
-        let run = if p == 4 { train_dpar(env, &format!("ablate-theta-{target_len:.2}"), scale.config(env, patch, env.setup.seed))? } else { train_dpar(env, &format!("ablate-p{p}"), scale.config(env, patch, env.setup.seed))? };
+        let run = train_dpar(env, &run_name(&patch), scale.config(env, patch, env.setup.seed))?;
         let stats = env.patch_stats(&patch)?;
         let row = eval_dpar(env, &format!("P={p}"), &run, &patch, env.setup.samples)?;
         let mut cells = vec![p.to_string(), format!("{:.2}", stats.mean_len)];
@@ -369,8 +384,9 @@ pub fn ablate_inference(env: &Env, scale: &Scale, train_len: f64, targets: &[f64
     let full = PatchConfig::dpar(0.0, 4);
     let theta_train = env.theta_for(&full, train_len)?;
     let static_p = train_len.round().max(1.0) as usize;
-    let dpar_run = train_dpar(env, "ablate-entropy+maxlen+row", scale.config(env, PatchConfig { threshold: theta_train, ..full }, env.setup.seed))?;
-    let static_run = train_dpar(env, "ablate-static", scale.config(env, PatchConfig::static_patches(static_p), env.setup.seed))?;
+    let (dpar_patch, static_patch) = (PatchConfig { threshold: theta_train, ..full }, PatchConfig::static_patches(static_p));
+    let dpar_run = train_dpar(env, &run_name(&dpar_patch), scale.config(env, dpar_patch, env.setup.seed))?;
+    let static_run = train_dpar(env, &run_name(&static_patch), scale.config(env, static_patch, env.setup.seed))?;
     let mut header = vec!["model".to_string()];
     let mut thetas = Vec::new();
     let mut lens = vec!["mean patch len".to_string()];

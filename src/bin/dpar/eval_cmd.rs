@@ -32,6 +32,9 @@ pub struct TrainClassifierArgs {
     steps: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -92,7 +95,7 @@ fn train_classifier(args: TrainClassifierArgs) -> Result<()> {
     let test = args.data.load("test", s, c)?;
     config.model.num_classes = train.num_classes();
     let mut task = ClassifierTask::new(config.clone(), train, Some(test.clone()), &device)?;
-    let report = dpar::train::run(&mut task, &config.train, &args.out, false)?;
+    let report = dpar::train::run(&mut task, &config.train, &args.out, args.resume)?;
     let acc = classifier::accuracy(task.model(), &test, usize::MAX, &device)?;
     let hash = dpar::util::sha256_file(&args.out.join("model.safetensors"))?;
     println!("trained the classifier in {}: test accuracy {:.2}% on {} images", dpar::util::human_duration(report.seconds), 100.0 * acc, test.len());

@@ -12,14 +12,15 @@ use crate::common::DeviceArgs;
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// Model run folder or weight file.
-    #[arg(long, default_value = "runs/gpt")]
+    /// Model run folder or weight file (a DPAR or a LlamaGen/GPT model; the kind is read from
+    /// its config). The default is the small DPAR model shipped with the repository.
+    #[arg(long, default_value = "models/mnist/dpar")]
     pub ckpt: PathBuf,
     /// Architecture preset, for LlamaGen weight files without an embedded config.
     #[arg(long)]
     pub preset: Option<String>,
     /// Tokenizer run folder or weight file, to decode the codes.
-    #[arg(long, default_value = "runs/tokenizer")]
+    #[arg(long, default_value = "models/mnist/tokenizer")]
     pub tokenizer: PathBuf,
     #[arg(long)]
     pub tokenizer_preset: Option<String>,
@@ -49,14 +50,14 @@ pub struct SampleArgs {
     #[arg(long, default_value = "out/samples")]
     pub out: PathBuf,
     /// DPAR: the entropy model that decides patches while sampling.
-    #[arg(long, default_value = "runs/entropy")]
+    #[arg(long, default_value = "models/mnist/entropy")]
     pub entropy_model: PathBuf,
     /// DPAR: inference patcher overrides (θ and P may differ from training).
     #[command(flatten)]
     pub patch: crate::patch_cmd::PatchArgs,
-    /// DPAR: draw patch boundaries over the samples.
+    /// DPAR: skip samples-patches.png (the samples with their patch boundaries drawn).
     #[arg(long)]
-    pub show_patches: bool,
+    pub no_patch_picture: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -298,6 +299,6 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
         "patch_lengths": lengths,
     });
     let output = SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record };
-    output.write(&device, args.show_patches.then_some((mc.grid_size, lengths.as_slice())))?;
+    output.write(&device, (!args.no_patch_picture).then_some((mc.grid_size, lengths.as_slice())))?;
     Ok(())
 }

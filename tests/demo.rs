@@ -1,0 +1,42 @@
+//! The shipped demo: `dpar sample` with no arguments uses the small MNIST models committed under
+//! `models/mnist/` (tokenizer, entropy model, DPAR, classifier), with no download and no training.
+
+mod common;
+
+use std::path::Path;
+
+fn run(args: &[&str]) -> String {
+    let out = common::dpar().current_dir(env!("CARGO_MANIFEST_DIR")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "dpar {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn the_demo_samples_digits_with_the_shipped_weights() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for model in ["tokenizer", "entropy", "dpar", "classifier"] {
+        let file = root.join("models/mnist").join(model).join("model.safetensors");
+        assert!(file.is_file(), "{} is missing: the shipped weights are part of the repository", file.display());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    // The README's main job, with a small sample count (defaults: the shipped DPAR model).
+    run(&["sample", "--per-class", "2", "--out", out]);
+    for file in ["samples.png", "samples-patches.png", "codes.safetensors", "sample.json"] {
+        assert!(dir.path().join(file).is_file(), "the demo did not write {file}");
+    }
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("sample.json")).unwrap()).unwrap();
+    let steps = record["patch_steps_per_image"].as_f64().unwrap();
+    // DPAR's point: the patch transformer runs over fewer positions than the 256 codes.
+    assert!(steps > 16.0 && steps < 256.0, "patch-transformer steps per image {steps}");
+    let png = image::open(dir.path().join("samples.png")).unwrap();
+    assert!(png.width() > 2 * 28 && png.height() > 10 * 28, "grid {}×{}", png.width(), png.height());
+
+    // The shipped classifier reads the shipped model's samples as the digits that were asked for.
+    let json = dir.path().join("quality.json");
+    run(&["eval", "samples", "--codes", out, "--n", "20", "--json", json.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let accuracy = report["accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.7, "class accuracy of the demo samples {accuracy}");
+}
