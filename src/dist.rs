@@ -8,7 +8,7 @@
 //! - `MpiCollective` (feature `mpi`): OpenMPI through the `mpi` crate, ranks launched by
 //!   `mpirun`, all-reduce of gradient buckets on the host;
 //! - `NcclCollective` (feature `nccl`): NCCL through cudarc, one process per GPU, the NCCL id
-//!   exchanged over MPI.
+//!   exchanged through a file every rank sees.
 //!
 //! Gradients travel as flat f32 buffers; the loop splits them into buckets of at most
 //! [`BUCKET_FLOATS`] values so large models reduce in bounded messages.
@@ -246,6 +246,143 @@ mod mpi_backend {
 #[cfg(feature = "mpi")]
 pub use mpi_backend::MpiCollective;
 
+#[cfg(feature = "nccl")]
+mod nccl_backend {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaStream};
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+
+    use super::{Collective, DistError, Result};
+
+    /// NCCL between GPUs, one process per GPU (launched by `mpirun`, `torchrun`-style launchers
+    /// or Slurm; see [`super::launcher_rank`]). Rank 0 creates the NCCL id and hands it to the
+    /// others through a file on a filesystem every rank sees; it removes the file once every rank
+    /// has joined. Gradients arrive as host buffers (the loop's interface), travel to this rank's
+    /// GPU, are averaged there by `ncclAllReduce(avg)` and come back.
+    pub struct NcclCollective {
+        comm: Comm,
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world_size: usize,
+    }
+
+    // The communicator is used from the one training thread of each process.
+    unsafe impl Send for NcclCollective {}
+    unsafe impl Sync for NcclCollective {}
+
+    fn err(rank: usize) -> impl Fn(String) -> DistError {
+        move |reason| DistError::Peer { rank, reason }
+    }
+
+    impl NcclCollective {
+        /// Joins the group as `rank` of `world_size` on GPU `device`, exchanging the NCCL id
+        /// through `id_file`; other ranks wait for the file at most `timeout`.
+        pub fn init(rank: usize, world_size: usize, device: usize, id_file: &Path, timeout: Duration) -> Result<Self> {
+            let e = err(rank);
+            let ctx = CudaContext::new(device).map_err(|x| e(format!("GPU {device}: {x:?}")))?;
+            let stream = ctx.default_stream();
+            let id = if rank == 0 {
+                let id = Id::new().map_err(|x| e(format!("creating the NCCL id: {x:?}")))?;
+                let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+                crate::util::write_atomic(id_file, &bytes).map_err(|x| e(format!("{}: {x}", id_file.display())))?;
+                id
+            } else {
+                let start = Instant::now();
+                loop {
+                    match std::fs::read(id_file) {
+                        Ok(bytes) if bytes.len() == 128 => {
+                            let mut internal = [0 as std::ffi::c_char; 128];
+                            for (d, s) in internal.iter_mut().zip(&bytes) {
+                                *d = *s as std::ffi::c_char;
+                            }
+                            break Id::uninit(internal);
+                        }
+                        _ if start.elapsed() > timeout => {
+                            return Err(e(format!("no NCCL id from rank 0 in {} after {:?}", id_file.display(), timeout)));
+                        }
+                        _ => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            };
+            let comm = Comm::from_rank(stream.clone(), rank, world_size, id).map_err(|x| e(format!("ncclCommInitRank: {x:?}")))?;
+            if rank == 0 {
+                // Every rank has joined, so nobody needs the id any more.
+                let _ = std::fs::remove_file(id_file);
+            }
+            Ok(Self { comm, stream, rank, world_size })
+        }
+
+        /// The default place for the id file: beside the run's outputs.
+        pub fn default_id_file(out_dir: &Path) -> PathBuf {
+            out_dir.join(".nccl-id")
+        }
+    }
+
+    impl Collective for NcclCollective {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn world_size(&self) -> usize {
+            self.world_size
+        }
+
+        fn all_reduce_mean(&self, buffer: &mut [f32]) -> Result<()> {
+            let e = err(self.rank);
+            let mut dev = self.stream.memcpy_stod(buffer).map_err(|x| e(format!("{x:?}")))?;
+            self.comm.all_reduce_in_place(&mut dev, &ReduceOp::Avg).map_err(|x| e(format!("ncclAllReduce: {x:?}")))?;
+            self.stream.memcpy_dtoh(&dev, buffer).map_err(|x| e(format!("{x:?}")))?;
+            self.stream.synchronize().map_err(|x| e(format!("{x:?}")))
+        }
+
+        fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<()> {
+            let e = err(self.rank);
+            let mut dev = self.stream.memcpy_stod(buffer).map_err(|x| e(format!("{x:?}")))?;
+            self.comm.broadcast_in_place(&mut dev, root as i32).map_err(|x| e(format!("ncclBroadcast: {x:?}")))?;
+            self.stream.memcpy_dtoh(&dev, buffer).map_err(|x| e(format!("{x:?}")))?;
+            self.stream.synchronize().map_err(|x| e(format!("{x:?}")))
+        }
+
+        fn barrier(&self) -> Result<()> {
+            self.all_reduce_mean(&mut [0.0])
+        }
+
+        fn name(&self) -> &'static str {
+            "nccl"
+        }
+    }
+}
+
+#[cfg(feature = "nccl")]
+pub use nccl_backend::NcclCollective;
+
+/// This process's `(rank, world size, local rank)` as set by its launcher: OpenMPI's `mpirun`,
+/// `torchrun`-style `RANK`/`WORLD_SIZE`/`LOCAL_RANK`, or Slurm's `srun`; `None` when not launched
+/// as one of several processes.
+pub fn launcher_rank() -> Option<(usize, usize, usize)> {
+    launcher_rank_from(|k| std::env::var(k).ok())
+}
+
+/// [`launcher_rank`] over any variable lookup.
+pub fn launcher_rank_from(var: impl Fn(&str) -> Option<String>) -> Option<(usize, usize, usize)> {
+    let get = |k: &str| var(k).and_then(|v| v.parse::<usize>().ok());
+    for (r, w, l) in [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ] {
+        if let (Some(rank), Some(world)) = (get(r), get(w)) {
+            if world > 1 && rank < world {
+                return Some((rank, world, get(l).unwrap_or(0)));
+            }
+        }
+    }
+    None
+}
+
 /// Whether this process was started by `mpirun` (OpenMPI, MPICH or Slurm's PMI).
 pub fn launched_by_mpi() -> bool {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
@@ -254,6 +391,19 @@ pub fn launched_by_mpi() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn launcher_ranks_come_from_mpirun_torchrun_or_slurm_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        assert_eq!(launcher_rank_from(env(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "8"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1")])), Some((3, 8, 1)));
+        assert_eq!(launcher_rank_from(env(&[("RANK", "1"), ("WORLD_SIZE", "2")])), Some((1, 2, 0)));
+        assert_eq!(launcher_rank_from(env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "6"), ("SLURM_LOCALID", "1")])), Some((5, 6, 1)));
+        // One process, a rank outside the world, or garbage: not a multi-process launch.
+        assert_eq!(launcher_rank_from(env(&[("RANK", "0"), ("WORLD_SIZE", "1")])), None);
+        assert_eq!(launcher_rank_from(env(&[("RANK", "4"), ("WORLD_SIZE", "2")])), None);
+        assert_eq!(launcher_rank_from(env(&[("RANK", "x"), ("WORLD_SIZE", "2")])), None);
+        assert_eq!(launcher_rank_from(env(&[])), None);
+    }
 
     #[test]
     fn thread_group_averages_and_broadcasts() {

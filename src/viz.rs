@@ -89,13 +89,13 @@ const PATCH_COLORS: [[u8; 3]; 8] = [
 ];
 
 /// Draws patches over an image of a `grid × grid` code layout: each patch is tinted with its own
-/// colour (cycling through 8, so neighbours differ) and outlined in white. `lengths` are the
+/// colour (cycling through 8, so neighbours differ) and separated from the next by a dark line. `lengths` are the
 /// patch lengths in raster order (summing to at most grid²; uncovered cells stay untinted).
 pub fn patch_overlay(img: &image::RgbImage, grid: usize, lengths: &[usize]) -> image::RgbImage {
     draw_patches(img, grid, lengths, true)
 }
 
-/// Patch edges only (white), no tint: for drawing patches over a heat map.
+/// Patch edges only (white lines), no tint: for drawing patches over a heat map.
 pub fn patch_outline(img: &image::RgbImage, grid: usize, lengths: &[usize]) -> image::RgbImage {
     draw_patches(img, grid, lengths, false)
 }
@@ -106,23 +106,23 @@ fn draw_patches(img: &image::RgbImage, grid: usize, lengths: &[usize], tint: boo
     let cell_h = img.height() as usize / grid.max(1);
     let ids = crate::patching::patch_ids(lengths);
     let id_at = |k: usize| ids.get(k).copied();
+    // Dark edges between tinted patches; white edges over a heat map.
+    let border = if tint { [0, 0, 0] } else { [255, 255, 255] };
     for (k, &pid) in ids.iter().enumerate() {
         let (r, c) = (k / grid, k % grid);
         let color = PATCH_COLORS[pid % PATCH_COLORS.len()];
         let left_edge = c == 0 || id_at(k - 1) != Some(pid);
-        let right_edge = c + 1 == grid || id_at(k + 1) != Some(pid);
         for y in r * cell_h..(r + 1) * cell_h {
             for x in c * cell_w..(c + 1) * cell_w {
                 let p = out.get_pixel_mut(x as u32, y as u32);
-                let on_border = y == r * cell_h
-                    || y + 1 == (r + 1) * cell_h
-                    || (left_edge && x == c * cell_w)
-                    || (right_edge && x + 1 == (c + 1) * cell_w);
+                // One line per edge: the top of every row after the first (patches never cross
+                // rows) and the left side of every patch after the row's first.
+                let on_border = (r > 0 && y == r * cell_h) || (c > 0 && left_edge && x == c * cell_w);
                 if on_border {
-                    p.0 = [255, 255, 255];
+                    p.0 = border;
                 } else if tint {
                     for ch in 0..3 {
-                        p.0[ch] = ((p.0[ch] as u32 * 55 + color[ch] as u32 * 45) / 100) as u8;
+                        p.0[ch] = ((p.0[ch] as u32 * 60 + color[ch] as u32 * 40) / 100) as u8;
                     }
                 }
             }
@@ -198,8 +198,11 @@ mod tests {
         let out = patch_overlay(&img, 2, &[1, 1, 2]);
         // Inside cell 2 next to cell 3 (same patch): tinted, not white.
         assert_ne!(out.get_pixel(3, 5).0, [255, 255, 255]);
-        // Between cells 0 and 1 (different patches): white edge.
-        assert_eq!(out.get_pixel(3, 2).0, [255, 255, 255]);
+        assert_ne!(out.get_pixel(4, 5).0, [0, 0, 0]);
+        // Between cells 0 and 1 (different patches): a dark edge; between the rows too.
+        assert_eq!(out.get_pixel(4, 2).0, [0, 0, 0]);
+        assert_eq!(out.get_pixel(1, 4).0, [0, 0, 0]);
+        assert_ne!(out.get_pixel(1, 2).0, [0, 0, 0]);
         // Different patches get different tints.
         assert_ne!(out.get_pixel(1, 1).0, out.get_pixel(5, 1).0);
         let hm = heatmap(&[0.0, 1.0, f32::INFINITY, 0.5], 2, 3, 0.0, 1.0);

@@ -53,7 +53,9 @@ impl DeviceArgs {
         match self.device.as_str() {
             "cpu" => Ok(candle_core::Device::Cpu),
             d if d == "cuda" || d.starts_with("cuda:") => {
-                let ordinal: usize = d.strip_prefix("cuda:").unwrap_or("0").parse().context("--device cuda:N needs a number")?;
+                // Plain `cuda` under a multi-process launcher: one GPU per process, by local rank.
+                let default = dpar::dist::launcher_rank().map(|(_, _, local)| local.to_string()).unwrap_or_else(|| "0".into());
+                let ordinal: usize = d.strip_prefix("cuda:").unwrap_or(&default).parse().context("--device cuda:N needs a number")?;
                 if !candle_core::utils::cuda_is_available() {
                     bail!("--device {d}: this binary was built without CUDA (rebuild with `--features cuda`)");
                 }

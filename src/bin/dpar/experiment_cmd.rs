@@ -168,7 +168,7 @@ pub fn ablate(cmd: AblateCmd) -> Result<()> {
 pub struct SideBySideArgs {
     #[command(flatten)]
     exp: ExperimentArgs,
-    /// The baseline run (trained here with the same budget as DPAR if unfinished).
+    /// The baseline run, trained with the same budget as the DPAR run (`scripts/train-mnist` trains both).
     #[arg(long, default_value = "runs/gpt")]
     gpt_run: PathBuf,
     /// The DPAR run.
@@ -185,6 +185,15 @@ pub fn side_by_side(args: SideBySideArgs) -> Result<()> {
         if !run.join("model.safetensors").is_file() {
             anyhow::bail!("{}: no trained {what} here; train both with scripts/train-mnist (same budget) or `dpar train`", run.display());
         }
+    }
+    // The comparison is only fair at the same budget: same steps and images per step.
+    let budget = |run: &PathBuf| -> Option<(u64, u64)> {
+        let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).ok()?).ok()?;
+        Some((c["train"]["steps"].as_u64()?, c["batch_size"].as_u64()?))
+    };
+    match (budget(&args.gpt_run), budget(&args.dpar_run)) {
+        (Some(g), Some(d)) if g != d => tracing::warn!("the runs had different budgets: baseline {} steps × {} images, DPAR {} steps × {} images", g.0, g.1, d.0, d.1),
+        _ => {}
     }
     let (table, curves) = experiments::bench(&env, &args.gpt_run, &args.dpar_run, args.curve_samples)?;
     table.save(&env.setup.out, "bench")?;

@@ -137,7 +137,8 @@ impl SampleOutput<'_> {
         let mut written = vec![png];
         if let Some((grid, lengths)) = patches {
             let path = self.out.join("samples-patches.png");
-            self.write_grid(&images, &path, &|i, img| dpar::viz::patch_overlay(&img, grid, &lengths[i]))?;
+            // Twice the size of samples.png, so that single-code patches stay visible.
+            self.write_grid(&images, &path, &|i, img| dpar::viz::patch_overlay(&dpar::viz::upscale(&img, 2), grid, &lengths[i]))?;
             written.push(path);
         }
         let max_class = self.classes.iter().copied().max().unwrap_or(0);

@@ -100,9 +100,14 @@ pub struct TrainArgs {
     /// the batch into this many parts.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Seconds a rank waits for its peers before giving up (threads backend).
+    /// Seconds a rank waits for its peers before giving up (threads backend; NCCL id exchange).
     #[arg(long, default_value_t = 600)]
     pub rank_timeout: u64,
+    /// NCCL (`--features nccl`, `--device cuda`, one process per GPU): the file through which
+    /// rank 0 hands the NCCL id to the others; it must be visible to every rank (default:
+    /// `<out>/.nccl-id`, so a shared run folder).
+    #[arg(long)]
+    pub nccl_id_file: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -169,6 +174,16 @@ pub fn run_ranks<T: dpar::train::Task>(
 ) -> Result<dpar::train::TrainReport> {
     if args.grad_accum == 0 || args.world_size == 0 {
         bail!("--world-size and --grad-accum must be ≥ 1");
+    }
+    #[cfg(feature = "nccl")]
+    if args.device.device.starts_with("cuda") {
+        if let Some((rank, world, local)) = dpar::dist::launcher_rank() {
+            let id_file = args.nccl_id_file.clone().unwrap_or_else(|| dpar::dist::NcclCollective::default_id_file(out));
+            let timeout = std::time::Duration::from_secs(args.rank_timeout);
+            let collective = dpar::dist::NcclCollective::init(rank, world, local, &id_file, timeout)?;
+            let mut task = make()?;
+            return Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &collective, args.grad_accum)?);
+        }
     }
     if dpar::dist::launched_by_mpi() {
         #[cfg(feature = "mpi")]
