@@ -332,7 +332,7 @@ mod nccl_backend {
 
         fn all_reduce_mean(&self, buffer: &mut [f32]) -> Result<()> {
             let e = err(self.rank);
-            let mut dev = self.stream.memcpy_stod(buffer).map_err(|x| e(format!("{x:?}")))?;
+            let mut dev = self.stream.clone_htod(buffer).map_err(|x| e(format!("{x:?}")))?;
             self.comm.all_reduce_in_place(&mut dev, &ReduceOp::Avg).map_err(|x| e(format!("ncclAllReduce: {x:?}")))?;
             self.stream.memcpy_dtoh(&dev, buffer).map_err(|x| e(format!("{x:?}")))?;
             self.stream.synchronize().map_err(|x| e(format!("{x:?}")))
@@ -340,7 +340,7 @@ mod nccl_backend {
 
         fn broadcast(&self, buffer: &mut [f32], root: usize) -> Result<()> {
             let e = err(self.rank);
-            let mut dev = self.stream.memcpy_stod(buffer).map_err(|x| e(format!("{x:?}")))?;
+            let mut dev = self.stream.clone_htod(buffer).map_err(|x| e(format!("{x:?}")))?;
             self.comm.broadcast_in_place(&mut dev, root as i32).map_err(|x| e(format!("ncclBroadcast: {x:?}")))?;
             self.stream.memcpy_dtoh(&dev, buffer).map_err(|x| e(format!("{x:?}")))?;
             self.stream.synchronize().map_err(|x| e(format!("{x:?}")))
