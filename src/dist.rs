@@ -260,7 +260,7 @@ mod nccl_backend {
     /// NCCL between GPUs, one process per GPU (launched by `mpirun`, `torchrun`-style launchers
     /// or Slurm; see [`super::launcher_rank`]). Rank 0 creates the NCCL id and hands it to the
     /// others through a file on a filesystem every rank sees; it removes the file once every rank
-    /// has joined. Gradients arrive as host buffers (the loop's interface), travel to this rank's
+    /// has joined (a file left by a crashed launch must be deleted before the next one). Gradients arrive as host buffers (the loop's interface), travel to this rank's
     /// GPU, are averaged there by `ncclAllReduce(avg)` and come back.
     pub struct NcclCollective {
         comm: Comm,
@@ -287,6 +287,9 @@ mod nccl_backend {
             let id = if rank == 0 {
                 let id = Id::new().map_err(|x| e(format!("creating the NCCL id: {x:?}")))?;
                 let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+                if let Some(dir) = id_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|x| e(format!("{}: {x}", dir.display())))?;
+                }
                 crate::util::write_atomic(id_file, &bytes).map_err(|x| e(format!("{}: {x}", id_file.display())))?;
                 id
             } else {
