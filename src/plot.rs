@@ -27,43 +27,77 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(255, 187, 120),
 ];
+
+/// One chart: a title, axis labels and its series.
+pub struct Panel<'a> {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: &'a [Series],
+    /// Log scale for the y axis (when every value is positive).
+    pub log_y: bool,
+}
 
 /// Draws line series into a PNG at `path`. `log_y` uses a log scale for the y axis when every
 /// value is positive.
 pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> Result<()> {
+    panels_plot(path, &[Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), series, log_y }])
+}
+
+/// Draws several charts side by side into one PNG at `path` (800 × 500 pixels each).
+pub fn panels_plot(path: &Path, panels: &[Panel]) -> Result<()> {
+    let (w, h) = (800u32 * panels.len().max(1) as u32, 500u32);
+    let mut buffer = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| PlotError::Draw(e.to_string()))?;
+        for (area, panel) in root.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
+            draw_panel(area, panel)?;
+        }
+        root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buffer).ok_or_else(|| PlotError::Draw("plot buffer has the wrong size".into()))?;
+    crate::viz::save_png(&img, path).map_err(|e| PlotError::Draw(e.to_string()))?;
+    Ok(())
+}
+
+fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: &Panel) -> Result<()> {
+    let (title, x_label, y_label, series) = (&panel.title, &panel.x_label, &panel.y_label, panel.series);
     let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
     if all.is_empty() {
         return Err(PlotError::NoData(format!("{title}: no finite points to plot")));
     }
-    let (w, h) = (800u32, 500u32);
-    let mut buffer = vec![255u8; (w * h * 3) as usize];
     let draw = |e: &dyn std::fmt::Display| PlotError::Draw(e.to_string());
     {
-        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| draw(&e))?;
         let x_min = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
         let x_max = all.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
         let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let y_max = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let x_max = if x_max > x_min { x_max } else { x_min + 1.0 };
-        let log_y = log_y && y_min > 0.0;
-        let mut builder = ChartBuilder::on(&root);
+        let log_y = panel.log_y && y_min > 0.0;
+        let mut builder = ChartBuilder::on(root);
         builder.caption(title, ("sans-serif", 22)).margin(15).x_label_area_size(40).y_label_area_size(70);
         macro_rules! finish {
             ($chart:expr) => {{
                 let mut chart = $chart;
                 chart
                     .configure_mesh()
-                    .x_desc(x_label)
-                    .y_desc(y_label)
+                    .x_desc(x_label.as_str())
+                    .y_desc(y_label.as_str())
                     .x_label_formatter(&|x| if x.abs() >= 100.0 { format!("{x:.0}") } else { format!("{x}") })
                     .light_line_style(RGBColor(235, 235, 235))
                     .draw()
@@ -71,6 +105,10 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
                 for (i, s) in series.iter().enumerate() {
                     let color = COLORS[i % COLORS.len()];
                     let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+                    // Few points (evaluation curves): mark each one.
+                    if pts.len() <= 40 {
+                        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| draw(&e))?;
+                    }
                     chart
                         .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                         .map_err(|e| draw(&e))?
@@ -99,11 +137,7 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
                 .map_err(|e| draw(&e))?;
             finish!(chart);
         }
-        root.present().map_err(|e| draw(&e))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buffer)
-        .ok_or_else(|| PlotError::Draw("plot buffer has the wrong size".into()))?;
-    crate::viz::save_png(&img, path).map_err(|e| PlotError::Draw(e.to_string()))?;
     Ok(())
 }
 

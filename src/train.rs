@@ -62,6 +62,9 @@ pub struct StepOutput {
     pub metrics: Vec<(String, f64)>,
     /// Positions processed (codes, pixels, …) for the throughput figure.
     pub tokens: usize,
+    /// Training FLOPs of this part of the step (forward + backward, the paper's accounting:
+    /// 3 × forward), 0 when the task does not count them. Summed into the log's `train_flops`.
+    pub flops: f64,
 }
 
 /// One of `count` equal, contiguous parts of a step's global batch (data-parallel ranks ×
@@ -122,6 +125,10 @@ pub trait Task {
     /// The name of the throughput unit (`codes/s`, `img/s`).
     fn throughput_unit(&self) -> &'static str {
         "tok/s"
+    }
+    /// Epochs of the training data seen after `step + 1` steps, when the task knows it.
+    fn epoch_at(&self, _step: u64) -> Option<f64> {
+        None
     }
 }
 
@@ -277,12 +284,22 @@ impl RunPaths {
     }
 }
 
-fn save_checkpoint(task: &dyn Task, opt: &AdamW, step: u64, paths: &RunPaths) -> Result<()> {
+/// Running totals of a run that survive a resume: training wall time (step time only, without
+/// validation and checkpoints) and training FLOPs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Totals {
+    seconds: f64,
+    flops: f64,
+}
+
+fn save_checkpoint(task: &dyn Task, opt: &AdamW, step: u64, totals: Totals, paths: &RunPaths) -> Result<()> {
     let config = task.config_json();
     let config_text = serde_json::to_string_pretty(&config).unwrap_or_default();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "dpar-checkpoint-v1".to_string());
     meta.insert("step".to_string(), step.to_string());
+    meta.insert("train_seconds".to_string(), totals.seconds.to_string());
+    meta.insert("train_flops".to_string(), totals.flops.to_string());
     meta.insert("config".to_string(), config_text.clone());
     let mut tensors = task.params().named_tensors();
     let (adam, _) = opt.state();
@@ -298,10 +315,12 @@ fn save_checkpoint(task: &dyn Task, opt: &AdamW, step: u64, paths: &RunPaths) ->
     Ok(())
 }
 
-fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Result<u64> {
+fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Result<(u64, Totals)> {
     let file = crate::tensor_io::read_safetensors(&paths.checkpoint, task.params().device())?;
     let bad = |reason: String| TrainError::BadCheckpoint { path: paths.checkpoint.clone(), reason };
     let step: u64 = file.meta_parse("step")?;
+    // Checkpoints written before the totals existed resume with totals counted from here.
+    let totals = Totals { seconds: file.meta_parse("train_seconds").unwrap_or(0.0), flops: file.meta_parse("train_flops").unwrap_or(0.0) };
     let saved: serde_json::Value = serde_json::from_str(file.meta("config")?)
         .map_err(|e| bad(format!("config metadata: {e}")))?;
     let current = task.config_json();
@@ -320,7 +339,7 @@ fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Re
         .filter_map(|(k, v)| k.strip_prefix("extra.").map(|k| (k.to_string(), v.clone())))
         .collect();
     task.load_extra_state(&extra).map_err(bad)?;
-    Ok(step)
+    Ok((step, totals))
 }
 
 /// Settings that may change between an interrupted run and its resumption: the total number of
@@ -375,12 +394,13 @@ fn parallel_gradients(
     step: u64,
     collective: &dyn crate::dist::Collective,
     accum: usize,
-) -> Result<(candle_core::backprop::GradStore, f64, Vec<(String, f64)>, usize)> {
+) -> Result<(candle_core::backprop::GradStore, f64, Vec<(String, f64)>, usize, f64)> {
     let parts = collective.world_size() * accum;
     let mut flat: Vec<f32> = Vec::new();
     let mut loss_sum = 0f64;
     let mut metrics = Vec::new();
     let mut tokens = 0;
+    let mut flops = 0.0;
     for m in 0..accum {
         let part = Part { index: collective.rank() * accum + m, count: parts };
         let out = task.part_loss(step, part).map_err(TrainError::Task)?;
@@ -400,6 +420,7 @@ fn parallel_gradients(
         }
         metrics = out.metrics;
         tokens += out.tokens;
+        flops += out.flops;
     }
     // The step's mean loss travels with the gradients (last value).
     flat.push((loss_sum / accum as f64) as f32);
@@ -413,7 +434,7 @@ fn parallel_gradients(
         store.insert(var.as_tensor(), g);
         offset += n;
     }
-    Ok((store, loss, metrics, tokens))
+    Ok((store, loss, metrics, tokens, flops))
 }
 
 /// Runs (or resumes) training as one rank of a data-parallel group: every rank computes the
@@ -445,9 +466,10 @@ pub fn run_parallel(
     let mut opt = AdamW::new(vars.clone(), config.adamw)?;
     let mut start = 0u64;
     let mut resumed_from = None;
+    let mut totals = Totals::default();
     if resume {
         if paths.checkpoint.is_file() {
-            start = load_checkpoint(task, &mut opt, &paths)?;
+            (start, totals) = load_checkpoint(task, &mut opt, &paths)?;
             resumed_from = Some(start);
             if leader {
                 truncate_log(&paths.log, start)?;
@@ -493,14 +515,14 @@ pub fn run_parallel(
             Some(s) => format!("{} at step {s}", paths.checkpoint.display()),
             None => "none written yet".to_string(),
         };
-        let (mut grads, loss, step_metrics, tokens) = if fast_path {
+        let (mut grads, loss, step_metrics, tokens, flops) = if fast_path {
             let out = task.step_loss(step).map_err(TrainError::Task)?;
             let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !loss.is_finite() {
                 bar.abandon();
                 return Err(TrainError::NonFinite { step, what: "loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
             }
-            (out.loss.backward()?, loss, out.metrics, out.tokens)
+            (out.loss.backward()?, loss, out.metrics, out.tokens, out.flops)
         } else {
             parallel_gradients(task, &var_list, step, collective, accum)?
         };
@@ -520,6 +542,9 @@ pub fn run_parallel(
         let dt = ts.elapsed().as_secs_f64();
         step_times.push(dt);
         total_tokens += tokens;
+        // Every rank processes an equal part of the global batch.
+        totals.seconds += dt;
+        totals.flops += flops * collective.world_size() as f64;
         let done = step + 1;
         let throughput = tokens as f64 * collective.world_size() as f64 / dt;
         if leader && (done % config.log_every == 0 || done == config.steps || done == start + 1) {
@@ -529,7 +554,14 @@ pub fn run_parallel(
             record.insert("grad_norm".into(), grad_norm.into());
             record.insert("lr".into(), opt.config().lr.into());
             record.insert("ms_per_step".into(), (dt * 1e3).into());
+            record.insert("train_seconds".into(), totals.seconds.into());
+            if totals.flops > 0.0 {
+                record.insert("train_flops".into(), totals.flops.into());
+            }
             record.insert(task.throughput_unit().into(), throughput.into());
+            if let Some(e) = task.epoch_at(step) {
+                record.insert("epoch".into(), e.into());
+            }
             for (k, v) in &metrics {
                 record.insert(k.clone(), (*v).into());
             }
@@ -557,7 +589,7 @@ pub fn run_parallel(
         }
         bar.set_position(done);
         if leader && (done % config.checkpoint_every == 0 || done == config.steps) {
-            save_checkpoint(task, &opt, done, &paths)?;
+            save_checkpoint(task, &opt, done, totals, &paths)?;
             last_checkpoint_step = Some(done);
         }
         last = (loss, metrics);
@@ -567,6 +599,13 @@ pub fn run_parallel(
     if leader && !validation.is_empty() {
         let mut record = serde_json::Map::new();
         record.insert("step".into(), config.steps.into());
+        record.insert("train_seconds".into(), totals.seconds.into());
+        if let Some(e) = task.epoch_at(config.steps.saturating_sub(1)) {
+            record.insert("epoch".into(), e.into());
+        }
+        if totals.flops > 0.0 {
+            record.insert("train_flops".into(), totals.flops.into());
+        }
         for (k, v) in &validation {
             record.insert(format!("val_{k}"), (*v).into());
         }
@@ -643,7 +682,7 @@ mod tests {
             if self.poison_at == Some(step) {
                 loss = (loss * f64::NAN).map_err(|e| e.to_string())?;
             }
-            Ok(StepOutput { loss, metrics: vec![], tokens: 8 })
+            Ok(StepOutput { loss, metrics: vec![], tokens: 8, flops: 0.0 })
         }
         fn config_json(&self) -> serde_json::Value {
             serde_json::json!({"task": "regression", "seed": self.seed, "train": {"steps": 0}})

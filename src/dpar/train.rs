@@ -12,7 +12,7 @@ use super::model::GlobalLayout;
 use super::{Dpar, DparConfig, DparError, Result};
 use crate::data::shards::CodeShard;
 use crate::entropy::ShardEntropies;
-use crate::gpt::train::{batch_tensors, flip_choices, noise_rng};
+use crate::gpt::train::{batch_tensors, check_flip, noise_rng, step_images, StepImages};
 use crate::gpt::TrainNoise;
 use crate::params::ParamStore;
 use crate::patching::patch_lengths;
@@ -29,6 +29,9 @@ pub struct DparTrainConfig {
     pub codes: String,
     pub val_codes: Option<String>,
     pub val_images: usize,
+    /// Train on the flip copy of an image with probability ½ (see
+    /// [`crate::gpt::train::GptTrainConfig::use_flip`]; off unless asked for).
+    #[serde(default)]
     pub use_flip: bool,
     pub tokenizer_id: String,
     /// SHA-256 of the entropy model whose stored entropies define the patches.
@@ -105,6 +108,7 @@ impl DparTask {
         if config.batch_size == 0 || train.shard.is_empty() {
             return Err(DparError::BadConfig("batch size and training shards must be non-empty".into()));
         }
+        check_flip(&train.shard, config.use_flip, &config.codes).map_err(DparError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Dpar::new(&config.model, &store.root())?;
         let sampler = BatchSampler::new(train.shard.len(), config.batch_size, config.seed);
@@ -113,6 +117,11 @@ impl DparTask {
 
     pub fn model(&self) -> &Dpar {
         &self.model
+    }
+
+    /// The images (and copies) that step `step` trains on.
+    pub fn step_images(&mut self, step: u64) -> StepImages {
+        step_images(&mut self.sampler, &self.train.shard, self.config.use_flip, self.config.seed, step)
     }
 }
 
@@ -126,19 +135,21 @@ impl Task for DparTask {
     }
 
     fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, String> {
-        let all = self.sampler.indices(step);
-        let all_flips = flip_choices(&self.train.shard, self.config.use_flip, all.len(), self.config.seed, step);
-        let indices = part.slice(&all)?.to_vec();
-        let flips = part.slice(&all_flips)?.to_vec();
+        let all = self.step_images(step);
+        let indices = part.slice(&all.indices)?.to_vec();
+        let flips = part.slice(&all.flips)?.to_vec();
         let run = || -> Result<StepOutput> {
             let (codes, labels) = batch_tensors(&self.train.shard, &indices, &flips, &self.device)?;
             let layout = self.model.layout(batch_lengths(&self.train, &indices, &flips, &self.config.model)?, self.config.model.seq_len())?;
             let mut rng = noise_rng(self.config.seed, step, part);
             let loss = self.model.loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng }))?;
+            // FLOPs per image from its own patch count (attention is quadratic in it).
+            let forward: f64 = layout.packed_segments.iter().map(|&(_, len)| crate::flops::dpar_forward(&self.config.model, len as f64)).sum();
             Ok(StepOutput {
                 loss,
                 metrics: vec![("patches_per_image".to_string(), layout.mean_patches())],
                 tokens: indices.len() * self.config.model.seq_len(),
+                flops: 3.0 * forward,
             })
         };
         run().map_err(|e| e.to_string())
@@ -160,6 +171,10 @@ impl Task for DparTask {
 
     fn throughput_unit(&self) -> &'static str {
         "codes/s"
+    }
+
+    fn epoch_at(&self, step: u64) -> Option<f64> {
+        Some(self.sampler.epoch_at(step))
     }
 }
 

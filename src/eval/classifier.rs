@@ -192,7 +192,7 @@ impl Task for ClassifierTask {
             let y = Tensor::new(idx.iter().map(|&i| self.train.labels[i]).collect::<Vec<_>>(), &self.device)?;
             let (_, logits) = self.model.forward(&x)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            Ok(StepOutput { loss, metrics: Vec::new(), tokens: idx.len() })
+            Ok(StepOutput { loss, metrics: Vec::new(), tokens: idx.len(), flops: 0.0 })
         };
         run().map_err(|e| e.to_string())
     }

@@ -25,7 +25,10 @@ pub struct GptTrainConfig {
     pub val_codes: Option<String>,
     /// Images of the validation split used for the validation loss.
     pub val_images: usize,
-    /// Pick the flip copy of an image with probability ½ when the shards hold one.
+    /// Train on the flip copy of an image with probability ½ (the shards must hold one). Off
+    /// unless asked for: right for photos of natural scenes, wrong for digits, letters and
+    /// anything else with a handedness.
+    #[serde(default)]
     pub use_flip: bool,
     /// Identity of the tokenizer that made the codes.
     pub tokenizer_id: String,
@@ -68,7 +71,30 @@ pub fn batch_tensors(shard: &CodeShard, indices: &[usize], flips: &[bool], devic
     Ok((Tensor::from_vec(codes, (indices.len(), l), device)?, Tensor::new(labels, device)?))
 }
 
-/// Per-image flip choices for a step.
+/// The images of one training step: dataset indices and, per image, whether its flip copy is
+/// used. A pure function of `(seed, step)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepImages {
+    pub indices: Vec<usize>,
+    pub flips: Vec<bool>,
+}
+
+/// Draws step `step`'s images: the sampler's batch, and a flip choice per image when `use_flip`.
+pub fn step_images(sampler: &mut BatchSampler, shard: &CodeShard, use_flip: bool, seed: u64, step: u64) -> StepImages {
+    let indices = sampler.indices(step);
+    let flips = flip_choices(shard, use_flip, indices.len(), seed, step);
+    StepImages { indices, flips }
+}
+
+/// Refuses `use_flip` on shards that hold no flip copy (instead of silently training without).
+pub fn check_flip(shard: &CodeShard, use_flip: bool, what: &str) -> std::result::Result<(), String> {
+    if use_flip && shard.flip_codes.is_none() {
+        return Err(format!("{what}: flips were asked for (--flip / use_flip), but the shards hold no flip copy; tokenize with `dpar tokenize --flip`, or train without --flip"));
+    }
+    Ok(())
+}
+
+/// Per-image flip choices for a step (all `false` unless `use_flip` and the shards hold a copy).
 pub fn flip_choices(shard: &CodeShard, use_flip: bool, n: usize, seed: u64, step: u64) -> Vec<bool> {
     if use_flip && shard.flip_codes.is_some() {
         let mut rng = crate::util::rng_for(seed, "flip", step);
@@ -123,6 +149,7 @@ impl GptTask {
         if config.batch_size == 0 || train.is_empty() {
             return Err(GptError::BadConfig("batch size and training shards must be non-empty".into()));
         }
+        check_flip(&train, config.use_flip, &config.codes).map_err(GptError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Gpt::new(&config.model, &store.root())?;
         let sampler = BatchSampler::new(train.len(), config.batch_size, config.seed);
@@ -131,6 +158,11 @@ impl GptTask {
 
     pub fn model(&self) -> &Gpt {
         &self.model
+    }
+
+    /// The images (and copies) that step `step` trains on.
+    pub fn step_images(&mut self, step: u64) -> StepImages {
+        step_images(&mut self.sampler, &self.train, self.config.use_flip, self.config.seed, step)
     }
 }
 
@@ -145,16 +177,20 @@ impl Task for GptTask {
 
     fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, String> {
         // The global batch and its flip choices, then this part of them.
-        let all = self.sampler.indices(step);
-        let all_flips = flip_choices(&self.train, self.config.use_flip, all.len(), self.config.seed, step);
-        let indices = part.slice(&all)?.to_vec();
-        let flips = part.slice(&all_flips)?.to_vec();
+        let all = self.step_images(step);
+        let indices = part.slice(&all.indices)?.to_vec();
+        let flips = part.slice(&all.flips)?.to_vec();
         let run = || -> Result<StepOutput> {
             let (codes, labels) = batch_tensors(&self.train, &indices, &flips, &self.device)?;
             let mut rng = noise_rng(self.config.seed, step, part);
             let labels = (self.config.model.cls_token_num == 1).then_some(&labels);
             let loss = self.model.loss(&codes, labels, Some(TrainNoise { rng: &mut rng }))?;
-            Ok(StepOutput { loss, metrics: Vec::new(), tokens: indices.len() * self.config.model.seq_len() })
+            Ok(StepOutput {
+                loss,
+                metrics: Vec::new(),
+                tokens: indices.len() * self.config.model.seq_len(),
+                flops: 3.0 * crate::flops::gpt_forward(&self.config.model) * indices.len() as f64,
+            })
         };
         run().map_err(|e| e.to_string())
     }
@@ -175,5 +211,9 @@ impl Task for GptTask {
 
     fn throughput_unit(&self) -> &'static str {
         "codes/s"
+    }
+
+    fn epoch_at(&self, step: u64) -> Option<f64> {
+        Some(self.sampler.epoch_at(step))
     }
 }

@@ -119,7 +119,7 @@ impl Task for TokenizerTask {
                 ("commit".to_string(), scalar(&q.commit_loss)?),
             ];
             let c = &self.config.model;
-            Ok(StepOutput { loss, metrics, tokens: indices.len() * c.image_size * c.image_size })
+            Ok(StepOutput { loss, metrics, tokens: indices.len() * c.image_size * c.image_size, flops: 0.0 })
         };
         run().map_err(|e| e.to_string())
     }

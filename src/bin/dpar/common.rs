@@ -108,9 +108,12 @@ pub struct PlotLogsArgs {
     /// Run folders or log.jsonl files, each as NAME=PATH or PATH.
     #[arg(required = true)]
     pub runs: Vec<String>,
-    /// The metric to plot (a key of the log lines).
+    /// The metric to plot (a key of the log lines, e.g. loss or val_loss).
     #[arg(long, default_value = "loss")]
     pub metric: String,
+    /// The x axis: step, train_seconds (training wall-clock), train_flops or epoch.
+    #[arg(long, default_value = "step")]
+    pub x: String,
     #[arg(long, default_value = "out/losses.png")]
     pub out: PathBuf,
     /// Linear y axis (default: log scale).
@@ -118,27 +121,63 @@ pub struct PlotLogsArgs {
     pub linear: bool,
 }
 
+fn name_and_path(spec: &str) -> (String, PathBuf) {
+    match spec.split_once('=') {
+        Some((n, p)) => (n.to_string(), PathBuf::from(p)),
+        None => (spec.to_string(), PathBuf::from(spec)),
+    }
+}
+
 pub fn plot_logs(args: PlotLogsArgs) -> Result<()> {
     let mut series = Vec::new();
     for spec in &args.runs {
-        let (name, path) = match spec.split_once('=') {
-            Some((n, p)) => (n.to_string(), PathBuf::from(p)),
-            None => (spec.clone(), PathBuf::from(spec)),
-        };
-        let log = if path.is_dir() { path.join("log.jsonl") } else { path };
-        let text = std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
-        let points: Vec<(f64, f64)> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(&args.metric)?.as_f64()?)))
-            .collect();
+        let (name, path) = name_and_path(spec);
+        let log = dpar::runs::read_log(&path)?;
+        let mut points = dpar::runs::curve(&log, &args.x, &args.metric);
+        if args.x == "train_flops" {
+            points.iter_mut().for_each(|p| p.0 /= 1e15);
+        } else if args.x == "train_seconds" {
+            points.iter_mut().for_each(|p| p.0 /= 60.0);
+        }
         if points.is_empty() {
-            bail!("{}: no `{}` values", log.display(), args.metric);
+            bail!("{}: no lines with both `{}` and `{}`", path.display(), args.x, args.metric);
         }
         series.push(dpar::plot::Series { name, points });
     }
-    dpar::plot::line_plot(&args.out, &args.metric, "step", &args.metric, &series, !args.linear)?;
+    let x_label = match args.x.as_str() {
+        "train_flops" => "training PFLOP".to_string(),
+        "train_seconds" => "training wall-clock (minutes)".to_string(),
+        other => other.to_string(),
+    };
+    dpar::plot::line_plot(&args.out, &format!("{} vs {x_label}", args.metric), &x_label, &args.metric, &series, !args.linear)?;
     println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct SummarizeArgs {
+    /// Run folders, each as NAME=PATH or PATH.
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+    /// Also write the summaries as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Prints a markdown table of runs: shape, budget, cost and final validation loss.
+pub fn summarize(args: SummarizeArgs) -> Result<()> {
+    println!("{}", dpar::runs::RunSummary::markdown_header());
+    let mut all = Vec::new();
+    for spec in &args.runs {
+        let (name, path) = name_and_path(spec);
+        let s = dpar::runs::RunSummary::read(&path)?;
+        println!("{}", s.markdown_row(&name));
+        all.push(serde_json::json!({ "name": name, "summary": s }));
+    }
+    if let Some(path) = &args.json {
+        dpar::util::write_atomic(path, serde_json::to_string_pretty(&all)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
 

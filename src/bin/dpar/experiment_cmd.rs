@@ -83,9 +83,22 @@ pub enum AblateCmd {
 pub struct AblateArgs {
     #[command(flatten)]
     exp: ExperimentArgs,
-    /// Training steps of each ablation model.
-    #[arg(long, default_value_t = 600)]
-    steps: u64,
+    /// Training steps of each ablation model (default: the ablation scale's).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Seeds: every row trains one model per seed and reports mean ± half-range.
+    #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1])]
+    seeds: Vec<u64>,
+    /// Width of the ablation models (default: the ablation scale's).
+    #[arg(long)]
+    dim: Option<usize>,
+    /// Depth of the ablation models as encoder+global+decoder, e.g. 1+3+1.
+    #[arg(long)]
+    layers: Option<String>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
     /// Mean patch length the main setting targets (θ is calibrated for it).
     #[arg(long, default_value_t = 1.8)]
     target_mean_len: f64,
@@ -95,10 +108,12 @@ pub struct AblateArgs {
 pub struct ProbeArgs {
     #[command(flatten)]
     exp: ExperimentArgs,
-    #[arg(long, default_value = "runs/dpar")]
-    dpar_run: PathBuf,
-    #[arg(long, default_value = "runs/gpt")]
-    gpt_run: PathBuf,
+    /// DPAR runs (repeat the flag for several seeds).
+    #[arg(long = "dpar-run", default_values = ["runs/dpar"])]
+    dpar_runs: Vec<PathBuf>,
+    /// Baseline runs (repeat the flag for several seeds).
+    #[arg(long = "gpt-run", default_values = ["runs/gpt"])]
+    gpt_runs: Vec<PathBuf>,
     #[arg(long, default_value_t = 5000)]
     train_images: usize,
     #[arg(long, default_value_t = 2000)]
@@ -109,56 +124,73 @@ pub struct ProbeArgs {
 pub struct AblateAllArgs {
     #[command(flatten)]
     ablate: AblateArgs,
-    #[arg(long, default_value = "runs/dpar")]
-    dpar_run: PathBuf,
-    #[arg(long, default_value = "runs/gpt")]
-    gpt_run: PathBuf,
+    #[arg(long = "dpar-run", default_values = ["runs/dpar"])]
+    dpar_runs: Vec<PathBuf>,
+    #[arg(long = "gpt-run", default_values = ["runs/gpt"])]
+    gpt_runs: Vec<PathBuf>,
 }
 
-fn scale(env: &Env, steps: u64) -> Scale {
+fn scale(env: &Env, a: &AblateArgs) -> Result<Scale> {
     let info = &env.train.shard.info;
     let mut s = Scale::small(info.codebook_size, info.num_classes, info.grid_size);
-    s.steps = steps;
-    s
+    if let Some(v) = a.steps { s.steps = v; }
+    if let Some(v) = a.dim { s.model.dim = v; }
+    if let Some(v) = a.batch_size { s.batch_size = v; }
+    if let Some(v) = a.lr { s.lr = v; }
+    if let Some(layers) = &a.layers {
+        let parts: Vec<usize> = layers.split('+').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().unwrap_or_default();
+        let [e, g, d] = parts[..] else { anyhow::bail!("--layers {layers}: expected encoder+global+decoder blocks, e.g. 1+3+1") };
+        (s.model.encoder_layers, s.model.global_layers, s.model.decoder_layers) = (e, g, d);
+    }
+    if a.seeds.is_empty() {
+        anyhow::bail!("--seeds: give at least one seed");
+    }
+    s.seeds = a.seeds.clone();
+    s.model.validate()?;
+    Ok(s)
 }
 
-/// Mean patch lengths the θ sweep calibrates θ for (1.8 is the main setting's, shared with Table 3).
-const THETA_TARGETS: [f64; 3] = [1.5, 1.8, 2.1];
-/// P = 1 is one code per patch; P = 4 at θ(1.8) is the main setting.
-const P_SWEEP: [usize; 4] = [1, 2, 4, 8];
+/// Mean patch lengths the θ sweep calibrates θ for (1.8, the main setting's, first).
+const THETA_TARGETS: [f64; 3] = [1.8, 1.5, 2.1];
+/// P = 4 at θ(1.8) is the main setting (first); P = 1 is one code per patch.
+const P_SWEEP: [usize; 4] = [4, 1, 2, 8];
+
+/// Inference mean lengths of Table 6: the training length, then about +7%, +12% and +19%.
+fn inference_targets(t: f64) -> [f64; 4] {
+    [t, t * 1.066, t * 1.12, t * 1.19]
+}
 
 pub fn ablate(cmd: AblateCmd) -> Result<()> {
     match cmd {
         AblateCmd::Patching(a) => {
             let env = a.exp.env(1000)?;
-            experiments::ablate_patching(&env, &scale(&env, a.steps), a.target_mean_len)?.save(&env.setup.out, "table3-patching")?;
+            experiments::ablate_patching(&env, &scale(&env, &a)?, a.target_mean_len)?.save(&env.setup.out, "table3-patching")?;
         }
         AblateCmd::Threshold(a) => {
             let env = a.exp.env(1000)?;
-            experiments::ablate_threshold(&env, &scale(&env, a.steps), &THETA_TARGETS)?.save(&env.setup.out, "table4-threshold")?;
+            experiments::ablate_threshold(&env, &scale(&env, &a)?, &THETA_TARGETS)?.save(&env.setup.out, "table4-threshold")?;
         }
         AblateCmd::MaxLen(a) => {
             let env = a.exp.env(1000)?;
-            experiments::ablate_max_len(&env, &scale(&env, a.steps), a.target_mean_len, &P_SWEEP)?.save(&env.setup.out, "table5-max-len")?;
+            experiments::ablate_max_len(&env, &scale(&env, &a)?, a.target_mean_len, &P_SWEEP)?.save(&env.setup.out, "table5-max-len")?;
         }
         AblateCmd::Inference(a) => {
             let env = a.exp.env(1000)?;
-            let targets = [a.target_mean_len, a.target_mean_len * 1.066, a.target_mean_len * 1.12, a.target_mean_len * 1.19];
-            experiments::ablate_inference(&env, &scale(&env, a.steps), a.target_mean_len, &targets)?.save(&env.setup.out, "table6-inference")?;
+            experiments::ablate_inference(&env, &scale(&env, &a)?, a.target_mean_len, &inference_targets(a.target_mean_len))?.save(&env.setup.out, "table6-inference")?;
         }
         AblateCmd::Probe(a) => {
             let env = a.exp.env(1000)?;
-            experiments::linear_probe(&env, &a.dpar_run, &a.gpt_run, a.train_images, a.test_images)?.save(&env.setup.out, "table7-probe")?;
+            experiments::linear_probe(&env, &a.dpar_runs, &a.gpt_runs, a.train_images, a.test_images)?.save(&env.setup.out, "table7-probe")?;
         }
         AblateCmd::All(a) => {
             let env = a.ablate.exp.env(1000)?;
-            let s = scale(&env, a.ablate.steps);
+            let s = scale(&env, &a.ablate)?;
             let t = a.ablate.target_mean_len;
             experiments::ablate_patching(&env, &s, t)?.save(&env.setup.out, "table3-patching")?;
             experiments::ablate_threshold(&env, &s, &THETA_TARGETS)?.save(&env.setup.out, "table4-threshold")?;
             experiments::ablate_max_len(&env, &s, t, &P_SWEEP)?.save(&env.setup.out, "table5-max-len")?;
-            experiments::ablate_inference(&env, &s, t, &[t, t * 1.066, t * 1.12, t * 1.19])?.save(&env.setup.out, "table6-inference")?;
-            experiments::linear_probe(&env, &a.dpar_run, &a.gpt_run, 5000, 2000)?.save(&env.setup.out, "table7-probe")?;
+            experiments::ablate_inference(&env, &s, t, &inference_targets(t))?.save(&env.setup.out, "table6-inference")?;
+            experiments::linear_probe(&env, &a.dpar_runs, &a.gpt_runs, 5000, 2000)?.save(&env.setup.out, "table7-probe")?;
         }
     }
     Ok(())
@@ -168,41 +200,44 @@ pub fn ablate(cmd: AblateCmd) -> Result<()> {
 pub struct SideBySideArgs {
     #[command(flatten)]
     exp: ExperimentArgs,
-    /// The baseline run, trained with the same budget as the DPAR run (`scripts/train-mnist` trains both).
-    #[arg(long, default_value = "runs/gpt")]
-    gpt_run: PathBuf,
-    /// The DPAR run.
-    #[arg(long, default_value = "runs/dpar")]
-    dpar_run: PathBuf,
-    /// Samples per point of the FD-vs-steps curves.
+    /// Baseline runs, one per seed (repeat the flag), trained with the same data and epochs as
+    /// the DPAR runs (`scripts/train-mnist` trains them).
+    #[arg(long = "gpt-run", default_values = ["runs/gpt-s0", "runs/gpt-s1"])]
+    gpt_runs: Vec<PathBuf>,
+    /// DPAR runs, one per seed (repeat the flag).
+    #[arg(long = "dpar-run", default_values = ["runs/dpar-s0", "runs/dpar-s1"])]
+    dpar_runs: Vec<PathBuf>,
+    /// Samples per point of the quality curves over the runs' snapshots (0: no curves).
     #[arg(long, default_value_t = 1000)]
     curve_samples: usize,
 }
 
 pub fn side_by_side(args: SideBySideArgs) -> Result<()> {
-    let env = args.exp.env(10000)?;
-    for (run, what) in [(&args.gpt_run, "baseline"), (&args.dpar_run, "DPAR")] {
-        if !run.join("model.safetensors").is_file() {
-            anyhow::bail!("{}: no trained {what} here; train both with scripts/train-mnist (same budget) or `dpar train`", run.display());
+    for (runs, what) in [(&args.gpt_runs, "baseline"), (&args.dpar_runs, "DPAR")] {
+        for run in runs {
+            if !run.join("model.safetensors").is_file() {
+                anyhow::bail!("{}: no trained {what} here; train the runs with scripts/train-mnist (same data and epochs) or `dpar train`", run.display());
+            }
         }
     }
-    // The comparison is only fair at the same budget: same steps and images per step.
-    let budget = |run: &PathBuf| -> Option<(u64, u64)> {
+    // The comparison is only fair at the same budget: same epochs (steps × images per step).
+    let images_seen = |run: &PathBuf| -> Option<u64> {
         let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).ok()?).ok()?;
-        Some((c["train"]["steps"].as_u64()?, c["batch_size"].as_u64()?))
+        Some(c["train"]["steps"].as_u64()? * c["batch_size"].as_u64()?)
     };
-    match (budget(&args.gpt_run), budget(&args.dpar_run)) {
-        (Some(g), Some(d)) if g != d => tracing::warn!("the runs had different budgets: baseline {} steps × {} images, DPAR {} steps × {} images", g.0, g.1, d.0, d.1),
-        _ => {}
+    let budgets: Vec<(String, Option<u64>)> = args.gpt_runs.iter().chain(&args.dpar_runs).map(|r| (r.display().to_string(), images_seen(r))).collect();
+    if budgets.windows(2).any(|w| w[0].1 != w[1].1) {
+        tracing::warn!("the runs saw different numbers of training images: {budgets:?}");
     }
-    let (table, curves) = experiments::bench(&env, &args.gpt_run, &args.dpar_run, args.curve_samples)?;
+    let env = args.exp.env(2000)?;
+    let result = experiments::bench(&env, &args.gpt_runs, &args.dpar_runs, args.curve_samples)?;
+    let mut table = result.table.clone();
+    table.data = serde_json::json!({ "runs": result.runs, "floor": result.floor });
     table.save(&env.setup.out, "bench")?;
-    let series: Vec<dpar::plot::Series> = curves
-        .into_iter()
-        .map(|(name, pts)| dpar::plot::Series { name, points: pts.into_iter().map(|(s, fd)| (s as f64, fd)).collect() })
-        .collect();
-    let png = env.setup.out.join("fd-vs-steps.png");
-    dpar::plot::line_plot(&png, &format!("FD ({} samples) vs training steps", args.curve_samples), "training step", "FD (classifier features)", &series, false)?;
-    println!("wrote {}", png.display());
+    if args.curve_samples > 0 {
+        let png = env.setup.out.join("fd-curves.png");
+        experiments::bench::plot_curves(&result, &png, args.curve_samples)?;
+        println!("wrote {}", png.display());
+    }
     Ok(())
 }

@@ -56,6 +56,8 @@ enum Command {
     Export(common::ExportArgs),
     /// Overlay the loss curves of several runs (their log.jsonl) in one PNG.
     PlotLogs(common::PlotLogsArgs),
+    /// A markdown table of run folders: shape, budget, wall-clock, FLOPs, final validation loss.
+    Summarize(common::SummarizeArgs),
 }
 
 fn main() {
@@ -80,6 +82,7 @@ fn main() {
         Command::Bench(args) => bench_cmd::run(args),
         Command::Ablate(cmd) => experiment_cmd::ablate(cmd),
         Command::PlotLogs(args) => common::plot_logs(args),
+        Command::Summarize(args) => common::summarize(args),
         Command::Export(args) => common::export(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::Entropy(cmd) => patch_cmd::run_entropy(cmd),

@@ -119,7 +119,9 @@ pub struct TokenizeArgs {
     /// Output folder for the shards (default: data/codes/<split>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Also store the codes of horizontally flipped images (augmentation copy).
+    /// Also store the codes of horizontally flipped images, as an augmentation copy that
+    /// `dpar train --flip` can use. Suits photos of natural scenes (ImageNet); do not use it for
+    /// digits, letters or anything else whose mirror image is a different thing. Off by default.
     #[arg(long)]
     flip: bool,
     /// Images per shard file.

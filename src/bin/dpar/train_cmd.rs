@@ -59,14 +59,26 @@ pub struct TrainArgs {
     pub grad_clip: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Model width (overrides the preset; a multiple of --heads, head dim divisible by 16 for DPAR).
+    #[arg(long)]
+    pub dim: Option<usize>,
+    /// Attention heads (overrides the preset).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Depth (overrides the preset): `N` blocks for a GPT, `E+G+D` (encoder + patch transformer +
+    /// decoder blocks, e.g. `1+4+1`) for DPAR.
+    #[arg(long)]
+    pub layers: Option<String>,
     /// Sets token, residual and FFN dropout together.
     #[arg(long)]
     pub dropout: Option<f64>,
     #[arg(long)]
     pub class_dropout: Option<f64>,
-    /// Ignore the flip copy in the shards.
+    /// Train on the horizontally flipped copy of each image half of the time (the shards must be
+    /// tokenized with `--flip`). Right for photos of natural scenes; wrong for digits, letters
+    /// and anything else with a handedness, which is why it is off by default.
     #[arg(long)]
-    pub no_flip: bool,
+    pub flip: bool,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     #[arg(long)]
@@ -143,6 +155,15 @@ impl From<PatchRopeArg> for dpar::nn::rope::PatchRope {
             PatchRopeArg::Dynamic2d => Self::Dynamic2d,
             PatchRopeArg::Plain2d => Self::Plain2d,
         }
+    }
+}
+
+/// `--ops bf16` on a CPU without AVX512-BF16 runs the f32 kernels; say so instead of silently
+/// rounding operands for no gain.
+fn check_ops(ops: &mut dpar::nn::Ops) {
+    if *ops == dpar::nn::Ops::Bf16 && !dpar::kernels::bf16::available() {
+        eprintln!("note: this CPU has no AVX512-BF16; --ops bf16 falls back to the f32 kernels (--ops fused)");
+        *ops = dpar::nn::Ops::Fused;
     }
 }
 
@@ -286,7 +307,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 codes: args.codes.display().to_string(),
                 val_codes: val.as_ref().map(|_| args.val_codes.clone()),
                 val_images: 1000,
-                use_flip: true,
+                use_flip: args.flip,
                 tokenizer_id: train.info.tokenizer_id.clone(),
                 train: default_loop(),
             }
@@ -307,7 +328,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
     if let Some(o) = args.ops { config.model.ops = o.into(); }
-    if args.no_flip { config.use_flip = false; }
+    check_ops(&mut config.model.ops);
+    if args.flip { config.use_flip = true; }
+    if let Some(d) = args.dim { config.model.dim = d; }
+    if let Some(h) = args.heads { config.model.n_head = h; }
+    if let Some(layers) = &args.layers {
+        config.model.n_layer = layers.trim().parse().map_err(|_| anyhow::anyhow!("--layers {layers}: a GPT takes one number of blocks, e.g. 6"))?;
+    }
+    config.model.validate()?;
     if train.info.tokenizer_id != config.tokenizer_id {
         bail!(
             "{}: codes come from tokenizer {}, the config expects {}",
@@ -369,7 +397,7 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
                 codes: args.codes.display().to_string(),
                 val_codes: val.as_ref().map(|_| args.val_codes.clone()),
                 val_images: 1000,
-                use_flip: true,
+                use_flip: args.flip,
                 tokenizer_id: train.shard.info.tokenizer_id.clone(),
                 entropy_model_id: train.entropies.entropy_model_id.clone(),
                 train: default_loop(),
@@ -390,7 +418,17 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
     }
     if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
     if let Some(o) = args.ops { config.model.ops = o.into(); }
-    if args.no_flip { config.use_flip = false; }
+    check_ops(&mut config.model.ops);
+    if args.flip { config.use_flip = true; }
+    if let Some(d) = args.dim { config.model.dim = d; }
+    if let Some(h) = args.heads { config.model.n_head = h; }
+    if let Some(layers) = &args.layers {
+        let parts: Vec<usize> = layers.split('+').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().unwrap_or_default();
+        let [e, g, d] = parts[..] else {
+            bail!("--layers {layers}: DPAR takes encoder+global+decoder blocks, e.g. 1+4+1");
+        };
+        (config.model.encoder_layers, config.model.global_layers, config.model.decoder_layers) = (e, g, d);
+    }
     if let Some(r) = args.patch_rope { config.model.patch_rope = r.into(); }
     config.model.patch = args.patch.apply(config.model.patch);
     // θ: given, kept from a saved config, or calibrated on the training entropies.
