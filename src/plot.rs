@@ -88,7 +88,8 @@ fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: 
         let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let y_max = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let x_max = if x_max > x_min { x_max } else { x_min + 1.0 };
-        let log_y = panel.log_y && y_min > 0.0;
+        // A log axis over less than a decade gets no tick labels from plotters: use linear.
+        let log_y = panel.log_y && y_min > 0.0 && y_max > 10.0 * y_min;
         let mut builder = ChartBuilder::on(root);
         builder.caption(title, ("sans-serif", 22)).margin(15).x_label_area_size(40).y_label_area_size(70);
         macro_rules! finish {

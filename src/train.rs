@@ -547,7 +547,8 @@ pub fn run_parallel(
         totals.flops += flops * collective.world_size() as f64;
         let done = step + 1;
         let throughput = tokens as f64 * collective.world_size() as f64 / dt;
-        if leader && (done % config.log_every == 0 || done == config.steps || done == start + 1) {
+        let eval_step = config.eval_every > 0 && done % config.eval_every == 0;
+        if leader && (done % config.log_every == 0 || done == config.steps || done == start + 1 || eval_step) {
             let mut record = serde_json::Map::new();
             record.insert("step".into(), done.into());
             record.insert("loss".into(), loss.into());
@@ -565,7 +566,7 @@ pub fn run_parallel(
             for (k, v) in &metrics {
                 record.insert(k.clone(), (*v).into());
             }
-            if config.eval_every > 0 && done % config.eval_every == 0 && done != config.steps {
+            if eval_step && done != config.steps {
                 for (k, v) in task.validate().map_err(TrainError::Task)? {
                     record.insert(format!("val_{k}"), v.into());
                 }
@@ -579,7 +580,7 @@ pub fn run_parallel(
                 tracing::info!("{} step {done}/{}: {msg}", task.name(), config.steps);
             }
         }
-        if leader && config.eval_every > 0 && done % config.eval_every == 0 {
+        if leader && eval_step {
             // Weight snapshots at every evaluation step, for quality-vs-steps curves.
             let mut meta = BTreeMap::new();
             meta.insert("format".to_string(), "dpar-weights-v1".to_string());
@@ -658,13 +659,14 @@ mod tests {
         w: Tensor,
         seed: u64,
         poison_at: Option<u64>,
+        validates: bool,
     }
 
     impl Regression {
         fn new(seed: u64) -> Self {
             let store = ParamStore::new(seed, &Device::Cpu);
             let w = store.root().get((1, 1), "w", Init::Normal(0.5)).unwrap();
-            Self { store, w, seed, poison_at: None }
+            Self { store, w, seed, poison_at: None, validates: false }
         }
     }
 
@@ -683,6 +685,9 @@ mod tests {
                 loss = (loss * f64::NAN).map_err(|e| e.to_string())?;
             }
             Ok(StepOutput { loss, metrics: vec![], tokens: 8, flops: 0.0 })
+        }
+        fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+            Ok(if self.validates { vec![("w".into(), w_of(self) as f64)] } else { Vec::new() })
         }
         fn config_json(&self) -> serde_json::Value {
             serde_json::json!({"task": "regression", "seed": self.seed, "train": {"steps": 0}})
@@ -721,7 +726,32 @@ mod tests {
         assert_eq!(w_of(&full).to_bits(), w_of(&second).to_bits());
         let log = std::fs::read_to_string(dir.path().join("split/log.jsonl")).unwrap();
         assert_eq!(log.lines().count(), 20);
+        // The running wall-clock continues across the resume instead of restarting at 0.
+        let seconds: Vec<f64> = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_seconds"].as_f64().unwrap()).collect();
+        assert!(seconds.windows(2).all(|w| w[1] >= w[0]) && seconds[10] > 0.0, "{seconds:?}");
         assert!(dir.path().join("split/loss.png").is_file());
+    }
+
+    #[test]
+    fn validation_and_snapshots_happen_at_every_eval_step_whatever_the_log_cadence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut task = Regression::new(5);
+        task.validates = true;
+        let config = LoopConfig { log_every: 4, eval_every: 3, ..loop_config(10) };
+        run(&mut task, &config, dir.path(), false).unwrap();
+        let log = std::fs::read_to_string(dir.path().join("log.jsonl")).unwrap();
+        let validated: Vec<u64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("val_w").is_some())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        // Steps 3, 6 and 9 (none of them a multiple of 4), then the final validation at 10.
+        assert_eq!(validated, vec![3, 6, 9, 10]);
+        let snapshots: Vec<u64> = RunPaths::new(dir.path()).list_snapshots().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(snapshots, vec![3, 6, 9]);
+        // Every logged line carries the running totals.
+        assert!(log.lines().all(|l| l.contains("train_seconds")), "{log}");
     }
 
     #[test]

@@ -125,10 +125,19 @@ impl DparConfig {
         Self::paper(1536, 24, 1, 41, 6)
     }
 
-    /// Our MNIST model: 1 + 6 + 2 = 9 layers, the depth of the `mnist` GPT baseline, width 256,
-    /// 4 heads, 512 codes, 10 classes. θ is set by calibration on the stored entropies.
+    /// Our MNIST model: 1 + 4 + 1 = 6 layers, the width (128), heads (4) and depth of the `mnist`
+    /// GPT baseline, 512 codes, 10 classes, no dropout (as the baseline). θ is set by
+    /// calibration on the stored entropies.
     pub fn mnist() -> Self {
-        Self { vocab_size: 512, num_classes: 10, patch: PatchConfig::dpar(f64::INFINITY, 4), ..Self::paper(256, 4, 1, 6, 2) }
+        Self {
+            vocab_size: 512,
+            num_classes: 10,
+            patch: PatchConfig::dpar(f64::INFINITY, 4),
+            token_dropout: 0.0,
+            resid_dropout: 0.0,
+            ffn_dropout: 0.0,
+            ..Self::paper(128, 4, 1, 4, 1)
+        }
     }
 
     /// A preset by name: `dpar-b`, `dpar-l`, `dpar-xl`, `dpar-xxl`, `mnist`, each optionally
@@ -220,6 +229,9 @@ mod tests {
         assert_eq!((c.encoder_layers, c.global_layers, c.decoder_layers), (2, 19, 3));
         assert!(DparConfig::preset("dpar-l-e3d3").is_err());
         assert!(DparConfig::preset("dpar-q").is_err());
-        assert_eq!(DparConfig::preset("mnist-e2d1").unwrap().encoder_layers, 2);
+        assert_eq!(DparConfig::preset("dpar-b-e2d2").unwrap().encoder_layers, 2);
+        // mnist is 1 + 4 + 1: the only split that keeps encoder + decoder = 2 is e1d1.
+        assert!(DparConfig::preset("mnist-e2d1").is_err());
+        assert_eq!(DparConfig::preset("mnist-e1d1").unwrap(), DparConfig::mnist());
     }
 }

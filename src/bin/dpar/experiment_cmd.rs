@@ -75,6 +75,9 @@ pub enum AblateCmd {
     Inference(AblateArgs),
     /// Linear probe of pooled final hidden states, DPAR vs baseline (Table 7).
     Probe(ProbeArgs),
+    /// Train the models of every table above without evaluating them: run one process per
+    /// seed side by side (`--seeds 0` and `--seeds 1`), then the tables find them trained.
+    Train(AblateArgs),
     /// Every table above, one after the other.
     All(AblateAllArgs),
 }
@@ -177,6 +180,16 @@ pub fn ablate(cmd: AblateCmd) -> Result<()> {
         AblateCmd::Inference(a) => {
             let env = a.exp.env(1000)?;
             experiments::ablate_inference(&env, &scale(&env, &a)?, a.target_mean_len, &inference_targets(a.target_mean_len))?.save(&env.setup.out, "table6-inference")?;
+        }
+        AblateCmd::Train(a) => {
+            let env = a.exp.env(1000)?;
+            let s = scale(&env, &a)?;
+            let models = experiments::ablate::ablation_models(&env, a.target_mean_len, &THETA_TARGETS, &P_SWEEP)?;
+            let runs = experiments::ablate::train_ablation_models(&env, &s, &models)?;
+            println!("{} ablation models trained ({}):", runs.len(), s.describe());
+            for r in runs {
+                println!("  {}", r.display());
+            }
         }
         AblateCmd::Probe(a) => {
             let env = a.exp.env(1000)?;
