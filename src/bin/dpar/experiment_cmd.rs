@@ -76,8 +76,9 @@ pub enum AblateCmd {
     /// Linear probe of pooled final hidden states, DPAR vs baseline (Table 7).
     Probe(ProbeArgs),
     /// Train the models of every table above without evaluating them: run one process per
-    /// seed side by side (`--seeds 0` and `--seeds 1`), then the tables find them trained.
-    Train(AblateArgs),
+    /// seed side by side (`--seeds 0` and `--seeds 1`), or split one seed's models between
+    /// processes with `--part K/N`; the tables then find them trained.
+    Train(AblateTrainArgs),
     /// Every table above, one after the other.
     All(AblateAllArgs),
 }
@@ -105,6 +106,16 @@ pub struct AblateArgs {
     /// Mean patch length the main setting targets (θ is calibrated for it).
     #[arg(long, default_value_t = 1.8)]
     target_mean_len: f64,
+}
+
+#[derive(Args)]
+pub struct AblateTrainArgs {
+    #[command(flatten)]
+    ablate: AblateArgs,
+    /// Train only part K of N of the model list (every N-th model from the K-th), so that N
+    /// processes can share the list without training the same model.
+    #[arg(long, default_value = "1/1")]
+    part: String,
 }
 
 #[derive(Args)]
@@ -181,10 +192,18 @@ pub fn ablate(cmd: AblateCmd) -> Result<()> {
             let env = a.exp.env(1000)?;
             experiments::ablate_inference(&env, &scale(&env, &a)?, a.target_mean_len, &inference_targets(a.target_mean_len))?.save(&env.setup.out, "table6-inference")?;
         }
-        AblateCmd::Train(a) => {
+        AblateCmd::Train(t) => {
+            let a = &t.ablate;
+            let (k, n) = t
+                .part
+                .split_once('/')
+                .and_then(|(k, n)| Some((k.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)))
+                .filter(|&(k, n)| k >= 1 && k <= n)
+                .ok_or_else(|| anyhow::anyhow!("--part {}: expected K/N with 1 ≤ K ≤ N, e.g. 1/2", t.part))?;
             let env = a.exp.env(1000)?;
-            let s = scale(&env, &a)?;
-            let models = experiments::ablate::ablation_models(&env, a.target_mean_len, &THETA_TARGETS, &P_SWEEP)?;
+            let s = scale(&env, a)?;
+            let all = experiments::ablate::ablation_models(&env, a.target_mean_len, &THETA_TARGETS, &P_SWEEP)?;
+            let models: Vec<_> = all.into_iter().skip(k - 1).step_by(n).collect();
             let runs = experiments::ablate::train_ablation_models(&env, &s, &models)?;
             println!("{} ablation models trained ({}):", runs.len(), s.describe());
             for r in runs {
