@@ -38,6 +38,7 @@ pub mod optim;
 pub mod params;
 pub mod patching;
 pub mod plot;
+pub mod rundir;
 pub mod runs;
 pub mod sample;
 pub mod tensor_io;

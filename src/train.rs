@@ -24,6 +24,7 @@ use candle_core::Tensor;
 
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::params::ParamStore;
+pub use crate::rundir::Start;
 
 /// Errors of the training loop.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum TrainError {
     TensorIo(#[from] crate::tensor_io::TensorIoError),
     #[error(transparent)]
     Util(#[from] crate::util::UtilError),
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -378,9 +381,10 @@ fn truncate_log(path: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes) training of `task` into `out_dir` in this process alone.
-pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, resume: bool) -> Result<TrainReport> {
-    run_parallel(task, config, out_dir, resume, &crate::dist::Single, 1)
+/// Runs (or resumes) training of `task` into `out_dir` in this process alone. `start` is a
+/// [`Start`] or the `--resume` flag as a bool.
+pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, start: impl Into<Start>) -> Result<TrainReport> {
+    run_parallel(task, config, out_dir, start, &crate::dist::Single, 1)
 }
 
 /// Computes one optimiser step's gradients over `accum` micro-batches per rank, averaged over
@@ -446,10 +450,12 @@ pub fn run_parallel(
     task: &mut dyn Task,
     config: &LoopConfig,
     out_dir: &Path,
-    resume: bool,
+    start: impl Into<Start>,
     collective: &dyn crate::dist::Collective,
     accum: usize,
 ) -> Result<TrainReport> {
+    let start_mode: Start = start.into();
+    let resume = start_mode == Start::Resume;
     config.validate()?;
     if accum == 0 {
         return Err(TrainError::BadConfig("gradient accumulation needs at least one micro-batch".into()));
@@ -457,10 +463,15 @@ pub fn run_parallel(
     let leader = collective.rank() == 0;
     let fast_path = collective.world_size() == 1 && accum == 1;
     let dist_err = |e: crate::dist::DistError| TrainError::Task(e.to_string());
-    if leader {
-        std::fs::create_dir_all(out_dir)
-            .map_err(|e| TrainError::BadConfig(format!("cannot create {}: {e}", out_dir.display())))?;
-    }
+    // The leader owns the folder for the whole run: an exclusive lock, then the checks of what
+    // the folder already holds (and removal of temporaries left by killed writes).
+    let _lock = if leader {
+        let lock = crate::rundir::RunLock::acquire(out_dir)?;
+        crate::rundir::prepare(out_dir, &lock, start_mode)?;
+        Some(lock)
+    } else {
+        None
+    };
     let paths = RunPaths::new(out_dir);
     let vars = task.params().vars();
     let mut opt = AdamW::new(vars.clone(), config.adamw)?;
@@ -477,9 +488,11 @@ pub fn run_parallel(
             tracing::info!("resumed {} from step {start} ({})", task.name(), paths.checkpoint.display());
         } else {
             tracing::warn!("--resume: no checkpoint at {}, starting from scratch", paths.checkpoint.display());
+            if leader {
+                // Lines of an attempt that died before its first checkpoint.
+                truncate_log(&paths.log, 0)?;
+            }
         }
-    } else if leader && paths.log.exists() {
-        std::fs::remove_file(&paths.log).map_err(|e| TrainError::BadConfig(format!("{}: {e}", paths.log.display())))?;
     }
     let var_list: Vec<candle_core::Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     if !fast_path && collective.world_size() > 1 {

@@ -30,22 +30,67 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> UtilError + '_ {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, then rename.
-/// Creates the parent folder if needed.
+/// Creates the parent folder if needed. On any error the temporary file is removed, so a failed
+/// write (a full disk, say) leaves nothing behind; one left by a killed process is removed by
+/// [`remove_stale_temp_files`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
     }
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    {
+    let tmp = temp_path(path, std::process::id());
+    let written = (|| {
         let mut file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
         file.write_all(bytes).map_err(io_err(&tmp))?;
         file.sync_all().map_err(io_err(&tmp))?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(io_err(path))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    written
+}
+
+/// The temporary file [`write_atomic`] uses for `path` in process `pid`: `.NAME.PID.tmp`.
+fn temp_path(path: &Path, pid: u32) -> PathBuf {
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{file_name}.{pid}.tmp"))
+}
+
+/// Whether process `pid` is alive (on Unix; elsewhere every process is assumed alive).
+pub fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+        // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes the temporary files [`write_atomic`] left in `dir` when its process was killed
+/// (`.NAME.PID.tmp` whose PID no longer runs). Returns what was removed.
+pub fn remove_stale_temp_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")).and_then(|n| n.rsplit_once('.')).and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 /// Tunes the process for tensor work; call once at start-up.
@@ -200,6 +245,26 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["file.txt".to_string()]);
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temporary_and_stale_ones_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        // The target is a folder: the rename fails after the temporary file was written.
+        let target = dir.path().join("taken");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("x"), b"x").unwrap();
+        assert!(write_atomic(&target, b"data").is_err());
+        let leftovers = |d: &Path| std::fs::read_dir(d).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count();
+        assert_eq!(leftovers(dir.path()), 0);
+        // A killed process's temporary (a pid that does not run) is removed; a live one is kept.
+        let dead = dir.path().join(".checkpoint.safetensors.4194302.tmp");
+        let live = temp_path(&dir.path().join("model.safetensors"), std::process::id());
+        std::fs::write(&dead, b"partial").unwrap();
+        std::fs::write(&live, b"being written").unwrap();
+        assert!(!process_alive(4_194_302));
+        assert_eq!(remove_stale_temp_files(dir.path()), vec![dead]);
+        assert!(live.is_file());
     }
 
     #[test]

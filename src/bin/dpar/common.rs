@@ -40,6 +40,15 @@ impl DataArgs {
     }
 }
 
+/// How a training command treats its run folder (`--resume`, `--overwrite`, neither).
+pub fn start(resume: bool, overwrite: bool) -> dpar::train::Start {
+    match (resume, overwrite) {
+        (true, _) => dpar::train::Start::Resume,
+        (false, true) => dpar::train::Start::Overwrite,
+        (false, false) => dpar::train::Start::Fresh,
+    }
+}
+
 /// The compute device.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {

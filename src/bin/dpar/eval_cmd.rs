@@ -33,8 +33,11 @@ pub struct TrainClassifierArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue from the checkpoint in --out.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Delete the run already in --out and start over.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -95,7 +98,7 @@ fn train_classifier(args: TrainClassifierArgs) -> Result<()> {
     let test = args.data.load("test", s, c)?;
     config.model.num_classes = train.num_classes();
     let mut task = ClassifierTask::new(config.clone(), train, Some(test.clone()), &device)?;
-    let report = dpar::train::run(&mut task, &config.train, &args.out, args.resume)?;
+    let report = dpar::train::run(&mut task, &config.train, &args.out, crate::common::start(args.resume, args.overwrite))?;
     let acc = classifier::accuracy(task.model(), &test, usize::MAX, &device)?;
     let hash = dpar::util::sha256_file(&args.out.join("model.safetensors"))?;
     println!("trained the classifier in {}: test accuracy {:.2}% on {} images", dpar::util::human_duration(report.seconds), 100.0 * acc, test.len());

@@ -61,8 +61,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2000)]
     val_images: usize,
     /// Continue from the run folder's checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Delete the run already in --out (checkpoint, log, snapshots) and start over.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -175,7 +178,7 @@ fn train(args: TrainArgs) -> Result<()> {
         },
     };
     let mut task = TokenizerTask::new(config.clone(), data, val.clone(), &device)?;
-    let report = dpar::train::run(&mut task, &config.train, &args.out, args.resume)?;
+    let report = dpar::train::run(&mut task, &config.train, &args.out, crate::common::start(args.resume, args.overwrite))?;
     println!(
         "trained tokenizer: {} steps in {} ({:.0} ms/step), final loss {:.5}",
         report.steps,

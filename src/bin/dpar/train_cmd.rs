@@ -88,8 +88,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub val_images: Option<usize>,
     /// Continue from the run folder's checkpoint (its config.json is the default config).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Delete the run already in --out (checkpoint, log, snapshots) and start over. Without
+    /// --resume or --overwrite, a folder that holds a run is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// DPAR: patcher switches (θ, P, rules) for training.
     #[command(flatten)]
     pub patch: crate::patch_cmd::PatchArgs,
@@ -203,7 +207,7 @@ pub fn run_ranks<T: dpar::train::Task>(
             let timeout = std::time::Duration::from_secs(args.rank_timeout);
             let collective = dpar::dist::NcclCollective::init(rank, world, local, &id_file, timeout)?;
             let mut task = make()?;
-            return Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &collective, args.grad_accum)?);
+            return Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &collective, args.grad_accum)?);
         }
     }
     if dpar::dist::launched_by_mpi() {
@@ -211,14 +215,14 @@ pub fn run_ranks<T: dpar::train::Task>(
         {
             let collective = dpar::dist::MpiCollective::init()?;
             let mut task = make()?;
-            return Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &collective, args.grad_accum)?);
+            return Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &collective, args.grad_accum)?);
         }
         #[cfg(not(feature = "mpi"))]
         bail!("started by mpirun, but this binary was built without MPI (rebuild with `cargo build --release --features mpi`)");
     }
     if args.world_size == 1 {
         let mut task = make()?;
-        return Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &dpar::dist::Single, args.grad_accum)?);
+        return Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &dpar::dist::Single, args.grad_accum)?);
     }
     let group = dpar::dist::ThreadGroup::new(args.world_size, std::time::Duration::from_secs(args.rank_timeout));
     let results: Vec<Result<dpar::train::TrainReport>> = std::thread::scope(|scope| {
@@ -227,7 +231,7 @@ pub fn run_ranks<T: dpar::train::Task>(
             .map(|rank| {
                 scope.spawn(move || -> Result<dpar::train::TrainReport> {
                     let mut task = make()?;
-                    Ok(dpar::train::run_parallel(&mut task, config, out, args.resume, &rank, args.grad_accum)?)
+                    Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &rank, args.grad_accum)?)
                 })
             })
             .collect();

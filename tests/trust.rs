@@ -1,0 +1,71 @@
+//! Trustworthy runs (issue 13): a run folder is never lost or mixed silently, mismatched parts
+//! are refused, and bad input gives an error naming the file or flag instead of a panic. Each
+//! test names the numbered problem of the issue it guards against.
+
+mod common;
+
+use common::{run_dpar, synthetic_codes, tiny_gpt_flags};
+
+/// 1. Training into a folder that holds a run, without --resume, used to delete its log and
+///    overwrite its checkpoint silently.
+#[test]
+fn a_fresh_start_over_an_existing_run_is_refused_until_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = synthetic_codes(dir.path());
+    let out = dir.path().join("run").display().to_string();
+    let (ok, text) = run_dpar(&tiny_gpt_flags(&train, &test, &out, "4"));
+    assert!(ok, "{text}");
+    let log_before = std::fs::read_to_string(dir.path().join("run/log.jsonl")).unwrap();
+    let (ok, text) = run_dpar(&tiny_gpt_flags(&train, &test, &out, "4"));
+    assert!(!ok && text.contains("already holds a run") && text.contains("--resume") && text.contains("--overwrite"), "{text}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("run/log.jsonl")).unwrap(), log_before, "the refused start touched the log");
+    let mut flags = tiny_gpt_flags(&train, &test, &out, "4");
+    flags.push("--overwrite");
+    let (ok, text) = run_dpar(&flags);
+    assert!(ok, "{text}");
+    let mut flags = tiny_gpt_flags(&train, &test, &out, "6");
+    flags.push("--resume");
+    let (ok, text) = run_dpar(&flags);
+    assert!(ok, "{text}");
+}
+
+/// 2. Two runs on the same --out both used to succeed, interleaving the log.
+#[test]
+fn a_second_run_on_a_busy_folder_is_refused_with_the_first_ones_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = synthetic_codes(dir.path());
+    let out = dir.path().join("run").display().to_string();
+    let mut first = common::dpar().args(tiny_gpt_flags(&train, &test, &out, "100000")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Wait until the first run holds the folder (its lock file names its pid).
+    let lock = dir.path().join("run/.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&lock).map(|s| s.trim() != first.id().to_string()).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "the first run never took its folder");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut flags = tiny_gpt_flags(&train, &test, &out, "4");
+    flags.push("--resume");
+    let (ok, text) = run_dpar(&flags);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!ok && text.contains(&format!("pid {}", first.id())), "{text}");
+}
+
+/// 3. A killed atomic write left `.<name>.<pid>.tmp` behind forever.
+#[test]
+fn temporaries_of_a_killed_write_are_removed_when_the_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = synthetic_codes(dir.path());
+    let out = dir.path().join("run");
+    let (ok, text) = run_dpar(&tiny_gpt_flags(&train, &test, out.to_str().unwrap(), "4"));
+    assert!(ok, "{text}");
+    // What a process killed during a checkpoint write leaves: a pid that no longer runs.
+    let stale = out.join(".checkpoint.safetensors.4194301.tmp");
+    std::fs::write(&stale, vec![0u8; 1 << 20]).unwrap();
+    let mut flags = tiny_gpt_flags(&train, &test, out.to_str().unwrap(), "6");
+    flags.push("--resume");
+    let (ok, text) = run_dpar(&flags);
+    assert!(ok, "{text}");
+    assert!(!stale.exists(), "the stale temporary file is still there");
+    assert!(text.contains("left by an interrupted write"), "{text}");
+}
