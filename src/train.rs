@@ -32,8 +32,8 @@ pub enum TrainError {
     /// A loop setting is impossible.
     #[error("training config: {0}")]
     BadConfig(String),
-    /// The loss or gradient norm became NaN/Inf.
-    #[error("step {step}: {what} is {value}; stopping. The last good checkpoint ({checkpoint}) is kept; lower the learning rate or check the data")]
+    /// The loss, gradient norm or weights became NaN/Inf or left their sanity bounds.
+    #[error("step {step}: {what} is {value:e}; stopping. The last good checkpoint ({checkpoint}) is kept; resume it with a lower learning rate (--resume --lr …: a resume may change the learning rate and schedule), or check the data")]
     NonFinite { step: u64, what: String, value: f64, checkpoint: String },
     /// The checkpoint to resume from does not fit this run.
     #[error("{path}: cannot resume: {reason}")]
@@ -287,6 +287,24 @@ impl RunPaths {
     }
 }
 
+/// Sanity bounds of a training step. A run past them is diverging (with `--lr 1e9` the weights
+/// reach 1e16 while every number is still finite): it stops before it can overwrite the last
+/// good checkpoint. Healthy runs are orders of magnitude inside them (cross-entropy ≤ ln V + a
+/// few nats, gradient norms of order 1, weights of order 1).
+const LOSS_BOUND: f64 = 1e4;
+const GRAD_NORM_BOUND: f64 = 1e8;
+const WEIGHT_BOUND: f64 = 1e6;
+
+/// The largest |weight| of the task's parameters.
+fn max_abs_weight(task: &dyn Task) -> Result<f64> {
+    let mut max = 0f64;
+    for (_, var) in task.params().vars() {
+        let m = var.as_tensor().abs()?.flatten_all()?.max(0)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        max = if m.is_nan() { f64::NAN } else { max.max(m) };
+    }
+    Ok(max)
+}
+
 /// Running totals of a run that survive a resume: training wall time (step time only, without
 /// validation and checkpoints) and training FLOPs.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -318,7 +336,7 @@ fn save_checkpoint(task: &dyn Task, opt: &AdamW, step: u64, totals: Totals, path
     Ok(())
 }
 
-fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Result<(u64, Totals)> {
+fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Result<(u64, Totals, Option<String>)> {
     let file = crate::tensor_io::read_safetensors(&paths.checkpoint, task.params().device())?;
     let bad = |reason: String| TrainError::BadCheckpoint { path: paths.checkpoint.clone(), reason };
     let step: u64 = file.meta_parse("step")?;
@@ -342,17 +360,29 @@ fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Re
         .filter_map(|(k, v)| k.strip_prefix("extra.").map(|k| (k.to_string(), v.clone())))
         .collect();
     task.load_extra_state(&extra).map_err(bad)?;
-    Ok((step, totals))
+    let pick = |c: &serde_json::Value| (c["train"]["adamw"]["lr"].clone(), c["train"]["schedule"].clone());
+    if pick(&saved) != pick(&current) {
+        let (old_lr, old_schedule) = pick(&saved);
+        let (new_lr, new_schedule) = pick(&current);
+        let change = format!("learning rate {old_lr} → {new_lr}, schedule {old_schedule} → {new_schedule}");
+        tracing::warn!("resuming at step {step} with a changed {change}");
+        return Ok((step, totals, Some(change)));
+    }
+    Ok((step, totals, None))
 }
 
 /// Settings that may change between an interrupted run and its resumption: the total number of
-/// steps, the logging/checkpoint cadence and the kernel implementation (`model.ops`: the same
+/// steps, the logging/checkpoint cadence, the learning rate and its schedule (to recover from a
+/// divergence; the change is logged) and the kernel implementation (`model.ops`: the same
 /// maths). Everything else must match.
 fn strip_resumable(config: &serde_json::Value) -> serde_json::Value {
     let mut c = config.clone();
     if let Some(lp) = c.get_mut("train").and_then(|t| t.as_object_mut()) {
-        for key in ["steps", "log_every", "checkpoint_every", "eval_every"] {
+        for key in ["steps", "log_every", "checkpoint_every", "eval_every", "schedule"] {
             lp.remove(key);
+        }
+        if let Some(adamw) = lp.get_mut("adamw").and_then(|a| a.as_object_mut()) {
+            adamw.remove("lr");
         }
     }
     if let Some(m) = c.get_mut("model").and_then(|t| t.as_object_mut()) {
@@ -480,10 +510,14 @@ pub fn run_parallel(
     let mut totals = Totals::default();
     if resume {
         if paths.checkpoint.is_file() {
-            (start, totals) = load_checkpoint(task, &mut opt, &paths)?;
+            let change;
+            (start, totals, change) = load_checkpoint(task, &mut opt, &paths)?;
             resumed_from = Some(start);
             if leader {
                 truncate_log(&paths.log, start)?;
+                if let Some(change) = change {
+                    crate::util::append_line(&paths.log, &serde_json::json!({ "step": start, "change": change }).to_string())?;
+                }
             }
             tracing::info!("resumed {} from step {start} ({})", task.name(), paths.checkpoint.display());
         } else {
@@ -533,7 +567,7 @@ pub fn run_parallel(
             let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !loss.is_finite() {
                 bar.abandon();
-                return Err(TrainError::NonFinite { step, what: "loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
+                return Err(TrainError::NonFinite { step, what: "the loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
             }
             (out.loss.backward()?, loss, out.metrics, out.tokens, out.flops)
         } else {
@@ -541,12 +575,16 @@ pub fn run_parallel(
         };
         if !loss.is_finite() {
             bar.abandon();
-            return Err(TrainError::NonFinite { step, what: "loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
+            return Err(TrainError::NonFinite { step, what: "the loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
+        }
+        if loss > LOSS_BOUND {
+            bar.abandon();
+            return Err(TrainError::NonFinite { step, what: format!("the loss (bound {LOSS_BOUND:e})"), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
         }
         let grad_norm = clip_grad_norm(&mut grads, var_list.iter(), config.grad_clip)?;
-        if !grad_norm.is_finite() {
+        if !grad_norm.is_finite() || grad_norm > GRAD_NORM_BOUND {
             bar.abandon();
-            return Err(TrainError::NonFinite { step, what: "gradient norm".into(), value: grad_norm, checkpoint: ckpt_msg(last_checkpoint_step) });
+            return Err(TrainError::NonFinite { step, what: format!("the gradient norm (bound {GRAD_NORM_BOUND:e})"), value: grad_norm, checkpoint: ckpt_msg(last_checkpoint_step) });
         }
         opt.step(&grads)?;
         drop(grads);
@@ -603,6 +641,12 @@ pub fn run_parallel(
         }
         bar.set_position(done);
         if leader && (done % config.checkpoint_every == 0 || done == config.steps) {
+            // Only sane weights may replace the last good checkpoint.
+            let max_weight = max_abs_weight(task)?;
+            if !(max_weight <= WEIGHT_BOUND) {
+                bar.abandon();
+                return Err(TrainError::NonFinite { step: done, what: format!("the largest |weight| (bound {WEIGHT_BOUND:e})"), value: max_weight, checkpoint: ckpt_msg(last_checkpoint_step) });
+            }
             save_checkpoint(task, &opt, done, totals, &paths)?;
             last_checkpoint_step = Some(done);
         }
@@ -773,7 +817,7 @@ mod tests {
         let mut task = Regression::new(2);
         task.poison_at = Some(7);
         let err = run(&mut task, &loop_config(20), dir.path(), false).unwrap_err().to_string();
-        assert!(err.contains("step 7: loss is NaN"), "{err}");
+        assert!(err.contains("step 7: the loss is NaN"), "{err}");
         assert!(err.contains("at step 5"), "{err}");
         let file = crate::tensor_io::read_safetensors(&dir.path().join("checkpoint.safetensors"), &Device::Cpu).unwrap();
         assert_eq!(file.meta_parse::<u64>("step").unwrap(), 5);

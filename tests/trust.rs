@@ -69,3 +69,44 @@ fn temporaries_of_a_killed_write_are_removed_when_the_run_resumes() {
     assert!(!stale.exists(), "the stale temporary file is still there");
     assert!(text.contains("left by an interrupted write"), "{text}");
 }
+
+/// 5. The NaN stop was a dead end: the last checkpoint could hold exploded but finite weights, a
+///    plain resume diverged again, and resuming with the advised lower rate was refused.
+#[test]
+fn a_diverged_run_keeps_a_sane_checkpoint_and_resumes_with_a_lower_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = synthetic_codes(dir.path());
+    let out = dir.path().join("run");
+    let out_s = out.display().to_string();
+    // A healthy start, then the same run continued at an absurd rate.
+    let (ok, text) = run_dpar(&tiny_gpt_flags(&train, &test, &out_s, "4"));
+    assert!(ok, "{text}");
+    let mut flags = with_lr(tiny_gpt_flags(&train, &test, &out_s, "40"), "1e9");
+    flags.push("--resume");
+    let (ok, text) = run_dpar(&flags);
+    assert!(!ok, "a run at lr 1e9 finished:\n{text}");
+    assert!(text.contains("--resume --lr 1e8"), "no recovery command in:\n{text}");
+    // Whatever was checkpointed is sane.
+    let ckpt = dpar::tensor_io::read_safetensors(&out.join("checkpoint.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for (name, t) in &ckpt.tensors {
+        if name.starts_with("adam") || name.starts_with("extra.") {
+            continue;
+        }
+        let max = t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max.is_finite() && max < 1e6, "{name}: |w| up to {max} in the kept checkpoint");
+    }
+    // The advised recovery works and the change is in the log.
+    let mut flags = with_lr(tiny_gpt_flags(&train, &test, &out_s, "40"), "1e-3");
+    flags.push("--resume");
+    let (ok, text) = run_dpar(&flags);
+    assert!(ok, "{text}");
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    assert!(log.contains("\"change\"") && log.contains("learning rate"), "{log}");
+}
+
+/// `flags` with the learning rate replaced.
+fn with_lr<'a>(mut flags: Vec<&'a str>, lr: &'a str) -> Vec<&'a str> {
+    let i = flags.iter().position(|f| *f == "--lr").expect("the flags set a learning rate");
+    flags[i + 1] = lr;
+    flags
+}

@@ -171,6 +171,21 @@ fn check_ops(ops: &mut dpar::nn::Ops) {
     }
 }
 
+/// Adds to a divergence error the command that continues from the last good checkpoint with a
+/// tenth of the learning rate.
+fn recovery_hint(err: anyhow::Error, kind: ModelKind, out: &Path, lr: f64) -> anyhow::Error {
+    let diverged = matches!(err.downcast_ref::<dpar::train::TrainError>(), Some(dpar::train::TrainError::NonFinite { .. }));
+    if !diverged {
+        return err;
+    }
+    let command = match kind {
+        ModelKind::Entropy => "dpar entropy train".to_string(),
+        ModelKind::Gpt => "dpar train --model gpt".to_string(),
+        ModelKind::Dpar => "dpar train --model dpar".to_string(),
+    };
+    anyhow::anyhow!("{err:#}\nto continue from the last good checkpoint with a tenth of the learning rate:\n  {command} --out {} --resume --lr {:e}", out.display(), lr / 10.0)
+}
+
 /// Applies the loop flags to a loop config.
 fn apply_loop_flags(args: &TrainArgs, t: &mut dpar::train::LoopConfig) {
     if let Some(v) = args.steps { t.steps = v; }
@@ -349,7 +364,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         );
     }
     let make = || -> Result<GptTask> { Ok(GptTask::new(config.clone(), train.clone(), val.clone(), &device)?) };
-    let report = run_ranks(&make, &config.train, &out, &args)?;
+    let report = run_ranks(&make, &config.train, &out, &args).map_err(|e| recovery_hint(e, args.model, &out, config.train.adamw.lr))?;
     println!(
         "trained {kind}: {} steps in {} ({:.0} ms/step, {:.0} codes/s), final train loss {:.4}",
         report.steps,
@@ -447,7 +462,7 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
     }
     println!("patcher: {}", config.model.patch.label());
     let make = || -> Result<DparTask> { Ok(DparTask::new(config.clone(), train.clone(), val.clone(), &device)?) };
-    let report = run_ranks(&make, &config.train, &out, &args)?;
+    let report = run_ranks(&make, &config.train, &out, &args).map_err(|e| recovery_hint(e, args.model, &out, config.train.adamw.lr))?;
     let patches = report.final_metrics.iter().find(|(k, _)| k == "patches_per_image").map(|(_, v)| *v).unwrap_or(f64::NAN);
     println!(
         "trained dpar: {} steps in {} ({:.0} ms/step, {:.0} codes/s, {:.1} patches per image), final train loss {:.4}",
