@@ -33,7 +33,7 @@ pub enum EvalError {
 pub type Result<T> = std::result::Result<T, EvalError>;
 
 /// The metrics of one sample set against a reference set.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QualityReport {
     pub samples: usize,
     pub reference_samples: usize,

@@ -57,22 +57,51 @@ pub fn quality_curve(env: &Env, run: &Path, dpar: bool, n: usize) -> Result<Vec<
     let log = crate::runs::read_log(run).unwrap_or_default();
     let mut points = Vec::new();
     for (step, path) in crate::train::RunPaths::new(run).list_snapshots() {
-        let row = if dpar {
-            let (_, _, cfg) = crate::dpar::train::load(&path, &env.device).map_err(ctx("snapshot"))?;
-            eval_dpar(env, "snapshot", &path, &cfg.model.patch, n)?
-        } else {
-            eval_gpt(env, "snapshot", &path, n)?
+        let cache = curve_cache_file(env, &path, n)?;
+        let quality = match std::fs::read(&cache).ok().and_then(|b| serde_json::from_slice::<QualityReport>(&b).ok()) {
+            Some(q) => {
+                tracing::info!("{}: step {step}: measured before ({})", run.display(), cache.display());
+                q
+            }
+            None => {
+                let row = if dpar {
+                    let (_, _, cfg) = crate::dpar::train::load(&path, &env.device).map_err(ctx("snapshot"))?;
+                    eval_dpar(env, "snapshot", &path, &cfg.model.patch, n)?
+                } else {
+                    eval_gpt(env, "snapshot", &path, n)?
+                };
+                let json = serde_json::to_vec_pretty(&row.quality).map_err(ctx("curve cache"))?;
+                crate::util::write_atomic(&cache, &json).map_err(ctx("curve cache"))?;
+                row.quality
+            }
         };
-        tracing::info!("{}: step {step}: FD {:.3}, class accuracy {:.1}%", run.display(), row.quality.fd, 100.0 * row.quality.accuracy.unwrap_or(f64::NAN));
+        tracing::info!("{}: step {step}: FD {:.3}, class accuracy {:.1}%", run.display(), quality.fd, 100.0 * quality.accuracy.unwrap_or(f64::NAN));
         points.push(CurvePoint {
             step,
             epoch: logged_at(&log, step, "epoch"),
             train_flops: logged_at(&log, step, "train_flops"),
             train_seconds: logged_at(&log, step, "train_seconds"),
-            quality: row.quality,
+            quality,
         });
     }
     Ok(points)
+}
+
+/// Where the measurement of one snapshot is kept: `<out>/curve-cache/<key>.json`, the key a hash
+/// of everything that decides the numbers (the snapshot's bytes, sample count, cfg, seed,
+/// batch, tokenizer, entropy model, classifier, reference count). A snapshot never changes, so an
+/// interrupted or repeated bench (or one run while later snapshots are still training) measures
+/// each point once.
+fn curve_cache_file(env: &Env, snapshot: &Path, n: usize) -> Result<PathBuf> {
+    let weights = crate::util::sha256_file(snapshot).map_err(ctx("snapshot"))?;
+    let s = &env.setup;
+    let key = format!(
+        "{weights}|n={n}|cfg={}|seed={}|batch={}|tok={}|ent={}|cls={}|ref={}",
+        s.cfg_scale, s.seed, s.sample_batch, env.tokenizer.id, env.entropy_model_id, env.classifier_sha256, env.reference.len()
+    );
+    let dir = s.out.join("curve-cache");
+    std::fs::create_dir_all(&dir).map_err(ctx("curve cache"))?;
+    Ok(dir.join(format!("{}.json", &crate::util::sha256_hex(key.as_bytes())[..24])))
 }
 
 /// Linear interpolation of `y` at `x` on points sorted by x; `None` outside their range.

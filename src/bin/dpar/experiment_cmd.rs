@@ -242,9 +242,33 @@ pub struct SideBySideArgs {
     /// Samples per point of the quality curves over the runs' snapshots (0: no curves).
     #[arg(long, default_value_t = 1000)]
     curve_samples: usize,
+    /// Only measure the quality curves of the snapshots there are so far (each point is kept
+    /// under OUT/curve-cache, so a later full bench reuses it): follows runs that still train.
+    #[arg(long)]
+    curves_only: bool,
 }
 
 pub fn side_by_side(args: SideBySideArgs) -> Result<()> {
+    if args.curves_only {
+        anyhow::ensure!(args.curve_samples > 0, "--curves-only needs --curve-samples above 0");
+        let env = args.exp.env(2000)?;
+        for (runs, dpar) in [(&args.gpt_runs, false), (&args.dpar_runs, true)] {
+            for run in runs {
+                let curve = experiments::bench::quality_curve(&env, run, dpar, args.curve_samples)?;
+                for p in curve {
+                    println!(
+                        "{}\tstep {}\tepoch {:.2}\tFD {:.2}\tclass accuracy {:.1}%",
+                        run.display(),
+                        p.step,
+                        p.epoch.unwrap_or(f64::NAN),
+                        p.quality.fd,
+                        100.0 * p.quality.accuracy.unwrap_or(f64::NAN)
+                    );
+                }
+            }
+        }
+        return Ok(());
+    }
     for (runs, what) in [(&args.gpt_runs, "baseline"), (&args.dpar_runs, "DPAR")] {
         for run in runs {
             if !run.join("model.safetensors").is_file() {
