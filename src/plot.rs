@@ -75,6 +75,17 @@ pub fn panels_plot(path: &Path, panels: &[Panel]) -> Result<()> {
     Ok(())
 }
 
+/// An axis label without float noise (0.15, not 0.15000000000000002): whole numbers from 100 on,
+/// else at most four decimals with trailing zeros dropped.
+fn tick_label(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        return format!("{x:.0}");
+    }
+    let s = format!("{x:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" { "0".into() } else { s.into() }
+}
+
 fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: &Panel) -> Result<()> {
     let (title, x_label, y_label, series) = (&panel.title, &panel.x_label, &panel.y_label, panel.series);
     let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
@@ -99,7 +110,8 @@ fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: 
                     .configure_mesh()
                     .x_desc(x_label.as_str())
                     .y_desc(y_label.as_str())
-                    .x_label_formatter(&|x| if x.abs() >= 100.0 { format!("{x:.0}") } else { format!("{x}") })
+                    .x_label_formatter(&|x| tick_label(*x))
+                    .y_label_formatter(&|y| tick_label(*y))
                     .light_line_style(RGBColor(235, 235, 235))
                     .draw()
                     .map_err(|e| draw(&e))?;
@@ -170,6 +182,16 @@ pub fn loss_curve_from_log(log: &Path, png: &Path, title: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_labels_carry_no_float_noise() {
+        assert_eq!(tick_label(0.1 + 0.05), "0.15");
+        assert_eq!(tick_label(0.39999999999999997), "0.4");
+        assert_eq!(tick_label(2.0), "2");
+        assert_eq!(tick_label(-0.00001), "0");
+        assert_eq!(tick_label(1234.56), "1235");
+        assert_eq!(tick_label(1.4202), "1.4202");
+    }
 
     #[test]
     fn loss_curve_is_written_from_a_log() {

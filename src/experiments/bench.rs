@@ -168,7 +168,7 @@ pub fn bench(env: &Env, gpt_runs: &[PathBuf], dpar_runs: &[PathBuf], curve_sampl
             of(rs, &|r| r.epochs).show(2),
             of(rs, &|r| Some(r.eval.positions_per_image)).show(1),
             of(rs, &|r| Some(r.fwd_gflops_per_image)).show(3),
-            of(rs, &|r| r.train_flops.map(|f| f / 1e15)).show(1),
+            of(rs, &|r| r.train_flops.map(|f| f / 1e15)).show(3),
             of(rs, &|r| r.train_seconds.map(|s| s / 60.0)).show(0),
             of(rs, &|r| Some(r.ms_per_step)).show(0),
             of(rs, &|r| Some(r.eval.images_per_s)).show(2),
@@ -179,7 +179,9 @@ pub fn bench(env: &Env, gpt_runs: &[PathBuf], dpar_runs: &[PathBuf], curve_sampl
     // Equal training FLOPs: each baseline curve read at DPAR's mean training FLOPs.
     let (base, dpar) = (&groups[0].1, &groups[1].1);
     let dpar_flops = of(dpar, &|r| r.train_flops);
-    if !base.is_empty() && dpar_flops.n > 0 {
+    if curve_samples == 0 {
+        notes.push("equal-FLOPs comparison: needs the quality curves (--curve-samples above 0)".into());
+    } else if !base.is_empty() && dpar_flops.n > 0 {
         let at = |f: &dyn Fn(&QualityReport) -> Option<f64>| -> Vec<f64> {
             base.iter()
                 .filter_map(|r| {
@@ -191,7 +193,7 @@ pub fn bench(env: &Env, gpt_runs: &[PathBuf], dpar_runs: &[PathBuf], curve_sampl
         let (fd, acc) = (at(&|q| Some(q.fd)), at(&|q| q.accuracy));
         if !fd.is_empty() {
             let mut cells = vec![format!("baseline at DPAR's training FLOPs (curve, {curve_samples} samples)"), fd.len().to_string(), String::new(), String::new(), String::new()];
-            cells.extend([dpar_flops.show(1).to_string(), String::new(), String::new(), String::new(), Spread::of(&fd).show(2), String::new(), String::new(), String::new(), Spread::of(&acc).show_percent(1)]);
+            cells.extend([of(dpar, &|r| r.train_flops.map(|f| f / 1e15)).show(3), String::new(), String::new(), String::new(), Spread::of(&fd).show(2), String::new(), String::new(), String::new(), Spread::of(&acc).show_percent(1)]);
             rows.push(cells);
             // The matching DPAR numbers come from the same curve sample count (the last snapshot).
             let dpar_last: Vec<f64> = dpar.iter().filter_map(|r| r.curve.last().map(|p| p.quality.fd)).collect();
@@ -262,7 +264,7 @@ pub fn plot_curves(result: &BenchResult, path: &Path, curve_samples: usize) -> R
     let y = format!("FD ({curve_samples} samples, classifier features)");
     let panels = [
         crate::plot::Panel { title: "FD vs training FLOPs".into(), x_label: "training PFLOP".into(), y_label: y.clone(), series: &by_flops, log_y: true },
-        crate::plot::Panel { title: "FD vs training wall-clock".into(), x_label: "training minutes (2 cores)".into(), y_label: y, series: &by_time, log_y: true },
+        crate::plot::Panel { title: "FD vs training wall-clock".into(), x_label: "training minutes (the run's own wall-clock)".into(), y_label: y, series: &by_time, log_y: true },
     ];
     crate::plot::panels_plot(path, &panels).map_err(ctx("plot"))
 }

@@ -303,10 +303,12 @@ pub fn verdict(metric: &str, a_name: &str, a: &Spread, b_name: &str, b: &Spread,
     let noise = a.half_range + b.half_range;
     let a_better = if lower_is_better { diff < 0.0 } else { diff > 0.0 };
     let (winner, loser) = if a_better { (a_name, b_name) } else { (b_name, a_name) };
-    let what = format!("{metric}: {a_name} {:.3} vs {b_name} {:.3} (difference {:+.3}, spread ±{noise:.3})", a.mean, b.mean, diff);
     if a.n < 2 || b.n < 2 {
-        format!("{what}: one seed on a side, so the spread is unknown; not a verdict")
-    } else if diff.abs() > noise {
+        let what = format!("{metric}: {a_name} {:.3} vs {b_name} {:.3} (difference {:+.3})", a.mean, b.mean, diff);
+        return format!("{what}: one seed on a side, so the spread between seeds is unknown; not a verdict");
+    }
+    let what = format!("{metric}: {a_name} {:.3} vs {b_name} {:.3} (difference {:+.3}, spread ±{noise:.3})", a.mean, b.mean, diff);
+    if diff.abs() > noise {
         format!("{what}: {winner} better than {loser} beyond the spread")
     } else {
         format!("{what}: within the spread (no difference shown)")

@@ -239,7 +239,9 @@ pub struct SideBySideArgs {
     /// DPAR runs, one per seed (repeat the flag).
     #[arg(long = "dpar-run", default_values = ["runs/dpar-s0", "runs/dpar-s1"])]
     dpar_runs: Vec<PathBuf>,
-    /// Samples per point of the quality curves over the runs' snapshots (0: no curves).
+    /// Samples per point of the quality curves over the runs' weight snapshots (0: no curves).
+    /// Snapshots exist only when the runs were trained with `--eval-every N`; without them the
+    /// bench says so and draws no curve.
     #[arg(long, default_value_t = 1000)]
     curve_samples: usize,
     /// Only measure the quality curves of the snapshots there are so far (each point is kept
@@ -290,7 +292,9 @@ pub fn side_by_side(args: SideBySideArgs) -> Result<()> {
     let mut table = result.table.clone();
     table.data = serde_json::json!({ "runs": result.runs, "floor": result.floor });
     table.save(&env.setup.out, "bench")?;
-    if args.curve_samples > 0 {
+    if args.curve_samples > 0 && result.runs.iter().all(|r| r.curve.is_empty()) {
+        println!("no quality curves: the runs hold no weight snapshots (`dpar train --eval-every N` writes one every N steps); --curve-samples 0 skips them");
+    } else if args.curve_samples > 0 {
         let png = env.setup.out.join("fd-curves.png");
         experiments::bench::plot_curves(&result, &png, args.curve_samples)?;
         println!("wrote {}", png.display());
