@@ -176,6 +176,10 @@ impl LoopConfig {
         if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
             return Err(TrainError::BadConfig(format!("grad_clip must be finite and ≥ 0, got {}", self.grad_clip)));
         }
+        let min_lr = self.schedule.min_lr;
+        if !(min_lr >= 0.0 && min_lr <= self.adamw.lr) {
+            return Err(TrainError::BadConfig(format!("min_lr (--min-lr) must be between 0 and the learning rate {}, got {min_lr}", self.adamw.lr)));
+        }
         Ok(())
     }
 }

@@ -110,3 +110,48 @@ fn with_lr<'a>(mut flags: Vec<&'a str>, lr: &'a str) -> Vec<&'a str> {
     flags[i + 1] = lr;
     flags
 }
+
+/// `flags` with the value of `flag` replaced, or the flag and value appended.
+fn with_flag<'a>(mut flags: Vec<&'a str>, flag: &'a str, value: &'a str) -> Vec<&'a str> {
+    match flags.iter().position(|f| *f == flag) {
+        Some(i) => flags[i + 1] = value,
+        None => flags.extend([flag, value]),
+    }
+    flags
+}
+
+/// 13. Degenerate settings were reported as numbers: `--val-images 0` gave "validation loss
+///     0.0000" and `--cosine --min-lr -1` was accepted.
+#[test]
+fn degenerate_training_settings_are_errors_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = synthetic_codes(dir.path());
+    let out = dir.path().join("run").display().to_string();
+    let (ok, text) = run_dpar(&with_flag(tiny_gpt_flags(&train, &test, &out, "2"), "--val-images", "0"));
+    assert!(!ok && text.contains("--val-images"), "{text}");
+    let mut flags = with_flag(tiny_gpt_flags(&train, &test, &out, "2"), "--min-lr", "-1");
+    flags.push("--cosine");
+    let (ok, text) = run_dpar(&flags);
+    assert!(!ok && text.contains("--min-lr"), "{text}");
+    let (ok, text) = run_dpar(&with_flag(tiny_gpt_flags(&train, &test, &out, "2"), "--min-lr", "1"));
+    assert!(!ok && text.contains("--min-lr"), "a floor above the learning rate was accepted: {text}");
+    let (ok, text) = run_dpar(&["tokenizer", "eval", "--max-images", "0"]);
+    assert!(!ok && text.contains("--max-images 0"), "{text}");
+}
+
+/// 13. `export --dtype f16` turned values beyond f16's range into ±inf silently.
+#[test]
+fn exporting_values_beyond_f16_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let from = dir.path().join("model.safetensors");
+    let big = candle_core::Tensor::new(&[1.0f32, -7.0e4, 3.0], &candle_core::Device::Cpu).unwrap();
+    let fine = candle_core::Tensor::new(&[0.5f32], &candle_core::Device::Cpu).unwrap();
+    dpar::tensor_io::write_safetensors(&from, &[("layers.0.w".into(), big), ("ok".into(), fine)], &Default::default()).unwrap();
+    let to = dir.path().join("out/model.safetensors");
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    let (ok, text) = run_dpar(&["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f16"]);
+    assert!(!ok && text.contains("layers.0.w") && text.contains("f16"), "{text}");
+    assert!(!to.exists(), "a refused export left a file");
+    let (ok, text) = run_dpar(&["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "bf16"]);
+    assert!(ok, "{text}");
+}

@@ -108,6 +108,9 @@ impl DparTask {
         if config.batch_size == 0 || train.shard.is_empty() {
             return Err(DparError::BadConfig("batch size and training shards must be non-empty".into()));
         }
+        if val.is_some() && config.val_images == 0 {
+            return Err(DparError::BadConfig("val_images (--val-images) is 0, so there is no validation loss to report; give at least 1, or no validation codes".into()));
+        }
         check_flip(&train.shard, config.use_flip, &config.codes).map_err(DparError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Dpar::new(&config.model, &store.root())?;

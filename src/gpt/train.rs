@@ -149,6 +149,9 @@ impl GptTask {
         if config.batch_size == 0 || train.is_empty() {
             return Err(GptError::BadConfig("batch size and training shards must be non-empty".into()));
         }
+        if val.is_some() && config.val_images == 0 {
+            return Err(GptError::BadConfig("val_images (--val-images) is 0, so there is no validation loss to report; give at least 1, or no validation codes".into()));
+        }
         check_flip(&train, config.use_flip, &config.codes).map_err(GptError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Gpt::new(&config.model, &store.root())?;

@@ -214,8 +214,22 @@ pub fn export(args: ExportArgs) -> Result<()> {
     };
     let loaded = dpar::tensor_io::read_safetensors(&file, &candle_core::Device::Cpu)?;
     let mut tensors: Vec<(String, candle_core::Tensor)> = Vec::with_capacity(loaded.tensors.len());
+    // The largest finite value of the target type: anything beyond would become ±inf.
+    let max = match dtype {
+        candle_core::DType::F16 => 65504.0,
+        candle_core::DType::BF16 => 3.3895e38,
+        _ => f64::from(f32::MAX),
+    };
     for (name, t) in loaded.tensors {
-        let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+        let t = if t.dtype().is_float() {
+            let largest = t.to_dtype(candle_core::DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+            if !largest.is_finite() || largest > max {
+                bail!("{}: tensor {name} holds {largest:e}, which {} cannot store (largest {max:e}); keep f32 or use bf16", file.display(), args.dtype);
+            }
+            t.to_dtype(dtype)?
+        } else {
+            t
+        };
         tensors.push((name, t));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));

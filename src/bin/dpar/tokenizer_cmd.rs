@@ -234,6 +234,9 @@ fn reconstruct(args: ReconstructArgs) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
+    if args.max_images == 0 {
+        bail!("--max-images 0: there is nothing to evaluate; give at least 1");
+    }
     let device = args.device.device()?;
     let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;

@@ -53,7 +53,8 @@ pub struct TrainArgs {
     /// Cosine decay to --min-lr after warm-up (default: constant, as in the paper).
     #[arg(long)]
     pub cosine: bool,
-    #[arg(long)]
+    /// The learning rate the cosine decay ends at (0 ≤ min-lr ≤ lr; default 0).
+    #[arg(long, allow_negative_numbers = true)]
     pub min_lr: Option<f64>,
     #[arg(long)]
     pub grad_clip: Option<f64>,
