@@ -155,3 +155,43 @@ fn exporting_values_beyond_f16_is_refused_naming_the_tensor() {
     let (ok, text) = run_dpar(&["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "bf16"]);
     assert!(ok, "{text}");
 }
+
+/// 15. `entropy train` defaulted to batch 16 and lr 1e-4, not the recipe, which at 400 steps gave
+///     nearly useless entropies.
+#[test]
+fn entropy_train_defaults_to_the_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = synthetic_codes(dir.path());
+    let out = dir.path().join("entropy");
+    let (ok, text) = run_dpar(&[
+        "entropy", "train", "--codes", &train, "--val-codes", &test, "--dim", "16", "--heads", "1", "--layers", "1", "--steps", "1", "--val-images", "4",
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["batch_size"], 32, "{c}");
+    assert_eq!(c["train"]["adamw"]["lr"], 1e-3, "{c}");
+    assert_eq!(c["train"]["schedule"]["warmup_steps"], 100, "{c}");
+    assert_eq!(c["train"]["schedule"]["cosine"], true, "{c}");
+    assert_eq!(c["model"]["token_dropout"], 0.0, "{c}");
+}
+
+/// 15. Many `--help` lines of training had no description or default.
+#[test]
+fn every_training_flag_is_described() {
+    let (ok, text) = run_dpar(&["train", "--help"]);
+    assert!(ok, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        if !t.starts_with("--") && !(t.starts_with('-') && t.contains(", --")) {
+            continue;
+        }
+        // clap puts the description after the flag on the same line, or on the next lines.
+        let flag_part = t.split("  ").next().unwrap();
+        let same_line = t[flag_part.len()..].trim();
+        let next = lines.get(i + 1).map(|l| l.trim()).unwrap_or("");
+        let described = !same_line.is_empty() || (!next.is_empty() && !next.starts_with('-'));
+        assert!(described, "`dpar train --help`: {flag_part} has no description");
+    }
+}

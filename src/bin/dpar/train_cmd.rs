@@ -33,31 +33,38 @@ pub struct TrainArgs {
     /// Training code shards (folder or file).
     #[arg(long, default_value = "data/codes/train")]
     pub codes: PathBuf,
-    /// Validation code shards (omit the flag's value `none` to skip validation).
+    /// Validation code shards (`none` trains without validation).
     #[arg(long, default_value = "data/codes/test")]
     pub val_codes: String,
-    /// Run folder.
+    /// Run folder [default: runs/gpt, runs/entropy or runs/dpar].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Optimiser steps [default: 2000; entropy model 2400].
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Images per step [default: 16; entropy model 32].
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Peak learning rate of AdamW [default: 1e-4, the paper's; entropy model 1e-3].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// AdamW weight decay on ≥ 2-D weights [default: 0.05].
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Linear warm-up steps.
+    /// Linear warm-up steps [default: 0; entropy model 100].
     #[arg(long)]
     pub warmup: Option<u64>,
-    /// Cosine decay to --min-lr after warm-up (default: constant, as in the paper).
+    /// Cosine decay to --min-lr after warm-up (default: constant, as in the paper; the entropy
+    /// model decays by default).
     #[arg(long)]
     pub cosine: bool,
     /// The learning rate the cosine decay ends at (0 ≤ min-lr ≤ lr; default 0).
     #[arg(long, allow_negative_numbers = true)]
     pub min_lr: Option<f64>,
+    /// Clip the global gradient norm to this [default: 1.0].
     #[arg(long)]
     pub grad_clip: Option<f64>,
+    /// The seed every random choice flows from (initial weights, batches, dropout) [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
     /// Model width (overrides the preset; a multiple of --heads, head dim divisible by 16 for DPAR).
@@ -73,6 +80,7 @@ pub struct TrainArgs {
     /// Sets token, residual and FFN dropout together.
     #[arg(long)]
     pub dropout: Option<f64>,
+    /// Probability of replacing the class by the null class (for guidance) [default: the preset's, 0.1].
     #[arg(long)]
     pub class_dropout: Option<f64>,
     /// Train on the horizontally flipped copy of each image half of the time (the shards must be
@@ -80,12 +88,16 @@ pub struct TrainArgs {
     /// and anything else with a handedness, which is why it is off by default.
     #[arg(long)]
     pub flip: bool,
+    /// Save the checkpoint every N steps [default: 250].
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Log a line to log.jsonl every N steps [default: 10].
     #[arg(long)]
     pub log_every: Option<u64>,
+    /// Validate and keep a weight snapshot every N steps (0: only at the end) [default: 0; entropy model 400].
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Validation images (from --val-codes) [default: 1000].
     #[arg(long)]
     pub val_images: Option<usize>,
     /// Continue from the run folder's checkpoint (its config.json is the default config).
@@ -199,6 +211,20 @@ fn apply_loop_flags(args: &TrainArgs, t: &mut dpar::train::LoopConfig) {
     if let Some(v) = args.checkpoint_every { t.checkpoint_every = v; }
     if let Some(v) = args.log_every { t.log_every = v; }
     if let Some(v) = args.eval_every { t.eval_every = v; }
+}
+
+/// The entropy model's defaults are the recipe of README "Entropy model and patches" (and of
+/// `scripts/train-mnist`): batch 32, 2400 steps, lr 1e-3 with 100 warm-up steps and cosine decay,
+/// no dropout, validation every 400 steps. Flags still override each of them.
+fn entropy_recipe(config: &mut GptTrainConfig) {
+    config.batch_size = 32;
+    config.model.token_dropout = 0.0;
+    config.model.resid_dropout = 0.0;
+    config.model.ffn_dropout = 0.0;
+    config.train.steps = 2400;
+    config.train.eval_every = 400;
+    config.train.adamw.lr = 1e-3;
+    config.train.schedule = dpar::optim::LrSchedule { warmup_steps: 100, cosine: true, min_lr: 0.0 };
 }
 
 fn default_loop() -> dpar::train::LoopConfig {
@@ -319,7 +345,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             model.vocab_size = train.info.codebook_size;
             model.num_classes = train.info.num_classes;
             model.grid_size = train.info.grid_size;
-            GptTrainConfig {
+            let mut config = GptTrainConfig {
                 kind: kind.into(),
                 model,
                 seed: 0,
@@ -330,7 +356,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 use_flip: args.flip,
                 tokenizer_id: train.info.tokenizer_id.clone(),
                 train: default_loop(),
+            };
+            if kind == "entropy" {
+                entropy_recipe(&mut config);
             }
+            config
         }
     };
     if config.kind != kind {
