@@ -195,3 +195,94 @@ fn every_training_flag_is_described() {
         assert!(described, "`dpar train --help`: {flag_part} has no description");
     }
 }
+
+/// The kill-and-resume test: a run SIGKILLed at seeded random moments (often during one of its
+/// checkpoint writes, as it writes one every step) and resumed each time ends with the
+/// bit-identical weights of an uninterrupted run, and leaves no temporary file behind.
+#[test]
+fn a_run_killed_at_random_moments_resumes_to_bit_identical_weights() {
+    use rand::Rng;
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = synthetic_codes(dir.path());
+    let steps = "60";
+    let flags = |out: &str| -> Vec<String> {
+        let mut f: Vec<String> = tiny_gpt_flags(&train, &test, out, steps).into_iter().map(String::from).collect();
+        let i = f.iter().position(|x| x == "--checkpoint-every").unwrap();
+        f[i + 1] = "1".into();
+        f.push("--resume".into());
+        f
+    };
+    let clean = dir.path().join("clean").display().to_string();
+    let t0 = std::time::Instant::now();
+    let (ok, text) = run_dpar(&flags(&clean).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    // Kill moments scale with how long a whole run takes on this machine: each attempt lives at
+    // most a quarter of it, so at least three kills land before the run can finish; an attempt
+    // that saved no new checkpoint before its kill makes the next ones live longer.
+    let whole = t0.elapsed().as_millis() as u64;
+    let (mut lo, hi) = ((whole / 10).max(10), (whole / 4).max(20));
+    let checkpoint_step = |run: &str| -> u64 {
+        dpar::tensor_io::read_safetensors_metadata(&std::path::Path::new(run).join("checkpoint.safetensors"))
+            .ok()
+            .and_then(|m| m.get("step").and_then(|s| s.parse().ok()))
+            .unwrap_or(0)
+    };
+
+    let killed = dir.path().join("killed").display().to_string();
+    let mut rng = dpar::util::rng_for(13, "kill-and-resume", 0);
+    let (mut kills, mut attempts) = (0, 0);
+    loop {
+        attempts += 1;
+        assert!(attempts < 200, "the killed run never finished");
+        let mut child = common::dpar().args(flags(&killed)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let before = checkpoint_step(&killed);
+        let delay = std::time::Duration::from_millis(rng.random_range(lo..hi.max(lo + 1)));
+        let start = std::time::Instant::now();
+        let finished = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "a resumed run failed: {status}");
+                break true;
+            }
+            if start.elapsed() >= delay {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        if finished {
+            break;
+        }
+        kills += 1;
+        if checkpoint_step(&killed) == before {
+            lo = (lo * 2).min(whole.max(lo));
+        }
+    }
+    assert!(kills >= 2, "only {kills} kills landed before the run finished; the test did not exercise resumption");
+
+    let read = |run: &str| dpar::tensor_io::read_safetensors(&std::path::Path::new(run).join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (read(&clean), read(&killed));
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (name, ta) in &a.tensors {
+        let tb = b.tensors.get(name).unwrap_or_else(|| panic!("{name} missing after {kills} kills"));
+        let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = tb.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs after {kills} kills");
+    }
+    let leftovers: Vec<String> = walk(std::path::Path::new(&killed)).into_iter().filter(|p| p.ends_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "temporary files left after {kills} kills: {leftovers:?}");
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path.display().to_string());
+        }
+    }
+    out
+}
