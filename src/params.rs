@@ -31,6 +31,9 @@ pub enum ParamError {
     /// A weight file holds keys the model does not know (strict loading only).
     #[error("{path}: {} unexpected parameter(s): {}", keys.len(), preview(keys))]
     UnexpectedKeys { path: PathBuf, keys: Vec<String> },
+    /// A weight file holds a parameter that is not a float tensor or holds NaN/Inf.
+    #[error("{path}: parameter `{name}` {problem}; the file is damaged or not a weight file for this model")]
+    BadValue { path: PathBuf, name: String, problem: String },
     #[error(transparent)]
     TensorIo(#[from] crate::tensor_io::TensorIoError),
     #[error(transparent)]
@@ -164,7 +167,17 @@ impl ParamStore {
                         found: t.dims().to_vec(),
                     })
                 }
-                Some(_) => {}
+                Some(t) => {
+                    let bad = |problem: String| ParamError::BadValue { path: path.to_path_buf(), name: name.clone(), problem };
+                    if !matches!(t.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+                        return Err(bad(format!("is stored as {:?}, not as a float type", t.dtype())));
+                    }
+                    let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    let non_finite = values.iter().filter(|x| !x.is_finite()).count();
+                    if non_finite > 0 {
+                        return Err(bad(format!("holds {non_finite} NaN or infinite value(s)")));
+                    }
+                }
             }
         }
         if !missing.is_empty() {
@@ -275,5 +288,24 @@ mod tests {
         assert_eq!(ignored, vec!["extra".to_string()]);
         let a = store.var("a").unwrap();
         assert_eq!(a.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4.0);
+    }
+
+    /// Issue 13, item 9: weights with NaN/Inf, or stored as integers, loaded silently.
+    #[test]
+    fn loading_refuses_non_finite_and_non_float_weights() {
+        let store = ParamStore::new(0, &Device::Cpu);
+        store.root().get(3, "w", Init::Const(0.0)).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut weights = HashMap::new();
+            weights.insert("w".to_string(), Tensor::new(&[1.0f32, bad, 2.0], &Device::Cpu).unwrap());
+            let err = store.load_map(&weights, Path::new("w.safetensors"), false).unwrap_err().to_string();
+            assert!(err.contains("`w`") && err.contains("NaN or infinite"), "{err}");
+        }
+        let mut weights = HashMap::new();
+        weights.insert("w".to_string(), Tensor::new(&[1u8, 2, 3], &Device::Cpu).unwrap());
+        let err = store.load_map(&weights, Path::new("w.safetensors"), false).unwrap_err().to_string();
+        assert!(err.contains("`w`") && err.contains("U8"), "{err}");
+        weights.insert("w".to_string(), Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap());
+        store.load_map(&weights, Path::new("w.safetensors"), false).unwrap();
     }
 }
