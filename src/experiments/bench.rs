@@ -87,7 +87,8 @@ pub fn quality_curve(env: &Env, run: &Path, dpar: bool, n: usize) -> Result<Vec<
     Ok(points)
 }
 
-/// Where the measurement of one snapshot is kept: `<out>/curve-cache/<key>.json`, the key a hash
+/// Where the measurement of one snapshot is kept: `<run>/snapshots/quality/<key>.json` beside
+/// the snapshot (so every bench of the run finds it, whatever its --out), the key a hash
 /// of everything that decides the numbers (the snapshot's bytes, sample count, cfg, seed,
 /// batch, tokenizer, entropy model, classifier, reference count). A snapshot never changes, so an
 /// interrupted or repeated bench (or one run while later snapshots are still training) measures
@@ -99,7 +100,7 @@ fn curve_cache_file(env: &Env, snapshot: &Path, n: usize) -> Result<PathBuf> {
         "{weights}|n={n}|cfg={}|seed={}|batch={}|tok={}|ent={}|cls={}|ref={}",
         s.cfg_scale, s.seed, s.sample_batch, env.tokenizer.id, env.entropy_model_id, env.classifier_sha256, env.reference.len()
     );
-    let dir = s.out.join("curve-cache");
+    let dir = snapshot.parent().unwrap_or(Path::new(".")).join("quality");
     std::fs::create_dir_all(&dir).map_err(ctx("curve cache"))?;
     Ok(dir.join(format!("{}.json", &crate::util::sha256_hex(key.as_bytes())[..24])))
 }

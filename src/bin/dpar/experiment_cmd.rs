@@ -245,7 +245,7 @@ pub struct SideBySideArgs {
     #[arg(long, default_value_t = 1000)]
     curve_samples: usize,
     /// Only measure the quality curves of the snapshots there are so far (each point is kept
-    /// under OUT/curve-cache, so a later full bench reuses it): follows runs that still train.
+    /// beside the snapshot in <run>/snapshots/quality, so a later full bench reuses it): follows runs that still train.
     #[arg(long)]
     curves_only: bool,
 }
