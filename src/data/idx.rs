@@ -61,8 +61,10 @@ pub fn parse_idx(path: &Path, bytes: &[u8], want_dims: usize) -> Result<IdxArray
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
-    let count: u64 = dims.iter().map(|&d| d as u64).product();
-    let expected = header as u64 + count;
+    let count = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).and_then(|c| c.checked_add(header as u64));
+    let Some(expected) = count else {
+        return Err(DataError::Invalid(format!("{}: the IDX header declares dimensions {dims:?}, more bytes than can exist", path.display())));
+    };
     if (bytes.len() as u64) < expected {
         return Err(DataError::Truncated { path: path.to_path_buf(), expected, found: bytes.len() as u64 });
     }
@@ -185,6 +187,17 @@ mod tests {
         // A float IDX file.
         std::fs::write(&path, [0, 0, 0x0d, 1, 0, 0, 0, 0]).unwrap();
         assert!(read_idx(&path, 1).unwrap_err().to_string().contains("0x0d"));
+    }
+
+    #[test]
+    fn a_header_whose_size_overflows_is_an_error_not_a_panic() {
+        // Issue 13, item 10: 2^16 × 2^24 × 2^24 bytes declared in a 16-byte file.
+        let mut bytes = vec![0u8, 0, 0x08, 3];
+        for d in [1u32 << 16, 1 << 24, 1 << 24] {
+            bytes.extend(d.to_be_bytes());
+        }
+        let err = parse_idx(Path::new("bomb-idx3-ubyte"), &bytes, 3).unwrap_err().to_string();
+        assert!(err.contains("bomb-idx3-ubyte") && err.contains("16777216"), "{err}");
     }
 
     #[test]
