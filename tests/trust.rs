@@ -286,3 +286,28 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// 12. `sample --per-class 100000` was accepted without a bound, and an unwritable `--out` was
+///     reported only after all the sampling.
+#[test]
+fn sample_bounds_its_size_and_checks_its_output_folder_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let run = |args: &[&str]| {
+        let out = common::dpar().current_dir(root).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!text.contains("panicked"), "{text}");
+        (out.status.success(), text)
+    };
+    let out = dir.path().join("s").display().to_string();
+    let (ok, text) = run(&["sample", "--per-class", "100000", "--out", &out]);
+    assert!(!ok && text.contains("--max-images"), "{text}");
+    let (ok, text) = run(&["sample", "--per-class", "2000", "--out", &out]);
+    assert!(!ok && text.contains("20000 images") && text.contains("--max-images"), "{text}");
+    // A regular file where the output folder should be: refused before any sampling.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let bad_out = blocker.join("samples").display().to_string();
+    let (ok, text) = run(&["sample", "--per-class", "1", "--out", &bad_out]);
+    assert!(!ok && text.contains("--out") && !text.contains("sampled"), "{text}");
+}

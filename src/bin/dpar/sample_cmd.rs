@@ -49,6 +49,10 @@ pub struct SampleArgs {
     /// Output folder (samples.png, codes.safetensors, sample.json).
     #[arg(long, default_value = "out/samples")]
     pub out: PathBuf,
+    /// Refuse to draw more images than this in one call (a guard against a slip such as
+    /// `--per-class 100000`; raise it on purpose for large sample sets).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_images: usize,
     /// DPAR: the entropy model that decides patches while sampling.
     #[arg(long, default_value = "models/mnist/entropy")]
     pub entropy_model: PathBuf,
@@ -166,6 +170,24 @@ impl SampleOutput<'_> {
     }
 }
 
+/// Fails now, not after the sampling, when `out` cannot be created or written.
+fn check_writable(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the output folder", out.display()))?;
+    let probe = out.join(format!(".write-check.{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("--out {}: cannot write into the output folder", out.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// The number of images `per_class` × the classes, within `--max-images`.
+fn check_total(args: &SampleArgs, classes: usize) -> Result<()> {
+    let total = args.per_class.saturating_mul(classes);
+    if total > args.max_images {
+        bail!("{} classes × --per-class {} = {total} images, more than --max-images {}; raise --max-images if you mean it", classes, args.per_class, args.max_images);
+    }
+    Ok(())
+}
+
 pub fn sample(args: SampleArgs) -> Result<()> {
     let device = args.device.device()?;
     let config = SamplingConfig { cfg_scale: args.cfg, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
@@ -173,6 +195,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     if args.per_class == 0 || args.batch_size == 0 {
         bail!("--per-class and --batch-size must be > 0");
     }
+    if args.per_class > args.max_images {
+        bail!("--per-class {} asks for more than --max-images {} images; raise --max-images if you mean it", args.per_class, args.max_images);
+    }
+    check_writable(&args.out)?;
     if checkpoint_kind(&args.ckpt).as_deref() == Some("dpar") {
         return sample_dpar(args, config, device);
     }
@@ -192,6 +218,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         );
     }
     let classes = parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    check_total(&args, classes.len())?;
     let labels: Vec<u32> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, args.per_class)).collect();
     let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
     let t = Instant::now();
@@ -252,6 +279,7 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     let patch = args.patch.apply(mc.patch);
     patch.validate()?;
     let classes = parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    check_total(&args, classes.len())?;
     let labels: Vec<u32> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, args.per_class)).collect();
     let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
     let t = Instant::now();
