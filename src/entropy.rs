@@ -62,14 +62,7 @@ impl ShardEntropies {
     }
 }
 
-/// Hash of a shard's codes (and flip codes): ties a sidecar to its shard.
-pub fn codes_hash(shard: &CodeShard) -> String {
-    let mut bytes = Vec::with_capacity(shard.codes.len() * 4);
-    for c in shard.codes.iter().chain(shard.flip_codes.iter().flatten()) {
-        bytes.extend(c.to_le_bytes());
-    }
-    crate::util::sha256_hex(&bytes)[..32].to_string()
-}
+pub use crate::data::shards::codes_hash;
 
 /// Checks that an entropy model can read a shard's codes.
 pub fn check_model_fits(model: &Gpt, shard: &CodeShard, path: &Path) -> Result<()> {
@@ -170,12 +163,10 @@ pub fn read(shard_path: &Path, shard: &CodeShard, expected_model: Option<&str>) 
 /// Reads the entropies of every shard of a set, concatenated in the order of
 /// [`shards::read_shard_set`].
 pub fn read_set(path: &Path, expected_model: Option<&str>) -> Result<(CodeShard, ShardEntropies)> {
-    let files = shards::shard_files(path)?;
     let mut all_shard: Option<CodeShard> = None;
     let mut all: Option<ShardEntropies> = None;
-    for file in &files {
-        let shard = shards::read_shard(file)?;
-        let e = read(file, &shard, expected_model)?;
+    for (file, shard) in shards::read_set_shards(path)? {
+        let e = read(&file, &shard, expected_model)?;
         match (&mut all_shard, &mut all) {
             (Some(s), Some(a)) => {
                 if a.entropy_model_id != e.entropy_model_id {

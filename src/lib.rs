@@ -36,6 +36,7 @@ pub mod kernels;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod parts;
 pub mod patching;
 pub mod plot;
 pub mod rundir;

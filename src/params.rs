@@ -29,7 +29,7 @@ pub enum ParamError {
     #[error("{path}: parameter `{name}` has shape {found:?}, the model expects {expected:?}")]
     ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     /// A weight file holds keys the model does not know (strict loading only).
-    #[error("{path}: {} unexpected parameter(s): {}", keys.len(), preview(keys))]
+    #[error("{path}: {} unexpected parameter(s): {}; the file is not a checkpoint of this model (--allow-extra-keys loads it anyway)", keys.len(), preview(keys))]
     UnexpectedKeys { path: PathBuf, keys: Vec<String> },
     /// A weight file holds a parameter that is not a float tensor or holds NaN/Inf.
     #[error("{path}: parameter `{name}` {problem}; the file is damaged or not a weight file for this model")]
@@ -196,6 +196,28 @@ impl ParamStore {
         Ok(extra)
     }
 
+    /// Loads a model's weights: like [`Self::load_file`], but keys the model does not know are
+    /// an error (a file of another model, or of another version of this one) unless
+    /// [`set_allow_extra_keys`] was set, in which case they are ignored with a warning. Known
+    /// buffers of LlamaGen checkpoints ([`KNOWN_BUFFERS`]) are always ignored.
+    pub fn load_model_file(&self, path: &Path, pt_key: Option<&str>) -> Result<()> {
+        let weights = crate::tensor_io::read_weights(path, &self.device, pt_key)?;
+        let unexpected: Vec<String> = {
+            let vars = self.lock();
+            let mut keys: Vec<String> = weights.keys().filter(|k| !vars.contains_key(*k) && !KNOWN_BUFFERS.contains(&k.as_str())).cloned().collect();
+            keys.sort();
+            keys
+        };
+        if !unexpected.is_empty() {
+            if !ALLOW_EXTRA_KEYS.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(ParamError::UnexpectedKeys { path: path.to_path_buf(), keys: unexpected });
+            }
+            tracing::warn!("--allow-extra-keys: {}: ignoring {} unexpected parameter(s): {}", path.display(), unexpected.len(), preview(&unexpected));
+        }
+        self.load_map(&weights, path, false)?;
+        Ok(())
+    }
+
     /// Loads weights from a safetensors or PyTorch file (see [`crate::tensor_io::read_weights`]).
     pub fn load_file(&self, path: &Path, strict: bool, pt_key: Option<&str>) -> Result<Vec<String>> {
         let weights = crate::tensor_io::read_weights(path, &self.device, pt_key)?;
@@ -207,6 +229,18 @@ impl ParamStore {
         crate::tensor_io::write_safetensors(path, &self.named_tensors(), metadata)?;
         Ok(())
     }
+}
+
+/// Buffers that LlamaGen checkpoints carry beside the weights (the VQ model's code-usage
+/// counter); loading ignores them.
+pub const KNOWN_BUFFERS: &[&str] = &["quantize.codebook_used"];
+
+static ALLOW_EXTRA_KEYS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`ParamStore::load_model_file`] ignores unknown keys (with a warning) instead of
+/// refusing the file: the process-wide `--allow-extra-keys` switch.
+pub fn set_allow_extra_keys(allow: bool) {
+    ALLOW_EXTRA_KEYS.store(allow, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// A path into a [`ParamStore`]: `pb.pp("layers").pp(3).get(..)` creates `layers.3.<name>`.

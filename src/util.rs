@@ -108,6 +108,35 @@ pub fn tune_allocator() {
     }
 }
 
+/// The most memory one allocation asked for by a file or a config may take, in bytes: the
+/// `DPAR_MEMORY_BUDGET` environment variable if set, else the machine's total memory
+/// (`/proc/meminfo`), else 64 GiB. Sizes read from headers and configs are checked against it
+/// before anything is allocated, so an absurd one is an error instead of an abort.
+pub fn memory_budget() -> u64 {
+    if let Some(v) = std::env::var("DPAR_MEMORY_BUDGET").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        return v;
+    }
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            kb.checked_mul(1024)
+        })
+        .unwrap_or(64 << 30)
+}
+
+/// Refuses `bytes` (an estimate, as f64 so that absurd sizes cannot overflow) beyond
+/// [`memory_budget`]; `what` names the flag, setting or file that asks for it.
+pub fn check_memory(what: &str, bytes: f64) -> std::result::Result<(), String> {
+    let budget = memory_budget() as f64;
+    if bytes <= budget {
+        return Ok(());
+    }
+    let gib = |b: f64| if b < 1e6 * (1u64 << 30) as f64 { format!("{:.1} GiB", b / (1u64 << 30) as f64) } else { format!("{b:.2e} bytes") };
+    Err(format!("{what} needs about {} of memory, more than the budget of {} (the machine's memory; DPAR_MEMORY_BUDGET sets another)", gib(bytes), gib(budget)))
+}
+
 /// Hex SHA-256 of a byte slice.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = sha2::Sha256::digest(bytes);

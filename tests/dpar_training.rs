@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Device;
-use dpar::data::shards::{write_shard, CodeShard, ShardInfo};
+use dpar::data::shards::{write_shard_set, CodeShard, ShardInfo};
 use dpar::gpt::train::{GptTask, GptTrainConfig};
 use dpar::gpt::GptConfig;
 use dpar::train::LoopConfig;
@@ -40,8 +40,8 @@ fn run(args: &[&str]) -> (bool, String) {
 
 /// Writes train/val shards, trains a tiny entropy model and stores entropies.
 fn prepare(dir: &std::path::Path) {
-    write_shard(&dir.join("codes/train/shard-00000.safetensors"), &synthetic(48, 1)).unwrap();
-    write_shard(&dir.join("codes/test/shard-00000.safetensors"), &synthetic(12, 2)).unwrap();
+    write_shard_set(&dir.join("codes/train"), &[synthetic(48, 1)], false).unwrap();
+    write_shard_set(&dir.join("codes/test"), &[synthetic(12, 2)], false).unwrap();
     let config = GptTrainConfig {
         kind: "entropy".into(),
         model: GptConfig { dim: 16, n_layer: 1, n_head: 1, ffn_hidden: Some(32), vocab_size: 6, num_classes: 3, grid_size: 4, ..GptConfig::mnist_entropy() },

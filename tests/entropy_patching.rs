@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use dpar::data::shards::{write_shard, CodeShard, ShardInfo};
+use dpar::data::shards::{write_shard, write_shard_set, CodeShard, ShardInfo};
 use dpar::gpt::train::{GptTask, GptTrainConfig};
 use dpar::gpt::GptConfig;
 use dpar::train::LoopConfig;
@@ -110,7 +110,7 @@ fn cli_entropy_compute_and_patchify() {
     let dir = tempfile::tempdir().unwrap();
     let p = |s: &str| dir.path().join(s).display().to_string();
     let data = shard(16, 3);
-    write_shard(&dir.path().join("codes/shard-00000.safetensors"), &data).unwrap();
+    write_shard_set(&dir.path().join("codes"), &[data.clone()], false).unwrap();
     entropy_model(&dir.path().join("ent"), &data);
     let (ok, text) = run(&["patchify", "--codes", &p("codes")]);
     assert!(!ok && text.contains("run `dpar entropy compute`"), "{text}");
@@ -126,7 +126,7 @@ fn cli_entropy_compute_and_patchify() {
     assert!(!ok && text.contains("P must be ≥ 1"), "{text}");
     // A model for another grid.
     let other = CodeShard { info: ShardInfo { grid_size: 2, ..data.info.clone() }, codes: vec![0; 8], labels: vec![0, 1], flip_codes: None };
-    write_shard(&dir.path().join("codes2/x.safetensors"), &other).unwrap();
+    write_shard_set(&dir.path().join("codes2"), &[other], false).unwrap();
     let (ok, text) = run(&["entropy", "compute", "--model", &p("ent"), "--codes", &p("codes2")]);
     assert!(!ok && text.contains("2×2 grid") && text.contains("expects 4×4"), "{text}");
 }

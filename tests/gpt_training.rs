@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Device;
-use dpar::data::shards::{write_shard, CodeShard, ShardInfo};
+use dpar::data::shards::{write_shard_set, CodeShard, ShardInfo};
 use dpar::gpt::train::{GptTask, GptTrainConfig};
 use dpar::gpt::GptConfig;
 use dpar::optim::AdamWConfig;
@@ -114,8 +114,8 @@ fn run(args: &[&str]) -> (bool, String) {
 fn cli_train_resume_and_sampling_errors() {
     let dir = tempfile::tempdir().unwrap();
     let p = |s: &str| dir.path().join(s).display().to_string();
-    write_shard(&dir.path().join("codes/train.safetensors"), &synthetic(32, 4, 8, 4, 1)).unwrap();
-    write_shard(&dir.path().join("codes-val/val.safetensors"), &synthetic(8, 4, 8, 4, 2)).unwrap();
+    write_shard_set(&dir.path().join("codes"), &[synthetic(32, 4, 8, 4, 1)], false).unwrap();
+    write_shard_set(&dir.path().join("codes-val"), &[synthetic(8, 4, 8, 4, 2)], false).unwrap();
     let cfg = dir.path().join("exp.json");
     std::fs::write(&cfg, serde_json::to_string(&config(6)).unwrap()).unwrap();
     let (ok, text) = run(&["train", "--config", &cfg.display().to_string(), "--codes", &p("codes"), "--val-codes", &p("codes-val"), "--out", &p("run"), "--steps", "4"]);
@@ -142,7 +142,7 @@ fn cli_train_resume_and_sampling_errors() {
     let (ok, text) = run(&["train", "--codes", &p("codes"), "--out", &p("run2"), "--preset", "mnist", "--steps", "1", "--val-codes", "none"]);
     assert!(ok, "{text}");
     // A shard with another grid size than the model.
-    write_shard(&dir.path().join("codes3/x.safetensors"), &synthetic(8, 3, 8, 4, 1)).unwrap();
+    write_shard_set(&dir.path().join("codes3"), &[synthetic(8, 3, 8, 4, 1)], false).unwrap();
     let (ok, text) = run(&["train", "--config", &cfg.display().to_string(), "--codes", &p("codes3"), "--out", &p("run3")]);
     assert!(!ok && text.contains("3×3 grid, the model expects 4×4"), "{text}");
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::Device;
-use dpar::data::shards::{write_shard, CodeShard, ShardInfo};
+use dpar::data::shards::{write_shard_set, CodeShard, ShardInfo};
 
 fn shard() -> CodeShard {
     use rand::Rng;
@@ -24,7 +24,7 @@ fn shard() -> CodeShard {
 fn two_mpi_ranks_match_one_process_with_the_double_batch() {
     let dir = tempfile::tempdir().unwrap();
     let p = |s: &str| dir.path().join(s).display().to_string();
-    write_shard(&dir.path().join("codes/shard.safetensors"), &shard()).unwrap();
+    write_shard_set(&dir.path().join("codes"), &[shard()], false).unwrap();
     let config = serde_json::json!({
         "kind": "gpt",
         "model": dpar::gpt::GptConfig { dim: 32, n_layer: 2, n_head: 2, ffn_hidden: Some(48), vocab_size: 8, num_classes: 3, grid_size: 4, token_dropout: 0.0, resid_dropout: 0.0, ffn_dropout: 0.0, class_dropout: 0.0, ..dpar::gpt::GptConfig::mnist() },

@@ -176,24 +176,43 @@ fn entropy_train_defaults_to_the_recipe() {
     assert_eq!(c["model"]["token_dropout"], 0.0, "{c}");
 }
 
-/// 15. Many `--help` lines of training had no description or default.
+/// 15. Many `--help` lines (`--steps`, `--batch-size`, `--lr`, `--out`, …) had no description.
+///     Every flag of every command has one now ("[default: …]" alone does not count).
 #[test]
-fn every_training_flag_is_described() {
-    let (ok, text) = run_dpar(&["train", "--help"]);
-    assert!(ok, "{text}");
-    let lines: Vec<&str> = text.lines().collect();
-    for (i, line) in lines.iter().enumerate() {
-        let t = line.trim_start();
-        if !t.starts_with("--") && !(t.starts_with('-') && t.contains(", --")) {
-            continue;
+fn every_flag_of_every_command_is_described() {
+    let commands: &[&[&str]] = &[
+        &["data", "info"], &["tokenizer", "train"], &["tokenizer", "reconstruct"], &["tokenizer", "eval"], &["tokenize"], &["train"],
+        &["sample"], &["entropy", "train"], &["entropy", "compute"], &["patchify"], &["bench"], &["bench", "speed"],
+        &["ablate", "patching"], &["ablate", "threshold"], &["ablate", "max-len"], &["ablate", "inference"], &["ablate", "train"],
+        &["ablate", "probe"], &["ablate", "all"], &["eval", "train-classifier"], &["eval", "samples"], &["eval", "real"],
+        &["export"], &["plot-logs"], &["summarize"],
+    ];
+    let mut undescribed = Vec::new();
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (ok, text) = run_dpar(&args);
+        assert!(ok, "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            if !t.starts_with("--") && !(t.starts_with('-') && t.contains(", --")) {
+                continue;
+            }
+            // clap puts the description after the flag on the same line, or on the next lines.
+            let flag_part = t.split("  ").next().unwrap();
+            let mut same_line = t[flag_part.len()..].trim().to_string();
+            while let Some(start) = same_line.find("[default") {
+                let end = same_line[start..].find(']').map_or(same_line.len(), |e| start + e + 1);
+                same_line.replace_range(start..end, "");
+            }
+            let next = lines.get(i + 1).map(|l| l.trim()).unwrap_or("");
+            if same_line.trim().is_empty() && (next.is_empty() || next.starts_with('-')) {
+                undescribed.push(format!("dpar {}: {flag_part}", command.join(" ")));
+            }
         }
-        // clap puts the description after the flag on the same line, or on the next lines.
-        let flag_part = t.split("  ").next().unwrap();
-        let same_line = t[flag_part.len()..].trim();
-        let next = lines.get(i + 1).map(|l| l.trim()).unwrap_or("");
-        let described = !same_line.is_empty() || (!next.is_empty() && !next.starts_with('-'));
-        assert!(described, "`dpar train --help`: {flag_part} has no description");
     }
+    assert!(undescribed.is_empty(), "flags without a description:\n{}", undescribed.join("\n"));
 }
 
 /// The kill-and-resume test: a run SIGKILLed at seeded random moments (often during one of its
@@ -310,4 +329,240 @@ fn sample_bounds_its_size_and_checks_its_output_folder_first() {
     let bad_out = blocker.join("samples").display().to_string();
     let (ok, text) = run(&["sample", "--per-class", "1", "--out", &bad_out]);
     assert!(!ok && text.contains("--out") && !text.contains("sampled"), "{text}");
+}
+
+/// A tiny GPT trained for two steps on [`synthetic_codes`] (tokenizer id `synthetic`).
+fn tiny_gpt(dir: &std::path::Path, name: &str, extra: &[&str]) -> String {
+    let (train, test) = synthetic_codes(dir);
+    let out = dir.join(name).display().to_string();
+    let mut flags = tiny_gpt_flags(&train, &test, &out, "2");
+    if extra.contains(&"entropy") {
+        flags[2] = "entropy";
+    } else {
+        flags.extend_from_slice(extra);
+    }
+    let (ok, text) = run_dpar(&flags);
+    assert!(ok, "{text}");
+    out
+}
+
+/// Synthetic shards like [`synthetic_codes`]' but made by another tokenizer (id `other`).
+fn other_tokenizer_codes(dir: &std::path::Path) -> String {
+    let (train, _) = synthetic_codes(dir);
+    let (mut shard, _) = dpar::data::shards::read_shard_set(std::path::Path::new(&train)).unwrap();
+    shard.info.tokenizer_id = "other".into();
+    let path = dir.join("codes/other");
+    dpar::data::shards::write_shard_set(&path, &[shard], false).unwrap();
+    path.display().to_string()
+}
+
+/// 4. A tokenize into a folder of an earlier, bigger set left the stale shards (training read
+///    them all), and a tokenize killed halfway left a partial set that trained without complaint.
+#[test]
+fn tokenize_refuses_stale_shards_and_readers_refuse_a_set_without_manifest() {
+    common::mnist_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let codes = dir.path().join("codes");
+    let c = codes.display().to_string();
+    let data = common::mnist_dir().display().to_string();
+    let tokenize = |extra: &[&str]| {
+        let mut args = vec!["tokenize", "--data", &data, "--split", "test", "--out", &c, "--shard-size", "8"];
+        args.extend_from_slice(extra);
+        run_dpar(&args)
+    };
+    let (ok, text) = tokenize(&["--max-images", "20"]);
+    assert!(ok, "{text}");
+    assert_eq!(dpar::data::shards::read_shard_set(&codes).unwrap().0.len(), 20);
+    let (ok, text) = tokenize(&["--max-images", "10"]);
+    assert!(!ok && text.contains("already holds 4 file(s)") && text.contains("--overwrite"), "{text}");
+    let (ok, text) = tokenize(&["--max-images", "10", "--overwrite"]);
+    assert!(ok, "{text}");
+    assert_eq!(dpar::data::shards::read_shard_set(&codes).unwrap().0.len(), 10, "stale shards were read");
+    assert!(!codes.join("shard-00002.safetensors").exists());
+    // A set whose manifest never got written (the tokenize was killed) does not train.
+    std::fs::remove_file(codes.join("manifest.json")).unwrap();
+    let out = dir.path().join("run").display().to_string();
+    let (ok, text) = run_dpar(&tiny_gpt_flags(&c, "none", &out, "1"));
+    assert!(!ok && text.contains("no manifest.json") && text.contains("interrupted"), "{text}");
+}
+
+/// 6. `sample` decoded a model's codes with whatever tokenizer it was given.
+#[test]
+fn sample_refuses_a_tokenizer_other_than_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_gpt(dir.path(), "gpt", &[]);
+    let out = dir.path().join("s").display().to_string();
+    let (ok, text) = run_dpar(&["sample", "--ckpt", &run, "--tokenizer", "models/mnist/tokenizer", "--per-class", "1", "--out", &out]);
+    assert!(!ok && text.contains("is not the one the model") && text.contains("--allow-mismatch"), "{text}");
+    assert!(text.contains("3a432d981626") || text.contains("this tokenizer ("), "{text}");
+    // Without --tokenizer, the usual places are searched for the recorded one, and the error
+    // lists what they hold.
+    let (ok, text) = run_dpar(&["sample", "--ckpt", &run, "--per-class", "1", "--out", &out]);
+    assert!(!ok && text.contains("none of the usual places") && text.contains("models/mnist/tokenizer is"), "{text}");
+    // --allow-mismatch goes on past the hash check (and stops at the next real problem: the
+    // shipped tokenizer's grid is not the tiny model's).
+    let (ok, text) = run_dpar(&["sample", "--ckpt", &run, "--tokenizer", "models/mnist/tokenizer", "--per-class", "1", "--out", &out, "--allow-mismatch"]);
+    assert!(!ok && text.contains("WARN") && text.contains("does not fit the model"), "{text}");
+}
+
+/// 7. The wrong entropy model got only a warning; `entropy compute` and `--val-codes` accepted
+///    codes of another tokenizer.
+#[test]
+fn a_wrong_entropy_model_or_foreign_codes_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s").display().to_string();
+    let (ok, text) = run_dpar(&["sample", "--entropy-model", "models/mnist/gpt", "--per-class", "1", "--out", &out]);
+    assert!(!ok && text.contains("this entropy model") && text.contains("6d5f9b2e3446") && text.contains("--allow-mismatch"), "{text}");
+
+    let entropy = tiny_gpt(dir.path(), "ent", &["entropy"]);
+    let other = other_tokenizer_codes(dir.path());
+    let (ok, text) = run_dpar(&["entropy", "compute", "--model", &entropy, "--codes", &other]);
+    assert!(!ok && text.contains("codes of tokenizer other") && text.contains("synthetic"), "{text}");
+
+    let (train, _) = synthetic_codes(dir.path());
+    let run = dir.path().join("val").display().to_string();
+    let (ok, text) = run_dpar(&tiny_gpt_flags(&train, &other, &run, "1"));
+    assert!(!ok && text.contains("--val-codes") && text.contains("tokenizer other"), "{text}");
+}
+
+/// 8. `eval` compared samples against whatever dataset --data pointed at (precision 0.028, no
+///    message) when it was not the classifier's.
+#[test]
+fn eval_refuses_reference_data_the_classifier_was_not_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnist = dpar::data::load(&dpar::data::resolve(&common::mnist_dir(), "test").unwrap(), 28, 1).unwrap().take(300);
+    // Another "dataset": the same pictures under other names (every label shifted by one).
+    let other = dpar::data::ImageDataset { labels: mnist.labels.iter().map(|y| (y + 1) % 10).collect(), ..mnist.clone() };
+    let fake = dir.path().join("fake");
+    std::fs::create_dir_all(&fake).unwrap();
+    for split in ["train", "t10k"] {
+        dpar::data::idx::write_idx(&other, &fake.join(format!("{split}-images-idx3-ubyte")), &fake.join(format!("{split}-labels-idx1-ubyte"))).unwrap();
+    }
+    let (ok, text) = run_dpar(&["eval", "real", "--n", "300", "--data", fake.to_str().unwrap()]);
+    assert!(!ok && text.contains("not its dataset") && text.contains("--data"), "{text}");
+    let (ok, text) = run_dpar(&["eval", "real", "--n", "300", "--data", common::mnist_dir().to_str().unwrap()]);
+    assert!(ok, "{text}");
+}
+
+/// 9. Weights loaded although the file held tensors the model does not know.
+#[test]
+fn a_weight_file_with_unknown_tensors_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_gpt(dir.path(), "gpt", &[]);
+    let file = std::path::Path::new(&run).join("model.safetensors");
+    let loaded = dpar::tensor_io::read_safetensors(&file, &candle_core::Device::Cpu).unwrap();
+    let mut tensors: Vec<(String, candle_core::Tensor)> = loaded.tensors.into_iter().collect();
+    tensors.push(("decoder.extra.weight".into(), candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()));
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = loaded.metadata.into_iter().collect();
+    let extra = dir.path().join("extra.safetensors");
+    dpar::tensor_io::write_safetensors(&extra, &tensors, &meta).unwrap();
+    let out = dir.path().join("s").display().to_string();
+    let (ok, text) = run_dpar(&["sample", "--ckpt", extra.to_str().unwrap(), "--per-class", "1", "--out", &out]);
+    assert!(!ok && text.contains("1 unexpected parameter(s): decoder.extra.weight") && text.contains("--allow-extra-keys"), "{text}");
+    let (ok, text) = run_dpar(&["sample", "--ckpt", extra.to_str().unwrap(), "--per-class", "1", "--out", &out, "--allow-extra-keys"]);
+    assert!(!ok && text.contains("ignoring 1 unexpected") && !text.contains("loads it anyway"), "{text}");
+}
+
+/// 11. Sizes from headers and configs were trusted: these aborted the process ("memory
+///     allocation of N bytes failed") instead of giving an error.
+#[test]
+fn absurd_sizes_in_files_and_flags_are_errors_not_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A small PNG that declares 100 000 000 × 1 pixels (the IHDR width patched, CRC fixed).
+    let class = dir.path().join("images/a");
+    std::fs::create_dir_all(&class).unwrap();
+    let mut png = Vec::new();
+    image::GrayImage::from_pixel(4, 1, image::Luma([7])).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    png[16..20].copy_from_slice(&100_000_000u32.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    std::fs::write(class.join("huge.png"), &png).unwrap();
+    let err = dpar::data::folder::load_image_folder(&dir.path().join("images"), 28, 1).unwrap_err().to_string();
+    assert!(err.contains("huge.png"), "{err}");
+
+    // A config of 10⁹ layers, and a batch of 10⁸ images.
+    let (train, test) = synthetic_codes(dir.path());
+    let out = dir.path().join("run").display().to_string();
+    let mut flags = tiny_gpt_flags(&train, &test, &out, "1");
+    let at = flags.iter().position(|f| *f == "--layers").unwrap() + 1;
+    flags[at] = "1000000000";
+    let (ok, text) = run_dpar(&flags);
+    assert!(!ok && text.contains("1000000000 layers") && text.contains("memory"), "{text}");
+    let flags = with_flag(tiny_gpt_flags(&train, &test, &out, "1"), "--batch-size", "100000000");
+    let (ok, text) = run_dpar(&flags);
+    assert!(!ok && text.contains("--batch-size 100000000 needs about") && text.contains("budget"), "{text}");
+
+    // A tokenizer with a codebook of 4·10⁹ codes.
+    let (ok, text) = run_dpar(&["tokenizer", "train", "--codebook-size", "4000000000", "--steps", "1", "--out", &out]);
+    assert!(!ok && text.contains("codebook 4000000000") && text.contains("memory"), "{text}");
+
+    // A shard declaring 10¹² classes.
+    let shard = dir.path().join("classes.safetensors");
+    let t = |v: Vec<u32>, n: usize| candle_core::Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap();
+    let meta: std::collections::BTreeMap<String, String> = [
+        ("format", "dpar-codes-v1"), ("grid_size", "1"), ("codebook_size", "4"), ("num_classes", "1000000000000"), ("class_names", "[]"), ("tokenizer_id", "t"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    dpar::tensor_io::write_safetensors(&shard, &[("codes".into(), t(vec![1], 1).reshape((1, 1)).unwrap()), ("labels".into(), t(vec![0], 1))], &meta).unwrap();
+    let err = dpar::data::shards::read_shard(&shard).unwrap_err().to_string();
+    assert!(err.contains("1000000000000 classes") && err.contains("classes.safetensors"), "{err}");
+}
+
+/// 11. A gzip bomb was inflated completely before its IDX header was checked.
+#[test]
+fn a_gzip_bomb_is_inflated_only_as_far_as_its_header_says() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let gz = |header: &[u8], zeros: usize| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(header).unwrap();
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..zeros >> 20 {
+            e.write_all(&block).unwrap();
+        }
+        e.finish().unwrap()
+    };
+    // One 2×2 image declared, followed by 256 MiB of zeros: only the 4 declared bytes are read.
+    let path = dir.path().join("bomb-images-idx3-ubyte.gz");
+    std::fs::write(&path, gz(&dpar::data::idx::encode_idx(&[1, 2, 2], &[1, 2, 3, 4]), 256 << 20)).unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20);
+    let t = std::time::Instant::now();
+    let idx = dpar::data::idx::read_idx(&path, 3).unwrap();
+    assert_eq!((idx.dims.clone(), idx.data.len()), (vec![1, 2, 2], 4));
+    eprintln!("read the bomb's header and data in {:?}", t.elapsed());
+    // A header that declares more than any machine holds is refused before inflating.
+    let path = dir.path().join("big-images-idx3-ubyte.gz");
+    let mut header = vec![0, 0, 8, 3];
+    for d in [u32::MAX, u32::MAX, 16] {
+        header.extend(d.to_be_bytes());
+    }
+    std::fs::write(&path, gz(&header, 0)).unwrap();
+    let err = dpar::data::idx::read_idx(&path, 3).unwrap_err().to_string();
+    assert!(err.contains("big-images-idx3-ubyte.gz") && err.contains("memory budget"), "{err}");
+}
+
+/// 13. An IDX label of 255 among 0–9 made a 256-class dataset silently.
+#[test]
+fn an_idx_label_outside_the_classes_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut labels: Vec<u32> = (0..20).map(|i| i % 10).collect();
+    labels[7] = 255;
+    let data = dpar::data::ImageDataset { images: vec![0; 20 * 4], labels, channels: 1, height: 2, width: 2, class_names: vec![], source: "t".into() };
+    let (images, labels) = (dir.path().join("train-images-idx3-ubyte"), dir.path().join("train-labels-idx1-ubyte"));
+    dpar::data::idx::write_idx(&data, &images, &labels).unwrap();
+    let err = dpar::data::idx::load_idx(&images, &labels).unwrap_err().to_string();
+    assert!(err.contains("train-labels-idx1-ubyte") && err.contains("255 (1×)") && err.contains("--class-names"), "{err}");
+    let ten: Vec<String> = (0..10).map(|c| c.to_string()).collect();
+    let err = dpar::data::idx::load_idx_with_classes(&images, &labels, Some(&ten)).unwrap_err().to_string();
+    assert!(err.contains("label 255 (item 7) is outside the 10 declared classes"), "{err}");
+    // Through the CLI: the flag declares the names.
+    let (ok, text) = run_dpar(&["data", "info", "--data", dir.path().to_str().unwrap()]);
+    assert!(!ok && text.contains("255"), "{text}");
+    let names: String = (0..256).map(|c| format!("c{c}")).collect::<Vec<_>>().join(",");
+    let (ok, text) = run_dpar(&["data", "info", "--data", dir.path().to_str().unwrap(), "--class-names", &names]);
+    assert!(ok && text.contains("classes  256") && text.contains("c255: 1"), "{text}");
 }

@@ -23,6 +23,21 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
+/// The largest side of an image that a class folder may hold, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The most memory one decoded image may take.
+pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
+
+/// Decoder limits: a small file that declares a huge image (a 97 KB PNG of 100 000 000 × 1
+/// pixels) is an error naming the file, not an allocation failure that aborts the process.
+fn image_limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    limits
+}
+
 /// Loads every image under `root/<class>/`, prepared to `size × size × channels`.
 /// Errors: an undecodable image (named), a class folder without images, no class folders.
 pub fn load_image_folder(root: &Path, size: usize, channels: usize) -> Result<ImageDataset> {
@@ -48,10 +63,9 @@ pub fn load_image_folder(root: &Path, size: usize, channels: usize) -> Result<Im
             return Err(DataError::EmptyClassFolder { path: dir.clone() });
         }
         for file in files {
-            let decoded = image::ImageReader::open(&file)
-                .map_err(io_err(&file))?
-                .with_guessed_format()
-                .map_err(io_err(&file))?
+            let mut reader = image::ImageReader::open(&file).map_err(io_err(&file))?.with_guessed_format().map_err(io_err(&file))?;
+            reader.limits(image_limits());
+            let decoded = reader
                 .decode()
                 .map_err(|e| DataError::Undecodable { path: file.clone(), reason: e.to_string() })?;
             let fitted = fit_square(&decoded.to_rgb8(), size);

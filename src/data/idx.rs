@@ -16,17 +16,43 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Reads a file, transparently un-gzipping it.
+/// Reads a file, transparently un-gzipping it. A gzipped file is inflated only as far as its
+/// IDX header says the data goes (a gzip bomb stops there), and never past
+/// [`crate::util::memory_budget`].
 fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(io_err(path))?;
-    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| {
-            DataError::BadGzip { path: path.to_path_buf(), reason: e.to_string() }
-        })?;
-        Ok(out)
-    } else {
-        Ok(raw)
+    if !(raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b) {
+        return Ok(raw);
+    }
+    let gz_err = |e: std::io::Error| DataError::BadGzip { path: path.to_path_buf(), reason: e.to_string() };
+    let mut decoder = flate2::read::GzDecoder::new(&raw[..]);
+    let mut out = Vec::new();
+    // The magic (4 bytes), then one u32 per dimension.
+    (&mut decoder).take(4).read_to_end(&mut out).map_err(gz_err)?;
+    if out.len() == 4 {
+        (&mut decoder).take(4 * out[3] as u64).read_to_end(&mut out).map_err(gz_err)?;
+    }
+    let ndims = out.get(3).copied().unwrap_or(0) as usize;
+    if out.len() < 4 || out.len() < 4 + 4 * ndims {
+        return Ok(out); // parse_idx reports the truncation
+    }
+    let total = (0..ndims)
+        .map(|i| u32::from_be_bytes([out[4 + 4 * i], out[5 + 4 * i], out[6 + 4 * i], out[7 + 4 * i]]) as u64)
+        .try_fold(1u64, |acc, d| acc.checked_mul(d))
+        .and_then(|c| c.checked_add(out.len() as u64));
+    let budget = crate::util::memory_budget();
+    match total {
+        Some(total) if total <= budget => {
+            out.reserve((total as usize).saturating_sub(out.len()));
+            (&mut decoder).take(total - out.len() as u64).read_to_end(&mut out).map_err(gz_err)?;
+            Ok(out)
+        }
+        _ => Err(DataError::Invalid(format!(
+            "{}: the IDX header declares {} bytes of data, more than the memory budget of {} bytes (DPAR_MEMORY_BUDGET)",
+            path.display(),
+            total.map_or("more than 2^64".to_string(), |t| t.to_string()),
+            budget
+        ))),
     }
 }
 
@@ -77,8 +103,15 @@ pub fn read_idx(path: &Path, want_dims: usize) -> Result<IdxArray> {
     parse_idx(path, &bytes, want_dims)
 }
 
-/// Loads an IDX image file and its label file. Class names are the label values `"0"`, `"1"`, ….
+/// Loads an IDX image file and its label file. Class names are the label values `"0"`, `"1"`, …;
+/// labels must then cover 0..=max without a gap (a stray 255 among 0–9 is an error, not a
+/// 256-class dataset). See [`load_idx_with_classes`] to declare the classes.
 pub fn load_idx(images_path: &Path, labels_path: &Path) -> Result<ImageDataset> {
+    load_idx_with_classes(images_path, labels_path, None)
+}
+
+/// Like [`load_idx`], with the class names declared: every label must be below their count.
+pub fn load_idx_with_classes(images_path: &Path, labels_path: &Path, declared: Option<&[String]>) -> Result<ImageDataset> {
     let images = read_idx(images_path, 3)?;
     let labels = read_idx(labels_path, 1)?;
     let (n_images, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
@@ -98,14 +131,44 @@ pub fn load_idx(images_path: &Path, labels_path: &Path) -> Result<ImageDataset> 
         )));
     }
     let labels: Vec<u32> = labels.data.iter().map(|&l| l as u32).collect();
-    let num_classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+    let mut counts = [0usize; 256];
+    for &l in &labels {
+        counts[l as usize] += 1;
+    }
+    let class_names = match declared {
+        Some(names) => {
+            if let Some(i) = labels.iter().position(|&l| l as usize >= names.len()) {
+                return Err(DataError::Invalid(format!(
+                    "{}: label {} (item {i}) is outside the {} declared classes",
+                    labels_path.display(),
+                    labels[i],
+                    names.len()
+                )));
+            }
+            names.to_vec()
+        }
+        None => {
+            let num_classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+            let missing: Vec<usize> = (0..num_classes).filter(|&c| counts[c] == 0).collect();
+            if !missing.is_empty() {
+                let used: Vec<String> = (0..num_classes).filter(|&c| counts[c] > 0).map(|c| format!("{c} ({}×)", counts[c])).collect();
+                return Err(DataError::Invalid(format!(
+                    "{}: the labels used are {}, so classes {} have no example: a damaged label, or a dataset whose classes must be declared (--class-names)",
+                    labels_path.display(),
+                    used.join(", "),
+                    if missing.len() > 6 { format!("{}–{} and others", missing[0], missing[missing.len() - 1]) } else { format!("{missing:?}") }
+                )));
+            }
+            (0..num_classes).map(|c| c.to_string()).collect()
+        }
+    };
     Ok(ImageDataset {
         images: images.data,
         labels,
         channels: 1,
         height: rows,
         width: cols,
-        class_names: (0..num_classes).map(|c| c.to_string()).collect(),
+        class_names,
         source: images_path.display().to_string(),
     })
 }
@@ -165,7 +228,10 @@ mod tests {
             let img = dir.path().join(format!("x-images-idx3-ubyte{ext}"));
             let lab = dir.path().join(format!("x-labels-idx1-ubyte{ext}"));
             write_idx(&sample(), &img, &lab).unwrap();
-            let back = load_idx(&img, &lab).unwrap();
+            // Labels 7 and 2 only: undeclared, classes 0, 1, 3–6 would have no example.
+            assert!(load_idx(&img, &lab).unwrap_err().to_string().contains("have no example"));
+            let names: Vec<String> = (0..8).map(|c| c.to_string()).collect();
+            let back = load_idx_with_classes(&img, &lab, Some(&names)).unwrap();
             assert_eq!(back.images, sample().images);
             assert_eq!(back.labels, vec![7, 2]);
             assert_eq!((back.height, back.width, back.num_classes()), (3, 4, 8));

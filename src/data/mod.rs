@@ -53,8 +53,13 @@ pub enum DataError {
     /// A request does not fit the data (bad size, bad index, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A folder holds shards of an earlier shard set.
+    #[error("{path}: {reason}")]
+    StaleShards { path: PathBuf, reason: String },
     #[error(transparent)]
     TensorIo(#[from] crate::tensor_io::TensorIoError),
+    #[error(transparent)]
+    Util(#[from] crate::util::UtilError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -209,6 +209,18 @@ impl DparConfig {
                 return bad(format!("{name} must lie in [0, 1), got {p}"));
             }
         }
+        if self.grid_size > 4096 {
+            return bad(format!("grid_size must be ≤ 4096, got {}", self.grid_size));
+        }
+        let (d, v) = (self.dim as f64, self.vocab_size as f64);
+        let ffn = self.ffn_hidden.unwrap_or(4 * self.dim) as f64;
+        let layers = self.encoder_layers as f64 + self.global_layers as f64 + self.decoder_layers as f64;
+        let params = layers * (6.0 * d * d + 3.0 * d * ffn) + 2.0 * v * d + (self.num_classes as f64 + 1.0) * d;
+        crate::util::check_memory(
+            &format!("a DPAR model of {}+{}+{} layers, width {}, vocabulary {}, {} classes ({params:.3e} parameters)", self.encoder_layers, self.global_layers, self.decoder_layers, self.dim, self.vocab_size, self.num_classes),
+            4.0 * params,
+        )
+        .map_err(DparError::BadConfig)?;
         self.patch.validate()?;
         Ok(())
     }

@@ -112,6 +112,11 @@ impl DparTask {
             return Err(DparError::BadConfig("val_images (--val-images) is 0, so there is no validation loss to report; give at least 1, or no validation codes".into()));
         }
         check_flip(&train.shard, config.use_flip, &config.codes).map_err(DparError::BadConfig)?;
+        let m = &config.model;
+        let layers = (m.encoder_layers + m.global_layers + m.decoder_layers) as f64;
+        let per_code = m.dim as f64 * layers * 16.0 + 3.0 * m.vocab_size as f64;
+        crate::util::check_memory(&format!("--batch-size {}", config.batch_size), 4.0 * config.batch_size as f64 * (m.grid_size * m.grid_size) as f64 * per_code)
+            .map_err(DparError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Dpar::new(&config.model, &store.root())?;
         let sampler = BatchSampler::new(train.shard.len(), config.batch_size, config.seed);
@@ -199,7 +204,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(Dpar, ParamStore, DparTrain
     let config: DparTrainConfig = serde_json::from_value(full).map_err(|e| DparError::BadFile { path: file.clone(), reason: format!("config: {e}") })?;
     let store = ParamStore::new(0, device);
     let model = Dpar::new(&config.model, &store.root())?;
-    store.load_file(&file, false, None)?;
+    store.load_model_file(&file, None)?;
     Ok((model, store, config))
 }
 

@@ -156,6 +156,44 @@ pub fn accuracy(model: &Classifier, data: &ImageDataset, max: usize, device: &De
     Ok(correct as f64 / n.max(1) as f64)
 }
 
+/// The test accuracy the classifier recorded when it was trained (`accuracy.json` beside its
+/// weights), if any.
+pub fn recorded_accuracy(path: &std::path::Path) -> Option<f64> {
+    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent()?.to_path_buf() };
+    let text = std::fs::read_to_string(dir.join("accuracy.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("test_accuracy")?.as_f64()
+}
+
+/// Checks that reference images are from the dataset the classifier was trained on: the
+/// classifier must label at least half as many of them correctly as it did its own test split
+/// (`recorded`, or 100% when unknown). Features of another dataset (say Fashion-MNIST against an
+/// MNIST classifier, about 10% correct) would make every metric meaningless.
+pub fn check_reference_data(probs: &[f32], labels: &[u32], num_classes: usize, recorded: Option<f64>, source: &str) -> Result<f64> {
+    let n = labels.len();
+    if n == 0 || probs.len() != n * num_classes {
+        return Err(EvalError::Bad(format!("{source}: no reference images to compare with")));
+    }
+    let correct = labels
+        .iter()
+        .enumerate()
+        .filter(|&(i, &y)| {
+            let row = &probs[i * num_classes..(i + 1) * num_classes];
+            let best = row.iter().enumerate().fold(0, |b, (j, &p)| if p > row[b] { j } else { b });
+            best == y as usize
+        })
+        .count();
+    let acc = correct as f64 / n as f64;
+    let expected = recorded.unwrap_or(1.0);
+    if acc < 0.5 * expected {
+        return Err(EvalError::Bad(format!(
+            "{source}: the classifier labels only {:.1}% of these {n} reference images correctly (it scored {:.1}% on the test split it was trained with), so this is not its dataset; give the matching --data, or a classifier trained on this data (`dpar eval train-classifier --data …`)",
+            100.0 * acc,
+            100.0 * expected
+        )));
+    }
+    Ok(acc)
+}
+
 /// Training task: cross-entropy on the train split, test accuracy as validation.
 pub struct ClassifierTask {
     config: ClassifierTrainConfig,

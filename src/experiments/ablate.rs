@@ -387,6 +387,11 @@ fn probe(train: &(Vec<f32>, Vec<u32>), test: &(Vec<f32>, Vec<u32>), dim: usize, 
 /// Table 7: linear probe on average-pooled final hidden states, DPAR vs baseline, over pairs of
 /// runs (one per seed); cells are mean ± half-range.
 pub fn linear_probe(env: &Env, dpar_runs: &[PathBuf], gpt_runs: &[PathBuf], train_n: usize, test_n: usize) -> Result<Table> {
+    for (runs, dpar) in [(dpar_runs, true), (gpt_runs, false)] {
+        for run in runs {
+            env.check_run(run, dpar)?;
+        }
+    }
     let mut rows = Vec::new();
     let mut data = Vec::new();
     let mut top1 = Vec::new();

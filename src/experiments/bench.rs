@@ -54,6 +54,7 @@ fn logged_at(log: &[serde_json::Value], step: u64, key: &str) -> Option<f64> {
 /// FD (and the rest) of every weight snapshot of a run, `n` samples each, placed on the run's
 /// FLOPs and wall-clock axes.
 pub fn quality_curve(env: &Env, run: &Path, dpar: bool, n: usize) -> Result<Vec<CurvePoint>> {
+    env.check_run(run, dpar)?;
     let log = crate::runs::read_log(run).unwrap_or_default();
     let mut points = Vec::new();
     for (step, path) in crate::train::RunPaths::new(run).list_snapshots() {

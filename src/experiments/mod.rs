@@ -64,6 +64,10 @@ pub struct Setup {
     pub sample_batch: usize,
     pub cfg_scale: f64,
     pub seed: u64,
+    /// Runs whose recorded tokenizer or entropy model differ from these are measured anyway
+    /// (with a warning) instead of refused.
+    #[serde(default)]
+    pub allow_mismatch: bool,
 }
 
 /// Loaded inputs shared by every experiment.
@@ -84,25 +88,54 @@ pub struct Env {
 }
 
 impl Env {
+    /// Checks that a run was trained on this setup's codes (its recorded tokenizer) and, for
+    /// DPAR, cut into patches by this setup's entropy model.
+    pub fn check_run(&self, run: &Path, dpar: bool) -> Result<()> {
+        let recorded = crate::parts::Recorded::of(run);
+        let owner = format!("the run {}", run.display());
+        let allow = self.setup.allow_mismatch;
+        if let Some(id) = &recorded.tokenizer_id {
+            crate::parts::check(crate::parts::Part::Tokenizer, &self.setup.tokenizer, id, &owner, allow).map_err(ctx("--tokenizer"))?;
+        }
+        if dpar {
+            if let Some(id) = &recorded.entropy_model_id {
+                crate::parts::check(crate::parts::Part::EntropyModel, &self.setup.entropy_model, id, &owner, allow).map_err(ctx("--entropy-model"))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn load(setup: Setup, device: &Device) -> Result<Self> {
         let tokenizer = Tokenizer::load(&setup.tokenizer, None, device).map_err(ctx("tokenizer"))?;
         let (classifier, cstore, hash) = crate::eval::classifier::load(&setup.classifier, device).map_err(ctx("classifier"))?;
         let cc = classifier.config().clone();
         let source = crate::data::resolve(&setup.data, "test").map_err(ctx("test split"))?;
         let test_images = crate::data::load(&source, cc.image_size, cc.in_channels).map_err(ctx("test split"))?.take(setup.samples);
-        let mut reference = Vec::new();
+        let (mut reference, mut probs) = (Vec::new(), Vec::new());
         let idx: Vec<usize> = (0..test_images.len()).collect();
         for chunk in idx.chunks(1000) {
             let x = test_images.batch_tensor(chunk, false, device).map_err(ctx("test images"))?;
-            reference.extend(classifier.features_and_probs(&x).map_err(ctx("reference features"))?.0);
+            let (f, p) = classifier.features_and_probs(&x).map_err(ctx("reference features"))?;
+            reference.extend(f);
+            probs.extend(p);
         }
+        crate::eval::classifier::check_reference_data(&probs, &test_images.labels, cc.num_classes, crate::eval::classifier::recorded_accuracy(&setup.classifier), &test_images.source)
+            .map_err(ctx("--data"))?;
         let (entropy_model, estore) = crate::gpt::load(&setup.entropy_model, None, device).map_err(ctx("entropy model"))?;
         let efile = if setup.entropy_model.is_dir() { setup.entropy_model.join("model.safetensors") } else { setup.entropy_model.clone() };
         let entropy_model_id = crate::util::sha256_file(&efile).map_err(ctx("entropy model"))?;
         let train = read_entropy_codes(&setup.train_codes, Some(&entropy_model_id)).map_err(ctx("training shards"))?;
         let test = read_entropy_codes(&setup.test_codes, Some(&entropy_model_id)).map_err(ctx("test shards"))?;
-        if train.shard.info.tokenizer_id != tokenizer.id {
-            return Err(ExperimentError::Failed(format!("{}: codes were made by another tokenizer than {}", setup.train_codes.display(), setup.tokenizer.display())));
+        for (codes, info) in [(&setup.train_codes, &train.shard.info), (&setup.test_codes, &test.shard.info)] {
+            if info.tokenizer_id != tokenizer.id {
+                return Err(ExperimentError::Failed(format!(
+                    "{}: codes were made by tokenizer {}…, but --tokenizer {} is {}…",
+                    codes.display(),
+                    &info.tokenizer_id[..12.min(info.tokenizer_id.len())],
+                    setup.tokenizer.display(),
+                    &tokenizer.id[..12.min(tokenizer.id.len())]
+                )));
+            }
         }
         Ok(Self { setup, device: device.clone(), tokenizer, classifier, _classifier_store: cstore, classifier_sha256: hash, reference, entropy_model, _entropy_store: estore, entropy_model_id, train, test })
     }
@@ -161,6 +194,7 @@ pub struct EvalRow {
 /// Samples `n` images from a trained DPAR model with the inference patcher `patch` and measures
 /// them.
 pub fn eval_dpar(env: &Env, name: &str, run: &Path, patch: &PatchConfig, n: usize) -> Result<EvalRow> {
+    env.check_run(run, true)?;
     let (model, _s, _c) = crate::dpar::train::load(run, &env.device).map_err(ctx("DPAR model"))?;
     let labels = env.labels(n, model.config().num_classes);
     let t = Instant::now();
@@ -178,6 +212,7 @@ pub fn eval_dpar(env: &Env, name: &str, run: &Path, patch: &PatchConfig, n: usiz
 
 /// Samples `n` images from a trained GPT baseline and measures them.
 pub fn eval_gpt(env: &Env, name: &str, run: &Path, n: usize) -> Result<EvalRow> {
+    env.check_run(run, false)?;
     let (model, _s) = crate::gpt::load(run, None, &env.device).map_err(ctx("GPT model"))?;
     let labels = env.labels(n, model.config().num_classes);
     let t = Instant::now();

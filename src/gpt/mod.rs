@@ -186,8 +186,8 @@ impl GptConfig {
         if self.cls_token_num > 1 {
             return bad(format!("cls_token_num must be 0 or 1, got {}", self.cls_token_num));
         }
-        if self.grid_size < 2 || self.vocab_size < 2 {
-            return bad("grid_size and vocab_size must be ≥ 2".into());
+        if self.grid_size < 2 || self.vocab_size < 2 || self.grid_size > 4096 {
+            return bad(format!("grid_size must lie in [2, 4096] and vocab_size be ≥ 2, got {} and {}", self.grid_size, self.vocab_size));
         }
         if self.cls_token_num == 1 && self.num_classes == 0 {
             return bad("a class-conditional model needs num_classes > 0".into());
@@ -202,6 +202,12 @@ impl GptConfig {
                 return bad(format!("{name} must lie in [0, 1), got {p}"));
             }
         }
+        // Weights in f32, counted in f64 so that an absurd config cannot overflow.
+        let (d, v) = (self.dim as f64, self.vocab_size as f64);
+        let ffn = self.ffn_hidden.unwrap_or(4 * self.dim) as f64;
+        let params = self.n_layer as f64 * (4.0 * d * d + 3.0 * d * ffn) + 2.0 * v * d + (self.num_classes as f64 + 1.0) * d;
+        crate::util::check_memory(&format!("a GPT of {} layers, width {}, vocabulary {}, {} classes ({params:.3e} parameters)", self.n_layer, self.dim, self.vocab_size, self.num_classes), 4.0 * params)
+            .map_err(GptError::BadConfig)?;
         Ok(())
     }
 }
@@ -461,7 +467,7 @@ pub fn load(path: &std::path::Path, preset: Option<&str>, device: &Device) -> Re
     };
     let store = ParamStore::new(0, device);
     let model = Gpt::new(&config, &store.root())?;
-    store.load_file(&file, false, Some("model"))?;
+    store.load_model_file(&file, Some("model"))?;
     Ok((model, store))
 }
 

@@ -153,6 +153,10 @@ impl GptTask {
             return Err(GptError::BadConfig("val_images (--val-images) is 0, so there is no validation loss to report; give at least 1, or no validation codes".into()));
         }
         check_flip(&train, config.use_flip, &config.codes).map_err(GptError::BadConfig)?;
+        let m = &config.model;
+        let per_code = m.dim as f64 * m.n_layer as f64 * 16.0 + 3.0 * m.vocab_size as f64;
+        crate::util::check_memory(&format!("--batch-size {}", config.batch_size), 4.0 * config.batch_size as f64 * (m.seq_len() as f64) * per_code)
+            .map_err(GptError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Gpt::new(&config.model, &store.root())?;
         let sampler = BatchSampler::new(train.len(), config.batch_size, config.seed);

@@ -61,6 +61,9 @@ impl TokenizerTask {
         if config.batch_size == 0 || train.is_empty() {
             return Err(TokenizerError::BadConfig("batch size and training set must be non-empty".into()));
         }
+        let widest = (m.ch * m.ch_mult.iter().copied().max().unwrap_or(1)) as f64;
+        let per_image = (m.image_size * m.image_size) as f64 * widest * (m.num_res_blocks as f64 + 1.0) * m.ch_mult.len() as f64 * 8.0;
+        crate::util::check_memory(&format!("--batch-size {}", config.batch_size), 4.0 * config.batch_size as f64 * per_image).map_err(TokenizerError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = VqModel::new(m, &store.root())?;
         let sampler = BatchSampler::new(train.len(), config.batch_size, config.seed);
@@ -264,11 +267,7 @@ impl Tokenizer {
         };
         let store = ParamStore::new(0, device);
         let model = VqModel::new(&config, &store.root())?;
-        let ignored = store.load_file(&file, false, Some("model"))?;
-        let unexpected: Vec<&String> = ignored.iter().filter(|k| k.as_str() != "quantize.codebook_used").collect();
-        if !unexpected.is_empty() {
-            tracing::warn!("{}: ignored {} unknown tensors (first: {})", file.display(), unexpected.len(), unexpected[0]);
-        }
+        store.load_model_file(&file, Some("model"))?;
         let id = crate::util::sha256_file(&file).map_err(|e| TokenizerError::BadFile { path: file.clone(), reason: e.to_string() })?;
         Ok(Self { model, store, config, id, path: file })
     }

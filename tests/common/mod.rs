@@ -33,7 +33,7 @@ pub fn run_dpar(args: &[&str]) -> (bool, String) {
 /// Small synthetic code shards (4×4 grid, 6 codes, 3 classes) written as `train` and `test`
 /// shard sets under `dir/codes`, for CLI tests that train for a few steps.
 pub fn synthetic_codes(dir: &std::path::Path) -> (String, String) {
-    use dpar::data::shards::{write_shard, CodeShard, ShardInfo};
+    use dpar::data::shards::{write_shard_set, CodeShard, ShardInfo};
     use rand::Rng;
     let make = |n: usize, seed: u64| {
         let mut rng = dpar::util::rng_for(seed, "synthetic-codes", 0);
@@ -48,8 +48,8 @@ pub fn synthetic_codes(dir: &std::path::Path) -> (String, String) {
     };
     let train = dir.join("codes/train");
     let test = dir.join("codes/test");
-    write_shard(&train.join("shard-00000.safetensors"), &make(48, 1)).unwrap();
-    write_shard(&test.join("shard-00000.safetensors"), &make(12, 2)).unwrap();
+    write_shard_set(&train, &[make(48, 1)], true).unwrap();
+    write_shard_set(&test, &[make(12, 2)], true).unwrap();
     (train.display().to_string(), test.display().to_string())
 }
 

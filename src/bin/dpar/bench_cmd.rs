@@ -30,10 +30,13 @@ pub struct SpeedArgs {
     /// Implementations to time (comma separated): stock, fused, bf16.
     #[arg(long, default_value = "stock,fused")]
     ops: String,
+    /// Images per timed step.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Untimed repetitions before timing.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Also time each fused op against its stock version.

@@ -5,6 +5,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+/// `--allow-mismatch` (a global flag): mismatched parts are warnings, not errors.
+pub static ALLOW_MISMATCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn allow_mismatch() -> bool {
+    ALLOW_MISMATCH.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Where the images come from.
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
@@ -18,6 +25,11 @@ pub struct DataArgs {
     /// Explicit IDX label file.
     #[arg(long, requires = "images")]
     pub labels: Option<PathBuf>,
+    /// Class names of an IDX dataset, in label order (`--class-names 'T-shirt,Trouser,…'`):
+    /// labels must lie below their count. Default: the label values `0`, `1`, …, which must cover
+    /// 0..=max without a gap. Class folders are named by their folders.
+    #[arg(long, value_delimiter = ',')]
+    pub class_names: Option<Vec<String>>,
 }
 
 impl DataArgs {
@@ -28,7 +40,16 @@ impl DataArgs {
             _ => dpar::data::resolve(&self.data, split)?,
         };
         let t = std::time::Instant::now();
-        let data = dpar::data::load(&source, size, channels).with_context(|| format!("loading the {split} split"))?;
+        let data = match (&source, &self.class_names) {
+            (_, None) => dpar::data::load(&source, size, channels),
+            (dpar::data::DataSource::Idx { images, labels }, Some(names)) => {
+                dpar::data::idx::load_idx_with_classes(images, labels, Some(names)).and_then(|d| d.prepare(size, channels))
+            }
+            (dpar::data::DataSource::Folder { root }, Some(_)) => {
+                bail!("--class-names: {} is a folder of class sub-folders, which name the classes themselves", root.display())
+            }
+        }
+        .with_context(|| format!("loading the {split} split"))?;
         tracing::info!(
             "loaded {} {split} images ({} classes) from {} in {:.1}s",
             data.len(),
@@ -81,6 +102,7 @@ pub enum DataCmd {
     Info {
         #[command(flatten)]
         data: DataArgs,
+        /// Split to describe: `train` or `test`.
         #[arg(long, default_value = "train")]
         split: String,
     },
@@ -94,7 +116,7 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
                 _ => dpar::data::resolve(&data.data, &split)?,
             };
             let set = match &source {
-                dpar::data::DataSource::Idx { images, labels } => dpar::data::idx::load_idx(images, labels)?,
+                dpar::data::DataSource::Idx { images, labels } => dpar::data::idx::load_idx_with_classes(images, labels, data.class_names.as_deref())?,
                 dpar::data::DataSource::Folder { root } => dpar::data::folder::load_image_folder(root, 64, 3)?,
             };
             let mut counts = vec![0usize; set.num_classes()];
@@ -123,6 +145,7 @@ pub struct PlotLogsArgs {
     /// The x axis: step, train_seconds (training wall-clock), train_flops or epoch.
     #[arg(long, default_value = "step")]
     pub x: String,
+    /// Where the PNG goes.
     #[arg(long, default_value = "out/losses.png")]
     pub out: PathBuf,
     /// Linear y axis (default: log scale).

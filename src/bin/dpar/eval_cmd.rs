@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use dpar::eval::classifier::{self, ClassifierTask, ClassifierTrainConfig};
 
@@ -26,10 +26,13 @@ pub struct TrainClassifierArgs {
     data: DataArgs,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Run folder of the classifier.
     #[arg(long, default_value = "runs/classifier")]
     out: PathBuf,
+    /// Training steps.
     #[arg(long, default_value_t = 3000)]
     steps: u64,
+    /// Seed of the initial weights and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue from the checkpoint in --out.
@@ -62,9 +65,10 @@ pub struct SamplesArgs {
     /// Codes written by `dpar sample` (codes.safetensors or its folder).
     #[arg(long, default_value = "out/samples")]
     codes: PathBuf,
-    /// Tokenizer to decode them.
-    #[arg(long, default_value = "models/mnist/tokenizer")]
-    tokenizer: PathBuf,
+    /// Tokenizer to decode them. Default: the one the codes record (by hash), found beside the
+    /// codes' folder, in models/mnist/tokenizer or in runs/tokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Use at most this many samples (and as many reference images).
     #[arg(long, default_value_t = 10000)]
     n: usize,
@@ -74,6 +78,7 @@ pub struct SamplesArgs {
 
 #[derive(Args)]
 pub struct RealArgs {
+    /// Real training images to score (and as many reference images).
     #[arg(long, default_value_t = 10000)]
     n: usize,
     #[command(flatten)]
@@ -116,11 +121,13 @@ pub fn reference(common: &Common, n: usize) -> Result<(classifier::Classifier, S
     let c = model.config().clone();
     let data = common.data.load(&common.split, c.image_size, c.in_channels)?.take(n);
     let idx: Vec<usize> = (0..data.len()).collect();
-    let mut feats = Vec::new();
+    let (mut feats, mut probs) = (Vec::new(), Vec::new());
     for chunk in idx.chunks(1000) {
-        let (f, _) = model.features_and_probs(&data.batch_tensor(chunk, false, &device)?)?;
+        let (f, p) = model.features_and_probs(&data.batch_tensor(chunk, false, &device)?)?;
         feats.extend(f);
+        probs.extend(p);
     }
+    classifier::check_reference_data(&probs, &data.labels, c.num_classes, classifier::recorded_accuracy(&common.classifier), &data.source)?;
     Ok((model, hash, feats, device))
 }
 
@@ -139,10 +146,9 @@ fn samples(args: SamplesArgs) -> Result<()> {
     let file = if args.codes.is_dir() { args.codes.join("codes.safetensors") } else { args.codes.clone() };
     let shard = dpar::data::shards::read_shard(&file).with_context(|| format!("reading samples {}", file.display()))?;
     let (model, hash, refs, device) = reference(&args.common, args.n)?;
-    let tok = dpar::tokenizer::train::Tokenizer::load(&args.tokenizer, None, &device)?;
-    if tok.id != shard.info.tokenizer_id {
-        bail!("{}: the samples were made with another tokenizer than {}", file.display(), args.tokenizer.display());
-    }
+    let owner = format!("the samples {}", file.display());
+    let tok_path = dpar::parts::resolve(dpar::parts::Part::Tokenizer, args.tokenizer.as_deref(), Some(&shard.info.tokenizer_id), &file, &owner, crate::common::allow_mismatch())?;
+    let tok = dpar::tokenizer::train::Tokenizer::load(&tok_path, None, &device)?;
     let n = shard.len().min(args.n);
     let images = decode(&tok, &shard, n, &device)?;
     let report = dpar::eval::quality(&model, &hash, &images, Some(&shard.labels[..n]), &refs)?;

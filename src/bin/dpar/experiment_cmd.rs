@@ -17,10 +17,15 @@ pub struct ExperimentArgs {
     /// Test shards with stored entropies.
     #[arg(long, default_value = "data/codes/test")]
     pub test_codes: PathBuf,
-    #[arg(long, default_value = "models/mnist/tokenizer")]
-    pub tokenizer: PathBuf,
-    #[arg(long, default_value = "runs/entropy")]
-    pub entropy_model: PathBuf,
+    /// Tokenizer of the codes. Default: the one the training codes record (by hash), found
+    /// beside their folder, in models/mnist/tokenizer or in runs/tokenizer.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Entropy model of the stored entropies. Default: the one the training entropies record
+    /// (by hash), found beside the codes' folder, in models/mnist/entropy or in runs/entropy.
+    #[arg(long)]
+    pub entropy_model: Option<PathBuf>,
+    /// Classifier whose features the metrics use; --data must be its dataset.
     #[arg(long, default_value = "models/mnist/classifier")]
     pub classifier: PathBuf,
     /// Dataset folder (for the reference test images).
@@ -32,11 +37,13 @@ pub struct ExperimentArgs {
     /// Samples per quality measurement (and test images as reference).
     #[arg(long)]
     pub samples: Option<usize>,
+    /// Images generated together while sampling.
     #[arg(long, default_value_t = 100)]
     pub sample_batch: usize,
     /// Classifier-free guidance scale for sampling.
     #[arg(long, default_value_t = 2.0)]
     pub cfg: f64,
+    /// Sampling seed (the models' training seeds are their own).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -45,11 +52,22 @@ pub struct ExperimentArgs {
 
 impl ExperimentArgs {
     fn env(&self, default_samples: usize) -> Result<Env> {
+        use dpar::parts::{resolve, Part};
+        let allow = crate::common::allow_mismatch();
+        let owner = format!("the codes {}", self.train_codes.display());
+        let first = dpar::data::shards::shard_files(&self.train_codes)?.remove(0);
+        let tokenizer_id = dpar::data::shards::read_shard(&first)?.info.tokenizer_id;
+        let entropy_id = dpar::tensor_io::read_safetensors_metadata(&dpar::data::shards::entropy_path(&first))
+            .ok()
+            .and_then(|m| m.get("entropy_model_id").cloned());
+        let tokenizer = resolve(Part::Tokenizer, self.tokenizer.as_deref(), Some(&tokenizer_id), &self.train_codes, &owner, allow)?;
+        let entropy_model = resolve(Part::EntropyModel, self.entropy_model.as_deref(), entropy_id.as_deref(), &self.train_codes, &owner, allow)?;
         let setup = Setup {
             train_codes: self.train_codes.clone(),
             test_codes: self.test_codes.clone(),
-            tokenizer: self.tokenizer.clone(),
-            entropy_model: self.entropy_model.clone(),
+            tokenizer,
+            entropy_model,
+            allow_mismatch: allow,
             classifier: self.classifier.clone(),
             data: self.data.clone(),
             out: self.out.clone(),
@@ -99,8 +117,10 @@ pub struct AblateArgs {
     /// Depth of the ablation models as encoder+global+decoder, e.g. 1+3+1.
     #[arg(long)]
     layers: Option<String>,
+    /// Images per training step of the ablation models (default: the ablation scale's, 16).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Peak learning rate of the ablation models (default: the ablation scale's, 2e-3).
     #[arg(long)]
     lr: Option<f64>,
     /// Mean patch length the main setting targets (θ is calibrated for it).
@@ -122,14 +142,16 @@ pub struct AblateTrainArgs {
 pub struct ProbeArgs {
     #[command(flatten)]
     exp: ExperimentArgs,
-    /// DPAR runs (repeat the flag for several seeds).
-    #[arg(long = "dpar-run", default_values = ["runs/dpar"])]
+    /// DPAR runs, one per seed (repeat the flag); the same defaults as `dpar bench`.
+    #[arg(long = "dpar-run", default_values = ["runs/dpar-s0", "runs/dpar-s1"])]
     dpar_runs: Vec<PathBuf>,
-    /// Baseline runs (repeat the flag for several seeds).
-    #[arg(long = "gpt-run", default_values = ["runs/gpt"])]
+    /// Baseline runs, one per seed (repeat the flag).
+    #[arg(long = "gpt-run", default_values = ["runs/gpt-s0", "runs/gpt-s1"])]
     gpt_runs: Vec<PathBuf>,
+    /// Training images whose pooled features fit the probe.
     #[arg(long, default_value_t = 5000)]
     train_images: usize,
+    /// Test images the probe is scored on.
     #[arg(long, default_value_t = 2000)]
     test_images: usize,
 }

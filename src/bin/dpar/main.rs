@@ -21,6 +21,14 @@ struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Go on (with a loud warning) when a tokenizer, entropy model or code set is not the one a
+    /// model records by hash; without it such a mismatch is an error.
+    #[arg(long, global = true)]
+    allow_mismatch: bool,
+    /// Load weight files that hold tensors the model does not know (ignored, with a warning);
+    /// without it such a file is refused as belonging to another model.
+    #[arg(long, global = true)]
+    allow_extra_keys: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +80,8 @@ fn main() {
             _ => tracing::Level::TRACE,
         }
     };
+    dpar::params::set_allow_extra_keys(cli.allow_extra_keys);
+    common::ALLOW_MISMATCH.store(cli.allow_mismatch, std::sync::atomic::Ordering::Relaxed);
     tracing_subscriber::fmt().with_max_level(level).with_target(false).with_writer(std::io::stderr).init();
     let result = match cli.command {
         Command::Data(cmd) => common::run_data(cmd),

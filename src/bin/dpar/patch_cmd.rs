@@ -19,12 +19,14 @@ pub enum EntropyCmd {
 
 #[derive(Args)]
 pub struct ComputeArgs {
-    /// Entropy model run folder or weight file.
+    /// Entropy model run folder or weight file (`dpar entropy train` writes runs/entropy). It
+    /// must have been trained on codes of the same tokenizer as --codes.
     #[arg(long, default_value = "runs/entropy")]
     model: PathBuf,
     /// Shard folders or files (repeatable).
     #[arg(long, default_values = ["data/codes/train", "data/codes/test"])]
     codes: Vec<PathBuf>,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 50)]
     batch: usize,
     #[command(flatten)]
@@ -96,9 +98,10 @@ pub struct PatchifyArgs {
     /// Draw N images with their patches and entropy heat maps.
     #[arg(long)]
     show: Option<usize>,
-    /// Tokenizer to decode the images for --show.
-    #[arg(long, default_value = "runs/tokenizer")]
-    tokenizer: PathBuf,
+    /// Tokenizer to decode the images for --show. Default: the one the codes record (by hash),
+    /// found beside the codes' folder, in models/mnist/tokenizer or in runs/tokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Picture path for --show.
     #[arg(long, default_value = "out/patches.png")]
     out: PathBuf,
@@ -127,12 +130,27 @@ fn compute(args: ComputeArgs) -> Result<()> {
     let (model, _store) = dpar::gpt::load(&args.model, None, &device)?;
     let weights = if args.model.is_dir() { args.model.join("model.safetensors") } else { args.model.clone() };
     let model_id = dpar::util::sha256_file(&weights)?;
+    let model_tokenizer = dpar::parts::Recorded::of(&args.model).tokenizer_id;
     let t = std::time::Instant::now();
     let mut images = 0;
     for set in &args.codes {
-        for file in dpar::data::shards::shard_files(set)? {
-            let shard = dpar::data::shards::read_shard(&file)?;
+        for (file, shard) in dpar::data::shards::read_set_shards(set)? {
             dpar::entropy::check_model_fits(&model, &shard, &file)?;
+            if let Some(want) = &model_tokenizer {
+                if *want != shard.info.tokenizer_id {
+                    let msg = format!(
+                        "{}: codes of tokenizer {}…, but the entropy model {} was trained on codes of tokenizer {}…; its entropies would not mean anything here",
+                        file.display(),
+                        &shard.info.tokenizer_id[..12.min(shard.info.tokenizer_id.len())],
+                        args.model.display(),
+                        &want[..12.min(want.len())]
+                    );
+                    if !crate::common::allow_mismatch() {
+                        bail!("{msg}; give the matching --model or --codes, or --allow-mismatch");
+                    }
+                    tracing::warn!("--allow-mismatch: {msg}");
+                }
+            }
             let copies = if shard.flip_codes.is_some() { 2 } else { 1 };
             let bar = dpar::util::progress_bar((shard.len() * copies) as u64, "entropy");
             let entropy = dpar::entropy::compute(&model, &shard, false, args.batch, &device, |n| bar.inc(n as u64))?;
@@ -219,10 +237,9 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
     }
     if let Some(n) = args.show {
         let device = args.device.device()?;
-        let tok = dpar::tokenizer::train::Tokenizer::load(&args.tokenizer, None, &device)?;
-        if tok.id != shard.info.tokenizer_id {
-            tracing::warn!("{} is not the tokenizer that made these codes; the pictures may not match", args.tokenizer.display());
-        }
+        let owner = format!("the codes {}", args.codes.display());
+        let tok_path = dpar::parts::resolve(dpar::parts::Part::Tokenizer, args.tokenizer.as_deref(), Some(&shard.info.tokenizer_id), &args.codes, &owner, crate::common::allow_mismatch())?;
+        let tok = dpar::tokenizer::train::Tokenizer::load(&tok_path, None, &device)?;
         let n = n.min(shard.len());
         let codes = candle_core::Tensor::from_slice(&shard.codes[..n * l], (n, l), &device)?;
         let images = dpar::viz::tensor_to_images(&tok.decode(&codes)?)?;
@@ -241,7 +258,7 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
         }
         dpar::viz::save_png(&dpar::viz::grid(&rows, 8), &args.out)?;
         println!(
-            "wrote {}: per image, the decoded digit, its patches (one colour per patch, white edges), and the entropy heat map with the same patch edges (0 → {vmax:.2} nats, viridis: dark = predictable, yellow = surprising; the bar on the right is the scale)",
+            "wrote {}: per image, the decoded image, its patches (one colour per patch, white edges), and the entropy heat map with the same patch edges (0 → {vmax:.2} nats, viridis: dark = predictable, yellow = surprising; the bar on the right is the scale)",
             args.out.display()
         );
     }

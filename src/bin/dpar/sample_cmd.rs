@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dpar::parts::Part;
 use dpar::sample::SamplingConfig;
 use dpar::tokenizer::train::Tokenizer;
 
@@ -19,9 +20,12 @@ pub struct SampleArgs {
     /// Architecture preset, for LlamaGen weight files without an embedded config.
     #[arg(long)]
     pub preset: Option<String>,
-    /// Tokenizer run folder or weight file, to decode the codes.
-    #[arg(long, default_value = "models/mnist/tokenizer")]
-    pub tokenizer: PathBuf,
+    /// Tokenizer run folder or weight file, to decode the codes. Default: the one the model
+    /// records (by hash) found beside the model, in models/mnist/tokenizer or in runs/tokenizer.
+    /// A tokenizer other than the recorded one is an error (see --allow-mismatch).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Architecture preset, for tokenizer weight files without an embedded config.
     #[arg(long)]
     pub tokenizer_preset: Option<String>,
     /// Classes to draw, e.g. `0,3,7` or `0-9` (default: every class).
@@ -53,9 +57,11 @@ pub struct SampleArgs {
     /// `--per-class 100000`; raise it on purpose for large sample sets).
     #[arg(long, default_value_t = 10_000)]
     pub max_images: usize,
-    /// DPAR: the entropy model that decides patches while sampling.
-    #[arg(long, default_value = "models/mnist/entropy")]
-    pub entropy_model: PathBuf,
+    /// DPAR: the entropy model that decides patches while sampling. Default: the one the model
+    /// was trained with (by hash), found beside the model, in models/mnist/entropy or in
+    /// runs/entropy. Another entropy model is an error (see --allow-mismatch).
+    #[arg(long)]
+    pub entropy_model: Option<PathBuf>,
     /// DPAR: inference patcher overrides (θ and P may differ from training).
     #[command(flatten)]
     pub patch: crate::patch_cmd::PatchArgs,
@@ -179,6 +185,14 @@ fn check_writable(out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The tokenizer or entropy model to use with `--ckpt`: the given one, checked against the
+/// hash the model records, or the recorded one found in the usual places.
+fn find_part(args: &SampleArgs, part: Part, given: Option<&std::path::Path>) -> Result<PathBuf> {
+    let recorded = dpar::parts::Recorded::of(&args.ckpt);
+    let owner = format!("the model {}", args.ckpt.display());
+    Ok(dpar::parts::resolve(part, given, recorded.id(part), &args.ckpt, &owner, crate::common::allow_mismatch())?)
+}
+
 /// The number of images `per_class` × the classes, within `--max-images`.
 fn check_total(args: &SampleArgs, classes: usize) -> Result<()> {
     let total = args.per_class.saturating_mul(classes);
@@ -203,12 +217,13 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         return sample_dpar(args, config, device);
     }
     let (model, _store) = dpar::gpt::load(&args.ckpt, args.preset.as_deref(), &device)?;
-    let tokenizer = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let tokenizer_path = find_part(&args, Part::Tokenizer, args.tokenizer.as_deref())?;
+    let tokenizer = Tokenizer::load(&tokenizer_path, args.tokenizer_preset.as_deref(), &device)?;
     let mc = model.config();
     if tokenizer.config.grid_size() != mc.grid_size || tokenizer.config.codebook_size > mc.vocab_size {
         bail!(
             "tokenizer {} ({}×{} grid, {} codes) does not fit the model ({}×{} grid, vocabulary {})",
-            args.tokenizer.display(),
+            tokenizer_path.display(),
             tokenizer.config.grid_size(),
             tokenizer.config.grid_size(),
             tokenizer.config.codebook_size,
@@ -243,7 +258,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let record = serde_json::json!({
         "model": "gpt",
         "checkpoint": args.ckpt.display().to_string(),
-        "tokenizer": args.tokenizer.display().to_string(),
+        "tokenizer": tokenizer_path.display().to_string(),
         "sampling": config,
         "classes": classes,
         "per_class": args.per_class,
@@ -257,24 +272,17 @@ pub fn sample(args: SampleArgs) -> Result<()> {
 }
 
 fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::Device) -> Result<()> {
-    let (model, _store, train_config) = dpar::dpar::train::load(&args.ckpt, &device)?;
-    let (entropy_model, _es) = dpar::gpt::load(&args.entropy_model, None, &device)?;
-    let entropy_file = if args.entropy_model.is_dir() { args.entropy_model.join("model.safetensors") } else { args.entropy_model.clone() };
-    let entropy_id = dpar::util::sha256_file(&entropy_file)?;
-    if entropy_id != train_config.entropy_model_id {
-        // The architecture is checked by the generator; a different file (e.g. the same model
-        // exported to f16 for shipping) only shifts entropies slightly.
-        tracing::warn!(
-            "{}: this entropy model file ({}…) is not the one the DPAR model was trained with ({}…); patch boundaries may differ slightly from training",
-            args.entropy_model.display(),
-            &entropy_id[..12],
-            &train_config.entropy_model_id[..12.min(train_config.entropy_model_id.len())]
-        );
-    }
-    let tokenizer = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let (model, _store, _train_config) = dpar::dpar::train::load(&args.ckpt, &device)?;
+    // The entropy model decides every patch boundary: another one (even the same model in
+    // another precision) changes the patches the model was trained on, so it must be the one
+    // recorded by hash.
+    let entropy_path = find_part(&args, Part::EntropyModel, args.entropy_model.as_deref())?;
+    let (entropy_model, _es) = dpar::gpt::load(&entropy_path, None, &device)?;
+    let tokenizer_path = find_part(&args, Part::Tokenizer, args.tokenizer.as_deref())?;
+    let tokenizer = Tokenizer::load(&tokenizer_path, args.tokenizer_preset.as_deref(), &device)?;
     let mc = model.config();
     if tokenizer.config.grid_size() != mc.grid_size || tokenizer.config.codebook_size > mc.vocab_size {
-        bail!("tokenizer {} does not fit the DPAR model (grid {}, vocabulary {})", args.tokenizer.display(), mc.grid_size, mc.vocab_size);
+        bail!("tokenizer {} does not fit the DPAR model (grid {}, vocabulary {})", tokenizer_path.display(), mc.grid_size, mc.vocab_size);
     }
     let patch = args.patch.apply(mc.patch);
     patch.validate()?;
@@ -314,8 +322,8 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     let record = serde_json::json!({
         "model": "dpar",
         "checkpoint": args.ckpt.display().to_string(),
-        "entropy_model": args.entropy_model.display().to_string(),
-        "tokenizer": args.tokenizer.display().to_string(),
+        "entropy_model": entropy_path.display().to_string(),
+        "tokenizer": tokenizer_path.display().to_string(),
         "sampling": config,
         "patch": patch,
         "classes": classes,

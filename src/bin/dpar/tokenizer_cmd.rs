@@ -71,7 +71,7 @@ pub struct TrainArgs {
 #[derive(Args)]
 pub struct ReconstructArgs {
     /// Tokenizer run folder or weight file.
-    #[arg(long, default_value = "runs/tokenizer")]
+    #[arg(long, default_value = "models/mnist/tokenizer")]
     tokenizer: PathBuf,
     /// Architecture preset, for weight files without an embedded config (LlamaGen `.pt`).
     #[arg(long)]
@@ -92,8 +92,10 @@ pub struct ReconstructArgs {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    #[arg(long, default_value = "runs/tokenizer")]
+    /// Tokenizer run folder or weight file.
+    #[arg(long, default_value = "models/mnist/tokenizer")]
     tokenizer: PathBuf,
+    /// Architecture preset, for weight files without an embedded config (LlamaGen `.pt`).
     #[arg(long)]
     tokenizer_preset: Option<String>,
     #[command(flatten)]
@@ -108,20 +110,28 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct TokenizeArgs {
-    /// Tokenizer run folder or weight file.
-    #[arg(long, default_value = "runs/tokenizer")]
+    /// Tokenizer run folder or weight file (the shipped MNIST tokenizer by default, like every
+    /// other command).
+    #[arg(long, default_value = "models/mnist/tokenizer")]
     tokenizer: PathBuf,
+    /// Architecture preset, for tokenizer weight files without an embedded config.
+    /// Architecture preset, for weight files without an embedded config (LlamaGen `.pt`).
     #[arg(long)]
     tokenizer_preset: Option<String>,
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Dataset split to encode: `train` or `test`.
     #[arg(long, default_value = "train")]
     split: String,
-    /// Output folder for the shards (default: data/codes/<split>).
+    /// Output folder for the shards (default: data/codes/<split>). It must not hold another
+    /// shard set unless --overwrite is given; the set's manifest.json is written last.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Replace the shard set (shards, entropy sidecars, manifest) already in --out.
+    #[arg(long)]
+    overwrite: bool,
     /// Also store the codes of horizontally flipped images, as an augmentation copy that
     /// `dpar train --flip` can use. Suits photos of natural scenes (ImageNet); do not use it for
     /// digits, letters or anything else whose mirror image is a different thing. Off by default.
@@ -130,9 +140,10 @@ pub struct TokenizeArgs {
     /// Images per shard file.
     #[arg(long, default_value_t = 65536)]
     shard_size: usize,
-    /// Use only the first N images.
+    /// Use only the first N images (default: all).
     #[arg(long)]
     max_images: Option<usize>,
+    /// Images encoded together.
     #[arg(long, default_value_t = 200)]
     batch: usize,
 }
@@ -269,12 +280,12 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         data = data.take(n);
     }
     let out = args.out.unwrap_or_else(|| PathBuf::from("data/codes").join(&args.split));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut set = dpar::data::shards::ShardSetWriter::create(&out, args.overwrite).context("--out")?;
     let t = std::time::Instant::now();
     let bar = dpar::util::progress_bar(data.len() as u64 * if args.flip { 2 } else { 1 }, "tokenize");
     let per_image = if args.flip { 2 } else { 1 };
     let mut written = Vec::new();
-    for (i, start) in (0..data.len()).step_by(args.shard_size).enumerate() {
+    for start in (0..data.len()).step_by(args.shard_size) {
         let end = (start + args.shard_size).min(data.len());
         let part = dpar::data::ImageDataset {
             images: data.images[start * data.channels * data.height * data.width..end * data.channels * data.height * data.width].to_vec(),
@@ -282,10 +293,9 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
             ..data.clone()
         };
         let shard = tok.tokenize(&part, args.flip, args.batch, &device, |n| bar.inc((n * per_image) as u64))?;
-        let path = out.join(format!("shard-{i:05}.safetensors"));
-        dpar::data::shards::write_shard(&path, &shard)?;
-        written.push(path);
+        written.push(set.add(&shard)?);
     }
+    written.push(set.finish()?);
     bar.finish_and_clear();
     let g = tok.config.grid_size();
     println!(

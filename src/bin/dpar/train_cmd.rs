@@ -33,9 +33,10 @@ pub struct TrainArgs {
     /// Training code shards (folder or file).
     #[arg(long, default_value = "data/codes/train")]
     pub codes: PathBuf,
-    /// Validation code shards (`none` trains without validation).
-    #[arg(long, default_value = "data/codes/test")]
-    pub val_codes: String,
+    /// Validation code shards (`none` trains without validation). Default: the `test` folder
+    /// beside a --codes folder named `train` (data/codes/train → data/codes/test), if it exists.
+    #[arg(long)]
+    pub val_codes: Option<String>,
     /// Run folder [default: runs/gpt, runs/entropy or runs/dpar].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -301,6 +302,39 @@ pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     }
 }
 
+/// The validation shards: --val-codes, or the `test` set beside a `train` set; `None` for none.
+fn val_path(args: &TrainArgs) -> Option<String> {
+    match args.val_codes.as_deref() {
+        Some("none") | Some("") => None,
+        Some(path) => Some(path.to_string()),
+        None => {
+            let sibling = (args.codes.file_name()? == "train").then(|| args.codes.with_file_name("test"))?;
+            if sibling.exists() {
+                Some(sibling.display().to_string())
+            } else {
+                tracing::warn!("no --val-codes and no {} beside --codes: training without validation", sibling.display());
+                None
+            }
+        }
+    }
+}
+
+/// Validation codes must come from the training codes' tokenizer.
+fn check_same_tokenizer(val: &str, val_id: &str, train_id: &str) -> Result<()> {
+    if val_id != train_id {
+        let msg = format!(
+            "--val-codes {val}: codes of tokenizer {}…, but the training codes come from tokenizer {}…; a validation loss across tokenizers means nothing",
+            &val_id[..12.min(val_id.len())],
+            &train_id[..12.min(train_id.len())]
+        );
+        if !crate::common::allow_mismatch() {
+            bail!("{msg} (tokenize both splits with the same tokenizer, or pass --allow-mismatch)");
+        }
+        tracing::warn!("--allow-mismatch: {msg}");
+    }
+    Ok(())
+}
+
 fn default_out(kind: ModelKind) -> PathBuf {
     match kind {
         ModelKind::Gpt => PathBuf::from("runs/gpt"),
@@ -320,15 +354,18 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| default_out(args.model));
     let kind = if args.model == ModelKind::Gpt { "gpt" } else { "entropy" };
     let (train, _) = dpar::data::shards::read_shard_set(&args.codes)?;
-    let val = match args.val_codes.as_str() {
-        "none" | "" => None,
-        path => match dpar::data::shards::read_shard_set(Path::new(path)) {
-            Ok((v, _)) => Some(v),
-            Err(e) => {
-                tracing::warn!("no validation shards ({e}); training without validation");
-                None
-            }
-        },
+    let val_codes = val_path(&args);
+    let val = match val_codes.as_deref() {
+        None => None,
+        Some(path) if !Path::new(path).exists() => {
+            tracing::warn!("--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)");
+            None
+        }
+        Some(path) => {
+            let (v, _) = dpar::data::shards::read_shard_set(Path::new(path)).with_context(|| format!("--val-codes {path}"))?;
+            check_same_tokenizer(path, &v.info.tokenizer_id, &train.info.tokenizer_id)?;
+            Some(v)
+        }
     };
     let saved = out.join("config.json");
     let mut config: GptTrainConfig = match (&args.config, args.resume && saved.is_file()) {
@@ -351,7 +388,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 seed: 0,
                 batch_size: 16,
                 codes: args.codes.display().to_string(),
-                val_codes: val.as_ref().map(|_| args.val_codes.clone()),
+                val_codes: val.as_ref().and(val_codes.clone()),
                 val_images: 1000,
                 use_flip: args.flip,
                 tokenizer_id: train.info.tokenizer_id.clone(),
@@ -419,15 +456,18 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
     }
     let out = args.out.clone().unwrap_or_else(|| default_out(args.model));
     let train = read_entropy_codes(&args.codes, None)?;
-    let val = match args.val_codes.as_str() {
-        "none" | "" => None,
-        path => match read_entropy_codes(Path::new(path), Some(&train.entropies.entropy_model_id)) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::warn!("no validation shards with entropies ({e}); training without validation");
-                None
-            }
-        },
+    let val_codes = val_path(&args);
+    let val = match val_codes.as_deref() {
+        None => None,
+        Some(path) if !Path::new(path).exists() => {
+            tracing::warn!("--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)");
+            None
+        }
+        Some(path) => {
+            let v = read_entropy_codes(Path::new(path), Some(&train.entropies.entropy_model_id)).with_context(|| format!("--val-codes {path}"))?;
+            check_same_tokenizer(path, &v.shard.info.tokenizer_id, &train.shard.info.tokenizer_id)?;
+            Some(v)
+        }
     };
     let saved = out.join("config.json");
     let from_file = args.config.is_some() || (args.resume && saved.is_file());
@@ -445,7 +485,7 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
                 seed: 0,
                 batch_size: 16,
                 codes: args.codes.display().to_string(),
-                val_codes: val.as_ref().map(|_| args.val_codes.clone()),
+                val_codes: val.as_ref().and(val_codes.clone()),
                 val_images: 1000,
                 use_flip: args.flip,
                 tokenizer_id: train.shard.info.tokenizer_id.clone(),
