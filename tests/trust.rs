@@ -566,3 +566,39 @@ fn an_idx_label_outside_the_classes_is_an_error() {
     let (ok, text) = run_dpar(&["data", "info", "--data", dir.path().to_str().unwrap(), "--class-names", &names]);
     assert!(ok && text.contains("classes  256") && text.contains("c255: 1"), "{text}");
 }
+
+/// 14. `dpar bench` exited 1 with "no finite points to plot" when the runs had no weight
+///     snapshots (trained without `--eval-every`).
+#[test]
+fn bench_without_snapshots_says_how_to_get_curves_instead_of_failing() {
+    common::mnist_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |s: &str| dir.path().join(s).display().to_string();
+    let (train, test) = (d("codes/train"), d("codes/test"));
+    let steps: Vec<Vec<&str>> = vec![
+        vec!["tokenize", "--split", "test", "--max-images", "40", "--out", &train],
+        vec!["tokenize", "--split", "test", "--max-images", "40", "--out", &test],
+        vec!["entropy", "compute", "--model", "models/mnist/entropy", "--codes", &train, "--codes", &test],
+    ];
+    for args in steps {
+        let (ok, text) = run_dpar(&args);
+        assert!(ok, "{text}");
+    }
+    let (gpt, dpar) = (d("gpt"), d("dpar"));
+    for (model, layers, out) in [("gpt", "1", &gpt), ("dpar", "1+1+1", &dpar)] {
+        let (ok, text) = run_dpar(&[
+            "train", "--model", model, "--preset", "mnist", "--dim", "16", "--heads", "1", "--layers", layers, "--batch-size", "4", "--codes", &train,
+            "--val-codes", "none", "--steps", "2", "--out", out,
+        ]);
+        assert!(ok, "{text}");
+    }
+    let exp = d("exp");
+    let bench = ["bench", "--gpt-run", &gpt, "--dpar-run", &dpar, "--train-codes", &train, "--test-codes", &test, "--samples", "20", "--out", &exp];
+    let (ok, text) = run_dpar(&bench);
+    assert!(ok && text.contains("no quality curves") && text.contains("--eval-every"), "{text}");
+    assert!(dir.path().join("exp/bench.md").is_file());
+    let mut no_curves = bench.to_vec();
+    no_curves.extend(["--curve-samples", "0"]);
+    let (ok, text) = run_dpar(&no_curves);
+    assert!(ok && !text.contains("no quality curves"), "{text}");
+}
