@@ -182,6 +182,49 @@ fn configs_never_panic() {
     });
 }
 
+/// Structured config fuzzing: valid configs with some fields set to extreme or degenerate
+/// values (0, huge, negative, fractional, NaN-like null), which must parse to an error or
+/// validate to Ok or an error without panicking (checked arithmetic on absurd sizes).
+fn config_values<T: serde::Serialize + serde::de::DeserializeOwned>(name: &str, valid: &T, validate: impl Fn(&T)) {
+    let base = serde_json::to_value(valid).unwrap();
+    let keys: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
+    let values = [
+        serde_json::json!(0), serde_json::json!(1), serde_json::json!(3), serde_json::json!(u32::MAX), serde_json::json!(u64::MAX),
+        serde_json::json!(1u64 << 62), serde_json::json!(-1), serde_json::json!(0.5), serde_json::json!(1e300), serde_json::json!(-1e-300),
+        serde_json::json!(null), serde_json::json!([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        serde_json::json!([u32::MAX, u32::MAX]),
+    ];
+    let mut runner = TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
+    let strategy = prop::collection::vec((0..keys.len(), 0..values.len()), 1..5);
+    let result = runner.run(&strategy, |edits| {
+        let mut v = base.clone();
+        for &(k, val) in &edits {
+            v[&keys[k]] = values[val].clone();
+        }
+        if let Ok(c) = serde_json::from_value::<T>(v) {
+            validate(&c);
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{name}: {e}");
+    }
+    eprintln!("{name}: {} cases, no panic", cases());
+}
+
+#[test]
+fn extreme_config_values_never_panic() {
+    config_values("GPT config values", &dpar::gpt::GptConfig::mnist(), |c| {
+        let _ = c.validate();
+    });
+    config_values("DPAR config values", &dpar::dpar::DparConfig::mnist(), |c| {
+        let _ = c.validate();
+    });
+    config_values("tokenizer config values", &dpar::tokenizer::VqConfig::mnist(), |c| {
+        let _ = c.validate();
+    });
+}
+
 fn tiny_shard() -> CodeShard {
     CodeShard {
         info: ShardInfo { grid_size: 2, codebook_size: 6, num_classes: 3, class_names: vec!["a".into(), "b".into(), "c".into()], tokenizer_id: "t".into() },

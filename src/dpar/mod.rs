@@ -209,6 +209,9 @@ impl DparConfig {
                 return bad(format!("{name} must lie in [0, 1), got {p}"));
             }
         }
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return bad(format!("rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}", self.rope_base, self.norm_eps));
+        }
         if self.grid_size > 4096 {
             return bad(format!("grid_size must be ≤ 4096, got {}", self.grid_size));
         }

@@ -202,6 +202,9 @@ impl GptConfig {
                 return bad(format!("{name} must lie in [0, 1), got {p}"));
             }
         }
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return bad(format!("rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}", self.rope_base, self.norm_eps));
+        }
         // Weights in f32, counted in f64 so that an absurd config cannot overflow.
         let (d, v) = (self.dim as f64, self.vocab_size as f64);
         let ffn = self.ffn_hidden.unwrap_or(4 * self.dim) as f64;
