@@ -297,3 +297,156 @@ pub fn markdown(rows: &[SpeedRow]) -> String {
     }
     s
 }
+
+/// PyTorch's figures for the bench model, from the reference scripts in `bench/`
+/// (`torch_bench_model.py`: f32; `torch_bench_bf16.py`: bf16 autocast; `torch_sample_bench.py`:
+/// cached sampling at batch 16), run in the same sitting as ours.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TorchReference {
+    /// Best over the scripts' attention variants (plain and `scaled_dot_product_attention`).
+    pub train_ms_f32: Option<f64>,
+    pub forward_ms_f32: Option<f64>,
+    pub train_ms_bf16: Option<f64>,
+    pub forward_ms_bf16: Option<f64>,
+    pub sample_step_ms: Option<f64>,
+    /// `(dtype, GFLOP/s)` of a 1024³ matmul.
+    pub matmul_gflops: Vec<(String, f64)>,
+}
+
+/// The number after `key` in `line` (`"median 12.3 ms"` → 12.3 for key `median`).
+fn number_after(line: &str, key: &str) -> Option<f64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split_whitespace().next()?.trim_end_matches(',').parse().ok()
+}
+
+fn keep_min(slot: &mut Option<f64>, v: Option<f64>) {
+    if let Some(v) = v.filter(|v| v.is_finite() && *v > 0.0) {
+        *slot = Some(slot.map_or(v, |s| s.min(v)));
+    }
+}
+
+impl TorchReference {
+    /// Reads the figures out of a reference script's output (lines it does not know are skipped).
+    pub fn parse(&mut self, output: &str) {
+        for line in output.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("MATMUL ") {
+                let dtype = rest.split_whitespace().next().unwrap_or("").to_string();
+                if let Some(g) = line.rsplit(", ").next().and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok()) {
+                    self.matmul_gflops.push((dtype, g));
+                }
+            } else if line.starts_with("AUTOCAST-BF16 TRAIN") {
+                keep_min(&mut self.train_ms_bf16, number_after(line, "median"));
+            } else if line.starts_with("AUTOCAST-BF16 FWD") {
+                keep_min(&mut self.forward_ms_bf16, number_after(line, "median"));
+            } else if line.starts_with("TRAIN ") {
+                keep_min(&mut self.train_ms_f32, number_after(line, "median"));
+            } else if line.starts_with("FWD") {
+                keep_min(&mut self.forward_ms_f32, number_after(line, "median"));
+            } else if line.starts_with("TORCH SAMPLE") {
+                keep_min(&mut self.sample_step_ms, line.split(": ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()));
+            }
+        }
+    }
+
+    /// Runs `python script` and parses its output; an error names the script and shows the end
+    /// of its output.
+    pub fn run_script(&mut self, python: &std::path::Path, script: &std::path::Path) -> Result<()> {
+        let out = std::process::Command::new(python)
+            .arg(script)
+            .output()
+            .map_err(|e| BenchError::Bad(format!("--torch {}: cannot run {}: {e}", python.display(), script.display())))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: String = err.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            return Err(BenchError::Bad(format!("{} {} failed ({}):\n{tail}", python.display(), script.display(), out.status)));
+        }
+        self.parse(&text);
+        Ok(())
+    }
+}
+
+/// Median GFLOP/s of our f32 and bf16 GEMMs at 1024³ (the reference scripts' matmul).
+pub fn gemm_1024(reps: usize) -> Vec<(String, f64)> {
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+    let mut c = vec![0f32; n * n];
+    let flops = 2.0 * (n * n * n) as f64;
+    let mut out = Vec::new();
+    let mut time = |f: &mut dyn FnMut(&mut [f32])| -> f64 {
+        f(&mut c);
+        let mut ts: Vec<f64> = (0..reps.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                f(&mut c);
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        ts.sort_by(f64::total_cmp);
+        flops / ts[ts.len() / 2] / 1e9
+    };
+    out.push(("f32 (faer)".to_string(), time(&mut |c| crate::kernels::matmul::faer_gemm(c, n, n, n, &a, false, &b, false, false))));
+    let label = if crate::kernels::bf16::available() { "bf16 (vdpbf16ps)" } else { "bf16 (no AVX512-BF16: rounded operands through f32)" };
+    out.push((label.to_string(), time(&mut |c| crate::kernels::bf16::bf16_gemm(c, n, n, n, &a, false, &b, false, false))));
+    out
+}
+
+/// A markdown comparison of our bench-model rows (`bench (fused)`, `bench (bf16)`) with
+/// PyTorch's; ratios are PyTorch's time over ours (above 1: we are faster).
+pub fn torch_markdown(rows: &[SpeedRow], torch: &TorchReference, ours_gemm: &[(String, f64)]) -> String {
+    let find = |ops: &str| rows.iter().find(|r| r.name == format!("bench ({ops})"));
+    let (fused, bf16) = (find("fused"), find("bf16"));
+    let cell = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.1}"));
+    let best = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+    let ratio = |theirs: Option<f64>, ours: Option<f64>| match (theirs, ours) {
+        (Some(t), Some(o)) if o > 0.0 => format!("{:.2}×", t / o),
+        _ => "—".into(),
+    };
+    let mut s = String::from("| bench model, batch 16 (ms) | PyTorch f32 | PyTorch bf16 autocast | ours fused (f32) | ours bf16 | ours best vs PyTorch best |\n|---|---|---|---|---|---|\n");
+    let lines: [(&str, Option<f64>, Option<f64>, Option<f64>, Option<f64>); 3] = [
+        ("training step", torch.train_ms_f32, torch.train_ms_bf16, fused.map(|r| r.train_ms), bf16.map(|r| r.train_ms)),
+        ("forward", torch.forward_ms_f32, torch.forward_ms_bf16, fused.map(|r| r.forward_ms), bf16.map(|r| r.forward_ms)),
+        ("cached sampling step", torch.sample_step_ms, None, fused.map(|r| r.sample_step_ms), bf16.map(|r| r.sample_step_ms)),
+    ];
+    for (what, tf, tb, of, ob) in lines {
+        s.push_str(&format!("| {what} | {} | {} | {} | {} | {} |\n", cell(tf), cell(tb), cell(of), cell(ob), ratio(best(tf, tb), best(of, ob))));
+    }
+    s.push_str("\n| 1024³ matmul | GFLOP/s |\n|---|---|\n");
+    for (dtype, g) in &torch.matmul_gflops {
+        s.push_str(&format!("| PyTorch {dtype} | {g:.1} |\n"));
+    }
+    for (what, g) in ours_gemm {
+        s.push_str(&format!("| ours {what} | {g:.1} |\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod torch_tests {
+    use super::*;
+
+    /// The parser reads the reference scripts' own lines (copied from their output format) and
+    /// keeps the best of the attention variants.
+    #[test]
+    fn torch_output_is_parsed_and_the_best_variant_kept() {
+        let mut t = TorchReference::default();
+        t.parse("MATMUL torch.float32 1024^3: median 10.20 ms, 210.5 GFLOP/s\nparams 3675904\nFWD(no_grad) sdpa=False median 190.5 ms\nTRAIN sdpa=False median 570.1 ms loss 7.0123\nFWD(no_grad) sdpa=True median 186.0 ms\nTRAIN sdpa=True median 566.4 ms loss 7.0001\n");
+        t.parse("MATMUL torch.bfloat16 1024^3: median 2.30 ms, 930.2 GFLOP/s\nAUTOCAST-BF16 FWD sdpa=True median 97.0 ms\nAUTOCAST-BF16 TRAIN sdpa=True median 267.3 ms loss 7.1\n");
+        t.parse("TORCH SAMPLE batch 16: 2.51 ms per step (mean over 256 steps, median of 3 runs)\n");
+        assert_eq!(t.train_ms_f32, Some(566.4));
+        assert_eq!(t.forward_ms_f32, Some(186.0));
+        assert_eq!(t.train_ms_bf16, Some(267.3));
+        assert_eq!(t.forward_ms_bf16, Some(97.0));
+        assert_eq!(t.sample_step_ms, Some(2.51));
+        assert_eq!(t.matmul_gflops, vec![("torch.float32".to_string(), 210.5), ("torch.bfloat16".to_string(), 930.2)]);
+        let row = |name: &str, train_ms: f64| SpeedRow { name: name.into(), batch: 16, positions: 256, train_ms, forward_ms: 100.0, sample_step_ms: 2.0, train_gflops: 0.0, forward_gflops: 0.0, train_codes_per_s: 0.0 };
+        let md = torch_markdown(&[row("bench (fused)", 360.0), row("bench (bf16)", 300.0)], &t, &[]);
+        // Training: PyTorch's best 267.3 over our best 300.
+        assert!(md.contains("| training step | 566.4 | 267.3 | 360.0 | 300.0 | 0.89× |"), "{md}");
+        assert!(md.contains("| cached sampling step | 2.5 | — | 2.0 | 2.0 | 1.25× |"), "{md}");
+    }
+}

@@ -64,3 +64,32 @@ fn tokenizer_train_reconstruct_and_tokenize_run_end_to_end() {
     assert!(text.contains("tokenized 10 test images into 16×16 = 256 codes each (+ flip copy)"), "{text}");
     assert!(codes.join("shard-00000.safetensors").is_file());
 }
+
+/// `dpar bench speed --torch PYTHON` runs the three reference scripts and prints the ratio table.
+/// A stand-in "python" prints the scripts' output format (the real run needs torch; its numbers
+/// are in the README).
+#[test]
+fn bench_speed_runs_the_torch_reference_and_prints_ratios() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let python = dir.path().join("python");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\ncase \"$1\" in\n*bench_model.py) echo 'MATMUL torch.float32 1024^3: median 10.00 ms, 214.7 GFLOP/s'; echo 'FWD(no_grad) sdpa=True median 190.0 ms'; echo 'TRAIN sdpa=True median 570.0 ms loss 7.0' ;;\n*bf16.py) echo 'AUTOCAST-BF16 FWD sdpa=True median 97.0 ms'; echo 'AUTOCAST-BF16 TRAIN sdpa=True median 267.0 ms loss 7.1' ;;\n*sample_bench.py) echo 'TORCH SAMPLE batch 16: 2.51 ms per step (mean over 256 steps, median of 3 runs)' ;;\nesac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let json = dir.path().join("speed.json");
+    let (ok, text) = run(&[
+        "bench", "speed", "--models", "bench", "--ops", "fused", "--warmup", "0", "--reps", "1", "--torch", python.to_str().unwrap(), "--torch-scripts",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/bench"), "--json", json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("| training step | 570.0 | 267.0 |") && text.contains("bench (bf16)") && text.contains("PyTorch torch.float32 | 214.7"), "{text}");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(saved["torch"]["reference"]["sample_step_ms"], 2.51);
+    // A failing script is an error naming it.
+    std::fs::write(&python, "#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2; exit 1\n").unwrap();
+    let (ok, text) = run(&["bench", "speed", "--models", "bench", "--ops", "fused", "--warmup", "0", "--reps", "1", "--torch", python.to_str().unwrap(), "--torch-scripts", concat!(env!("CARGO_MANIFEST_DIR"), "/bench")]);
+    assert!(!ok && text.contains("torch_bench_model.py failed") && text.contains("No module named torch"), "{text}");
+}

@@ -48,8 +48,21 @@ pub struct SpeedArgs {
     /// Also write the table as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// A Python with torch: also run PyTorch's reference scripts (bench/torch_bench_model.py,
+    /// torch_bench_bf16.py, torch_sample_bench.py) in the same sitting and print the ratios
+    /// against our bench model (fused and bf16, batch 16), and both sides' 1024³ matmul.
+    #[arg(long)]
+    torch: Option<std::path::PathBuf>,
+    /// Folder of the reference scripts.
+    #[arg(long, default_value = "bench")]
+    torch_scripts: std::path::PathBuf,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// Whether `cmd` is found on PATH.
+fn which(cmd: &std::path::Path) -> bool {
+    cmd.components().count() == 1 && std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -62,9 +75,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn speed(args: SpeedArgs) -> Result<()> {
     let device = args.device.device()?;
     let mut rows = Vec::new();
-    let models = if args.no_models { String::new() } else { args.models.clone() };
+    let mut models = if args.no_models { String::new() } else { args.models.clone() };
+    let mut ops_list = args.ops.clone();
+    if let Some(python) = &args.torch {
+        anyhow::ensure!(args.batch_size == 16, "--torch: the reference scripts use batch 16; drop --batch-size {}", args.batch_size);
+        for script in ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py"] {
+            anyhow::ensure!(args.torch_scripts.join(script).is_file(), "--torch-scripts {}: no {script} there", args.torch_scripts.display());
+        }
+        anyhow::ensure!(python.exists() || which(python), "--torch {}: no such Python", python.display());
+        // The comparison needs our bench model with both kernels.
+        if !models.split(',').any(|m| m.trim() == "bench") {
+            models = format!("bench,{models}");
+        }
+        for o in ["fused", "bf16"] {
+            if !ops_list.split(',').any(|x| x.trim() == o) {
+                ops_list = format!("{ops_list},{o}");
+            }
+        }
+    }
+    // PyTorch first: a broken Python fails before our timings, and both sides run in this sitting.
+    let reference = match &args.torch {
+        Some(python) => {
+            let mut reference = dpar::bench::TorchReference::default();
+            for script in ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py"] {
+                tracing::info!("running PyTorch's {script} (same sitting)");
+                reference.run_script(python, &args.torch_scripts.join(script))?;
+            }
+            Some(reference)
+        }
+        None => None,
+    };
     for name in models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        for ops in args.ops.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for ops in ops_list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let kind = match ops {
                 "fused" => dpar::nn::Ops::Fused,
                 "stock" => dpar::nn::Ops::Stock,
@@ -96,8 +138,16 @@ fn speed(args: SpeedArgs) -> Result<()> {
         print!("{}", dpar::bench::op_markdown(&ops));
     }
     println!("threads: {}, warm-up {} + {} timed repetitions (medians)", rayon::current_num_threads(), args.warmup, args.reps);
+    let mut torch = None;
+    if let (Some(_), Some(reference)) = (&args.torch, reference) {
+        let gemm = dpar::bench::gemm_1024(args.reps);
+        println!();
+        print!("{}", dpar::bench::torch_markdown(&rows, &reference, &gemm));
+        println!("ratios: PyTorch's time over ours (above 1: ours is faster), best kernel of each side");
+        torch = Some(serde_json::json!({ "reference": reference, "ours_gemm_1024": gemm }));
+    }
     if let Some(path) = args.json {
-        let json = serde_json::json!({ "models": rows, "ops": ops });
+        let json = serde_json::json!({ "models": rows, "ops": ops, "torch": torch });
         dpar::util::write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
         println!("wrote {}", path.display());
     }
