@@ -214,6 +214,39 @@ mod tests {
         assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
     }
 
+    /// Against the exact (f64) product of the unrounded operands, every entry lies within the
+    /// bf16 rounding bound: bf16 keeps 8 significant bits, so each operand is off by at most
+    /// u = 2⁻⁸ relative and a product by at most 2u + u² of |a|·|b|, plus f32 accumulation
+    /// (k·2⁻²⁴ of Σ|a||b|). Odd shapes: 1×1×1,
+    /// primes, K past one block (KC = 256) and not a multiple of 2, every transpose.
+    #[test]
+    fn bf16_gemm_is_within_rounding_bounds_of_the_exact_product() {
+        for &(m, n, k) in &[(1, 1, 1), (7, 11, 13), (97, 61, 257), (5, 33, 513), (31, 1, 300)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (((i * 7919) % 1009) as f32 / 1009.0 - 0.5) * 3.7).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 2.3).collect();
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let mut got = vec![0f32; m * n];
+                    bf16_gemm(&mut got, m, n, k, &a, ta, &b, tb, false);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut exact, mut abs) = (0f64, 0f64);
+                            for p in 0..k {
+                                let av = if ta { a[p * m + i] } else { a[i * k + p] } as f64;
+                                let bv = if tb { b[j * k + p] } else { b[p * n + j] } as f64;
+                                exact += av * bv;
+                                abs += (av * bv).abs();
+                            }
+                            let bound = abs * (2.0 * 2f64.powi(-8) + 2f64.powi(-16) + k as f64 * 2f64.powi(-24)) + 1e-30;
+                            let err = (got[i * n + j] as f64 - exact).abs();
+                            assert!(err <= bound, "{m}×{n}×{k} ta {ta} tb {tb} [{i},{j}]: error {err:e} > bound {bound:e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The bf16 GEMM equals an f64 product of the bf16-rounded operands (up to f32 summation),
     /// for every transpose and for sizes that exercise every edge (odd K, partial panels).
     #[test]
