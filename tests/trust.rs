@@ -571,13 +571,13 @@ fn an_idx_label_outside_the_classes_is_an_error() {
 ///     snapshots (trained without `--eval-every`).
 #[test]
 fn bench_without_snapshots_says_how_to_get_curves_instead_of_failing() {
-    common::mnist_dir();
+    let mnist = common::mnist_dir().display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let d = |s: &str| dir.path().join(s).display().to_string();
     let (train, test) = (d("codes/train"), d("codes/test"));
     let steps: Vec<Vec<&str>> = vec![
-        vec!["tokenize", "--split", "test", "--max-images", "40", "--out", &train],
-        vec!["tokenize", "--split", "test", "--max-images", "40", "--out", &test],
+        vec!["tokenize", "--data", &mnist, "--split", "test", "--max-images", "40", "--out", &train],
+        vec!["tokenize", "--data", &mnist, "--split", "test", "--max-images", "40", "--out", &test],
         vec!["entropy", "compute", "--model", "models/mnist/entropy", "--codes", &train, "--codes", &test],
     ];
     for args in steps {
@@ -593,7 +593,7 @@ fn bench_without_snapshots_says_how_to_get_curves_instead_of_failing() {
         assert!(ok, "{text}");
     }
     let exp = d("exp");
-    let bench = ["bench", "--gpt-run", &gpt, "--dpar-run", &dpar, "--train-codes", &train, "--test-codes", &test, "--samples", "20", "--out", &exp];
+    let bench = ["bench", "--gpt-run", &gpt, "--dpar-run", &dpar, "--train-codes", &train, "--test-codes", &test, "--data", &mnist, "--samples", "20", "--out", &exp];
     let (ok, text) = run_dpar(&bench);
     assert!(ok && text.contains("no quality curves") && text.contains("--eval-every"), "{text}");
     assert!(dir.path().join("exp/bench.md").is_file());
