@@ -8,6 +8,7 @@
 //! # Shapes
 //! B batch, L codes per image, T sequence length (L or L−1), D width, V codebook size.
 
+pub mod decode;
 pub mod train;
 
 use candle_core::{DType, Device, Tensor, D};
