@@ -79,7 +79,11 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
     let rows = if guided { 2 * b } else { b };
     let u = uniforms(sampling.seed, b, l);
     let mut caches = model.new_caches(b, rows)?;
-    let mut entropy_cache = entropy_model.new_cache(b)?;
+    // The entropy model runs through the lean decode step on the CPU (same logits, no tensor
+    // graph per code), through its cache elsewhere.
+    let lean_entropy = device.is_cpu() && entropy_model.config().ops != crate::nn::Ops::Stock;
+    let mut entropy_lean = if lean_entropy { Some(crate::gpt::decode::LeanDecoder::new(entropy_model, b)?) } else { None };
+    let mut entropy_cache = if lean_entropy { None } else { Some(entropy_model.new_cache(b)?) };
     let mut patchers = (0..b).map(|_| OnlinePatcher::new(*patch, grid)).collect::<std::result::Result<Vec<_>, _>>()?;
     for p in &mut patchers {
         p.push(f32::INFINITY); // z_0 is a patch of its own
@@ -97,7 +101,14 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
         // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
         let h = model.encoder_step(&mut caches, &prev, k - 1)?;
         h_all.push(h.clone());
-        let entropy_logits = entropy_model.step(&mut entropy_cache, None, Some(&prev))?;
+        let entropy_logits = match (&mut entropy_lean, &mut entropy_cache) {
+            (Some(lean), _) => {
+                let prev_codes: Vec<u32> = codes.iter().map(|z| z[k - 1]).collect();
+                Tensor::from_slice(lean.step(&prev_codes)?, (b, entropy_model.config().vocab_size), device)?
+            }
+            (None, Some(cache)) => entropy_model.step(cache, None, Some(&prev))?,
+            (None, None) => unreachable!("one of the two entropy paths is set up above"),
+        };
         let entropies = entropy_of_logits(&entropy_logits)?.to_vec1::<f32>()?;
         let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
         // 2. Close the patches that end at z_{k−1}.

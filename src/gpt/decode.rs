@@ -70,12 +70,11 @@ fn rms_norm_rows(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 impl LeanDecoder {
-    /// Copies `model`'s weights for decoding `batch` sequences. CPU f32 models only.
+    /// Copies `model`'s weights for decoding `batch` sequences: a class-conditional model
+    /// starts with [`Self::start`], an unconditional one (the entropy model) with
+    /// [`Self::step`] on z_0.
     pub fn new(model: &Gpt, batch: usize) -> Result<Self> {
         let c = model.config();
-        if c.cls_token_num != 1 {
-            return Err(GptError::BadInput("the lean decoder samples class-conditional models".into()));
-        }
         let mut layers = Vec::with_capacity(model.layers.len());
         for l in &model.layers {
             let mut w13 = host(&l.feed_forward.w1.weight)?;
@@ -156,8 +155,9 @@ impl LeanDecoder {
 
     /// Feeds one code per sequence and returns the logits (batch × V) of the next code.
     pub fn step(&mut self, codes: &[u32]) -> Result<&[f32]> {
-        if self.pos == 0 || codes.len() != self.batch {
-            return Err(GptError::BadInput(format!("step takes {} codes after start", self.batch)));
+        let needs_start = self.cls_embedding.is_some() && self.pos == 0;
+        if needs_start || codes.len() != self.batch {
+            return Err(GptError::BadInput(format!("step takes {} codes (after start, for a class-conditional model)", self.batch)));
         }
         if self.pos >= self.max_len {
             return Err(GptError::BadInput(format!("the sequence is full ({} positions)", self.pos)));
