@@ -107,7 +107,7 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
                 Tensor::from_slice(lean.step(&prev_codes)?, (b, entropy_model.config().vocab_size), device)?
             }
             (None, Some(cache)) => entropy_model.step(cache, None, Some(&prev))?,
-            (None, None) => unreachable!("one of the two entropy paths is set up above"),
+            (None, None) => return Err(DparError::BadInput("no entropy-model decoder was set up".into())),
         };
         let entropies = entropy_of_logits(&entropy_logits)?.to_vec1::<f32>()?;
         let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
