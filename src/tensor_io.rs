@@ -147,7 +147,18 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
 /// Reads a PyTorch `.pt`/`.pth` checkpoint. `key` selects a nested state dict (LlamaGen stores
 /// its weights under `model`); when that key is absent the top level is tried.
 pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
-    let attempt = |k: Option<&str>| candle_core::pickle::read_all_with_key(path, k);
+    // candle's pickle reader panics on some damaged files (found by tests/fuzz.rs: an index out
+    // of bounds on a one-byte change); such a panic becomes an error naming the file.
+    let attempt = |k: Option<&str>| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| candle_core::pickle::read_all_with_key(path, k)));
+        std::panic::set_hook(previous);
+        result.unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("a panic");
+            Err(candle_core::Error::Msg(format!("the pickle reader failed ({what}): the file is damaged or not a torch.save checkpoint")))
+        })
+    };
     let list = match attempt(key) {
         Ok(list) if !list.is_empty() => list,
         first => match (key, attempt(None)) {
