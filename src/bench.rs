@@ -90,26 +90,18 @@ pub fn gpt_speed(name: &str, c: &GptConfig, batch: usize, warmup: usize, reps: u
         model.loss::<rand_chacha::ChaCha8Rng>(&codes, labels.as_ref(), None)?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    // Cached sampling: a whole generation of the batch (no guidance), per code.
-    let sample_step_ms = if c.cls_token_num == 1 {
-        let labels_v: Vec<u32> = labels.as_ref().map(|y| y.to_vec1::<u32>()).transpose()?.unwrap_or_default();
-        let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
-        let gen_ms = time_ms(0, 1, || {
-            crate::sample::generate_gpt(&model, &labels_v, &sampling, device).map_err(|e| BenchError::Bad(e.to_string()))?;
-            Ok(())
-        })?;
-        gen_ms / c.seq_len() as f64
-    } else {
-        f64::NAN
+    // Sampling: a whole generation of the batch (no guidance), per code, through the cached path
+    // and through the lean decode step (CPU, fused or bf16 kernels).
+    let labels_v: Vec<u32> = labels.as_ref().map(|y| y.to_vec1::<u32>()).transpose()?.unwrap_or_default();
+    let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
+    let per_code = |generate: &dyn Fn() -> std::result::Result<Vec<Vec<u32>>, crate::sample::SampleError>| -> Result<f64> {
+        let ms = time_ms(0, 1, || generate().map(|_| ()).map_err(|e| BenchError::Bad(e.to_string())))?;
+        Ok(ms / c.seq_len() as f64)
     };
-    let lean_sample_step_ms = if c.cls_token_num == 1 && device.is_cpu() && c.ops != crate::nn::Ops::Stock {
-        let labels_v: Vec<u32> = labels.as_ref().map(|y| y.to_vec1::<u32>()).transpose()?.unwrap_or_default();
-        let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
-        let gen_ms = time_ms(0, 1, || {
-            crate::sample::generate_gpt_lean(&model, &labels_v, &sampling).map_err(|e| BenchError::Bad(e.to_string()))?;
-            Ok(())
-        })?;
-        gen_ms / c.seq_len() as f64
+    let conditional = c.cls_token_num == 1;
+    let sample_step_ms = if conditional { per_code(&|| crate::sample::generate_gpt(&model, &labels_v, &sampling, device))? } else { f64::NAN };
+    let lean_sample_step_ms = if conditional && device.is_cpu() && c.ops != crate::nn::Ops::Stock {
+        per_code(&|| crate::sample::generate_gpt_lean(&model, &labels_v, &sampling))?
     } else {
         f64::NAN
     };

@@ -172,9 +172,6 @@ pub fn read_set(path: &Path, expected_model: Option<&str>) -> Result<(CodeShard,
                 if a.entropy_model_id != e.entropy_model_id {
                     return Err(EntropyError::Mismatch { path: file.clone(), reason: "shards of the set have entropies from different models".into() });
                 }
-                if s.info != shard.info {
-                    return Err(EntropyError::Mismatch { path: file.clone(), reason: "shards of the set differ in grid, codebook or tokenizer".into() });
-                }
                 s.codes.extend(&shard.codes);
                 s.labels.extend(&shard.labels);
                 if let (Some(x), Some(y)) = (&mut s.flip_codes, &shard.flip_codes) {

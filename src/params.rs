@@ -201,20 +201,15 @@ impl ParamStore {
     /// [`set_allow_extra_keys`] was set, in which case they are ignored with a warning. Known
     /// buffers of LlamaGen checkpoints ([`KNOWN_BUFFERS`]) are always ignored.
     pub fn load_model_file(&self, path: &Path, pt_key: Option<&str>) -> Result<()> {
-        let weights = crate::tensor_io::read_weights(path, &self.device, pt_key)?;
-        let unexpected: Vec<String> = {
-            let vars = self.lock();
-            let mut keys: Vec<String> = weights.keys().filter(|k| !vars.contains_key(*k) && !KNOWN_BUFFERS.contains(&k.as_str())).cloned().collect();
-            keys.sort();
-            keys
-        };
+        // A refused file leaves the store half-loaded; the caller drops the model with the error.
+        let extra = self.load_file(path, false, pt_key)?;
+        let unexpected: Vec<String> = extra.into_iter().filter(|k| !KNOWN_BUFFERS.contains(&k.as_str())).collect();
         if !unexpected.is_empty() {
             if !ALLOW_EXTRA_KEYS.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(ParamError::UnexpectedKeys { path: path.to_path_buf(), keys: unexpected });
             }
             tracing::warn!("--allow-extra-keys: {}: ignoring {} unexpected parameter(s): {}", path.display(), unexpected.len(), preview(&unexpected));
         }
-        self.load_map(&weights, path, false)?;
         Ok(())
     }
 

@@ -60,7 +60,11 @@ impl Mutation {
 /// Runs `check` on `cases()` mutations of `valid`; a panic inside fails the test with the
 /// offending input (proptest shrinks it).
 fn fuzz(name: &str, valid: &[u8], check: impl Fn(&[u8])) {
-    let mut runner = TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
+    fuzz_n(name, valid, cases(), check)
+}
+
+fn fuzz_n(name: &str, valid: &[u8], cases: u32, check: impl Fn(&[u8])) {
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     let result = runner.run(&mutation(), |m| {
         let bytes = m.apply(valid);
         check(&bytes);
@@ -69,7 +73,7 @@ fn fuzz(name: &str, valid: &[u8], check: impl Fn(&[u8])) {
     if let Err(e) = result {
         panic!("{name}: {e}");
     }
-    eprintln!("{name}: {} cases, no panic", cases());
+    eprintln!("{name}: {cases} cases, no panic");
 }
 
 fn write(path: &Path, bytes: &[u8]) {
@@ -162,14 +166,10 @@ fn pytorch_files_never_panic() {
         let _ = dpar::tensor_io::read_weights(&path, &Device::Cpu, Some("model"));
     });
     let vq = std::fs::read(fixtures.join("vq16_tiny.pt")).unwrap();
-    let mut runner = TestRunner::new(Config { cases: (cases() / 20).max(50), failure_persistence: None, ..Config::default() });
-    runner
-        .run(&mutation(), |m| {
-            write(&path, &m.apply(&vq));
-            let _ = dpar::tensor_io::read_weights(&path, &Device::Cpu, Some("model"));
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!(".pt (VQ-16 layout): {e}"));
+    fuzz_n(".pt (VQ-16 layout)", &vq, (cases() / 20).max(50), |b| {
+        write(&path, b);
+        let _ = dpar::tensor_io::read_weights(&path, &Device::Cpu, Some("model"));
+    });
 }
 
 /// What the long fuzz run found: one byte (0x80) at this place of the VQ-16 checkpoint made

@@ -100,10 +100,10 @@ impl ShardSetWriter {
                 return Err(DataError::StaleShards {
                     path: dir.to_path_buf(),
                     reason: format!(
-                        "already holds {} file(s) of a shard set ({}{}); pass --overwrite to replace them, or choose an empty --out",
+                        "already holds {} file(s) of a shard set ({}, e.g. {}); pass --overwrite to replace them, or choose an empty --out",
                         old.len(),
                         if dir.join(MANIFEST).is_file() { "a complete set" } else { "no manifest: an interrupted run" },
-                        ", e.g. ".to_string() + &old[0].file_name().unwrap_or_default().to_string_lossy()
+                        old[0].file_name().unwrap_or_default().to_string_lossy()
                     ),
                 });
             }
@@ -166,6 +166,12 @@ pub fn write_shard_set(dir: &Path, shards: &[CodeShard], overwrite: bool) -> Res
 
 /// Reads and checks the manifest of a shard-set folder.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    if !dir.is_dir() {
+        return Err(DataError::NoDataset {
+            path: dir.to_path_buf(),
+            reason: "no such shard file or folder (make one with `dpar tokenize`)".into(),
+        });
+    }
     let path = dir.join(MANIFEST);
     let bad = |reason: String| DataError::BadShard { path: path.clone(), reason };
     if !path.is_file() {
@@ -204,8 +210,8 @@ pub fn read_set_shards(path: &Path) -> Result<Vec<(PathBuf, CodeShard)>> {
     if path.is_file() {
         return Ok(vec![(path.to_path_buf(), read_shard(path)?)]);
     }
-    let files = shard_files(path)?;
     let manifest = read_manifest(path)?;
+    let files = manifest_files(path, &manifest)?;
     let mut out = Vec::with_capacity(files.len());
     for (file, entry) in files.into_iter().zip(&manifest.shards) {
         let shard = read_shard(&file)?;
@@ -390,14 +396,12 @@ pub fn shard_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
-    if !path.is_dir() {
-        return Err(DataError::NoDataset {
-            path: path.to_path_buf(),
-            reason: "no such shard file or folder (make one with `dpar tokenize`)".into(),
-        });
-    }
-    let manifest = read_manifest(path)?;
-    let files: Vec<PathBuf> = manifest.shards.iter().map(|e| path.join(&e.file)).collect();
+    manifest_files(path, &read_manifest(path)?)
+}
+
+/// The files a folder's manifest lists, each checked to exist.
+fn manifest_files(dir: &Path, manifest: &Manifest) -> Result<Vec<PathBuf>> {
+    let files: Vec<PathBuf> = manifest.shards.iter().map(|e| dir.join(&e.file)).collect();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
         return Err(DataError::BadShard {
             path: missing.clone(),

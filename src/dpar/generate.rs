@@ -70,6 +70,12 @@ fn dup(x: &Tensor, guided: bool) -> Result<Tensor> {
     Ok(if guided { Tensor::cat(&[x, x], 0)? } else { x.clone() })
 }
 
+/// How the entropy model decodes: the lean step on the CPU, the tensor cache elsewhere.
+enum EntropyDecoder {
+    Lean(crate::gpt::decode::LeanDecoder),
+    Cached(crate::gpt::GptCache),
+}
+
 /// Incremental generation with caches in every stage.
 pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig, device: &Device) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
@@ -81,9 +87,11 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
     let mut caches = model.new_caches(b, rows)?;
     // The entropy model runs through the lean decode step on the CPU (same logits, no tensor
     // graph per code), through its cache elsewhere.
-    let lean_entropy = device.is_cpu() && entropy_model.config().ops != crate::nn::Ops::Stock;
-    let mut entropy_lean = if lean_entropy { Some(crate::gpt::decode::LeanDecoder::new(entropy_model, b)?) } else { None };
-    let mut entropy_cache = if lean_entropy { None } else { Some(entropy_model.new_cache(b)?) };
+    let mut entropy_decoder = if device.is_cpu() && entropy_model.config().ops != crate::nn::Ops::Stock {
+        EntropyDecoder::Lean(crate::gpt::decode::LeanDecoder::new(entropy_model, b)?)
+    } else {
+        EntropyDecoder::Cached(entropy_model.new_cache(b)?)
+    };
     let mut patchers = (0..b).map(|_| OnlinePatcher::new(*patch, grid)).collect::<std::result::Result<Vec<_>, _>>()?;
     for p in &mut patchers {
         p.push(f32::INFINITY); // z_0 is a patch of its own
@@ -101,13 +109,12 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
         // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
         let h = model.encoder_step(&mut caches, &prev, k - 1)?;
         h_all.push(h.clone());
-        let entropy_logits = match (&mut entropy_lean, &mut entropy_cache) {
-            (Some(lean), _) => {
+        let entropy_logits = match &mut entropy_decoder {
+            EntropyDecoder::Lean(lean) => {
                 let prev_codes: Vec<u32> = codes.iter().map(|z| z[k - 1]).collect();
                 Tensor::from_slice(lean.step(&prev_codes)?, (b, entropy_model.config().vocab_size), device)?
             }
-            (None, Some(cache)) => entropy_model.step(cache, None, Some(&prev))?,
-            (None, None) => return Err(DparError::BadInput("no entropy-model decoder was set up".into())),
+            EntropyDecoder::Cached(cache) => entropy_model.step(cache, None, Some(&prev))?,
         };
         let entropies = entropy_of_logits(&entropy_logits)?.to_vec1::<f32>()?;
         let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();

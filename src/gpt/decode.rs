@@ -127,15 +127,6 @@ impl LeanDecoder {
         })
     }
 
-    /// Positions consumed so far.
-    pub fn len(&self) -> usize {
-        self.pos
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pos == 0
-    }
-
     /// Feeds the class slot (`labels`, once, first) and returns the logits (batch × V) of z_0.
     pub fn start(&mut self, labels: &[u32]) -> Result<&[f32]> {
         let table = self.cls_embedding.as_ref().ok_or_else(|| GptError::BadInput("this model has no class slot".into()))?;

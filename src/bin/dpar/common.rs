@@ -12,6 +12,16 @@ pub fn allow_mismatch() -> bool {
     ALLOW_MISMATCH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A mismatch between parts: an error ending with `fix` and the flag, or with `--allow-mismatch`
+/// a warning.
+pub fn mismatch(msg: String, fix: &str) -> Result<()> {
+    if !allow_mismatch() {
+        bail!("{msg} ({fix}, or pass --allow-mismatch)");
+    }
+    tracing::warn!("--allow-mismatch: {msg}");
+    Ok(())
+}
+
 /// Where the images come from.
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {

@@ -145,10 +145,7 @@ fn compute(args: ComputeArgs) -> Result<()> {
                         args.model.display(),
                         &want[..12.min(want.len())]
                     );
-                    if !crate::common::allow_mismatch() {
-                        bail!("{msg}; give the matching --model or --codes, or --allow-mismatch");
-                    }
-                    tracing::warn!("--allow-mismatch: {msg}");
+                    crate::common::mismatch(msg, "give the matching --model or --codes")?;
                 }
             }
             let copies = if shard.flip_codes.is_some() { 2 } else { 1 };

@@ -302,21 +302,22 @@ pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     }
 }
 
-/// The validation shards: --val-codes, or the `test` set beside a `train` set; `None` for none.
+/// The validation shards: --val-codes, or the `test` set beside a `train` set; `None` (with a
+/// warning when some were expected) for none.
 fn val_path(args: &TrainArgs) -> Option<String> {
-    match args.val_codes.as_deref() {
-        Some("none") | Some("") => None,
-        Some(path) => Some(path.to_string()),
-        None => {
-            let sibling = (args.codes.file_name()? == "train").then(|| args.codes.with_file_name("test"))?;
-            if sibling.exists() {
-                Some(sibling.display().to_string())
-            } else {
-                tracing::warn!("no --val-codes and no {} beside --codes: training without validation", sibling.display());
-                None
-            }
-        }
+    let path = match args.val_codes.as_deref() {
+        Some("none") | Some("") => return None,
+        Some(path) => path.to_string(),
+        None => (args.codes.file_name()? == "train").then(|| args.codes.with_file_name("test"))?.display().to_string(),
+    };
+    if Path::new(&path).exists() {
+        return Some(path);
     }
+    match &args.val_codes {
+        Some(_) => tracing::warn!("--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)"),
+        None => tracing::warn!("no --val-codes and no {path} beside --codes: training without validation"),
+    }
+    None
 }
 
 /// Validation codes must come from the training codes' tokenizer.
@@ -327,10 +328,7 @@ fn check_same_tokenizer(val: &str, val_id: &str, train_id: &str) -> Result<()> {
             &val_id[..12.min(val_id.len())],
             &train_id[..12.min(train_id.len())]
         );
-        if !crate::common::allow_mismatch() {
-            bail!("{msg} (tokenize both splits with the same tokenizer, or pass --allow-mismatch)");
-        }
-        tracing::warn!("--allow-mismatch: {msg}");
+        crate::common::mismatch(msg, "tokenize both splits with the same tokenizer")?;
     }
     Ok(())
 }
@@ -357,10 +355,6 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let val_codes = val_path(&args);
     let val = match val_codes.as_deref() {
         None => None,
-        Some(path) if !Path::new(path).exists() => {
-            tracing::warn!("--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)");
-            None
-        }
         Some(path) => {
             let (v, _) = dpar::data::shards::read_shard_set(Path::new(path)).with_context(|| format!("--val-codes {path}"))?;
             check_same_tokenizer(path, &v.info.tokenizer_id, &train.info.tokenizer_id)?;
@@ -459,10 +453,6 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
     let val_codes = val_path(&args);
     let val = match val_codes.as_deref() {
         None => None,
-        Some(path) if !Path::new(path).exists() => {
-            tracing::warn!("--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)");
-            None
-        }
         Some(path) => {
             let v = read_entropy_codes(Path::new(path), Some(&train.entropies.entropy_model_id)).with_context(|| format!("--val-codes {path}"))?;
             check_same_tokenizer(path, &v.shard.info.tokenizer_id, &train.shard.info.tokenizer_id)?;
