@@ -35,10 +35,10 @@ pub struct SpeedRow {
     pub positions: usize,
     pub train_ms: f64,
     pub forward_ms: f64,
-    /// One cached sampling step for the whole batch.
+    /// One cached sampling step (per code, the whole batch) through the tensor path.
     pub sample_step_ms: f64,
-    /// The same through the lean decode step (GPT on the CPU with fused or bf16 kernels; NaN
-    /// otherwise).
+    /// The same through the lean decode steps (on the CPU with fused or bf16 kernels; NaN
+    /// otherwise), the default of `dpar sample` there.
     pub lean_sample_step_ms: f64,
     pub train_gflops: f64,
     pub forward_gflops: f64,
@@ -99,7 +99,7 @@ pub fn gpt_speed(name: &str, c: &GptConfig, batch: usize, warmup: usize, reps: u
         Ok(ms / c.seq_len() as f64)
     };
     let conditional = c.cls_token_num == 1;
-    let sample_step_ms = if conditional { per_code(&|| crate::sample::generate_gpt(&model, &labels_v, &sampling, device))? } else { f64::NAN };
+    let sample_step_ms = if conditional { per_code(&|| crate::sample::generate_gpt_cached(&model, &labels_v, &sampling, device))? } else { f64::NAN };
     let lean_sample_step_ms = if conditional && device.is_cpu() && c.ops != crate::nn::Ops::Stock {
         per_code(&|| crate::sample::generate_gpt_lean(&model, &labels_v, &sampling))?
     } else {
@@ -175,9 +175,17 @@ pub fn dpar_speed(name: &str, c: &crate::dpar::DparConfig, entropy: &GptConfig, 
     let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
     let patch = crate::patching::PatchConfig::dpar(theta, 4);
     let gen_ms = time_ms(0, 1, || {
-        crate::dpar::generate::generate(&model, &emodel, &labels_v, &sampling, &patch, device).map_err(bad)?;
+        crate::dpar::generate::generate_cached(&model, &emodel, &labels_v, &sampling, &patch, device).map_err(bad)?;
         Ok(())
     })?;
+    let lean_ms = if device.is_cpu() && c.ops != crate::nn::Ops::Stock {
+        time_ms(0, 1, || {
+            crate::dpar::decode::generate_lean(&model, &emodel, &labels_v, &sampling, &patch).map_err(bad)?;
+            Ok(())
+        })?
+    } else {
+        f64::NAN
+    };
     let fwd_flops = crate::flops::dpar_forward(c, positions as f64) * batch as f64;
     Ok(SpeedRow {
         name: name.to_string(),
@@ -186,11 +194,79 @@ pub fn dpar_speed(name: &str, c: &crate::dpar::DparConfig, entropy: &GptConfig, 
         train_ms,
         forward_ms,
         sample_step_ms: gen_ms / c.seq_len() as f64,
-        lean_sample_step_ms: f64::NAN,
+        lean_sample_step_ms: lean_ms / c.seq_len() as f64,
         train_gflops: crate::flops::training(fwd_flops) / train_ms / 1e6,
         forward_gflops: fwd_flops / forward_ms / 1e6,
         train_codes_per_s: (batch * c.seq_len()) as f64 / train_ms * 1e3,
     })
+}
+
+/// Sampling speed of the baseline and of DPAR at one batch size.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SamplingRow {
+    pub batch: usize,
+    pub gpt_images_per_s: f64,
+    pub dpar_images_per_s: f64,
+    /// Patch-transformer steps per image (the baseline's transformer takes L).
+    pub dpar_steps_per_image: f64,
+}
+
+/// Median wall time (ms) of `f`, repeated until `reps` runs or about a second has passed.
+fn time_for_a_second(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.is_empty() || (times.len() < reps && start.elapsed().as_secs_f64() < 1.0) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(crate::util::median(&times))
+}
+
+/// Images per second of whole generations with the baseline and with DPAR (the default path of
+/// `dpar sample`: lean steps on the CPU) at each batch size, classes cycling through the
+/// model's, one untimed generation first.
+#[allow(clippy::too_many_arguments)]
+pub fn sampling_curve(
+    gpt: &Gpt,
+    dpar: &crate::dpar::Dpar,
+    entropy: &Gpt,
+    sampling: &crate::sample::SamplingConfig,
+    patch: &crate::patching::PatchConfig,
+    batches: &[usize],
+    reps: usize,
+    device: &Device,
+) -> Result<Vec<SamplingRow>> {
+    let bad = |e: String| BenchError::Bad(e);
+    let classes = dpar.config().num_classes.max(1) as u32;
+    let labels_of = |b: usize| (0..b as u32).map(|i| i % classes).collect::<Vec<_>>();
+    let run_gpt = |labels: &[u32]| crate::sample::generate_gpt(gpt, labels, sampling, device).map(|_| ()).map_err(|e| bad(e.to_string()));
+    let run_dpar = |labels: &[u32]| crate::dpar::generate::generate(dpar, entropy, labels, sampling, patch, device).map_err(|e| bad(e.to_string()));
+    run_gpt(&labels_of(1))?;
+    run_dpar(&labels_of(1))?;
+    let mut rows = Vec::with_capacity(batches.len());
+    for &b in batches {
+        let labels = labels_of(b);
+        let gpt_ms = time_for_a_second(reps, || run_gpt(&labels))?;
+        let mut steps = 0.0;
+        let dpar_ms = time_for_a_second(reps, || {
+            let out = run_dpar(&labels)?;
+            steps = out.global_steps().iter().sum::<usize>() as f64 / b as f64;
+            Ok(())
+        })?;
+        tracing::info!("batch {b}: baseline {:.1} images/s, DPAR {:.1} images/s", b as f64 / gpt_ms * 1e3, b as f64 / dpar_ms * 1e3);
+        rows.push(SamplingRow { batch: b, gpt_images_per_s: b as f64 / gpt_ms * 1e3, dpar_images_per_s: b as f64 / dpar_ms * 1e3, dpar_steps_per_image: steps });
+    }
+    Ok(rows)
+}
+
+/// The sampling curve as a markdown table.
+pub fn sampling_markdown(rows: &[SamplingRow], codes_per_image: usize) -> String {
+    let mut s = format!("| batch | baseline images/s | DPAR images/s | DPAR ÷ baseline | patch-transformer steps per image (baseline: {codes_per_image}) |\n|---|---|---|---|---|\n");
+    for r in rows {
+        s += &format!("| {} | {:.1} | {:.1} | {:.2}× | {:.1} |\n", r.batch, r.gpt_images_per_s, r.dpar_images_per_s, r.dpar_images_per_s / r.gpt_images_per_s, r.dpar_steps_per_image);
+    }
+    s
 }
 
 /// One fused op against its stock composed version on the bench shapes.

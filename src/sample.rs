@@ -137,13 +137,20 @@ pub fn uniforms(seed: u64, images: usize, codes: usize) -> Vec<f64> {
 
 /// Picks one code per image from model logits (B or 2B rows when guided).
 pub fn choose_codes(logits: &Tensor, b: usize, guided: bool, config: &SamplingConfig, u: &[f64], k: usize, l: usize) -> Result<Vec<u32>> {
-    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    Ok((0..b)
+    let v = logits.dim(1)?;
+    let rows = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(choose_codes_host(&rows, v, b, guided, config, u, k, l))
+}
+
+/// [`choose_codes`] on host logits (B or 2B rows of V values, back to back).
+#[allow(clippy::too_many_arguments)]
+pub fn choose_codes_host(logits: &[f32], v: usize, b: usize, guided: bool, config: &SamplingConfig, u: &[f64], k: usize, l: usize) -> Vec<u32> {
+    (0..b)
         .map(|i| {
-            let uncond = guided.then(|| rows[b + i].as_slice());
-            draw(&process_logits(&rows[i], uncond, config), u[i * l + k])
+            let uncond = guided.then(|| &logits[(b + i) * v..(b + i + 1) * v]);
+            draw(&process_logits(&logits[i * v..(i + 1) * v], uncond, config), u[i * l + k])
         })
-        .collect())
+        .collect()
 }
 
 /// The labels fed to a guided batch: the requested classes, then the null class for each.
@@ -156,8 +163,20 @@ fn guided_labels(labels: &[u32], null: u32, guided: bool, device: &Device) -> Re
 }
 
 /// KV-cached generation with the GPT baseline: one cached step per code, CFG with both halves
-/// sharing every sampled code. Returns B × L codes.
+/// sharing every sampled code. Returns B × L codes. On the CPU with fused or bf16 kernels it
+/// runs the lean decode step ([`generate_gpt_lean`]), elsewhere the tensor path
+/// ([`generate_gpt_cached`]); both draw the same codes.
 pub fn generate_gpt(model: &Gpt, labels: &[u32], config: &SamplingConfig, device: &Device) -> Result<Vec<Vec<u32>>> {
+    let c = model.config();
+    if device.is_cpu() && c.ops != crate::nn::Ops::Stock && c.cls_token_num == 1 {
+        return generate_gpt_lean(model, labels, config);
+    }
+    generate_gpt_cached(model, labels, config, device)
+}
+
+/// [`generate_gpt`] through the tensor path: one cached model step (a small tensor graph) per
+/// code, on any device.
+pub fn generate_gpt_cached(model: &Gpt, labels: &[u32], config: &SamplingConfig, device: &Device) -> Result<Vec<Vec<u32>>> {
     config.validate()?;
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
@@ -193,7 +212,7 @@ pub(crate) fn generate_gpt_with(model: &Gpt, labels: &[u32], config: &SamplingCo
     Ok(out)
 }
 
-/// [`generate_gpt`] through the lean decode step ([`crate::gpt::decode::LeanDecoder`]): the
+/// [`generate_gpt_cached`] through the lean decode step ([`crate::gpt::decode::LeanDecoder`]): the
 /// same codes for the same seed, without a tensor graph per step. CPU, fused or bf16 kernels.
 pub fn generate_gpt_lean(model: &Gpt, labels: &[u32], config: &SamplingConfig) -> Result<Vec<Vec<u32>>> {
     config.validate()?;
@@ -288,7 +307,7 @@ mod tests {
         for cfg_scale in [1.0, 2.5] {
             let config = SamplingConfig { cfg_scale, seed: 7, ..Default::default() };
             let labels = [0u32, 1, 2, 1];
-            let cached = generate_gpt(&m, &labels, &config, &Device::Cpu).unwrap();
+            let cached = generate_gpt_cached(&m, &labels, &config, &Device::Cpu).unwrap();
             let full = generate_gpt_full_recompute(&m, &labels, &config, &Device::Cpu).unwrap();
             assert_eq!(cached, full, "cfg {cfg_scale}");
             assert!(cached.iter().all(|c| c.len() == 9));
@@ -303,9 +322,10 @@ mod tests {
         for cfg_scale in [1.0, 2.5] {
             for labels in [vec![1u32], vec![0, 1, 2, 1], (0..9).map(|i| i % 3).collect()] {
                 let config = SamplingConfig { cfg_scale, seed: 11, ..Default::default() };
-                let cached = generate_gpt(&m, &labels, &config, &Device::Cpu).unwrap();
+                let cached = generate_gpt_cached(&m, &labels, &config, &Device::Cpu).unwrap();
                 let lean = generate_gpt_lean(&m, &labels, &config).unwrap();
                 assert_eq!(cached, lean, "cfg {cfg_scale}, batch {}", labels.len());
+                assert_eq!(generate_gpt(&m, &labels, &config, &Device::Cpu).unwrap(), lean, "the CPU default is the lean path");
             }
         }
         // Step by step, the logits agree.

@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 
 use super::model::GlobalLayout;
 use super::{Dpar, DparError, Result};
-use crate::gpt::{entropy_of_logits, Gpt};
+use crate::gpt::{entropy_rows, Gpt};
 use crate::patching::{patch_lengths, OnlinePatcher, PatchConfig};
 use crate::sample::{choose_codes, uniforms, SamplingConfig};
 
@@ -38,7 +38,7 @@ impl Generated {
     }
 }
 
-fn check(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig) -> Result<()> {
+pub(super) fn check(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig) -> Result<()> {
     sampling.validate()?;
     patch.validate()?;
     let (c, e) = (model.config(), entropy_model.config());
@@ -76,8 +76,19 @@ enum EntropyDecoder {
     Cached(crate::gpt::GptCache),
 }
 
-/// Incremental generation with caches in every stage.
+/// Incremental generation with caches in every stage: on the CPU with fused or bf16 kernels
+/// through lean steps ([`super::decode::generate_lean`]), elsewhere through the tensor path
+/// ([`generate_cached`]). Both give the same codes and patch lengths.
 pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig, device: &Device) -> Result<Generated> {
+    if device.is_cpu() && model.config().ops != crate::nn::Ops::Stock && entropy_model.config().ops != crate::nn::Ops::Stock {
+        return super::decode::generate_lean(model, entropy_model, labels, sampling, patch);
+    }
+    generate_cached(model, entropy_model, labels, sampling, patch, device)
+}
+
+/// Incremental generation through the tensor path: cached model steps (small tensor graphs) in
+/// every stage, on any device.
+pub fn generate_cached(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig, device: &Device) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
@@ -109,14 +120,14 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
         // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
         let h = model.encoder_step(&mut caches, &prev, k - 1)?;
         h_all.push(h.clone());
-        let entropy_logits = match &mut entropy_decoder {
+        let ev = entropy_model.config().vocab_size;
+        let entropies = match &mut entropy_decoder {
             EntropyDecoder::Lean(lean) => {
                 let prev_codes: Vec<u32> = codes.iter().map(|z| z[k - 1]).collect();
-                Tensor::from_slice(lean.step(&prev_codes)?, (b, entropy_model.config().vocab_size), device)?
+                entropy_rows(lean.step(&prev_codes)?, ev)
             }
-            EntropyDecoder::Cached(cache) => entropy_model.step(cache, None, Some(&prev))?,
+            EntropyDecoder::Cached(cache) => entropy_rows(&entropy_model.step(cache, None, Some(&prev))?.flatten_all()?.to_vec1::<f32>()?, ev),
         };
-        let entropies = entropy_of_logits(&entropy_logits)?.to_vec1::<f32>()?;
         let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
         // 2. Close the patches that end at z_{k−1}.
         if !closing.is_empty() {
@@ -174,9 +185,10 @@ pub fn generate_full_recompute(model: &Dpar, entropy_model: &Gpt, labels: &[u32]
     for k in 0..l {
         if k >= 1 {
             let prefix = Tensor::from_vec(codes.iter().flat_map(|z| z.clone()).collect::<Vec<_>>(), (b, k), device)?;
-            let h = entropy_of_logits(&entropy_model.forward::<rand_chacha::ChaCha8Rng>(&prefix, None, None)?)?.to_vec2::<f32>()?; // (B, k)
+            let logits = entropy_model.forward::<rand_chacha::ChaCha8Rng>(&prefix, None, None)?.flatten_all()?.to_vec1::<f32>()?;
+            let h = entropy_rows(&logits, entropy_model.config().vocab_size); // B × k
             for i in 0..b {
-                entropies[i][1..=k].copy_from_slice(&h[i]);
+                entropies[i][1..=k].copy_from_slice(&h[i * k..(i + 1) * k]);
             }
         }
         let lengths: Vec<Vec<usize>> = (0..b).map(|i| patch_lengths(&entropies[i], grid, patch, k + 1)).collect::<std::result::Result<_, _>>()?;
@@ -195,13 +207,13 @@ pub fn generate_full_recompute(model: &Dpar, entropy_model: &Gpt, labels: &[u32]
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dpar::model::tests::model;
     use crate::gpt::GptConfig;
     use crate::params::ParamStore;
 
-    fn entropy_model(seed: u64) -> (Gpt, ParamStore) {
+    pub(crate) fn entropy_model(seed: u64) -> (Gpt, ParamStore) {
         let c = GptConfig { dim: 16, n_layer: 1, n_head: 1, ffn_hidden: Some(32), vocab_size: 13, grid_size: 4, cls_token_num: 0, ..GptConfig::mnist_entropy() };
         let store = ParamStore::new(seed, &Device::Cpu);
         let m = Gpt::new(&c, &store.root()).unwrap();
@@ -218,10 +230,12 @@ mod tests {
         // Entropies of a random 13-way model sit near ln 13 ≈ 2.56; θ = 2.5 mixes both outcomes.
         for (cfg_scale, patch) in [(2.0, PatchConfig::dpar(2.5, 3)), (1.0, PatchConfig::dpar(2.4, 4)), (1.5, PatchConfig::static_patches(2))] {
             let sampling = SamplingConfig { cfg_scale, seed: 5, ..Default::default() };
-            let cached = generate(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap();
+            let cached = generate_cached(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap();
             let full = generate_full_recompute(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap();
             assert_eq!(cached.codes, full.codes, "codes differ (cfg {cfg_scale}, {patch:?})");
             assert_eq!(cached.lengths, full.lengths, "patch boundaries differ");
+            let lean = crate::dpar::decode::generate_lean(&m, &e, &labels, &sampling, &patch).unwrap();
+            assert_eq!(lean, cached, "the lean steps differ from the tensor path (cfg {cfg_scale}, {patch:?})");
             assert!(cached.lengths.iter().all(|l| l.iter().sum::<usize>() == 16));
             let steps = cached.global_steps();
             assert!(steps.iter().any(|&s| s > 1 && s < 16), "{steps:?}");

@@ -9,6 +9,7 @@
 //!   reference.
 //! - [`train`]: the training task for the shared loop.
 
+pub mod decode;
 pub mod generate;
 pub mod layout;
 pub mod model;

@@ -25,14 +25,14 @@ use crate::nn::{self, AttnMask, Block, DropoutCtx, Linear, RaggedKvCache, RmsNor
 use crate::params::{Init, Pb};
 
 /// The patch encoder's cross-attention: each patch's max-pooled query attends to its own codes.
-struct EncoderCross {
-    norm_q: RmsNorm,
-    norm_kv: RmsNorm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    n_head: usize,
+pub(super) struct EncoderCross {
+    pub(super) norm_q: RmsNorm,
+    pub(super) norm_kv: RmsNorm,
+    pub(super) wq: Linear,
+    pub(super) wk: Linear,
+    pub(super) wv: Linear,
+    pub(super) wo: Linear,
+    pub(super) n_head: usize,
 }
 
 impl EncoderCross {
@@ -67,9 +67,9 @@ impl EncoderCross {
 }
 
 /// The decoder's per-layer injection of the global state: wo(RMSNorm(g)).
-struct DecoderProj {
-    norm: RmsNorm,
-    wo: Linear,
+pub(super) struct DecoderProj {
+    pub(super) norm: RmsNorm,
+    pub(super) wo: Linear,
 }
 
 /// How the patch transformer batches images.
@@ -84,20 +84,20 @@ pub enum GlobalLayout {
 /// The DPAR model.
 pub struct Dpar {
     config: DparConfig,
-    cls_embedding: Tensor,
-    tok_embeddings: Tensor,
-    enc_layers: Vec<Block>,
-    enc_cross: EncoderCross,
-    layers: Vec<Block>,
-    dec_layers: Vec<Block>,
-    dec_proj: Vec<DecoderProj>,
-    start: Tensor,
-    norm: RmsNorm,
-    output: Linear,
+    pub(super) cls_embedding: Tensor,
+    pub(super) tok_embeddings: Tensor,
+    pub(super) enc_layers: Vec<Block>,
+    pub(super) enc_cross: EncoderCross,
+    pub(super) layers: Vec<Block>,
+    pub(super) dec_layers: Vec<Block>,
+    pub(super) dec_proj: Vec<DecoderProj>,
+    pub(super) start: Tensor,
+    pub(super) norm: RmsNorm,
+    pub(super) output: Linear,
     /// Encoder RoPE: code k at its grid position, no class slot.
-    rope_enc: RopeRows,
+    pub(super) rope_enc: RopeRows,
     /// Decoder RoPE: position 0 (start) zero, position p ≥ 1 at the grid position of z_{p−1}.
-    rope_dec: RopeRows,
+    pub(super) rope_dec: RopeRows,
 }
 
 /// The KV caches of every stage for incremental generation.

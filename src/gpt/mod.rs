@@ -441,6 +441,28 @@ impl Gpt {
 }
 
 /// −Σ p log p over the last dim, computed stably from logits.
+/// The next-code entropy (nats) of each row of host logits (rows of `v` values, back to back),
+/// computed in f64: H = ln Σ e^{x−m} − Σ e^{x−m}(x−m) / Σ e^{x−m}. Generation decides patches
+/// with this one function on every path, so all of them agree to the bit.
+pub fn entropy_rows(logits: &[f32], v: usize) -> Vec<f32> {
+    logits
+        .chunks(v)
+        .map(|row| {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let (mut s, mut t) = (0f64, 0f64);
+            for &x in row {
+                let d = x as f64 - m;
+                let e = d.exp();
+                if e > 0.0 {
+                    s += e;
+                    t += e * d;
+                }
+            }
+            (s.ln() - t / s) as f32
+        })
+        .collect()
+}
+
 pub fn entropy_of_logits(logits: &Tensor) -> candle_core::Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()

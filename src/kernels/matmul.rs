@@ -51,10 +51,143 @@ pub enum Gemm {
     Bf16,
 }
 
+/// Rows up to which `x·Wᵀ` runs through [`small_m_gemm`] rather than a packed GEMM. A decode
+/// step has a few rows, and packing W on every call cost more than the product itself (about
+/// 55 % of a DPAR sampling profile at batch 1).
+pub const SMALL_M: usize = 16;
+
+/// Columns per panel of [`small_m_weights`] (one 64-byte cache line of f32).
+const NB: usize = 16;
+/// Rows per register block of [`small_m_gemm`] (2·R accumulators of 8 lanes, AVX2's 16
+/// registers).
+const MR: usize = 6;
+
+/// W (n×k, row-major) packed for [`small_m_gemm`]: panels of NB = 16 columns of Wᵀ, each k × 16
+/// contiguous (the last panel zero-padded), rounded to bf16 when `bf16`. A panel is read front
+/// to back, one cache line per k. The lean decode steps pack once per generation;
+/// [`Gemm::run`] once per call.
+pub fn small_m_weights(w: &[f32], n: usize, k: usize, bf16: bool) -> Vec<f32> {
+    let mut t = vec![0f32; n.div_ceil(NB) * NB * k];
+    for (o, row) in w[..n * k].chunks(k).enumerate() {
+        let panel = &mut t[(o / NB) * NB * k..];
+        for (kk, &v) in row.iter().enumerate() {
+            panel[kk * NB + o % NB] = if bf16 { super::bf16::from_bf16(super::bf16::to_bf16(v)) } else { v };
+        }
+    }
+    t
+}
+
+/// `dst (m×n) = [dst +] a (m×k)·Wᵀ` for few rows m, with W packed by [`small_m_weights`]:
+/// broadcast-and-FMA over each panel, blocks of up to 6 rows × 16 columns held in registers
+/// (the panel stays in L1 between row blocks). Every entry is the fused multiply-add chain over
+/// k in order, whatever the blocking or threading, so equal inputs give equal bits on every
+/// path. With `bf16` the rows of `a` are rounded to bf16 (the packed W is rounded already):
+/// bf16 operands, f32 sums.
+#[allow(clippy::too_many_arguments)]
+pub fn small_m_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], packed: &[f32], accumulate: bool, bf16: bool) {
+    use rayon::prelude::*;
+    let panels = n.div_ceil(NB);
+    assert!(dst.len() >= m * n && a.len() >= m * k && packed.len() >= panels * NB * k, "small_m_gemm: slices too small for {m}×{n}×{k}");
+    count(m, n, k);
+    let rounded;
+    let a = if bf16 {
+        rounded = super::bf16::round_slice(&a[..m * k]);
+        &rounded[..]
+    } else {
+        &a[..m * k]
+    };
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 20 && panels >= 2 {
+        // Panel ranges in parallel, each into its own (m × cols) buffer, then copied out.
+        let per = panels.div_ceil(threads);
+        let parts: Vec<(usize, Vec<f32>)> = (0..panels)
+            .step_by(per)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|p0| {
+                let (n0, cols) = (p0 * NB, (per * NB).min(n - p0 * NB));
+                let mut out = vec![0f32; m * cols];
+                panel_range(&mut out, cols, m, k, a, &packed[p0 * NB * k..], cols, false);
+                (n0, out)
+            })
+            .collect();
+        for (n0, out) in parts {
+            let cols = out.len() / m;
+            for r in 0..m {
+                for (d, &v) in dst[r * n + n0..r * n + n0 + cols].iter_mut().zip(&out[r * cols..(r + 1) * cols]) {
+                    *d = if accumulate { *d + v } else { v };
+                }
+            }
+        }
+    } else {
+        panel_range(dst, n, m, k, a, packed, n, accumulate);
+    }
+}
+
+/// The first `cols` columns of `packed`'s panels into `dst` (row stride `ldd`).
+#[allow(clippy::too_many_arguments)]
+fn panel_range(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
+    for (p, panel) in packed.chunks(NB * k).take(cols.div_ceil(NB)).enumerate() {
+        let (j, live) = (p * NB, NB.min(cols - p * NB));
+        for r0 in (0..m).step_by(MR) {
+            let blk = Block { dst: &mut *dst, ldd, r0, j, live, k, a, panel, accumulate };
+            match MR.min(m - r0) {
+                6 => blk.run::<6>(),
+                5 => blk.run::<5>(),
+                4 => blk.run::<4>(),
+                3 => blk.run::<3>(),
+                2 => blk.run::<2>(),
+                _ => blk.run::<1>(),
+            }
+        }
+    }
+}
+
+/// One register block: rows r0.. of `a` against one panel, into columns j .. j + live.
+struct Block<'a> {
+    dst: &'a mut [f32],
+    ldd: usize,
+    r0: usize,
+    j: usize,
+    live: usize,
+    k: usize,
+    a: &'a [f32],
+    panel: &'a [f32],
+    accumulate: bool,
+}
+
+impl Block<'_> {
+    #[inline(always)]
+    fn run<const R: usize>(self) {
+        let k = self.k;
+        let mut acc = [[0f32; NB]; R];
+        for kk in 0..k {
+            let w: &[f32; NB] = self.panel[kk * NB..(kk + 1) * NB].try_into().expect("a panel row holds NB values");
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let x = self.a[(self.r0 + r) * k + kk];
+                for c in 0..NB {
+                    accr[c] = x.mul_add(w[c], accr[c]);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            let row = (self.r0 + r) * self.ldd + self.j;
+            for (d, &v) in self.dst[row..row + self.live].iter_mut().zip(accr) {
+                *d = if self.accumulate { *d + v } else { v };
+            }
+        }
+    }
+}
+
 impl Gemm {
-    /// `dst = [dst +] op(a)·op(b)` (see [`faer_gemm`]).
+    /// `dst = [dst +] op(a)·op(b)` (see [`faer_gemm`]); `x·Wᵀ` with at most [`SMALL_M`] rows
+    /// runs as [`small_m_gemm`].
     #[allow(clippy::too_many_arguments)]
     pub fn run(self, dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
+        if m <= SMALL_M && !trans_a && trans_b && m > 0 {
+            let bf16 = self == Gemm::Bf16;
+            return small_m_gemm(dst, m, n, k, a, &small_m_weights(b, n, k, bf16), accumulate, bf16);
+        }
         match self {
             Gemm::F32 => faer_gemm(dst, m, n, k, a, trans_a, b, trans_b, accumulate),
             Gemm::Bf16 => {
@@ -120,6 +253,35 @@ mod tests {
         let mut rng = crate::util::rng_for(seed, "mm-test", 0);
         let n: usize = shape.iter().product();
         Var::from_tensor(&Tensor::from_vec((0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// The small-m path (decode steps) equals faer's GEMM to f32 rounding, and its bf16 form
+    /// equals the bf16 GEMM to f32 rounding (same rounded operands), on odd shapes, with and
+    /// without accumulation, through `Gemm::run`'s dispatch.
+    #[test]
+    fn small_m_products_match_the_packed_gemms() {
+        for &(m, n, k) in &[(1, 1, 1), (2, 37, 13), (16, 70, 129), (5, 600, 64), (3, 2, 1000)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (((i * 7919) % 1009) as f32 / 1009.0 - 0.5) * 3.0).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 2.0).collect();
+            for acc in [false, true] {
+                let init: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.01).collect();
+                let (mut small, mut full) = (init.clone(), init.clone());
+                Gemm::F32.run(&mut small, m, n, k, &a, false, &b, true, acc);
+                faer_gemm(&mut full, m, n, k, &a, false, &b, true, acc);
+                let (mut small16, mut full16) = (init.clone(), init.clone());
+                Gemm::Bf16.run(&mut small16, m, n, k, &a, false, &b, true, acc);
+                super::super::bf16::bf16_gemm(&mut full16, m, n, k, &a, false, &b, true, acc);
+                for i in 0..m * n {
+                    let scale = 1e-5 * (k as f32).sqrt() * (1.0 + full[i].abs());
+                    assert!((small[i] - full[i]).abs() <= scale, "{m}×{n}×{k} f32 [{i}]: {} vs {}", small[i], full[i]);
+                    assert!((small16[i] - full16[i]).abs() <= scale, "{m}×{n}×{k} bf16 [{i}]: {} vs {}", small16[i], full16[i]);
+                }
+                // bf16 really rounds: it differs from f32 somewhere on non-trivial shapes.
+                if k > 1 {
+                    assert!(small16.iter().zip(&small).any(|(x, y)| x != y), "{m}×{n}×{k}: bf16 equals f32");
+                }
+            }
+        }
     }
 
     #[test]

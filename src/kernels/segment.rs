@@ -106,7 +106,7 @@ struct SegmentAttention {
 }
 
 /// Softmax weights of one (segment, head): p_t ∝ exp(scale·q·k_t).
-fn weights(q: &[f32], k: &[f32], rows: std::ops::Range<usize>, stride: usize, offset: usize, d: usize, scale: f32) -> Vec<f32> {
+pub(crate) fn weights(q: &[f32], k: &[f32], rows: std::ops::Range<usize>, stride: usize, offset: usize, d: usize, scale: f32) -> Vec<f32> {
     let scores: Vec<f32> = rows
         .map(|r| {
             let kr = &k[r * stride + offset..r * stride + offset + d];

@@ -89,7 +89,18 @@ impl RaggedKvCache {
     /// `q[i·stride]`, `k[i·stride]`, `v[i·stride]` (stride H·d for separate arrays, 3·H·d for a
     /// fused qkv buffer).
     pub fn step(&mut self, rows: &[usize], q: &[f32], k: &[f32], v: &[f32], stride: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; rows.len() * self.heads * self.head_dim];
+        self.step_into(rows, q, k, v, stride, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::step`] writing the output into `out` (R·H·d, overwritten), for callers that keep
+    /// their buffers between steps.
+    pub fn step_into(&mut self, rows: &[usize], q: &[f32], k: &[f32], v: &[f32], stride: usize, out: &mut [f32]) -> Result<()> {
         let (h, d) = (self.heads, self.head_dim);
+        if out.len() != rows.len() * h * d {
+            return Err(NnError::BadConfig(format!("ragged cache step: output of {} values for {} rows × {}", out.len(), rows.len(), h * d)));
+        }
         let dim = h * d;
         let scale = 1.0 / (d as f32).sqrt();
         for (i, &row) in rows.iter().enumerate() {
@@ -110,9 +121,9 @@ impl RaggedKvCache {
         }
         // Each (row, head) attends over its own prefix; rows are independent.
         use rayon::prelude::*;
-        let mut out = vec![0f32; rows.len() * dim];
+        out.fill(0.0);
         let this = &*self;
-        out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
+        let attend = |(i, o): (usize, &mut [f32])| {
             let row = rows[i];
             let len = this.lens[row];
             let mut scores = vec![0f32; len];
@@ -135,8 +146,15 @@ impl RaggedKvCache {
                     }
                 }
             }
-        });
-        Ok(out)
+        };
+        // A decode step of a few rows is cheaper than waking the thread pool.
+        let work: usize = rows.iter().map(|&r| self.lens[r]).sum::<usize>() * dim;
+        if rows.len() > 1 && work >= 1 << 16 && rayon::current_num_threads() > 1 {
+            out.par_chunks_mut(dim).enumerate().for_each(attend);
+        } else {
+            out.chunks_mut(dim).enumerate().for_each(attend);
+        }
+        Ok(())
     }
 }
 

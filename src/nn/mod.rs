@@ -10,6 +10,7 @@
 //! B batch, T tokens, D width, H heads, d = D/H head dim.
 
 pub mod attention;
+pub mod lean;
 pub mod rope;
 
 use candle_core::{Tensor, D};

@@ -56,6 +56,24 @@ pub struct SpeedArgs {
     /// Folder of the reference scripts.
     #[arg(long, default_value = "bench")]
     torch_scripts: std::path::PathBuf,
+    /// Also time whole generations (images/s) of the trained baseline (--gpt) and DPAR (--dpar)
+    /// at these batch sizes, comma separated (e.g. 1,2,4,8,16,32,64,100), with guidance
+    /// --cfg and the DPAR model's patch rules: the small-batch sampling curve.
+    #[arg(long, value_name = "BATCHES")]
+    sampling_curve: Option<String>,
+    /// The baseline of the sampling curve (run folder or weight file).
+    #[arg(long, default_value = "models/mnist/gpt")]
+    gpt: std::path::PathBuf,
+    /// The DPAR model of the sampling curve; its entropy model is found by the hash it records
+    /// (or given with --entropy-model).
+    #[arg(long, default_value = "models/mnist/dpar")]
+    dpar: std::path::PathBuf,
+    /// The entropy model of the sampling curve's DPAR model.
+    #[arg(long)]
+    entropy_model: Option<std::path::PathBuf>,
+    /// Classifier-free guidance scale of the sampling curve (1 = none; above 1 doubles the rows).
+    #[arg(long, default_value_t = 2.0)]
+    cfg: f64,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -140,8 +158,40 @@ fn speed(args: SpeedArgs) -> Result<()> {
         println!("ratios: PyTorch's time over ours (above 1: ours is faster), best kernel of each side");
         torch = Some(serde_json::json!({ "reference": reference, "ours_gemm_1024": gemm }));
     }
+    let mut curve = Vec::new();
+    if let Some(list) = &args.sampling_curve {
+        let batches: Vec<usize> = list
+            .split(',')
+            .map(|b| b.trim().parse::<usize>().ok().filter(|&b| b > 0 && b <= 4096).ok_or_else(|| anyhow::anyhow!("--sampling-curve: `{b}` is not a batch size in 1..=4096")))
+            .collect::<Result<_>>()?;
+        let (gpt, _gs) = dpar::gpt::load(&args.gpt, None, &device)?;
+        let (model, _store, _) = dpar::dpar::train::load(&args.dpar, &device)?;
+        let recorded = dpar::parts::Recorded::of(&args.dpar);
+        let part = dpar::parts::Part::EntropyModel;
+        let owner = format!("the model {}", args.dpar.display());
+        let entropy_path = dpar::parts::resolve(part, args.entropy_model.as_deref(), recorded.id(part), &args.dpar, &owner, crate::common::allow_mismatch())?;
+        let (entropy, _es) = dpar::gpt::load(&entropy_path, None, &device)?;
+        let (gc, dc) = (gpt.config(), model.config());
+        anyhow::ensure!(
+            gc.seq_len() == dc.seq_len() && gc.num_classes == dc.num_classes,
+            "--gpt {} ({} codes, {} classes) and --dpar {} ({} codes, {} classes) do not generate the same images",
+            args.gpt.display(),
+            gc.seq_len(),
+            gc.num_classes,
+            args.dpar.display(),
+            dc.seq_len(),
+            dc.num_classes
+        );
+        let sampling = dpar::sample::SamplingConfig { cfg_scale: args.cfg, ..Default::default() };
+        sampling.validate()?;
+        tracing::info!("sampling curve: {} ({} layers, width {}) against {} ({}+{}+{} layers, width {}), cfg {}", args.gpt.display(), gc.n_layer, gc.dim, args.dpar.display(), dc.encoder_layers, dc.global_layers, dc.decoder_layers, dc.dim, args.cfg);
+        curve = dpar::bench::sampling_curve(&gpt, &model, &entropy, &sampling, &dc.patch, &batches, args.reps, &device)?;
+        println!();
+        print!("{}", dpar::bench::sampling_markdown(&curve, dc.seq_len()));
+        println!("whole generations (cfg {}), median of up to {} runs or one second per batch size", args.cfg, args.reps);
+    }
     if let Some(path) = args.json {
-        let json = serde_json::json!({ "models": rows, "ops": ops, "torch": torch });
+        let json = serde_json::json!({ "models": rows, "ops": ops, "torch": torch, "sampling_curve": curve });
         dpar::util::write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
         println!("wrote {}", path.display());
     }

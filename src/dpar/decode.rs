@@ -1,0 +1,261 @@
+//! DPAR generation through lean steps on the CPU (issue 14): the algorithm of
+//! [`super::generate::generate_cached`] with every stage (entropy model, encoder, patch
+//! transformer, decoder) a [`LeanStack`] and the patch vectors, the decoder injections and the
+//! head on plain slices. Weights are copied once per generation; caches and buffers are
+//! allocated once; no tensor graph is built per code. Each operation is the fused path's, with
+//! the same GEMM shapes, so the codes and patch boundaries are exactly those of the tensor path.
+//!
+//! # Shapes
+//! B images, R rows (2B with guidance), D width, H heads, d = D/H, V vocabulary, L codes.
+
+use super::generate::{check, Generated};
+use super::{Dpar, Result};
+use crate::gpt::decode::LeanDecoder;
+use crate::gpt::{entropy_rows, Gpt};
+use crate::kernels::segment;
+use crate::nn::lean::{host, LeanLinear, LeanNorm, LeanStack};
+use crate::patching::{OnlinePatcher, PatchConfig};
+use crate::sample::{choose_codes_host, uniforms, SamplingConfig};
+
+/// The patch encoder's cross-attention on the host.
+struct Cross {
+    norm_q: LeanNorm,
+    norm_kv: LeanNorm,
+    wq: LeanLinear,
+    wk: LeanLinear,
+    wv: LeanLinear,
+    wo: LeanLinear,
+    heads: usize,
+}
+
+impl Cross {
+    /// Patch vectors (M, D) of `segments` (offset, length) of the states (T, D): the query is
+    /// the max over the patch's states, plus wo of its attention over them.
+    fn forward(&self, states: &[f32], segments: &[(usize, usize)], dim: usize) -> Vec<f32> {
+        let (t, m) = (states.len() / dim, segments.len());
+        let (h, d) = (self.heads, dim / self.heads);
+        let mut queries = vec![0f32; m * dim];
+        for (o, &(start, len)) in queries.chunks_mut(dim).zip(segments) {
+            o.copy_from_slice(&states[start * dim..(start + 1) * dim]);
+            for r in start + 1..start + len {
+                for (q, &v) in o.iter_mut().zip(&states[r * dim..(r + 1) * dim]) {
+                    if v > *q {
+                        *q = v;
+                    }
+                }
+            }
+        }
+        let mut qn = vec![0f32; m * dim];
+        self.norm_q.run(&queries, &mut qn);
+        let mut q = vec![0f32; m * dim];
+        self.wq.run(&qn, m, &mut q);
+        let mut kvn = vec![0f32; t * dim];
+        self.norm_kv.run(states, &mut kvn);
+        let (mut k, mut v) = (vec![0f32; t * dim], vec![0f32; t * dim]);
+        self.wk.run(&kvn, t, &mut k);
+        self.wv.run(&kvn, t, &mut v);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut attn = vec![0f32; m * dim];
+        for (mi, (o, &(start, len))) in attn.chunks_mut(dim).zip(segments).enumerate() {
+            for hi in 0..h {
+                let p = segment::weights(&q[mi * dim + hi * d..mi * dim + (hi + 1) * d], &k, start..start + len, dim, hi * d, d, scale);
+                let oh = &mut o[hi * d..(hi + 1) * d];
+                for (j, r) in (start..start + len).enumerate() {
+                    for (x, y) in oh.iter_mut().zip(&v[r * dim + hi * d..r * dim + (hi + 1) * d]) {
+                        *x += p[j] * y;
+                    }
+                }
+            }
+        }
+        let mut out = vec![0f32; m * dim];
+        self.wo.run(&attn, m, &mut out);
+        for (a, b) in queries.iter_mut().zip(&out) {
+            *a += b;
+        }
+        queries
+    }
+}
+
+/// Incremental DPAR generation on the CPU through lean steps: the same codes and patch lengths
+/// as [`super::generate::generate_cached`] for the same inputs. Needs a model with fused or bf16
+/// kernels (`ops` other than `stock`).
+pub fn generate_lean(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig) -> Result<Generated> {
+    check(model, entropy_model, labels, sampling, patch)?;
+    let c = model.config();
+    if c.ops == crate::nn::Ops::Stock {
+        return Err(super::DparError::BadInput("the lean decode step follows the fused kernels; sample a stock-ops model with generate_cached".into()));
+    }
+    let gemm = c.ops.gemm();
+    let (b, l, grid, dim, v) = (labels.len(), c.seq_len(), c.grid_size, c.dim, c.vocab_size);
+    let half = c.head_dim() / 2;
+    let guided = sampling.uses_guidance();
+    let rows = if guided { 2 * b } else { b };
+    let all_rows: Vec<usize> = (0..rows).collect();
+    let image_rows: Vec<usize> = (0..b).collect();
+    let u = uniforms(sampling.seed, b, l);
+
+    let cls_table = host(&model.cls_embedding)?;
+    let tok_table = host(&model.tok_embeddings)?;
+    let start_vector = host(&model.start)?;
+    let cross = Cross {
+        norm_q: LeanNorm::from(&model.enc_cross.norm_q)?,
+        norm_kv: LeanNorm::from(&model.enc_cross.norm_kv)?,
+        wq: LeanLinear::from(&model.enc_cross.wq, gemm)?,
+        wk: LeanLinear::from(&model.enc_cross.wk, gemm)?,
+        wv: LeanLinear::from(&model.enc_cross.wv, gemm)?,
+        wo: LeanLinear::from(&model.enc_cross.wo, gemm)?,
+        heads: model.enc_cross.n_head,
+    };
+    let proj: Vec<(LeanNorm, LeanLinear)> = model.dec_proj.iter().map(|p| Ok((LeanNorm::from(&p.norm)?, LeanLinear::from(&p.wo, gemm)?))).collect::<Result<_>>()?;
+    let norm = LeanNorm::from(&model.norm)?;
+    let output = LeanLinear::from(&model.output, gemm)?;
+    let mut encoder = LeanStack::new(&model.enc_layers, dim, c.n_head, gemm, b, l + 1)?;
+    let mut global = LeanStack::new(&model.layers, dim, c.n_head, gemm, rows, l + 1)?;
+    let mut decoder = LeanStack::new(&model.dec_layers, dim, c.n_head, gemm, rows, l + 1)?;
+    let mut entropy = LeanDecoder::new(entropy_model, b)?;
+    let ev = entropy_model.config().vocab_size;
+
+    let mut patchers = (0..b).map(|_| OnlinePatcher::new(*patch, grid)).collect::<std::result::Result<Vec<_>, _>>()?;
+    for p in &mut patchers {
+        p.push(f32::INFINITY); // z_0 is a patch of its own
+    }
+    let mut patch_start = vec![0usize; b];
+    // h_all[k·B·D ..] = encoder states of z_k (B, D).
+    let mut h_all: Vec<f32> = Vec::with_capacity(l * b * dim);
+    // Per-layer injections wo_ℓ(RMSNorm_ℓ(g)) of the current g, back to back (layers × R × D).
+    let mut injections = vec![0f32; proj.len() * rows * dim];
+    let mut normed = vec![0f32; rows * dim];
+    let inject = |g: &[f32], injections: &mut [f32], normed: &mut [f32]| {
+        for (li, (n, wo)) in proj.iter().enumerate() {
+            n.run(g, normed);
+            wo.run(normed, rows, &mut injections[li * rows * dim..(li + 1) * rows * dim]);
+        }
+    };
+    // Decoder step + head: logits (R, V) for z_pos from the inputs x (R, D).
+    let mut y = vec![0f32; rows * dim];
+    let mut yn = vec![0f32; rows * dim];
+    let mut logits = vec![0f32; rows * v];
+    let dec_cos = &model.rope_dec.cos[..];
+    let dec_sin = &model.rope_dec.sin[..];
+
+    // The class slot: zero rotations; its output is g for the lone z_0.
+    let mut g = vec![0f32; rows * dim];
+    let null = c.num_classes;
+    for (r, row) in g.chunks_mut(dim).enumerate() {
+        let y = if r < b { labels[r] as usize } else { null };
+        row.copy_from_slice(&cls_table[y * dim..(y + 1) * dim]);
+    }
+    let zeros = vec![0f32; half];
+    global.step(&mut g, &all_rows, &zeros, &zeros, None)?;
+    inject(&g, &mut injections, &mut normed);
+    for row in y.chunks_mut(dim) {
+        row.copy_from_slice(&start_vector);
+    }
+    decoder.step(&mut y, &all_rows, &dec_cos[..half], &dec_sin[..half], Some(&injections))?;
+    norm.run(&y, &mut yn);
+    output.run(&yn, rows, &mut logits);
+    let mut codes: Vec<Vec<u32>> = choose_codes_host(&logits, v, b, guided, sampling, &u, 0, l).into_iter().map(|z| vec![z]).collect();
+    let mut prev = vec![0u32; b];
+    let mut h = vec![0f32; b * dim];
+    for k in 1..l {
+        for (i, z) in codes.iter().enumerate() {
+            prev[i] = z[k - 1];
+        }
+        // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
+        for (row, &z) in h.chunks_mut(dim).zip(&prev) {
+            row.copy_from_slice(&tok_table[z as usize * dim..(z as usize + 1) * dim]);
+        }
+        let p = k - 1;
+        encoder.step(&mut h, &image_rows, &model.rope_enc.cos[p * half..(p + 1) * half], &model.rope_enc.sin[p * half..(p + 1) * half], None)?;
+        h_all.extend_from_slice(&h);
+        let entropies = entropy_rows(entropy.step(&prev)?, ev);
+        let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
+        // 2. Close the patches that end at z_{k−1}.
+        if !closing.is_empty() {
+            let mut states = Vec::new();
+            let mut segments = Vec::with_capacity(closing.len());
+            let mut spans = Vec::with_capacity(closing.len());
+            for &i in &closing {
+                segments.push((states.len() / dim, k - patch_start[i]));
+                spans.push((patch_start[i], k - 1));
+                for pos in patch_start[i]..k {
+                    states.extend_from_slice(&h_all[(pos * b + i) * dim..(pos * b + i + 1) * dim]);
+                }
+                patch_start[i] = k;
+            }
+            let vectors = cross.forward(&states, &segments, dim); // (|C|, D)
+            let mut step_rows = closing.clone();
+            let mut x = vectors.clone();
+            if guided {
+                step_rows.extend(closing.iter().map(|&i| i + b));
+                x.extend_from_slice(&vectors);
+                spans.extend(spans.clone());
+            }
+            let rope = model.patch_rope(&spans);
+            global.step(&mut x, &step_rows, &rope.cos, &rope.sin, None)?;
+            for (j, &r) in step_rows.iter().enumerate() {
+                g[r * dim..(r + 1) * dim].copy_from_slice(&x[j * dim..(j + 1) * dim]);
+            }
+            inject(&g, &mut injections, &mut normed);
+        }
+        // 3. Decoder step at position k.
+        y[..b * dim].copy_from_slice(&h);
+        if guided {
+            y[b * dim..].copy_from_slice(&h);
+        }
+        decoder.step(&mut y, &all_rows, &dec_cos[k * half..(k + 1) * half], &dec_sin[k * half..(k + 1) * half], Some(&injections))?;
+        norm.run(&y, &mut yn);
+        output.run(&yn, rows, &mut logits);
+        for (i, z) in choose_codes_host(&logits, v, b, guided, sampling, &u, k, l).into_iter().enumerate() {
+            codes[i].push(z);
+        }
+    }
+    Ok(Generated { codes, lengths: patchers.iter().map(|p| p.lengths().to_vec()).collect() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dpar::generate::{generate, generate_cached, tests::entropy_model};
+    use crate::dpar::model::tests::tiny;
+    use crate::params::ParamStore;
+    use candle_core::{Device, Tensor};
+
+    /// Beyond the tensor-path test in `generate`: two encoder layers, bf16 GEMMs, a batch of five
+    /// and every sampling filter; the lean steps give exactly the same codes and patches, and the
+    /// CPU default (`generate`) is the lean path.
+    #[test]
+    fn lean_steps_equal_the_tensor_path_with_bf16_and_two_encoder_layers() {
+        for ops in [crate::nn::Ops::Fused, crate::nn::Ops::Bf16] {
+            let config = super::super::DparConfig { encoder_layers: 2, ops, ..tiny() };
+            let store = ParamStore::new(21, &Device::Cpu);
+            let m = Dpar::new(&config, &store.root()).unwrap();
+            for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
+                let var = store.var(name).unwrap();
+                var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
+            let (e, _es) = entropy_model(22);
+            let labels = [2u32, 0, 1, 1, 2];
+            for (cfg_scale, top_k, top_p) in [(2.0, 0, 1.0), (1.0, 5, 0.9)] {
+                let sampling = SamplingConfig { cfg_scale, top_k, top_p, seed: 9, ..Default::default() };
+                let patch = PatchConfig::dpar(2.5, 4);
+                let cached = generate_cached(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap();
+                let lean = generate_lean(&m, &e, &labels, &sampling, &patch).unwrap();
+                assert_eq!(lean, cached, "{ops:?}, cfg {cfg_scale}");
+                assert_eq!(generate(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap(), lean);
+                let steps = lean.global_steps();
+                assert!(steps.iter().any(|&s| s > 1 && s < 16), "no patch of several codes: {steps:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stock_ops_model_is_refused_with_a_pointer_to_the_tensor_path() {
+        let config = super::super::DparConfig { ops: crate::nn::Ops::Stock, ..tiny() };
+        let store = ParamStore::new(1, &Device::Cpu);
+        let m = Dpar::new(&config, &store.root()).unwrap();
+        let (e, _es) = entropy_model(2);
+        let err = generate_lean(&m, &e, &[0], &SamplingConfig::default(), &PatchConfig::dpar(1.0, 4)).unwrap_err().to_string();
+        assert!(err.contains("generate_cached"), "{err}");
+    }
+}

@@ -1,0 +1,222 @@
+//! Lean inference steps on the CPU (issue 14): a stack of LlamaGen blocks whose weights are
+//! copied out of their tensors once, with KV caches and every scratch buffer allocated once, so
+//! that a decode step runs on plain slices (no tensor graph, no allocation per step).
+//!
+//! A step is the fused path's [`Block::forward_ragged`], operation by operation: RMSNorm + qkv
+//! (one GEMM), RoPE on q and k, the ragged cache's attention, wo + residual, RMSNorm + [w1; w3],
+//! SwiGLU + w2 + residual. Same GEMM, same shapes, same order of every sum, so the outputs are
+//! bit for bit those of the tensor path. The GPT's decoder ([`crate::gpt::decode`]) and every
+//! DPAR stage ([`crate::dpar::decode`]) are built on it.
+//!
+//! # Shapes
+//! R rows stepped, D width, H heads, d = D/H, F SwiGLU hidden.
+
+use super::{Block, NnError, RaggedKvCache, Result};
+use crate::kernels::math;
+use crate::kernels::matmul::{small_m_gemm, small_m_weights, Gemm, SMALL_M};
+
+/// A tensor's values as f32 on the host.
+pub fn host(t: &candle_core::Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// `out = x·r·g` per row, r = 1/√(mean(x²) + ε): the arithmetic of the fused RMSNorm.
+pub fn rms_norm_rows(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
+    let d = g.len();
+    for (o, xr) in out.chunks_mut(d).zip(x.chunks(d)) {
+        let r = 1.0 / (math::dot(xr, xr) / d as f32 + eps).sqrt();
+        for j in 0..d {
+            o[j] = xr[j] * r * g[j];
+        }
+    }
+}
+
+/// A row-wise linear layer on the host, `out (R, out) = x (R, in)·Wᵀ`, with W kept in both
+/// layouts: as stored (for the packed GEMM of many rows) and transposed once for
+/// [`small_m_gemm`] (a decode step's few rows), so no call packs W. The arithmetic is that of
+/// [`Gemm::run`] on the same rows, to the bit.
+pub struct LeanLinear {
+    pub weight: Vec<f32>,
+    transposed: Vec<f32>,
+    gemm: Gemm,
+    pub out_dim: usize,
+    pub in_dim: usize,
+}
+
+impl LeanLinear {
+    pub fn from(linear: &super::Linear, gemm: Gemm) -> Result<Self> {
+        let (out_dim, in_dim) = linear.weight.dims2()?;
+        Self::new(host(&linear.weight)?, out_dim, in_dim, gemm)
+    }
+
+    /// From a row-major (out, in) weight.
+    pub fn new(weight: Vec<f32>, out_dim: usize, in_dim: usize, gemm: Gemm) -> Result<Self> {
+        if weight.len() != out_dim * in_dim {
+            return Err(NnError::BadConfig(format!("lean linear: {} weights for {out_dim} × {in_dim}", weight.len())));
+        }
+        let transposed = small_m_weights(&weight, out_dim, in_dim, gemm == Gemm::Bf16);
+        Ok(Self { weight, transposed, gemm, out_dim, in_dim })
+    }
+
+    pub fn run(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        if rows <= SMALL_M && rows > 0 {
+            small_m_gemm(out, rows, self.out_dim, self.in_dim, x, &self.transposed, false, self.gemm == Gemm::Bf16);
+        } else {
+            self.gemm.run(out, rows, self.out_dim, self.in_dim, x, false, &self.weight, true, false);
+        }
+    }
+}
+
+/// An RMSNorm on the host.
+pub struct LeanNorm {
+    pub weight: Vec<f32>,
+    pub eps: f32,
+}
+
+impl LeanNorm {
+    pub fn from(norm: &super::RmsNorm) -> Result<Self> {
+        Ok(Self { weight: host(&norm.weight)?, eps: norm.eps as f32 })
+    }
+
+    pub fn run(&self, x: &[f32], out: &mut [f32]) {
+        rms_norm_rows(x, &self.weight, self.eps, out);
+    }
+}
+
+struct LeanBlock {
+    attn_norm: LeanNorm,
+    wqkv: LeanLinear,
+    wo: LeanLinear,
+    ffn_norm: LeanNorm,
+    /// `[w1; w3]` (2F, D).
+    w13: LeanLinear,
+    w2: LeanLinear,
+}
+
+/// Blocks, their ragged KV caches and the scratch of one step.
+pub struct LeanStack {
+    dim: usize,
+    heads: usize,
+    hidden: usize,
+    blocks: Vec<LeanBlock>,
+    caches: Vec<RaggedKvCache>,
+    xn: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    h13: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl LeanStack {
+    /// Copies `blocks` (width `dim`, `heads` heads) with caches for `cache_rows` sequences of
+    /// up to `max_len` positions.
+    pub fn new(blocks: &[Block], dim: usize, heads: usize, gemm: Gemm, cache_rows: usize, max_len: usize) -> Result<Self> {
+        if heads == 0 || dim % heads != 0 || (dim / heads) % 2 != 0 {
+            return Err(NnError::BadConfig(format!("lean stack: width {dim} does not split into {heads} heads of even size")));
+        }
+        let hidden = blocks.first().map(|b| b.feed_forward.w2.weight.dims()[1]).unwrap_or(0);
+        let mut lean = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            let mut w13 = host(&b.feed_forward.w1.weight)?;
+            w13.extend(host(&b.feed_forward.w3.weight)?);
+            lean.push(LeanBlock {
+                attn_norm: LeanNorm::from(&b.attention_norm)?,
+                wqkv: LeanLinear::from(&b.attention.wqkv, gemm)?,
+                wo: LeanLinear::from(&b.attention.wo, gemm)?,
+                ffn_norm: LeanNorm::from(&b.ffn_norm)?,
+                w13: LeanLinear::new(w13, 2 * hidden, dim, gemm)?,
+                w2: LeanLinear::from(&b.feed_forward.w2, gemm)?,
+            });
+        }
+        let buf = |width: usize| Vec::with_capacity(cache_rows * width);
+        Ok(Self {
+            dim,
+            heads,
+            hidden,
+            caches: (0..blocks.len()).map(|_| RaggedKvCache::new(cache_rows, heads, dim / heads, max_len)).collect(),
+            blocks: lean,
+            xn: buf(dim),
+            qkv: buf(3 * dim),
+            att: buf(dim),
+            h13: buf(2 * hidden),
+            act: buf(hidden),
+        })
+    }
+
+    /// Cached positions of sequence `row` (the same in every layer).
+    pub fn len_of(&self, row: usize) -> usize {
+        self.caches.first().map_or(0, |c| c.len_of(row))
+    }
+
+    /// One step of the listed cache rows: `x` (R, D) is replaced by the stack's output. Each
+    /// row appends one position to its own cache. `cos`/`sin` hold the RoPE row of each stepped
+    /// row (R·d/2 values), or one row shared by all (d/2 values). With `injections` (one (R, D)
+    /// slab per block, back to back), block ℓ's input is `x + injections[ℓ]` (DPAR's decoder).
+    pub fn step(&mut self, x: &mut Vec<f32>, rows: &[usize], cos: &[f32], sin: &[f32], injections: Option<&[f32]>) -> Result<()> {
+        let (r, d, f) = (rows.len(), self.dim, self.hidden);
+        let half = d / self.heads / 2;
+        if x.len() != r * d || (cos.len() != half && cos.len() != r * half) || sin.len() != cos.len() {
+            return Err(NnError::BadConfig(format!(
+                "lean step: {} inputs and {} RoPE values for {r} rows of width {d} (half head {half})",
+                x.len(),
+                cos.len()
+            )));
+        }
+        if let Some(inj) = injections {
+            if inj.len() != self.blocks.len() * r * d {
+                return Err(NnError::BadConfig(format!("lean step: {} injected values for {} blocks × {r} rows × {d}", inj.len(), self.blocks.len())));
+            }
+        }
+        let table = cos.len() / half;
+        self.xn.resize(r * d, 0.0);
+        self.qkv.resize(r * 3 * d, 0.0);
+        self.att.resize(r * d, 0.0);
+        self.h13.resize(r * 2 * f, 0.0);
+        self.act.resize(r * f, 0.0);
+        for (li, (w, cache)) in self.blocks.iter().zip(self.caches.iter_mut()).enumerate() {
+            if let Some(inj) = injections {
+                for (a, b) in x.iter_mut().zip(&inj[li * r * d..(li + 1) * r * d]) {
+                    *a += b;
+                }
+            }
+            // RMSNorm + qkv.
+            w.attn_norm.run(x, &mut self.xn);
+            w.wqkv.run(&self.xn, r, &mut self.qkv);
+            // RoPE on q and k, in place.
+            for (tok, row) in self.qkv.chunks_mut(3 * d).enumerate() {
+                let t = tok % table;
+                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                for head in row[..2 * d].chunks_mut(2 * half) {
+                    for i in 0..half {
+                        let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = x0 * c[i] - x1 * s[i];
+                        head[2 * i + 1] = x1 * c[i] + x0 * s[i];
+                    }
+                }
+            }
+            // Append k, v; attend over each row's cache.
+            cache.step_into(rows, &self.qkv, &self.qkv[d..], &self.qkv[2 * d..], 3 * d, &mut self.att)?;
+            // Output projection + residual.
+            w.wo.run(&self.att, r, &mut self.xn);
+            for (a, b) in self.xn.iter_mut().zip(x.iter()) {
+                *a += b;
+            }
+            std::mem::swap(x, &mut self.xn);
+            // RMSNorm + [w1; w3], SwiGLU, w2 + residual.
+            w.ffn_norm.run(x, &mut self.xn);
+            w.w13.run(&self.xn, r, &mut self.h13);
+            for (o, hr) in self.act.chunks_mut(f).zip(self.h13.chunks(2 * f)) {
+                let (a, g) = hr.split_at(f);
+                for j in 0..f {
+                    o[j] = a[j] * math::sigmoid(a[j]) * g[j];
+                }
+            }
+            w.w2.run(&self.act, r, &mut self.xn);
+            for (a, b) in self.xn.iter_mut().zip(x.iter()) {
+                *a += b;
+            }
+            std::mem::swap(x, &mut self.xn);
+        }
+        Ok(())
+    }
+}
