@@ -396,6 +396,8 @@ pub struct TorchReference {
     pub sample_step_ms: Option<f64>,
     /// `(dtype, GFLOP/s)` of a 1024³ matmul.
     pub matmul_gflops: Vec<(String, f64)>,
+    /// `(shape name, dtype, GFLOP/s)` of the bench model's GEMMs (`torch_gemm_shapes.py`).
+    pub gemm_gflops: Vec<(String, String, f64)>,
 }
 
 /// The number after `key` in `line` (`"median 12.3 ms"` → 12.3 for key `median`).
@@ -418,6 +420,12 @@ impl TorchReference {
                 let dtype = rest.split_whitespace().next().unwrap_or("").to_string();
                 if let Some(g) = line.rsplit(", ").next().and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok()) {
                     self.matmul_gflops.push((dtype, g));
+                }
+            } else if let Some(rest) = line.strip_prefix("GEMM ") {
+                let mut words = rest.split_whitespace();
+                let (name, dtype) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+                if let Some(g) = line.rsplit(", ").next().and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok()) {
+                    self.gemm_gflops.push((name, dtype, g));
                 }
             } else if line.starts_with("AUTOCAST-BF16 TRAIN") {
                 keep_min(&mut self.train_ms_bf16, number_after(line, "median"));
@@ -477,6 +485,80 @@ pub fn gemm_1024(reps: usize) -> Vec<(String, f64)> {
     out
 }
 
+/// One GEMM shape of the bench model: ours in f32 (faer) and bf16, GFLOP/s.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GemmRow {
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub f32_gflops: f64,
+    pub bf16_gflops: f64,
+}
+
+/// The bench model's GEMM shapes (batch 16 × 256, width 256, SwiGLU 688, vocabulary 1024) with
+/// their operand layouts: `(name, m, n, k, trans_a, trans_b)`. The names match
+/// `bench/torch_gemm_shapes.py`.
+pub const GEMM_SHAPES: [(&str, usize, usize, usize, bool, bool); 7] = [
+    ("fwd-qkv", 4096, 768, 256, false, true),
+    ("fwd-w13", 4096, 1376, 256, false, true),
+    ("fwd-w2", 4096, 256, 688, false, true),
+    ("fwd-head", 4096, 1024, 256, false, true),
+    ("bwd-dx-w13", 4096, 256, 1376, false, false),
+    ("bwd-dw-w13", 1376, 256, 4096, true, false),
+    ("square-1024", 1024, 1024, 1024, false, false),
+];
+
+/// Median GFLOP/s of our f32 and bf16 GEMMs at [`GEMM_SHAPES`].
+pub fn gemm_shapes(reps: usize) -> Vec<GemmRow> {
+    GEMM_SHAPES
+        .iter()
+        .map(|&(name, m, n, k, ta, tb)| {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let mut c = vec![0f32; m * n];
+            let flops = 2.0 * (m * n * k) as f64;
+            let mut time = |gemm: crate::kernels::matmul::Gemm| {
+                gemm.run(&mut c, m, n, k, &a, ta, &b, tb, false);
+                let mut ts: Vec<f64> = (0..reps.max(3))
+                    .map(|_| {
+                        let t = Instant::now();
+                        gemm.run(&mut c, m, n, k, &a, ta, &b, tb, false);
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                ts.sort_by(f64::total_cmp);
+                flops / ts[ts.len() / 2] / 1e9
+            };
+            let f32_gflops = time(crate::kernels::matmul::Gemm::F32);
+            let bf16_gflops = time(crate::kernels::matmul::Gemm::Bf16);
+            GemmRow { name: name.to_string(), m, n, k, f32_gflops, bf16_gflops }
+        })
+        .collect()
+}
+
+/// Our GEMM rows beside PyTorch's (when measured), GFLOP/s.
+pub fn gemm_markdown(rows: &[GemmRow], torch: Option<&TorchReference>) -> String {
+    let theirs = |name: &str, dtype: &str| {
+        torch.and_then(|t| t.gemm_gflops.iter().find(|(n, d, _)| n == name && d == dtype)).map_or("—".to_string(), |(_, _, g)| format!("{g:.0}"))
+    };
+    let mut s = String::from("| GEMM (bench model) | m × n × k | ours f32 | PyTorch f32 | ours bf16 | PyTorch bf16 |\n|---|---|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} × {} × {} | {:.0} | {} | {:.0} | {} |\n",
+            r.name,
+            r.m,
+            r.n,
+            r.k,
+            r.f32_gflops,
+            theirs(&r.name, "float32"),
+            r.bf16_gflops,
+            theirs(&r.name, "bfloat16")
+        ));
+    }
+    s
+}
+
 /// A markdown comparison of our bench-model rows (`bench (fused)`, `bench (bf16)`) with
 /// PyTorch's; ratios are PyTorch's time over ours (above 1: we are faster).
 pub fn torch_markdown(rows: &[SpeedRow], torch: &TorchReference, ours_gemm: &[(String, f64)]) -> String {
@@ -524,6 +606,10 @@ mod torch_tests {
         t.parse("MATMUL torch.float32 1024^3: median 10.20 ms, 210.5 GFLOP/s\nparams 3675904\nFWD(no_grad) sdpa=False median 190.5 ms\nTRAIN sdpa=False median 570.1 ms loss 7.0123\nFWD(no_grad) sdpa=True median 186.0 ms\nTRAIN sdpa=True median 566.4 ms loss 7.0001\n");
         t.parse("MATMUL torch.bfloat16 1024^3: median 2.30 ms, 930.2 GFLOP/s\nAUTOCAST-BF16 FWD sdpa=True median 97.0 ms\nAUTOCAST-BF16 TRAIN sdpa=True median 267.3 ms loss 7.1\n");
         t.parse("TORCH SAMPLE batch 16: 2.51 ms per step (mean over 256 steps, median of 3 runs)\n");
+        t.parse("GEMM fwd-qkv bfloat16 4096x768x256: median 1.234 ms, 652.1 GFLOP/s\n");
+        assert_eq!(t.gemm_gflops, vec![("fwd-qkv".to_string(), "bfloat16".to_string(), 652.1)]);
+        let gr = GemmRow { name: "fwd-qkv".into(), m: 4096, n: 768, k: 256, f32_gflops: 200.0, bf16_gflops: 300.0 };
+        assert!(gemm_markdown(&[gr], Some(&t)).contains("| fwd-qkv | 4096 × 768 × 256 | 200 | — | 300 | 652 |"));
         assert_eq!(t.train_ms_f32, Some(566.4));
         assert_eq!(t.forward_ms_f32, Some(186.0));
         assert_eq!(t.train_ms_bf16, Some(267.3));

@@ -49,8 +49,9 @@ pub struct SpeedArgs {
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// A Python with torch: also run PyTorch's reference scripts (bench/torch_bench_model.py,
-    /// torch_bench_bf16.py, torch_sample_bench.py) in the same sitting and print the ratios
-    /// against our bench model (fused and bf16, batch 16), and both sides' 1024³ matmul.
+    /// torch_bench_bf16.py, torch_sample_bench.py, torch_gemm_shapes.py) in the same sitting and
+    /// print the ratios against our bench model (fused and bf16, batch 16), and both sides'
+    /// GEMMs at 1024³ and at the bench model's shapes.
     #[arg(long)]
     torch: Option<std::path::PathBuf>,
     /// Folder of the reference scripts.
@@ -78,6 +79,9 @@ pub struct SpeedArgs {
     device: DeviceArgs,
 }
 
+/// PyTorch's reference scripts, run by `--torch`.
+const TORCH_SCRIPTS: [&str; 4] = ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py", "torch_gemm_shapes.py"];
+
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.cmd {
         Some(BenchCmd::Speed(a)) => speed(a),
@@ -92,7 +96,7 @@ fn speed(args: SpeedArgs) -> Result<()> {
     let mut ops_list = args.ops.clone();
     if args.torch.is_some() {
         anyhow::ensure!(args.batch_size == 16, "--torch: the reference scripts use batch 16; drop --batch-size {}", args.batch_size);
-        for script in ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py"] {
+        for script in TORCH_SCRIPTS {
             anyhow::ensure!(args.torch_scripts.join(script).is_file(), "--torch-scripts {}: no {script} there", args.torch_scripts.display());
         }
         // The comparison needs our bench model with both kernels.
@@ -109,7 +113,7 @@ fn speed(args: SpeedArgs) -> Result<()> {
     let reference = match &args.torch {
         Some(python) => {
             let mut reference = dpar::bench::TorchReference::default();
-            for script in ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py"] {
+            for script in TORCH_SCRIPTS {
                 tracing::info!("running PyTorch's {script} (same sitting)");
                 reference.run_script(python, &args.torch_scripts.join(script))?;
             }
@@ -153,10 +157,14 @@ fn speed(args: SpeedArgs) -> Result<()> {
     let mut torch = None;
     if let (Some(_), Some(reference)) = (&args.torch, reference) {
         let gemm = dpar::bench::gemm_1024(args.reps);
+        let shapes = dpar::bench::gemm_shapes(args.reps);
         println!();
         print!("{}", dpar::bench::torch_markdown(&rows, &reference, &gemm));
         println!("ratios: PyTorch's time over ours (above 1: ours is faster), best kernel of each side");
-        torch = Some(serde_json::json!({ "reference": reference, "ours_gemm_1024": gemm }));
+        println!();
+        print!("{}", dpar::bench::gemm_markdown(&shapes, Some(&reference)));
+        println!("GFLOP/s, medians; bf16: bf16 operands, f32 accumulation on both sides");
+        torch = Some(serde_json::json!({ "reference": reference, "ours_gemm_1024": gemm, "ours_gemm_shapes": shapes }));
     }
     let mut curve = Vec::new();
     if let Some(list) = &args.sampling_curve {
