@@ -58,9 +58,23 @@ pub const SMALL_M: usize = 16;
 
 /// Columns per panel of [`small_m_weights`] (one 64-byte cache line of f32).
 const NB: usize = 16;
-/// Rows per register block of [`small_m_gemm`] (2·R accumulators of 8 lanes, AVX2's 16
-/// registers).
-const MR: usize = 6;
+/// Rows per register block of [`small_m_gemm`]: 6 with AVX2 (two 8-lane accumulators per row in
+/// 16 registers), 12 with AVX-512 (one 16-lane accumulator per row in 32 registers).
+const MR_AVX2: usize = 6;
+const MR_AVX512: usize = 12;
+
+/// Whether this CPU runs [`small_m_gemm`]'s AVX-512 version (detected once).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// W (n×k, row-major) packed for [`small_m_gemm`]: panels of NB = 16 columns of Wᵀ, each k × 16
 /// contiguous (the last panel zero-padded), rounded to bf16 when `bf16`. A panel is read front
@@ -124,14 +138,41 @@ pub fn small_m_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], pa
     }
 }
 
-/// The first `cols` columns of `packed`'s panels into `dst` (row stride `ldd`).
+/// The first `cols` columns of `packed`'s panels into `dst` (row stride `ldd`): the AVX-512
+/// build of the same code where the CPU has it (the same fused multiply-adds per lane, so the
+/// same bits).
 #[allow(clippy::too_many_arguments)]
 fn panel_range(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked at run time just above).
+        unsafe { panel_range_avx512(dst, ldd, m, k, a, packed, cols, accumulate) };
+        return;
+    }
+    panel_range_with::<MR_AVX2>(dst, ldd, m, k, a, packed, cols, accumulate);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_range_avx512(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
+    panel_range_with::<MR_AVX512>(dst, ldd, m, k, a, packed, cols, accumulate);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn panel_range_with<const MR: usize>(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
     for (p, panel) in packed.chunks(NB * k).take(cols.div_ceil(NB)).enumerate() {
         let (j, live) = (p * NB, NB.min(cols - p * NB));
         for r0 in (0..m).step_by(MR) {
             let blk = Block { dst: &mut *dst, ldd, r0, j, live, k, a, panel, accumulate };
             match MR.min(m - r0) {
+                12 => blk.run::<12>(),
+                11 => blk.run::<11>(),
+                10 => blk.run::<10>(),
+                9 => blk.run::<9>(),
+                8 => blk.run::<8>(),
+                7 => blk.run::<7>(),
                 6 => blk.run::<6>(),
                 5 => blk.run::<5>(),
                 4 => blk.run::<4>(),

@@ -45,6 +45,10 @@ pub struct SpeedArgs {
     /// Skip the model rows (with --op-table: ops only).
     #[arg(long)]
     no_models: bool,
+    /// Also time our f32 and bf16 GEMMs at the bench model's shapes (GFLOP/s); with --torch
+    /// this table is printed beside PyTorch's anyway.
+    #[arg(long)]
+    gemm_table: bool,
     /// Also write the table as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -154,6 +158,11 @@ fn speed(args: SpeedArgs) -> Result<()> {
         print!("{}", dpar::bench::op_markdown(&ops));
     }
     println!("threads: {}, warm-up {} + {} timed repetitions (medians)", rayon::current_num_threads(), args.warmup, args.reps);
+    if args.gemm_table && args.torch.is_none() {
+        println!();
+        print!("{}", dpar::bench::gemm_markdown(&dpar::bench::gemm_shapes(args.reps), None));
+        println!("GFLOP/s, medians");
+    }
     let mut torch = None;
     if let (Some(_), Some(reference)) = (&args.torch, reference) {
         let gemm = dpar::bench::gemm_1024(args.reps);
