@@ -58,13 +58,17 @@ impl KvCache {
 
 /// A KV cache whose batch rows advance independently (DPAR's patch transformer: each image
 /// closes patches at its own pace). Plain host memory: rows are written in place, and a step's
-/// attention reads each row's own prefix. Inference only (no gradients).
+/// attention reads each row's own prefix. Keys are stored transposed (per row and head,
+/// d × max_len), so the scores of a query against every cached key are d contiguous
+/// multiply-adds over positions, with no horizontal sums. Inference only (no gradients).
 #[derive(Debug, Clone)]
 pub struct RaggedKvCache {
     heads: usize,
     head_dim: usize,
     max_len: usize,
-    k: Vec<f32>,
+    /// (row, head, d, max_len).
+    kt: Vec<f32>,
+    /// (row, head, max_len, d).
     v: Vec<f32>,
     lens: Vec<usize>,
 }
@@ -72,7 +76,7 @@ pub struct RaggedKvCache {
 impl RaggedKvCache {
     pub fn new(batch: usize, heads: usize, head_dim: usize, max_len: usize) -> Self {
         let n = batch * heads * max_len * head_dim;
-        Self { heads, head_dim, max_len, k: vec![0.0; n], v: vec![0.0; n], lens: vec![0; batch] }
+        Self { heads, head_dim, max_len, kt: vec![0.0; n], v: vec![0.0; n], lens: vec![0; batch] }
     }
 
     /// Cached positions of batch row `row`.
@@ -114,8 +118,11 @@ impl RaggedKvCache {
             for hi in 0..h {
                 let src = i * stride + hi * d;
                 let dst = self.at(row, hi, pos);
-                self.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
                 self.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                let kt = self.at(row, hi, 0);
+                for (j, &kv) in k[src..src + d].iter().enumerate() {
+                    self.kt[kt + j * self.max_len + pos] = kv;
+                }
             }
             self.lens[row] = pos + 1;
         }
@@ -130,8 +137,15 @@ impl RaggedKvCache {
             for hi in 0..h {
                 let qv = &q[i * stride + hi * d..i * stride + (hi + 1) * d];
                 let base = this.at(row, hi, 0);
-                for (t, sc) in scores.iter_mut().enumerate() {
-                    *sc = scale * crate::kernels::math::dot(qv, &this.k[base + t * d..base + (t + 1) * d]);
+                scores.fill(0.0);
+                for (j, &qj) in qv.iter().enumerate() {
+                    let kj = &this.kt[base + j * this.max_len..base + j * this.max_len + len];
+                    for (sc, &kv) in scores.iter_mut().zip(kj) {
+                        *sc += qj * kv;
+                    }
+                }
+                for sc in scores.iter_mut() {
+                    *sc *= scale;
                 }
                 let m = crate::kernels::math::max(&scores);
                 for sc in scores.iter_mut() {
