@@ -537,6 +537,41 @@ pub fn gemm_shapes(reps: usize) -> Vec<GemmRow> {
         .collect()
 }
 
+/// Decode-step products `x (m×k)·Wᵀ` for W (n×k) of a qkv projection at width 256: faer's
+/// packed GEMM against [`crate::kernels::matmul::small_m_gemm`] on W packed once (the lean
+/// steps), f32, GFLOP/s. Where the two cross is the right [`crate::kernels::matmul::SMALL_M`].
+pub fn decode_gemm(reps: usize) -> Vec<(usize, f64, f64)> {
+    use crate::kernels::matmul::{faer_gemm, small_m_gemm, small_m_weights};
+    let (n, k) = (768, 256);
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+    let packed = small_m_weights(&w, n, k, false);
+    [1, 2, 4, 8, 16, 32, 64, 128, 200]
+        .iter()
+        .map(|&m| {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let mut c = vec![0f32; m * n];
+            let flops = 2.0 * (m * n * k) as f64;
+            let inner = (1 << 22) / (m * n * k) + 1;
+            let mut time = |f: &mut dyn FnMut(&mut [f32])| {
+                let mut ts: Vec<f64> = (0..reps.max(3))
+                    .map(|_| {
+                        let t = Instant::now();
+                        for _ in 0..inner {
+                            f(&mut c);
+                        }
+                        t.elapsed().as_secs_f64() / inner as f64
+                    })
+                    .collect();
+                ts.sort_by(f64::total_cmp);
+                flops / ts[ts.len() / 2] / 1e9
+            };
+            let faer = time(&mut |c| faer_gemm(c, m, n, k, &x, false, &w, true, false));
+            let small = time(&mut |c| small_m_gemm(c, m, n, k, &x, &packed, false, false));
+            (m, faer, small)
+        })
+        .collect()
+}
+
 /// Our GEMM rows beside PyTorch's (when measured), GFLOP/s.
 pub fn gemm_markdown(rows: &[GemmRow], torch: Option<&TorchReference>) -> String {
     let theirs = |name: &str, dtype: &str| {

@@ -51,10 +51,13 @@ pub enum Gemm {
     Bf16,
 }
 
-/// Rows up to which `x·Wᵀ` runs through [`small_m_gemm`] rather than a packed GEMM. A decode
-/// step has a few rows, and packing W on every call cost more than the product itself (about
-/// 55 % of a DPAR sampling profile at batch 1).
-pub const SMALL_M: usize = 16;
+/// Rows up to which `x·Wᵀ` runs through [`small_m_gemm`] rather than faer's GEMM. A decode
+/// step has a few rows (2 × batch with guidance), and faer's packing of W on every call cost
+/// more than the product itself (about 55 % of a DPAR sampling profile at batch 1). With W
+/// packed once (the lean steps), the small-m kernel matched or beat faer at every m from 2 to
+/// 200 (`dpar bench speed --gemm-table`), so every sampling batch up to 128 images with
+/// guidance stays on it; training's products (thousands of rows) stay on faer.
+pub const SMALL_M: usize = 256;
 
 /// Columns per panel of [`small_m_weights`] (one 64-byte cache line of f32).
 const NB: usize = 16;
@@ -62,19 +65,6 @@ const NB: usize = 16;
 /// 16 registers), 12 with AVX-512 (one 16-lane accumulator per row in 32 registers).
 const MR_AVX2: usize = 6;
 const MR_AVX512: usize = 12;
-
-/// Whether this CPU runs [`small_m_gemm`]'s AVX-512 version (detected once).
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// W (n×k, row-major) packed for [`small_m_gemm`]: panels of NB = 16 columns of Wᵀ, each k × 16
 /// contiguous (the last panel zero-padded), rounded to bf16 when `bf16`. A panel is read front
@@ -138,83 +128,141 @@ pub fn small_m_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], pa
     }
 }
 
-/// The first `cols` columns of `packed`'s panels into `dst` (row stride `ldd`): the AVX-512
-/// build of the same code where the CPU has it (the same fused multiply-adds per lane, so the
-/// same bits).
+/// The first `cols` columns of `packed`'s panels into `dst` (row stride `ldd`), by register
+/// blocks: AVX-512 (12 rows × one 16-lane register) or AVX2 + FMA (6 rows × two 8-lane
+/// registers) as the CPU allows, else scalar. Each lane runs the same fused multiply-add chain
+/// over k, so every version gives the same bits.
 #[allow(clippy::too_many_arguments)]
 fn panel_range(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: the CPU has AVX-512F (checked at run time just above).
-        unsafe { panel_range_avx512(dst, ldd, m, k, a, packed, cols, accumulate) };
-        return;
-    }
-    panel_range_with::<MR_AVX2>(dst, ldd, m, k, a, packed, cols, accumulate);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel_range_avx512(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
-    panel_range_with::<MR_AVX512>(dst, ldd, m, k, a, packed, cols, accumulate);
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn panel_range_with<const MR: usize>(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
+    let isa = Isa::detect();
+    let mr = match isa {
+        Isa::Avx512 => MR_AVX512,
+        _ => MR_AVX2,
+    };
     for (p, panel) in packed.chunks(NB * k).take(cols.div_ceil(NB)).enumerate() {
         let (j, live) = (p * NB, NB.min(cols - p * NB));
-        for r0 in (0..m).step_by(MR) {
-            let blk = Block { dst: &mut *dst, ldd, r0, j, live, k, a, panel, accumulate };
-            match MR.min(m - r0) {
-                12 => blk.run::<12>(),
-                11 => blk.run::<11>(),
-                10 => blk.run::<10>(),
-                9 => blk.run::<9>(),
-                8 => blk.run::<8>(),
-                7 => blk.run::<7>(),
-                6 => blk.run::<6>(),
-                5 => blk.run::<5>(),
-                4 => blk.run::<4>(),
-                3 => blk.run::<3>(),
-                2 => blk.run::<2>(),
-                _ => blk.run::<1>(),
-            }
+        for r0 in (0..m).step_by(mr) {
+            let rows = mr.min(m - r0);
+            assert!(panel.len() >= NB * k && a.len() >= (r0 + rows) * k && dst.len() >= (r0 + rows - 1) * ldd + j + live);
+            let blk = Block { dst: dst[r0 * ldd + j..].as_mut_ptr(), ldd, a: a[r0 * k..].as_ptr(), k, panel: panel.as_ptr(), live, accumulate };
+            // SAFETY: the assert above bounds every read (rows × k of a, k × NB of the panel)
+            // and write (rows rows of `live` columns at stride ldd); the ISA was detected at run
+            // time.
+            unsafe { blk.run(isa, rows) };
         }
     }
 }
 
-/// One register block: rows r0.. of `a` against one panel, into columns j .. j + live.
-struct Block<'a> {
-    dst: &'a mut [f32],
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Scalar
+        })
+    }
+}
+
+/// One register block: `rows` rows of `a` (stride k) against one panel (k × NB), into `live`
+/// columns of `dst` (stride ldd).
+struct Block {
+    dst: *mut f32,
     ldd: usize,
-    r0: usize,
-    j: usize,
-    live: usize,
+    a: *const f32,
     k: usize,
-    a: &'a [f32],
-    panel: &'a [f32],
+    panel: *const f32,
+    live: usize,
     accumulate: bool,
 }
 
-impl Block<'_> {
-    #[inline(always)]
-    fn run<const R: usize>(self) {
-        let k = self.k;
-        let mut acc = [[0f32; NB]; R];
-        for kk in 0..k {
-            let w: &[f32; NB] = self.panel[kk * NB..(kk + 1) * NB].try_into().expect("a panel row holds NB values");
-            for (r, accr) in acc.iter_mut().enumerate() {
-                let x = self.a[(self.r0 + r) * k + kk];
-                for c in 0..NB {
-                    accr[c] = x.mul_add(w[c], accr[c]);
+macro_rules! dispatch_rows {
+    ($self:ident, $f:ident, $rows:expr, [$($r:literal),*]) => {
+        match $rows {
+            $($r => $self.$f::<$r>(),)*
+            _ => unreachable!("a register block has 1..=12 rows"),
+        }
+    };
+}
+
+impl Block {
+    /// # Safety
+    /// The pointers must cover the block (see [`panel_range`]) and `isa` must be this CPU's.
+    unsafe fn run(&self, isa: Isa, rows: usize) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => dispatch_rows!(self, avx512, rows, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => dispatch_rows!(self, avx2, rows, [1, 2, 3, 4, 5, 6]),
+            _ => {
+                for r in 0..rows {
+                    for c in 0..self.live {
+                        let mut acc = 0f32;
+                        for kk in 0..self.k {
+                            acc = (*self.a.add(r * self.k + kk)).mul_add(*self.panel.add(kk * NB + c), acc);
+                        }
+                        let d = self.dst.add(r * self.ldd + c);
+                        *d = if self.accumulate { *d + acc } else { acc };
+                    }
                 }
             }
         }
-        for (r, accr) in acc.iter().enumerate() {
-            let row = (self.r0 + r) * self.ldd + self.j;
-            for (d, &v) in self.dst[row..row + self.live].iter_mut().zip(accr) {
-                *d = if self.accumulate { *d + v } else { v };
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512<const R: usize>(&self) {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for kk in 0..self.k {
+            let w = _mm512_loadu_ps(self.panel.add(kk * NB));
+            for (r, v) in acc.iter_mut().enumerate() {
+                *v = _mm512_fmadd_ps(_mm512_set1_ps(*self.a.add(r * self.k + kk)), w, *v);
+            }
+        }
+        let mask: __mmask16 = if self.live == NB { 0xFFFF } else { (1u16 << self.live) - 1 };
+        for (r, v) in acc.iter().enumerate() {
+            let d = self.dst.add(r * self.ldd);
+            let out = if self.accumulate { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), *v) } else { *v };
+            _mm512_mask_storeu_ps(d, mask, out);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const R: usize>(&self) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for kk in 0..self.k {
+            let w0 = _mm256_loadu_ps(self.panel.add(kk * NB));
+            let w1 = _mm256_loadu_ps(self.panel.add(kk * NB + 8));
+            for (r, v) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*self.a.add(r * self.k + kk));
+                v[0] = _mm256_fmadd_ps(x, w0, v[0]);
+                v[1] = _mm256_fmadd_ps(x, w1, v[1]);
+            }
+        }
+        let mut tmp = [0f32; NB];
+        for (r, v) in acc.iter().enumerate() {
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v[1]);
+            for (c, &t) in tmp.iter().enumerate().take(self.live) {
+                let d = self.dst.add(r * self.ldd + c);
+                *d = if self.accumulate { *d + t } else { t };
             }
         }
     }
@@ -301,7 +349,7 @@ mod tests {
     /// without accumulation, through `Gemm::run`'s dispatch.
     #[test]
     fn small_m_products_match_the_packed_gemms() {
-        for &(m, n, k) in &[(1, 1, 1), (2, 37, 13), (16, 70, 129), (5, 600, 64), (3, 2, 1000)] {
+        for &(m, n, k) in &[(1, 1, 1), (2, 37, 13), (16, 70, 129), (5, 600, 64), (3, 2, 1000), (100, 45, 77), (256, 17, 40)] {
             let a: Vec<f32> = (0..m * k).map(|i| (((i * 7919) % 1009) as f32 / 1009.0 - 0.5) * 3.0).collect();
             let b: Vec<f32> = (0..n * k).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 2.0).collect();
             for acc in [false, true] {

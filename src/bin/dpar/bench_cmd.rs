@@ -158,10 +158,20 @@ fn speed(args: SpeedArgs) -> Result<()> {
         print!("{}", dpar::bench::op_markdown(&ops));
     }
     println!("threads: {}, warm-up {} + {} timed repetitions (medians)", rayon::current_num_threads(), args.warmup, args.reps);
-    if args.gemm_table && args.torch.is_none() {
+    let mut decode = Vec::new();
+    if args.gemm_table {
+        if args.torch.is_none() {
+            println!();
+            print!("{}", dpar::bench::gemm_markdown(&dpar::bench::gemm_shapes(args.reps), None));
+            println!("GFLOP/s, medians");
+        }
+        decode = dpar::bench::decode_gemm(args.reps);
         println!();
-        print!("{}", dpar::bench::gemm_markdown(&dpar::bench::gemm_shapes(args.reps), None));
-        println!("GFLOP/s, medians");
+        println!("| decode product m × 768 × 256 (f32) | faer GFLOP/s | small-m, W packed once, GFLOP/s |\n|---|---|---|");
+        for (m, faer, small) in &decode {
+            println!("| m = {m} | {faer:.1} | {small:.1} |");
+        }
+        println!("`dpar sample` uses the small-m kernel up to m = {} rows (a decode step of 2 × batch rows with guidance)", dpar::kernels::matmul::SMALL_M);
     }
     let mut torch = None;
     if let (Some(_), Some(reference)) = (&args.torch, reference) {
@@ -208,7 +218,7 @@ fn speed(args: SpeedArgs) -> Result<()> {
         println!("whole generations (cfg {}), median of up to {} runs or one second per batch size", args.cfg, args.reps);
     }
     if let Some(path) = args.json {
-        let json = serde_json::json!({ "models": rows, "ops": ops, "torch": torch, "sampling_curve": curve });
+        let json = serde_json::json!({ "models": rows, "ops": ops, "torch": torch, "sampling_curve": curve, "decode_gemm": decode });
         dpar::util::write_atomic(&path, serde_json::to_string_pretty(&json)?.as_bytes())?;
         println!("wrote {}", path.display());
     }
