@@ -134,7 +134,12 @@ pub fn small_m_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], pa
 /// over k, so every version gives the same bits.
 #[allow(clippy::too_many_arguments)]
 fn panel_range(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
-    let isa = Isa::detect();
+    panel_range_on(Isa::detect(), dst, ldd, m, k, a, packed, cols, accumulate)
+}
+
+/// [`panel_range`] on a given instruction set (`isa` must be available on this CPU).
+#[allow(clippy::too_many_arguments)]
+fn panel_range_on(isa: Isa, dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
     let mr = match isa {
         Isa::Avx512 => MR_AVX512,
         _ => MR_AVX2,
@@ -342,6 +347,36 @@ mod tests {
         let mut rng = crate::util::rng_for(seed, "mm-test", 0);
         let n: usize = shape.iter().product();
         Var::from_tensor(&Tensor::from_vec((0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// Every instruction-set version of the small-m kernel (AVX-512, AVX2 + FMA, scalar) gives
+    /// the same bits, on odd shapes with partial panels and partial row blocks.
+    #[test]
+    fn small_m_kernels_agree_to_the_bit_on_every_instruction_set() {
+        let available = [Isa::Avx512, Isa::Avx2, Isa::Scalar].into_iter().filter(|&isa| match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            _ => isa == Isa::Scalar,
+        });
+        let isas: Vec<Isa> = available.collect();
+        for &(m, n, k) in &[(1, 1, 1), (7, 33, 19), (13, 16, 64), (25, 50, 3)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (((i * 7919) % 1009) as f32 / 1009.0 - 0.5) * 3.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 2.0).collect();
+            let packed = small_m_weights(&w, n, k, false);
+            let results: Vec<Vec<f32>> = isas
+                .iter()
+                .map(|&isa| {
+                    let mut out: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25).collect();
+                    panel_range_on(isa, &mut out, n, m, k, &a, &packed, n, true);
+                    out
+                })
+                .collect();
+            for (isa, r) in isas.iter().zip(&results) {
+                assert_eq!(r, &results[0], "{m}×{n}×{k}: {isa:?} differs from {:?}", isas[0]);
+            }
+        }
     }
 
     /// The small-m path (decode steps) equals faer's GEMM to f32 rounding, and its bf16 form
