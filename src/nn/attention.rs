@@ -128,7 +128,6 @@ impl RaggedKvCache {
         }
         // Each (row, head) attends over its own prefix; rows are independent.
         use rayon::prelude::*;
-        out.fill(0.0);
         let this = &*self;
         let attend = |(i, o): (usize, &mut [f32])| {
             let row = rows[i];
@@ -137,28 +136,8 @@ impl RaggedKvCache {
             for hi in 0..h {
                 let qv = &q[i * stride + hi * d..i * stride + (hi + 1) * d];
                 let base = this.at(row, hi, 0);
-                scores.fill(0.0);
-                for (j, &qj) in qv.iter().enumerate() {
-                    let kj = &this.kt[base + j * this.max_len..base + j * this.max_len + len];
-                    for (sc, &kv) in scores.iter_mut().zip(kj) {
-                        *sc += qj * kv;
-                    }
-                }
-                for sc in scores.iter_mut() {
-                    *sc *= scale;
-                }
-                let m = crate::kernels::math::max(&scores);
-                for sc in scores.iter_mut() {
-                    *sc = crate::kernels::math::exp(*sc - m);
-                }
-                let inv = 1.0 / crate::kernels::math::sum(&scores);
-                let oh = &mut o[hi * d..(hi + 1) * d];
-                for (t, &w) in scores.iter().enumerate() {
-                    let w = w * inv;
-                    for (x, y) in oh.iter_mut().zip(&this.v[base + t * d..base + (t + 1) * d]) {
-                        *x += w * y;
-                    }
-                }
+                let block = this.max_len * d;
+                attend_one(qv, &this.kt[base..base + block], &this.v[base..base + block], this.max_len, scale, &mut scores, &mut o[hi * d..(hi + 1) * d]);
             }
         };
         // A decode step of a few rows is cheaper than waking the thread pool.
@@ -170,6 +149,63 @@ impl RaggedKvCache {
         }
         Ok(())
     }
+}
+
+/// Head dims per register block of the decode output (head dims other than 16, 32, 64).
+const DB: usize = 16;
+
+/// One query over one (row, head) of the cache. Scores: one sequential pass over each of the d
+/// rows of the transposed keys `kt` (d × max_len), fused multiply-adds into the scores (which
+/// stay in L1), so the cache streams front to back. Softmax. Output: one pass over the values
+/// with the whole head's accumulator in registers (head dims 16, 32, 64; other sizes in blocks
+/// of 16). `out` (d) is overwritten; `scores` has the row's length.
+fn attend_one(q: &[f32], kt: &[f32], v: &[f32], max_len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    use crate::kernels::math;
+    let (d, len) = (q.len(), scores.len());
+    scores.fill(0.0);
+    for (j, &qj) in q.iter().enumerate() {
+        for (sc, &kv) in scores.iter_mut().zip(&kt[j * max_len..j * max_len + len]) {
+            *sc = qj.mul_add(kv, *sc);
+        }
+    }
+    let m = math::max(scores) * scale;
+    for sc in scores.iter_mut() {
+        *sc = math::exp(*sc * scale - m);
+    }
+    let inv = 1.0 / math::sum(scores);
+    for sc in scores.iter_mut() {
+        *sc *= inv;
+    }
+    match d {
+        16 => values::<16>(scores, v, out),
+        32 => values::<32>(scores, v, out),
+        64 => values::<64>(scores, v, out),
+        _ => {
+            for d0 in (0..d).step_by(DB) {
+                let n = DB.min(d - d0);
+                let mut acc = [0f32; DB];
+                for (t, &w) in scores.iter().enumerate() {
+                    for (a, &x) in acc[..n].iter_mut().zip(&v[t * d + d0..t * d + d0 + n]) {
+                        *a = w.mul_add(x, *a);
+                    }
+                }
+                out[d0..d0 + n].copy_from_slice(&acc[..n]);
+            }
+        }
+    }
+}
+
+/// Σ_t w_t·v_t for a head of D dims, the accumulator in registers.
+#[inline(always)]
+fn values<const D: usize>(w: &[f32], v: &[f32], out: &mut [f32]) {
+    let mut acc = [0f32; D];
+    for (t, &wt) in w.iter().enumerate() {
+        let vr: &[f32; D] = v[t * D..(t + 1) * D].try_into().expect("D values");
+        for (a, &x) in acc.iter_mut().zip(vr) {
+            *a = wt.mul_add(x, *a);
+        }
+    }
+    out[..D].copy_from_slice(&acc);
 }
 
 /// Additive causal mask (T_q, T_k) for queries at absolute positions offset..offset+T_q.
