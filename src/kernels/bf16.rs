@@ -4,16 +4,15 @@
 //! activations outside the matmuls and all reductions stay f32.
 //!
 //! Blocking (Goto style): K in blocks of 256, the B block packed once into 32-column panels of
-//! bf16 pairs, row blocks of A packed per thread into 12-row panels; a 12×32 micro-kernel keeps
-//! twenty-four 16-lane accumulators in registers (two B loads and twelve broadcasts per 24
-//! dot products). Rows of C are spread over rayon's threads.
+//! bf16 pairs, row blocks of A packed per thread into 6-row panels; a 6×32 micro-kernel keeps
+//! twelve 16-lane accumulators in registers. Rows of C are spread over rayon's threads.
 //!
 //! Without AVX512-BF16 at run time the same bf16-rounded operands go through faer's f32 GEMM:
 //! identical numbers, no speed-up.
 
 use rayon::prelude::*;
 
-const MR: usize = 12;
+const MR: usize = 6;
 const NR: usize = 32;
 const KC: usize = 256;
 /// Rows of C per rayon task.
@@ -163,7 +162,7 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     }
 }
 
-/// The 12×32 micro-kernel: C[r][j] += Σ_q A-pair(r, q) · B-pair(q, j).
+/// The 6×32 micro-kernel: C[r][j] += Σ_q A-pair(r, q) · B-pair(q, j).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn kernel(kp: usize, a: &[u32], b: &[u32], c: &mut [f32], ldc: usize, rows: usize, cols: usize) {
