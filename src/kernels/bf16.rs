@@ -105,37 +105,52 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
         // each packing its own A panels: row-major pairs (row r at r·kp) when A's rows are
         // contiguous, pair-major (pair q at q·MR) when A is transposed.
         dst[..m * n].par_chunks_mut(MC * n).enumerate().for_each(|(blk, cblock)| {
-            // Each sliver of MR rows is packed once and stays in L1 while every B panel
-            // streams past it (measured against the other loop order, B panel in L1 and the
-            // slivers from L2: no clear difference, this one a little ahead on forward shapes).
-            let mut ap = vec![0u32; kp * MR];
             let block_rows = MC.min(m - blk * MC);
-            let (row_stride, pair_stride) = if trans_a { (1, MR) } else { (kp, 1) };
+            let b0 = blk * MC;
+            if trans_a {
+                // A[i][p] = a[p·m + i]: pairs interleave rows 2q and 2q + 1 of a. The whole
+                // block is packed pair-major (pair q's MC words at q·MC), full 16-lane vectors
+                // along the contiguous rows of a; sliver `sub` starts at word `sub`.
+                let mut ap = vec![0u32; kp * MC];
+                for q in 0..kp {
+                    let p = k0 + 2 * q;
+                    let lo = &a[p * m + b0..p * m + b0 + block_rows];
+                    let hi = (p + 1 < k0 + kc).then(|| &a[(p + 1) * m + b0..(p + 1) * m + b0 + block_rows]);
+                    // SAFETY: as above.
+                    unsafe { interleave_rows(lo, hi, &mut ap[q * MC..q * MC + block_rows]) };
+                }
+                for sub in (0..block_rows).step_by(MR) {
+                    let rows = MR.min(block_rows - sub);
+                    for jp in 0..n_panels {
+                        let cols = NR.min(n - jp * NR);
+                        let panel = &bp[jp * kp * NR..(jp + 1) * kp * NR];
+                        // SAFETY: the kernel reads A words r + q·MC (r < MR, q < kp) of
+                        // `ap[sub..]`, below (kp − 1)·MC + MC − sub, and kp·NR words of `panel`;
+                        // it writes rows < `rows`, columns < `cols` (row stride n) in `cblock`.
+                        unsafe { kernel(kp, &ap[sub..], 1, MC, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols) };
+                    }
+                }
+                return;
+            }
+            // A's rows contiguous: each sliver of MR rows is packed row-major (row r at r·kp)
+            // once and stays in L1 while every B panel streams past it (measured against the
+            // other loop order, B panel in L1 and the slivers from L2: no clear difference,
+            // this one a little ahead on forward shapes).
+            let mut ap = vec![0u32; kp * MR];
             for sub in (0..block_rows).step_by(MR) {
-                let i0 = blk * MC + sub;
+                let i0 = b0 + sub;
                 let rows = MR.min(block_rows - sub);
-                if trans_a {
-                    // A[i][p] = a[p·m + i]: pairs interleave rows 2q and 2q + 1 of a.
-                    for q in 0..kp {
-                        let p = k0 + 2 * q;
-                        let lo = &a[p * m + i0..p * m + i0 + rows];
-                        let hi = (p + 1 < k0 + kc).then(|| &a[(p + 1) * m + i0..(p + 1) * m + i0 + rows]);
-                        // SAFETY: as above.
-                        unsafe { interleave_rows(lo, hi, &mut ap[q * MR..q * MR + rows]) };
-                    }
-                } else {
-                    for r in 0..rows {
-                        // SAFETY: as above.
-                        unsafe { pairs_row(&a[(i0 + r) * k + k0..(i0 + r) * k + k0 + kc], &mut ap[r * kp..(r + 1) * kp]) };
-                    }
+                for r in 0..rows {
+                    // SAFETY: as above.
+                    unsafe { pairs_row(&a[(i0 + r) * k + k0..(i0 + r) * k + k0 + kc], &mut ap[r * kp..(r + 1) * kp]) };
                 }
                 for jp in 0..n_panels {
                     let cols = NR.min(n - jp * NR);
                     let panel = &bp[jp * kp * NR..(jp + 1) * kp * NR];
-                    // SAFETY: the kernel reads A words r·row_stride + q·pair_stride (r < MR,
-                    // q < kp), all inside `ap`, and kp·NR words of `panel`; it writes rows
-                    // < `rows`, columns < `cols` (row stride n) inside `cblock`.
-                    unsafe { kernel(kp, &ap, row_stride, pair_stride, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols) };
+                    // SAFETY: the kernel reads A words r·kp + q (r < MR, q < kp), all inside
+                    // `ap`, and kp·NR words of `panel`; it writes rows < `rows`, columns
+                    // < `cols` (row stride n) inside `cblock`.
+                    unsafe { kernel(kp, &ap, kp, 1, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols) };
                 }
             }
         });
