@@ -3,7 +3,8 @@
 //! a dot product of two bf16 pairs, twice the multiply rate of f32 FMA). Master weights,
 //! activations outside the matmuls and all reductions stay f32.
 //!
-//! Blocking (Goto style): K in blocks of 256, the B block packed once into 32-column panels of
+//! Blocking (Goto style): K in blocks of 512 (fewer passes over C than 256: 6–8% on the
+//! large-k shapes), the B block packed once into 32-column panels of
 //! bf16 pairs, row blocks of A packed per thread into 12-row slivers; a 12×32 micro-kernel keeps
 //! twenty-four 16-lane accumulators in registers (two B loads and twelve broadcasts per 24 dot
 //! products). Rows of C are spread over rayon's threads. Packing converts sixteen lanes at a
@@ -16,7 +17,7 @@ use rayon::prelude::*;
 
 const MR: usize = 12;
 const NR: usize = 32;
-const KC: usize = 256;
+const KC: usize = 512;
 /// Rows of C per rayon task.
 const MC: usize = 8 * MR;
 
@@ -351,7 +352,7 @@ mod tests {
     /// bf16 rounding bound: bf16 keeps 8 significant bits, so each operand is off by at most
     /// u = 2⁻⁸ relative and a product by at most 2u + u² of |a|·|b|, plus f32 accumulation
     /// (k·2⁻²⁴ of Σ|a||b|). Odd shapes: 1×1×1,
-    /// primes, K past one block (KC = 256) and not a multiple of 2, every transpose.
+    /// primes, K past one block (KC = 512) and not a multiple of 2, every transpose.
     #[test]
     fn bf16_gemm_is_within_rounding_bounds_of_the_exact_product() {
         for &(m, n, k) in &[(1, 1, 1), (7, 11, 13), (97, 61, 257), (5, 33, 513), (31, 1, 300)] {
