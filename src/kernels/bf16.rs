@@ -59,14 +59,16 @@ pub fn available() -> bool {
 #[allow(clippy::too_many_arguments)]
 pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "bf16_gemm: slices too small for {m}×{n}×{k}");
-    if !accumulate {
-        dst[..m * n].fill(0.0);
-    }
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
         return;
     }
-    if !available() {
-        super::matmul::faer_gemm(dst, m, n, k, &round_slice(&a[..m * k]), trans_a, &round_slice(&b[..k * n]), trans_b, true);
+    if k == 0 || !available() {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        if k > 0 {
+            super::matmul::faer_gemm(dst, m, n, k, &round_slice(&a[..m * k]), trans_a, &round_slice(&b[..k * n]), trans_b, true);
+        }
         return;
     }
     let n_panels = n.div_ceil(NR);
@@ -75,6 +77,9 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
     let mut bp = vec![0u32; n_panels * kp_max * NR];
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
+        // The first K block stores its sums over C (no zero fill, no read of C) unless the
+        // caller accumulates; later blocks add to C.
+        let overwrite = k0 == 0 && !accumulate;
         let kp = kc.div_ceil(2);
         // Pack B: panel jp holds, per k-pair q, 32 columns of (B[2q][j], B[2q+1][j]) words.
         bp[..n_panels * kp * NR].par_chunks_mut(kp * NR).enumerate().for_each(|(jp, panel)| {
@@ -128,7 +133,7 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
                         // SAFETY: the kernel reads A words r + q·MC (r < MR, q < kp) of
                         // `ap[sub..]`, below (kp − 1)·MC + MC − sub, and kp·NR words of `panel`;
                         // it writes rows < `rows`, columns < `cols` (row stride n) in `cblock`.
-                        unsafe { kernel(kp, &ap[sub..], 1, MC, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols) };
+                        unsafe { kernel(kp, &ap[sub..], 1, MC, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols, overwrite) };
                     }
                 }
                 return;
@@ -151,7 +156,7 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
                     // SAFETY: the kernel reads A words r·kp + q (r < MR, q < kp), all inside
                     // `ap`, and kp·NR words of `panel`; it writes rows < `rows`, columns
                     // < `cols` (row stride n) inside `cblock`.
-                    unsafe { kernel(kp, &ap, kp, 1, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols) };
+                    unsafe { kernel(kp, &ap, kp, 1, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols, overwrite) };
                 }
             }
         });
@@ -259,11 +264,12 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     }
 }
 
-/// The 6×32 micro-kernel: C[r][j] += Σ_q A-pair(r, q) · B-pair(q, j).
+/// The MR×32 micro-kernel: C[r][j] (+)= Σ_q A-pair(r, q) · B-pair(q, j), stored over C when
+/// `overwrite`, added to it otherwise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(kp: usize, a: &[u32], row_stride: usize, pair_stride: usize, b: &[u32], c: &mut [f32], ldc: usize, rows: usize, cols: usize) {
+unsafe fn kernel(kp: usize, a: &[u32], row_stride: usize, pair_stride: usize, b: &[u32], c: &mut [f32], ldc: usize, rows: usize, cols: usize, overwrite: bool) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let ap = a.as_ptr() as *const i32;
@@ -287,15 +293,19 @@ unsafe fn kernel(kp: usize, a: &[u32], row_stride: usize, pair_stride: usize, b:
             let live = (cols - lo).min(16);
             let mask: __mmask16 = if live == 16 { 0xFFFF } else { (1u16 << live) - 1 };
             let ptr = base.add(lo);
-            let old = _mm512_maskz_loadu_ps(mask, ptr);
-            _mm512_mask_storeu_ps(ptr, mask, _mm512_add_ps(old, *v));
+            if overwrite {
+                _mm512_mask_storeu_ps(ptr, mask, *v);
+            } else {
+                let old = _mm512_maskz_loadu_ps(mask, ptr);
+                _mm512_mask_storeu_ps(ptr, mask, _mm512_add_ps(old, *v));
+            }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(_kp: usize, _a: &[u32], _rs: usize, _qs: usize, _b: &[u32], _c: &mut [f32], _ldc: usize, _rows: usize, _cols: usize) {
+unsafe fn kernel(_kp: usize, _a: &[u32], _rs: usize, _qs: usize, _b: &[u32], _c: &mut [f32], _ldc: usize, _rows: usize, _cols: usize, _overwrite: bool) {
     unreachable!("bf16 kernel is only dispatched on x86_64 with AVX512-BF16")
 }
 
@@ -360,7 +370,8 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 2.3).collect();
             for ta in [false, true] {
                 for tb in [false, true] {
-                    let mut got = vec![0f32; m * n];
+                    // Without accumulation the old contents are never read: NaN must not leak.
+                    let mut got = vec![f32::NAN; m * n];
                     bf16_gemm(&mut got, m, n, k, &a, ta, &b, tb, false);
                     for i in 0..m {
                         for j in 0..n {
