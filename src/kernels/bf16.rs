@@ -396,7 +396,7 @@ mod tests {
     /// for every transpose and for sizes that exercise every edge (odd K, partial panels).
     #[test]
     fn bf16_gemm_matches_the_product_of_rounded_operands() {
-        for &(m, n, k) in &[(13, 45, 37), (6, 32, 2), (1, 1, 1), (70, 33, 600)] {
+        for &(m, n, k) in &[(13, 45, 37), (6, 32, 2), (1, 1, 1), (70, 33, 600), (200, 40, 1030)] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
             for ta in [false, true] {
