@@ -59,6 +59,12 @@ pub enum Gemm {
 /// guidance stays on it; training's products (thousands of rows) stay on faer.
 pub const SMALL_M: usize = 256;
 
+/// Multiply-adds (m·n·k) from which [`small_m_gemm`] splits its panels over the thread pool. Below
+/// it, waking the pool costs more than it saves: at 2²⁰ (the old value) the FFN product of a
+/// width-128 decode step at batch 4 with guidance went parallel, and sampling spent a second of
+/// system time in 180 000 context switches for 20 images.
+const SMALL_M_PARALLEL_WORK: usize = 1 << 22;
+
 /// Columns per panel of [`small_m_weights`] (one 64-byte cache line of f32).
 const NB: usize = 16;
 /// Rows per register block of [`small_m_gemm`]: 6 with AVX2 (two 8-lane accumulators per row in
@@ -101,7 +107,7 @@ pub fn small_m_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], pa
         &a[..m * k]
     };
     let threads = rayon::current_num_threads();
-    if threads > 1 && m * n * k >= 1 << 20 && panels >= 2 {
+    if threads > 1 && m * n * k >= SMALL_M_PARALLEL_WORK && panels >= 2 {
         // Panel ranges in parallel, each into its own (m × cols) buffer, then copied out.
         let per = panels.div_ceil(threads);
         let parts: Vec<(usize, Vec<f32>)> = (0..panels)

@@ -142,7 +142,7 @@ impl RaggedKvCache {
         };
         // A decode step of a few rows is cheaper than waking the thread pool.
         let work: usize = rows.iter().map(|&r| self.lens[r]).sum::<usize>() * dim;
-        if rows.len() > 1 && work >= 1 << 16 && rayon::current_num_threads() > 1 {
+        if rows.len() > 1 && work >= ATTEND_PARALLEL_WORK && rayon::current_num_threads() > 1 {
             out.par_chunks_mut(dim).enumerate().for_each(attend);
         } else {
             out.chunks_mut(dim).enumerate().for_each(attend);
@@ -150,6 +150,10 @@ impl RaggedKvCache {
         Ok(())
     }
 }
+
+/// Cached positions × width, summed over the step's rows, from which a decode step's attention is
+/// spread over the thread pool (below it one thread is faster; see `SMALL_M_PARALLEL_WORK`).
+const ATTEND_PARALLEL_WORK: usize = 1 << 18;
 
 /// Head dims per register block of the decode output (head dims other than 16, 32, 64).
 const DB: usize = 16;
