@@ -61,9 +61,10 @@ pub const SMALL_M: usize = 256;
 
 /// Multiply-adds (m·n·k) from which [`small_m_gemm`] splits its panels over the thread pool. Below
 /// it, waking the pool costs more than it saves: at 2²⁰ (the old value) the FFN product of a
-/// width-128 decode step at batch 4 with guidance went parallel, and sampling spent a second of
-/// system time in 180 000 context switches for 20 images.
-const SMALL_M_PARALLEL_WORK: usize = 1 << 22;
+/// width-128 decode step at batch 4 with guidance went parallel, and sampling 40 images spent over
+/// a second of system time in 360 000 context switches. 2²² fixed that but slowed the bench
+/// model's 16-row decode step (its 3-million products went sequential); 2²¹ keeps most of both.
+const SMALL_M_PARALLEL_WORK: usize = 1 << 21;
 
 /// Columns per panel of [`small_m_weights`] (one 64-byte cache line of f32).
 const NB: usize = 16;
