@@ -4,10 +4,9 @@
 //! activations outside the matmuls and all reductions stay f32.
 //!
 //! Blocking (Goto style): K in blocks of 512 (fewer passes over C than 256: 6–8% on the
-//! large-k shapes), the B block packed once into 32-column panels of
-//! bf16 pairs, row blocks of A packed per thread into 12-row slivers; a 12×32 micro-kernel keeps
-//! twenty-four 16-lane accumulators in registers (two B loads and twelve broadcasts per 24 dot
-//! products). Rows of C are spread over rayon's threads. Packing converts sixteen lanes at a
+//! large-k shapes), the B block packed once into 32-column panels of bf16 pairs, row blocks of
+//! A packed per thread into 12-row slivers; a 12×32 micro-kernel keeps twenty-four 16-lane
+//! accumulators in registers (two B loads and twelve broadcasts per 24 dot products). Rows of C are spread over rayon's threads. Packing converts sixteen lanes at a
 //! time with AVX-512 integer rounding (bit-identical to [`to_bf16`]).
 //!
 //! Without AVX512-BF16 at run time the same bf16-rounded operands go through faer's f32 GEMM:
@@ -108,8 +107,8 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
         });
         let bp = &bp[..n_panels * kp * NR];
         // Rows of C in blocks of MC = 8·MR per rayon task (enough work to amortise the task),
-        // each packing its own A panels: row-major pairs (row r at r·kp) when A's rows are
-        // contiguous, pair-major (pair q at q·MR) when A is transposed.
+        // each packing its own A: row-major pairs per sliver (row r at r·kp) when A's rows are
+        // contiguous, the whole block pair-major (pair q at q·MC) when A is transposed.
         dst[..m * n].par_chunks_mut(MC * n).enumerate().for_each(|(blk, cblock)| {
             let block_rows = MC.min(m - blk * MC);
             let b0 = blk * MC;
@@ -163,6 +162,13 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
     }
 }
 
+/// The first `live` (1 to 16) of sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lane_mask(live: usize) -> u16 {
+    if live >= 16 { 0xFFFF } else { (1u16 << live) - 1 }
+}
+
 /// Sixteen f32 lanes rounded to bf16 bits (in the low half of each 32-bit lane): exactly
 /// [`to_bf16`], lane by lane.
 #[cfg(target_arch = "x86_64")]
@@ -188,7 +194,7 @@ unsafe fn pairs_row(row: &[f32], words: &mut [u32]) {
     let mut i = 0;
     while i < row.len() {
         let live = (row.len() - i).min(16);
-        let mask: __mmask16 = if live == 16 { 0xFFFF } else { (1u16 << live) - 1 };
+        let mask = lane_mask(live);
         // Masked-off lanes load as 0.0, which rounds to 0: the zero pad of an odd tail.
         let halves = _mm512_cvtepi32_epi16(round16(_mm512_maskz_loadu_ps(mask, row.as_ptr().add(i))));
         let n_words = live.div_ceil(2);
@@ -211,7 +217,7 @@ unsafe fn interleave_rows(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     let mut i = 0;
     while i < out.len() {
         let live = (out.len() - i).min(16);
-        let mask: __mmask16 = if live == 16 { 0xFFFF } else { (1u16 << live) - 1 };
+        let mask = lane_mask(live);
         let low = round16(_mm512_maskz_loadu_ps(mask, lo.as_ptr().add(i)));
         let word = match hi {
             Some(hi) => _mm512_or_si512(low, _mm512_slli_epi32::<16>(round16(_mm512_maskz_loadu_ps(mask, hi.as_ptr().add(i))))),
@@ -291,7 +297,7 @@ unsafe fn kernel(kp: usize, a: &[u32], row_stride: usize, pair_stride: usize, b:
                 break;
             }
             let live = (cols - lo).min(16);
-            let mask: __mmask16 = if live == 16 { 0xFFFF } else { (1u16 << live) - 1 };
+            let mask = lane_mask(live);
             let ptr = base.add(lo);
             if overwrite {
                 _mm512_mask_storeu_ps(ptr, mask, *v);

@@ -152,7 +152,8 @@ impl RaggedKvCache {
 }
 
 /// Cached positions × width, summed over the step's rows, from which a decode step's attention is
-/// spread over the thread pool (below it one thread is faster; see `SMALL_M_PARALLEL_WORK`).
+/// spread over the thread pool. Below it, waking the pool costs more than the split saves (the
+/// same trade as `kernels::matmul`'s small-m threshold; README, "Small batches").
 const ATTEND_PARALLEL_WORK: usize = 1 << 18;
 
 /// Head dims per register block of the decode output (head dims other than 16, 32, 64).
