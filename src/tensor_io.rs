@@ -91,9 +91,32 @@ pub fn safetensors_bytes(
     let meta: HashMap<String, String> =
         metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let meta = if meta.is_empty() { None } else { Some(meta) };
-    safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), meta).map_err(|e| {
+    let bytes = safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), meta).map_err(|e| {
         TensorIoError::BadSafetensors { path: PathBuf::from("<memory>"), reason: e.to_string() }
-    })
+    })?;
+    Ok(canonical_header(bytes))
+}
+
+/// The same safetensors bytes with the header's metadata in key order. `safetensors` writes
+/// metadata from a `HashMap`, whose order changes from one process to the next, so the same
+/// weights exported twice gave different files (and a dirty checkout after re-running
+/// `scripts/train-mnist`). Tensor data and offsets are untouched; the header is re-padded with
+/// spaces to a multiple of 8 bytes, as the format asks.
+fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return bytes };
+    let Some(header) = bytes.get(8..8 + n) else { return bytes };
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(header) else { return bytes };
+    if let Some(meta) = value.get_mut("__metadata__").and_then(|m| m.as_object_mut()) {
+        let sorted: BTreeMap<String, serde_json::Value> = std::mem::take(meta).into_iter().collect();
+        *meta = sorted.into_iter().collect();
+    }
+    let Ok(mut json) = serde_json::to_vec(&value) else { return bytes };
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
 }
 
 /// Writes named tensors and metadata to a safetensors file, atomically.
@@ -212,6 +235,28 @@ mod tests {
         assert_eq!(file.tensor("b").unwrap().to_vec1::<u32>().unwrap(), vec![1, 2, 3]);
         assert_eq!(file.meta_parse::<usize>("grid").unwrap(), 16);
         assert!(file.tensor("c").unwrap_err().to_string().contains("missing tensor `c`"));
+    }
+
+    /// The same tensors and metadata always give the same bytes (the metadata is written in key
+    /// order, whatever the order of the map `safetensors` builds), and they read back.
+    #[test]
+    fn safetensors_bytes_are_deterministic() {
+        let a = Tensor::arange(0f32, 12f32, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let b = Tensor::new(&[7u32, 8], &Device::Cpu).unwrap();
+        let meta: BTreeMap<String, String> = (0..12).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let tensors = [("w".to_string(), a), ("ids".to_string(), b)];
+        let first = safetensors_bytes(&tensors, &meta).unwrap();
+        for _ in 0..8 {
+            assert_eq!(safetensors_bytes(&tensors, &meta).unwrap(), first);
+        }
+        let header_len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let file = read_safetensors_bytes(Path::new("m.safetensors"), &first, &Device::Cpu).unwrap();
+        assert_eq!(file.tensor("w").unwrap().to_vec2::<f32>().unwrap()[2], vec![8., 9., 10., 11.]);
+        assert_eq!(file.tensor("ids").unwrap().to_vec1::<u32>().unwrap(), vec![7, 8]);
+        for (k, v) in &meta {
+            assert_eq!(file.meta(k).unwrap(), v);
+        }
     }
 
     #[test]
