@@ -38,6 +38,9 @@ use crate::tokenizer::train::Tokenizer;
 pub enum ExperimentError {
     #[error("{0}")]
     Failed(String),
+    /// A run folder to be reused (finished) or resumed holds a run of another configuration.
+    #[error("{}: holds a run trained with another configuration ({}); remove that folder or give another --out", run.display(), differences.join("; "))]
+    StaleRun { run: PathBuf, differences: Vec<String> },
 }
 
 pub type Result<T> = std::result::Result<T, ExperimentError>;
@@ -225,6 +228,48 @@ pub fn eval_gpt(env: &Env, name: &str, run: &Path, n: usize) -> Result<EvalRow> 
     Ok(EvalRow { name: name.into(), quality: env.quality(&codes, &labels)?, images_per_s: n as f64 / secs, positions_per_image: model.config().seq_len() as f64 })
 }
 
+/// Keys of a saved run config that do not define the model or its training: where the codes
+/// were read from (their identity is checked through `tokenizer_id` and `entropy_model_id`), the
+/// kernel choice (a runtime setting) and bookkeeping intervals.
+const NOT_DEFINING: [&str; 7] = ["codes", "val_codes", "val_images", "model.ops", "train.checkpoint_every", "train.log_every", "train.eval_every"];
+
+/// Differences between a saved run config and the one asked for, as "key: saved A, now B",
+/// leaving out [`NOT_DEFINING`] keys.
+fn config_differences(saved: &serde_json::Value, wanted: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if NOT_DEFINING.contains(&prefix) {
+        return;
+    }
+    match (saved, wanted) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                config_differences(a.get(k.as_str()).unwrap_or(&Value::Null), b.get(k.as_str()).unwrap_or(&Value::Null), &key, out);
+            }
+        }
+        (a, b) if a != b => out.push(format!("{prefix}: saved {a}, now {b}")),
+        _ => {}
+    }
+}
+
+/// Refuses to reuse or resume `run` when its saved `config.json` differs from `config` in
+/// anything that defines the model or its training (a table must not silently come from stale
+/// models). A folder without a saved config is fresh.
+fn check_same_config<C: serde::Serialize>(run: &Path, config: &C) -> Result<()> {
+    let file = run.join("config.json");
+    let Ok(bytes) = std::fs::read(&file) else { return Ok(()) };
+    let saved: serde_json::Value = serde_json::from_slice(&bytes).map_err(ctx(&format!("{}", file.display())))?;
+    let wanted = serde_json::to_value(config).map_err(ctx("config"))?;
+    let mut differences = Vec::new();
+    config_differences(&saved, &wanted, "", &mut differences);
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(ExperimentError::StaleRun { run: run.to_path_buf(), differences })
+    }
+}
+
 /// Whether a run folder holds a finished training of `steps` steps.
 fn finished(run: &Path, steps: u64) -> bool {
     crate::tensor_io::read_safetensors_metadata(&run.join("checkpoint.safetensors"))
@@ -236,6 +281,7 @@ fn finished(run: &Path, steps: u64) -> bool {
 /// Trains a DPAR variant into `out/name` (resuming; skipped when already finished).
 pub fn train_dpar(env: &Env, name: &str, config: DparTrainConfig) -> Result<PathBuf> {
     let run = env.setup.out.join(name);
+    check_same_config(&run, &config)?;
     if finished(&run, config.train.steps) {
         tracing::info!("{name}: already trained in {}", run.display());
         return Ok(run);
@@ -249,6 +295,7 @@ pub fn train_dpar(env: &Env, name: &str, config: DparTrainConfig) -> Result<Path
 /// Trains a GPT into `out/name` (resuming; skipped when already finished).
 pub fn train_gpt(env: &Env, name: &str, config: GptTrainConfig) -> Result<PathBuf> {
     let run = env.setup.out.join(name);
+    check_same_config(&run, &config)?;
     if finished(&run, config.train.steps) {
         tracing::info!("{name}: already trained in {}", run.display());
         return Ok(run);
@@ -392,5 +439,38 @@ mod tests {
         let c = Spread::of(&[13.0, 15.5]);
         assert!(verdict("FD", "DPAR", &a, "baseline", &c, true).contains("within the spread"));
         assert!(verdict("FD", "DPAR", &Spread::of(&[1.0]), "baseline", &c, true).contains("not a verdict"));
+    }
+
+    /// A run folder is reused only when its saved config matches in everything that defines the
+    /// model and its training; paths, the kernel choice and bookkeeping intervals may differ.
+    #[test]
+    fn a_run_folder_with_another_config_is_refused_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("ablate-x-s0");
+        let saved = serde_json::json!({
+            "codes": "data/codes/train", "seed": 0, "tokenizer_id": "abc",
+            "model": { "dim": 128, "ops": "fused", "patch": { "max_patch_len": 4, "threshold": "inf" } },
+            "train": { "steps": 1000, "log_every": 20, "adamw": { "lr": 0.002 } }
+        });
+        // No folder yet: a fresh run.
+        check_same_config(&run, &saved).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("config.json"), serde_json::to_vec_pretty(&saved).unwrap()).unwrap();
+        check_same_config(&run, &saved).unwrap();
+        let mut harmless = saved.clone();
+        harmless["codes"] = "/elsewhere/train".into();
+        harmless["model"]["ops"] = "bf16".into();
+        harmless["train"]["log_every"] = 50.into();
+        check_same_config(&run, &harmless).unwrap();
+        let mut other = saved.clone();
+        other["model"]["patch"]["max_patch_len"] = 8.into();
+        other["train"]["adamw"]["lr"] = 0.001.into();
+        let err = check_same_config(&run, &other).unwrap_err().to_string();
+        assert!(err.contains("model.patch.max_patch_len: saved 4, now 8"), "{err}");
+        assert!(err.contains("train.adamw.lr: saved 0.002, now 0.001"), "{err}");
+        assert!(err.contains("ablate-x-s0"), "{err}");
+        let mut extra = saved.clone();
+        extra["model"]["encoder_layers"] = 2.into();
+        assert!(check_same_config(&run, &extra).unwrap_err().to_string().contains("model.encoder_layers: saved null, now 2"));
     }
 }
