@@ -69,7 +69,14 @@ fn random_batch(c: &GptConfig, batch: usize, seed: u64, device: &Device) -> Resu
 
 /// Times a GPT: training step (forward, backward, clip, AdamW), forward alone, and one cached
 /// sampling step at mid-sequence.
-pub fn gpt_speed(name: &str, c: &GptConfig, batch: usize, warmup: usize, reps: usize, device: &Device) -> Result<SpeedRow> {
+pub fn gpt_speed(
+    name: &str,
+    c: &GptConfig,
+    batch: usize,
+    warmup: usize,
+    reps: usize,
+    device: &Device,
+) -> Result<SpeedRow> {
     let store = ParamStore::new(0, device);
     let model = Gpt::new(c, &store.root())?;
     let (codes, labels) = random_batch(c, batch, 1, device)?;
@@ -94,12 +101,17 @@ pub fn gpt_speed(name: &str, c: &GptConfig, batch: usize, warmup: usize, reps: u
     // and through the lean decode step (CPU, fused or bf16 kernels).
     let labels_v: Vec<u32> = labels.as_ref().map(|y| y.to_vec1::<u32>()).transpose()?.unwrap_or_default();
     let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
-    let per_code = |generate: &dyn Fn() -> std::result::Result<Vec<Vec<u32>>, crate::sample::SampleError>| -> Result<f64> {
-        let ms = time_ms(0, 1, || generate().map(|_| ()).map_err(|e| BenchError::Bad(e.to_string())))?;
-        Ok(ms / c.seq_len() as f64)
-    };
+    let per_code =
+        |generate: &dyn Fn() -> std::result::Result<Vec<Vec<u32>>, crate::sample::SampleError>| -> Result<f64> {
+            let ms = time_ms(0, 1, || generate().map(|_| ()).map_err(|e| BenchError::Bad(e.to_string())))?;
+            Ok(ms / c.seq_len() as f64)
+        };
     let conditional = c.cls_token_num == 1;
-    let sample_step_ms = if conditional { per_code(&|| crate::sample::generate_gpt_cached(&model, &labels_v, &sampling, device))? } else { f64::NAN };
+    let sample_step_ms = if conditional {
+        per_code(&|| crate::sample::generate_gpt_cached(&model, &labels_v, &sampling, device))?
+    } else {
+        f64::NAN
+    };
     let lean_sample_step_ms = if conditional && device.is_cpu() && c.ops != crate::nn::Ops::Stock {
         per_code(&|| crate::sample::generate_gpt_lean(&model, &labels_v, &sampling))?
     } else {
@@ -132,18 +144,33 @@ pub fn synthetic_lengths(grid: usize, batch: usize, target: f64, seed: u64) -> R
     let base = crate::patching::PatchConfig::dpar(0.0, 4);
     let (theta, _) = crate::patching::calibrate(&h, grid, &base, target).map_err(|e| BenchError::Bad(e.to_string()))?;
     let c = crate::patching::PatchConfig { threshold: theta, ..base };
-    h.chunks(l).map(|img| crate::patching::patch_lengths(img, grid, &c, l).map_err(|e| BenchError::Bad(e.to_string()))).collect()
+    h.chunks(l)
+        .map(|img| crate::patching::patch_lengths(img, grid, &c, l).map_err(|e| BenchError::Bad(e.to_string())))
+        .collect()
 }
 
 /// Times DPAR: packed training step, forward, and cached generation (per code, the whole
 /// incremental algorithm of spec §6 including the entropy model) with mean patch length ≈ 1.8.
-pub fn dpar_speed(name: &str, c: &crate::dpar::DparConfig, entropy: &GptConfig, batch: usize, warmup: usize, reps: usize, device: &Device) -> Result<SpeedRow> {
+pub fn dpar_speed(
+    name: &str,
+    c: &crate::dpar::DparConfig,
+    entropy: &GptConfig,
+    batch: usize,
+    warmup: usize,
+    reps: usize,
+    device: &Device,
+) -> Result<SpeedRow> {
     use crate::dpar::model::GlobalLayout;
     use crate::dpar::Dpar;
     let bad = |e: crate::dpar::DparError| BenchError::Bad(e.to_string());
     let store = ParamStore::new(0, device);
     let model = Dpar::new(c, &store.root()).map_err(bad)?;
-    let gpt_like = GptConfig { vocab_size: c.vocab_size, num_classes: c.num_classes, grid_size: c.grid_size, ..GptConfig::mnist() };
+    let gpt_like = GptConfig {
+        vocab_size: c.vocab_size,
+        num_classes: c.num_classes,
+        grid_size: c.grid_size,
+        ..GptConfig::mnist()
+    };
     let (codes, labels) = random_batch(&gpt_like, batch, 1, device)?;
     let lengths = synthetic_lengths(c.grid_size, batch, 1.8, 2)?;
     let layout = model.layout(lengths, c.seq_len()).map_err(bad)?;
@@ -154,14 +181,19 @@ pub fn dpar_speed(name: &str, c: &crate::dpar::DparConfig, entropy: &GptConfig, 
     let train_ms = time_ms(warmup, reps, || {
         step += 1;
         let mut rng = crate::util::rng_for(0, "bench-noise", step);
-        let loss = model.loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng })).map_err(bad)?;
+        let loss = model
+            .loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng }))
+            .map_err(bad)?;
         let mut grads = loss.backward()?;
         clip_grad_norm(&mut grads, vars.iter(), 1.0)?;
         opt.step(&grads)?;
         Ok(())
     })?;
     let forward_ms = time_ms(warmup, reps, || {
-        model.loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None).map_err(bad)?.to_scalar::<f32>()?;
+        model
+            .loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None)
+            .map_err(bad)?
+            .to_scalar::<f32>()?;
         Ok(())
     })?;
     // Generation: a random entropy model and a θ at its median entropy give patches of ~2.
@@ -240,8 +272,12 @@ pub fn sampling_curve(
     let bad = |e: String| BenchError::Bad(e);
     let classes = dpar.config().num_classes.max(1) as u32;
     let labels_of = |b: usize| (0..b as u32).map(|i| i % classes).collect::<Vec<_>>();
-    let run_gpt = |labels: &[u32]| crate::sample::generate_gpt(gpt, labels, sampling, device).map(|_| ()).map_err(|e| bad(e.to_string()));
-    let run_dpar = |labels: &[u32]| crate::dpar::generate::generate(dpar, entropy, labels, sampling, patch, device).map_err(|e| bad(e.to_string()));
+    let run_gpt = |labels: &[u32]| {
+        crate::sample::generate_gpt(gpt, labels, sampling, device).map(|_| ()).map_err(|e| bad(e.to_string()))
+    };
+    let run_dpar = |labels: &[u32]| {
+        crate::dpar::generate::generate(dpar, entropy, labels, sampling, patch, device).map_err(|e| bad(e.to_string()))
+    };
     run_gpt(&labels_of(1))?;
     run_dpar(&labels_of(1))?;
     let mut rows = Vec::with_capacity(batches.len());
@@ -254,8 +290,17 @@ pub fn sampling_curve(
             steps = out.global_steps().iter().sum::<usize>() as f64 / b as f64;
             Ok(())
         })?;
-        tracing::info!("batch {b}: baseline {:.1} images/s, DPAR {:.1} images/s", b as f64 / gpt_ms * 1e3, b as f64 / dpar_ms * 1e3);
-        rows.push(SamplingRow { batch: b, gpt_images_per_s: b as f64 / gpt_ms * 1e3, dpar_images_per_s: b as f64 / dpar_ms * 1e3, dpar_steps_per_image: steps });
+        tracing::info!(
+            "batch {b}: baseline {:.1} images/s, DPAR {:.1} images/s",
+            b as f64 / gpt_ms * 1e3,
+            b as f64 / dpar_ms * 1e3
+        );
+        rows.push(SamplingRow {
+            batch: b,
+            gpt_images_per_s: b as f64 / gpt_ms * 1e3,
+            dpar_images_per_s: b as f64 / dpar_ms * 1e3,
+            dpar_steps_per_image: steps,
+        });
     }
     Ok(rows)
 }
@@ -264,7 +309,14 @@ pub fn sampling_curve(
 pub fn sampling_markdown(rows: &[SamplingRow], codes_per_image: usize) -> String {
     let mut s = format!("| batch | baseline images/s | DPAR images/s | DPAR ÷ baseline | patch-transformer steps per image (baseline: {codes_per_image}) |\n|---|---|---|---|---|\n");
     for r in rows {
-        s += &format!("| {} | {:.1} | {:.1} | {:.2}× | {:.1} |\n", r.batch, r.gpt_images_per_s, r.dpar_images_per_s, r.dpar_images_per_s / r.gpt_images_per_s, r.dpar_steps_per_image);
+        s += &format!(
+            "| {} | {:.1} | {:.1} | {:.2}× | {:.1} |\n",
+            r.batch,
+            r.gpt_images_per_s,
+            r.dpar_images_per_s,
+            r.dpar_images_per_s / r.gpt_images_per_s,
+            r.dpar_steps_per_image
+        );
     }
     s
 }
@@ -304,7 +356,9 @@ pub fn op_speed(warmup: usize, reps: usize, device: &Device) -> Result<Vec<OpRow
     let n = b * t;
     let var = |shape: &[usize], seed| -> Result<Var> { Ok(Var::from_tensor(&rand_tensor(shape, seed, device)?)?) };
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, stock: f64, fused: f64| rows.push(OpRow { op: op.into(), shape, stock_ms: stock, fused_ms: fused });
+    let mut push = |op: &str, shape: String, stock: f64, fused: f64| {
+        rows.push(OpRow { op: op.into(), shape, stock_ms: stock, fused_ms: fused })
+    };
 
     // Linear (the qkv projection).
     let x = var(&[n, d], 1)?;
@@ -328,7 +382,11 @@ pub fn op_speed(warmup: usize, reps: usize, device: &Device) -> Result<Vec<OpRow
         let parts: Vec<Tensor> = (0..3)
             .map(|i| {
                 let p = qkv.narrow(1, i * d, d)?.reshape((b, t, h, d / h))?.transpose(1, 2)?.contiguous()?;
-                if i < 2 { rope::apply_reference(&p, &table.narrow(0, t)) } else { Ok(p) }
+                if i < 2 {
+                    rope::apply_reference(&p, &table.narrow(0, t))
+                } else {
+                    Ok(p)
+                }
             })
             .collect::<candle_core::Result<_>>()?;
         let merged = Tensor::cat(&parts, 1)?.transpose(1, 2)?.reshape((n, 3 * d))?;
@@ -363,9 +421,17 @@ pub fn op_speed(warmup: usize, reps: usize, device: &Device) -> Result<Vec<OpRow
 
 /// A markdown table of fused-vs-stock op timings.
 pub fn op_markdown(rows: &[OpRow]) -> String {
-    let mut s = String::from("| op | shape | stock fwd+bwd ms | fused fwd+bwd ms | speed-up |\n|---|---|---|---|---|\n");
+    let mut s =
+        String::from("| op | shape | stock fwd+bwd ms | fused fwd+bwd ms | speed-up |\n|---|---|---|---|---|\n");
     for r in rows {
-        s.push_str(&format!("| {} | {} | {:.2} | {:.2} | {:.1}× |\n", r.op, r.shape, r.stock_ms, r.fused_ms, r.stock_ms / r.fused_ms));
+        s.push_str(&format!(
+            "| {} | {} | {:.2} | {:.2} | {:.1}× |\n",
+            r.op,
+            r.shape,
+            r.stock_ms,
+            r.fused_ms,
+            r.stock_ms / r.fused_ms
+        ));
     }
     s
 }
@@ -374,10 +440,19 @@ pub fn op_markdown(rows: &[OpRow]) -> String {
 pub fn markdown(rows: &[SpeedRow]) -> String {
     let mut s = String::from("| model | batch × positions | train ms/step | train GFLOP/s | codes/s | forward ms | forward GFLOP/s | cached sample step ms (per code, whole batch) | lean decode step ms |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
-        let lean = if r.lean_sample_step_ms.is_finite() { format!("{:.2}", r.lean_sample_step_ms) } else { "—".into() };
+        let lean =
+            if r.lean_sample_step_ms.is_finite() { format!("{:.2}", r.lean_sample_step_ms) } else { "—".into() };
         s.push_str(&format!(
             "| {} | {} × {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {lean} |\n",
-            r.name, r.batch, r.positions, r.train_ms, r.train_gflops, r.train_codes_per_s, r.forward_ms, r.forward_gflops, r.sample_step_ms
+            r.name,
+            r.batch,
+            r.positions,
+            r.train_ms,
+            r.train_gflops,
+            r.train_codes_per_s,
+            r.forward_ms,
+            r.forward_gflops,
+            r.sample_step_ms
         ));
     }
     s
@@ -418,13 +493,17 @@ impl TorchReference {
         for line in output.lines().map(str::trim) {
             if let Some(rest) = line.strip_prefix("MATMUL ") {
                 let dtype = rest.split_whitespace().next().unwrap_or("").to_string();
-                if let Some(g) = line.rsplit(", ").next().and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok()) {
+                if let Some(g) =
+                    line.rsplit(", ").next().and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok())
+                {
                     self.matmul_gflops.push((dtype, g));
                 }
             } else if let Some(rest) = line.strip_prefix("GEMM ") {
                 let mut words = rest.split_whitespace();
                 let (name, dtype) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
-                if let Some(g) = line.rsplit(", ").next().and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok()) {
+                if let Some(g) =
+                    line.rsplit(", ").next().and_then(|t| t.split_whitespace().next()).and_then(|g| g.parse().ok())
+                {
                     self.gemm_gflops.push((name, dtype, g));
                 }
             } else if line.starts_with("AUTOCAST-BF16 TRAIN") {
@@ -436,7 +515,10 @@ impl TorchReference {
             } else if line.starts_with("FWD") {
                 keep_min(&mut self.forward_ms_f32, number_after(line, "median"));
             } else if line.starts_with("TORCH SAMPLE") {
-                keep_min(&mut self.sample_step_ms, line.split(": ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()));
+                keep_min(
+                    &mut self.sample_step_ms,
+                    line.split(": ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()),
+                );
             }
         }
     }
@@ -444,15 +526,20 @@ impl TorchReference {
     /// Runs `python script` and parses its output; an error names the script and shows the end
     /// of its output.
     pub fn run_script(&mut self, python: &std::path::Path, script: &std::path::Path) -> Result<()> {
-        let out = std::process::Command::new(python)
-            .arg(script)
-            .output()
-            .map_err(|e| BenchError::Bad(format!("--torch {}: cannot run {}: {e}", python.display(), script.display())))?;
+        let out = std::process::Command::new(python).arg(script).output().map_err(|e| {
+            BenchError::Bad(format!("--torch {}: cannot run {}: {e}", python.display(), script.display()))
+        })?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            let tail: String = err.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            return Err(BenchError::Bad(format!("{} {} failed ({}):\n{tail}", python.display(), script.display(), out.status)));
+            let tail: String =
+                err.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            return Err(BenchError::Bad(format!(
+                "{} {} failed ({}):\n{tail}",
+                python.display(),
+                script.display(),
+                out.status
+            )));
         }
         self.parse(&text);
         Ok(())
@@ -479,9 +566,19 @@ pub fn gemm_1024(reps: usize) -> Vec<(String, f64)> {
         ts.sort_by(f64::total_cmp);
         flops / ts[ts.len() / 2] / 1e9
     };
-    out.push(("f32 (faer)".to_string(), time(&mut |c| crate::kernels::matmul::faer_gemm(c, n, n, n, &a, false, &b, false, false))));
-    let label = if crate::kernels::bf16::available() { "bf16 (vdpbf16ps)" } else { "bf16 (no AVX512-BF16: rounded operands through f32)" };
-    out.push((label.to_string(), time(&mut |c| crate::kernels::bf16::bf16_gemm(c, n, n, n, &a, false, &b, false, false))));
+    out.push((
+        "f32 (faer)".to_string(),
+        time(&mut |c| crate::kernels::matmul::faer_gemm(c, n, n, n, &a, false, &b, false, false)),
+    ));
+    let label = if crate::kernels::bf16::available() {
+        "bf16 (vdpbf16ps)"
+    } else {
+        "bf16 (no AVX512-BF16: rounded operands through f32)"
+    };
+    out.push((
+        label.to_string(),
+        time(&mut |c| crate::kernels::bf16::bf16_gemm(c, n, n, n, &a, false, &b, false, false)),
+    ));
     out
 }
 
@@ -575,7 +672,9 @@ pub fn decode_gemm(reps: usize) -> Vec<(usize, f64, f64)> {
 /// Our GEMM rows beside PyTorch's (when measured), GFLOP/s.
 pub fn gemm_markdown(rows: &[GemmRow], torch: Option<&TorchReference>) -> String {
     let theirs = |name: &str, dtype: &str| {
-        torch.and_then(|t| t.gemm_gflops.iter().find(|(n, d, _)| n == name && d == dtype)).map_or("—".to_string(), |(_, _, g)| format!("{g:.0}"))
+        torch
+            .and_then(|t| t.gemm_gflops.iter().find(|(n, d, _)| n == name && d == dtype))
+            .map_or("—".to_string(), |(_, _, g)| format!("{g:.0}"))
     };
     let mut s = String::from("| GEMM (bench model) | m × n × k | ours f32 | PyTorch f32 | ours bf16 | PyTorch bf16 |\n|---|---|---|---|---|---|\n");
     for r in rows {
@@ -600,7 +699,13 @@ pub fn torch_markdown(rows: &[SpeedRow], torch: &TorchReference, ours_gemm: &[(S
     let find = |ops: &str| rows.iter().find(|r| r.name == format!("bench ({ops})"));
     let (fused, bf16) = (find("fused"), find("bf16"));
     // Our sampling step: the faster of the cached and the lean decode paths.
-    let sample_ms = |r: &SpeedRow| if r.lean_sample_step_ms.is_finite() { r.sample_step_ms.min(r.lean_sample_step_ms) } else { r.sample_step_ms };
+    let sample_ms = |r: &SpeedRow| {
+        if r.lean_sample_step_ms.is_finite() {
+            r.sample_step_ms.min(r.lean_sample_step_ms)
+        } else {
+            r.sample_step_ms
+        }
+    };
     let cell = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.1}"));
     let best = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
@@ -613,11 +718,24 @@ pub fn torch_markdown(rows: &[SpeedRow], torch: &TorchReference, ours_gemm: &[(S
     let mut s = String::from("| bench model, batch 16 (ms) | PyTorch f32 | PyTorch bf16 autocast | ours fused (f32) | ours bf16 | ours best vs PyTorch best |\n|---|---|---|---|---|---|\n");
     let lines: [(&str, Option<f64>, Option<f64>, Option<f64>, Option<f64>); 3] = [
         ("training step", torch.train_ms_f32, torch.train_ms_bf16, fused.map(|r| r.train_ms), bf16.map(|r| r.train_ms)),
-        ("forward", torch.forward_ms_f32, torch.forward_ms_bf16, fused.map(|r| r.forward_ms), bf16.map(|r| r.forward_ms)),
+        (
+            "forward",
+            torch.forward_ms_f32,
+            torch.forward_ms_bf16,
+            fused.map(|r| r.forward_ms),
+            bf16.map(|r| r.forward_ms),
+        ),
         ("cached sampling step", torch.sample_step_ms, None, fused.map(sample_ms), bf16.map(sample_ms)),
     ];
     for (what, tf, tb, of, ob) in lines {
-        s.push_str(&format!("| {what} | {} | {} | {} | {} | {} |\n", cell(tf), cell(tb), cell(of), cell(ob), ratio(best(tf, tb), best(of, ob))));
+        s.push_str(&format!(
+            "| {what} | {} | {} | {} | {} | {} |\n",
+            cell(tf),
+            cell(tb),
+            cell(of),
+            cell(ob),
+            ratio(best(tf, tb), best(of, ob))
+        ));
     }
     s.push_str("\n| 1024³ matmul | GFLOP/s |\n|---|---|\n");
     for (dtype, g) in &torch.matmul_gflops {
@@ -651,7 +769,18 @@ mod torch_tests {
         assert_eq!(t.forward_ms_bf16, Some(97.0));
         assert_eq!(t.sample_step_ms, Some(2.51));
         assert_eq!(t.matmul_gflops, vec![("torch.float32".to_string(), 210.5), ("torch.bfloat16".to_string(), 930.2)]);
-        let row = |name: &str, train_ms: f64| SpeedRow { name: name.into(), batch: 16, positions: 256, train_ms, forward_ms: 100.0, sample_step_ms: 2.0, lean_sample_step_ms: f64::NAN, train_gflops: 0.0, forward_gflops: 0.0, train_codes_per_s: 0.0 };
+        let row = |name: &str, train_ms: f64| SpeedRow {
+            name: name.into(),
+            batch: 16,
+            positions: 256,
+            train_ms,
+            forward_ms: 100.0,
+            sample_step_ms: 2.0,
+            lean_sample_step_ms: f64::NAN,
+            train_gflops: 0.0,
+            forward_gflops: 0.0,
+            train_codes_per_s: 0.0,
+        };
         let md = torch_markdown(&[row("bench (fused)", 360.0), row("bench (bf16)", 300.0)], &t, &[]);
         // Training: PyTorch's best 267.3 over our best 300.
         assert!(md.contains("| training step | 566.4 | 267.3 | 360.0 | 300.0 | 0.89× |"), "{md}");

@@ -119,7 +119,12 @@ impl ThreadGroup {
         if st.arrived == 0 {
             st.sum = vec![0.0; data.len()];
         } else if st.sum.len() != data.len() {
-            return Err(DistError::Bad(format!("rank {} sent {} values, peers {}", self.rank, data.len(), st.sum.len())));
+            return Err(DistError::Bad(format!(
+                "rank {} sent {} values, peers {}",
+                self.rank,
+                data.len(),
+                st.sum.len()
+            )));
         }
         if contribute {
             st.sum.iter_mut().zip(data).for_each(|(a, b)| *a += b);
@@ -304,13 +309,18 @@ mod nccl_backend {
                             break Id::uninit(internal);
                         }
                         _ if start.elapsed() > timeout => {
-                            return Err(e(format!("no NCCL id from rank 0 in {} after {:?}", id_file.display(), timeout)));
+                            return Err(e(format!(
+                                "no NCCL id from rank 0 in {} after {:?}",
+                                id_file.display(),
+                                timeout
+                            )));
                         }
                         _ => std::thread::sleep(Duration::from_millis(100)),
                     }
                 }
             };
-            let comm = Comm::from_rank(stream.clone(), rank, world_size, id).map_err(|x| e(format!("ncclCommInitRank: {x:?}")))?;
+            let comm = Comm::from_rank(stream.clone(), rank, world_size, id)
+                .map_err(|x| e(format!("ncclCommInitRank: {x:?}")))?;
             if rank == 0 {
                 // Every rank has joined, so nobody needs the id any more.
                 let _ = std::fs::remove_file(id_file);
@@ -397,10 +407,22 @@ mod tests {
 
     #[test]
     fn launcher_ranks_come_from_mpirun_torchrun_or_slurm_variables() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
-        assert_eq!(launcher_rank_from(env(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "8"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1")])), Some((3, 8, 1)));
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(
+            launcher_rank_from(env(&[
+                ("OMPI_COMM_WORLD_RANK", "3"),
+                ("OMPI_COMM_WORLD_SIZE", "8"),
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+            ])),
+            Some((3, 8, 1))
+        );
         assert_eq!(launcher_rank_from(env(&[("RANK", "1"), ("WORLD_SIZE", "2")])), Some((1, 2, 0)));
-        assert_eq!(launcher_rank_from(env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "6"), ("SLURM_LOCALID", "1")])), Some((5, 6, 1)));
+        assert_eq!(
+            launcher_rank_from(env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "6"), ("SLURM_LOCALID", "1")])),
+            Some((5, 6, 1))
+        );
         // One process, a rank outside the world, or garbage: not a multi-process launch.
         assert_eq!(launcher_rank_from(env(&[("RANK", "0"), ("WORLD_SIZE", "1")])), None);
         assert_eq!(launcher_rank_from(env(&[("RANK", "4"), ("WORLD_SIZE", "2")])), None);

@@ -68,14 +68,21 @@ pub use crate::data::shards::codes_hash;
 pub fn check_model_fits(model: &Gpt, shard: &CodeShard, path: &Path) -> Result<()> {
     let c = model.config();
     if c.cls_token_num != 0 {
-        return Err(EntropyError::BadModel("entropies come from an unconditional model (train it with `dpar entropy train`)".into()));
+        return Err(EntropyError::BadModel(
+            "entropies come from an unconditional model (train it with `dpar entropy train`)".into(),
+        ));
     }
     if c.grid_size != shard.info.grid_size || c.vocab_size < shard.info.codebook_size {
         return Err(EntropyError::Mismatch {
             path: path.to_path_buf(),
             reason: format!(
                 "shard has a {}×{} grid of {} codes; the entropy model expects {}×{} and {} codes",
-                shard.info.grid_size, shard.info.grid_size, shard.info.codebook_size, c.grid_size, c.grid_size, c.vocab_size
+                shard.info.grid_size,
+                shard.info.grid_size,
+                shard.info.codebook_size,
+                c.grid_size,
+                c.grid_size,
+                c.vocab_size
             ),
         });
     }
@@ -83,7 +90,14 @@ pub fn check_model_fits(model: &Gpt, shard: &CodeShard, path: &Path) -> Result<(
 }
 
 /// H_k of every code of every image (`N × L`, H_0 = +∞), `batch` images at a time.
-pub fn compute(model: &Gpt, shard: &CodeShard, flip: bool, batch: usize, device: &Device, mut progress: impl FnMut(usize)) -> Result<Vec<f32>> {
+pub fn compute(
+    model: &Gpt,
+    shard: &CodeShard,
+    flip: bool,
+    batch: usize,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<f32>> {
     let l = shard.info.seq_len();
     let mut out = Vec::with_capacity(shard.len() * l);
     for start in (0..shard.len()).step_by(batch.max(1)) {
@@ -132,7 +146,10 @@ pub fn read(shard_path: &Path, shard: &CodeShard, expected_model: Option<&str>) 
     let file = crate::tensor_io::read_safetensors(&path, &Device::Cpu)?;
     let mismatch = |reason: String| EntropyError::Mismatch { path: path.clone(), reason };
     if file.meta("codes_hash").unwrap_or("") != codes_hash(shard) {
-        return Err(mismatch(format!("was computed for other codes than {} (recompute with `dpar entropy compute`)", shard_path.display())));
+        return Err(mismatch(format!(
+            "was computed for other codes than {} (recompute with `dpar entropy compute`)",
+            shard_path.display()
+        )));
     }
     let model_id = file.meta("entropy_model_id")?.to_string();
     if let Some(want) = expected_model {
@@ -170,7 +187,10 @@ pub fn read_set(path: &Path, expected_model: Option<&str>) -> Result<(CodeShard,
         match (&mut all_shard, &mut all) {
             (Some(s), Some(a)) => {
                 if a.entropy_model_id != e.entropy_model_id {
-                    return Err(EntropyError::Mismatch { path: file.clone(), reason: "shards of the set have entropies from different models".into() });
+                    return Err(EntropyError::Mismatch {
+                        path: file.clone(),
+                        reason: "shards of the set have entropies from different models".into(),
+                    });
                 }
                 s.codes.extend(&shard.codes);
                 s.labels.extend(&shard.labels);

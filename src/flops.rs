@@ -40,7 +40,10 @@ pub fn dpar_forward(c: &crate::dpar::DparConfig, patches: f64) -> f64 {
     let l = c.seq_len() as f64;
     let d = c.dim as f64;
     let attention = |layers: usize, t: f64| layers as f64 * 4.0 * t * t * d;
-    dpar_linear(c, patches) + attention(c.encoder_layers, l - 1.0) + attention(c.global_layers, patches) + attention(c.decoder_layers, l)
+    dpar_linear(c, patches)
+        + attention(c.encoder_layers, l - 1.0)
+        + attention(c.global_layers, patches)
+        + attention(c.decoder_layers, l)
 }
 
 /// Linear-layer FLOPs of DPAR on one image with `patches` patch-transformer positions: encoder,
@@ -72,23 +75,52 @@ mod tests {
     #[test]
     fn flops_formula_matches_counted_shapes() {
         use candle_core::{Device, Tensor};
-        let c = GptConfig { dim: 32, n_layer: 2, n_head: 2, ffn_hidden: Some(48), vocab_size: 11, num_classes: 3, grid_size: 4, ..GptConfig::mnist() };
+        let c = GptConfig {
+            dim: 32,
+            n_layer: 2,
+            n_head: 2,
+            ffn_hidden: Some(48),
+            vocab_size: 11,
+            num_classes: 3,
+            grid_size: 4,
+            ..GptConfig::mnist()
+        };
         let store = crate::params::ParamStore::new(0, &Device::Cpu);
         let model = crate::gpt::Gpt::new(&c, &store.root()).unwrap();
-        let codes = Tensor::from_vec((0..3 * 16).map(|i| (i % 11) as u32).collect::<Vec<_>>(), (3, 16), &Device::Cpu).unwrap();
+        let codes =
+            Tensor::from_vec((0..3 * 16).map(|i| (i % 11) as u32).collect::<Vec<_>>(), (3, 16), &Device::Cpu).unwrap();
         let labels = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
         crate::kernels::matmul::take_flop_count();
         model.forward::<rand_chacha::ChaCha8Rng>(&codes, Some(&labels), None).unwrap();
         let counted = crate::kernels::matmul::take_flop_count() as f64;
         assert_eq!(counted, 3.0 * gpt_linear(&c));
 
-        let dc = crate::dpar::DparConfig { dim: 32, n_head: 2, encoder_layers: 1, global_layers: 2, decoder_layers: 2, ffn_hidden: Some(48), vocab_size: 11, num_classes: 3, grid_size: 4, ..crate::dpar::DparConfig::mnist() };
+        let dc = crate::dpar::DparConfig {
+            dim: 32,
+            n_head: 2,
+            encoder_layers: 1,
+            global_layers: 2,
+            decoder_layers: 2,
+            ffn_hidden: Some(48),
+            vocab_size: 11,
+            num_classes: 3,
+            grid_size: 4,
+            ..crate::dpar::DparConfig::mnist()
+        };
         let dstore = crate::params::ParamStore::new(0, &Device::Cpu);
         let dmodel = crate::dpar::Dpar::new(&dc, &dstore.root()).unwrap();
         let lengths = vec![vec![1, 3, 1, 3, 3, 1, 3, 1], vec![1, 3, 4, 4, 2, 2], vec![1; 16]];
         let layout = dmodel.layout(lengths.clone(), 16).unwrap();
         crate::kernels::matmul::take_flop_count();
-        dmodel.forward::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, crate::dpar::model::GlobalLayout::Packed, None).unwrap();
+        dmodel
+            .forward::<rand_chacha::ChaCha8Rng>(
+                &codes,
+                &labels,
+                &layout,
+                crate::dpar::model::GlobalLayout::Packed,
+                None,
+            )
+            .unwrap();
         let counted = crate::kernels::matmul::take_flop_count() as f64;
         let analytic: f64 = lengths.iter().map(|l| dpar_linear(&dc, l.len() as f64)).sum();
         assert_eq!(counted, analytic);

@@ -101,7 +101,9 @@ impl candle_core::InplaceOp1 for FusedStep<'_> {
 
     fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
         let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("adamw: f32 parameters expected") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("adamw: contiguous parameters expected") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adamw: contiguous parameters expected")
+        };
         let w = &mut data[start..end];
         let mut m = self.m.lock().unwrap_or_else(|e| e.into_inner());
         let mut v = self.v.lock().unwrap_or_else(|e| e.into_inner());
@@ -141,7 +143,10 @@ impl AdamW {
                 let n = var.elem_count();
                 Moments::Host { m: Mutex::new(vec![0.0; n]), v: Mutex::new(vec![0.0; n]) }
             } else {
-                Moments::Tensors { m: Var::zeros(var.shape(), var.dtype(), var.device())?, v: Var::zeros(var.shape(), var.dtype(), var.device())? }
+                Moments::Tensors {
+                    m: Var::zeros(var.shape(), var.dtype(), var.device())?,
+                    v: Var::zeros(var.shape(), var.dtype(), var.device())?,
+                }
             };
             slots.push(Slot { name, var, decay, moments });
         }
@@ -241,7 +246,11 @@ impl AdamW {
                 let key = format!("adam.{kind}.{}", slot.name);
                 let value = tensors.get(&key).ok_or_else(|| OptimError::BadState(format!("missing `{key}`")))?;
                 if value.dims() != slot.var.dims() {
-                    return Err(OptimError::BadState(format!("`{key}` has shape {:?}, parameter has {:?}", value.dims(), slot.var.dims())));
+                    return Err(OptimError::BadState(format!(
+                        "`{key}` has shape {:?}, parameter has {:?}",
+                        value.dims(),
+                        slot.var.dims()
+                    )));
                 }
                 match &slot.moments {
                     Moments::Host { m, v } => {
@@ -362,7 +371,8 @@ mod tests {
         let dev = Device::Cpu;
         let init: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect();
         let w32 = Var::from_tensor(&Tensor::from_vec(init.clone(), (3, 4), &dev).unwrap()).unwrap();
-        let w64 = Var::from_tensor(&Tensor::from_vec(init, (3, 4), &dev).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+        let w64 =
+            Var::from_tensor(&Tensor::from_vec(init, (3, 4), &dev).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
         let config = AdamWConfig { lr: 0.05, weight_decay: 0.1, ..Default::default() };
         let mut a = AdamW::new(vec![("w".into(), w32.clone())], config).unwrap();
         let mut b = AdamW::new(vec![("w".into(), w64.clone())], config).unwrap();

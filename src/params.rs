@@ -133,9 +133,7 @@ impl ParamStore {
                 let normal = Normal::new(0.0f64, std).expect("init std must be finite and >= 0");
                 (0..count).map(|_| normal.sample(&mut rng) as f32).collect()
             }
-            Init::Uniform(bound) => {
-                (0..count).map(|_| rng.random_range(-bound..=bound) as f32).collect()
-            }
+            Init::Uniform(bound) => (0..count).map(|_| rng.random_range(-bound..=bound) as f32).collect(),
             Init::Const(value) => vec![value as f32; count],
         };
         let tensor = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
@@ -148,12 +146,7 @@ impl ParamStore {
     /// Copies values from `weights` into the store. Every store parameter must be present with the
     /// right shape; extra keys are an error when `strict`, ignored otherwise. Returns the ignored
     /// keys. `path` names the source in errors.
-    pub fn load_map(
-        &self,
-        weights: &HashMap<String, Tensor>,
-        path: &Path,
-        strict: bool,
-    ) -> Result<Vec<String>> {
+    pub fn load_map(&self, weights: &HashMap<String, Tensor>, path: &Path, strict: bool) -> Result<Vec<String>> {
         let vars = self.lock();
         let mut missing = Vec::new();
         for (name, var) in vars.iter() {
@@ -168,7 +161,11 @@ impl ParamStore {
                     })
                 }
                 Some(t) => {
-                    let bad = |problem: String| ParamError::BadValue { path: path.to_path_buf(), name: name.clone(), problem };
+                    let bad = |problem: String| ParamError::BadValue {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        problem,
+                    };
                     if !matches!(t.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
                         return Err(bad(format!("is stored as {:?}, not as a float type", t.dtype())));
                     }
@@ -183,8 +180,7 @@ impl ParamStore {
         if !missing.is_empty() {
             return Err(ParamError::MissingKeys { path: path.to_path_buf(), keys: missing });
         }
-        let mut extra: Vec<String> =
-            weights.keys().filter(|k| !vars.contains_key(*k)).cloned().collect();
+        let mut extra: Vec<String> = weights.keys().filter(|k| !vars.contains_key(*k)).cloned().collect();
         extra.sort();
         if strict && !extra.is_empty() {
             return Err(ParamError::UnexpectedKeys { path: path.to_path_buf(), keys: extra });
@@ -208,7 +204,12 @@ impl ParamStore {
             if !ALLOW_EXTRA_KEYS.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(ParamError::UnexpectedKeys { path: path.to_path_buf(), keys: unexpected });
             }
-            tracing::warn!("--allow-extra-keys: {}: ignoring {} unexpected parameter(s): {}", path.display(), unexpected.len(), preview(&unexpected));
+            tracing::warn!(
+                "--allow-extra-keys: {}: ignoring {} unexpected parameter(s): {}",
+                path.display(),
+                unexpected.len(),
+                preview(&unexpected)
+            );
         }
         Ok(())
     }
@@ -248,11 +249,7 @@ pub struct Pb<'a> {
 impl<'a> Pb<'a> {
     /// A sub-path.
     pub fn pp(&self, part: impl std::fmt::Display) -> Pb<'a> {
-        let prefix = if self.prefix.is_empty() {
-            part.to_string()
-        } else {
-            format!("{}.{}", self.prefix, part)
-        };
+        let prefix = if self.prefix.is_empty() { part.to_string() } else { format!("{}.{}", self.prefix, part) };
         Pb { store: self.store, prefix }
     }
 
@@ -289,9 +286,8 @@ mod tests {
         b.root().get(7, "other", Init::Uniform(1.0)).unwrap();
         let wb = b.root().pp("x").get((4, 5), "w", Init::Normal(0.02)).unwrap();
         let wc = c.root().pp("x").get((4, 5), "w", Init::Normal(0.02)).unwrap();
-        let diff = |x: &Tensor, y: &Tensor| {
-            (x - y).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
-        };
+        let diff =
+            |x: &Tensor, y: &Tensor| (x - y).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff(&wa, &wb), 0.0);
         assert!(diff(&wa, &wc) > 0.0);
         let std = wa.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
@@ -334,7 +330,8 @@ mod tests {
         weights.insert("w".to_string(), Tensor::new(&[1u8, 2, 3], &Device::Cpu).unwrap());
         let err = store.load_map(&weights, Path::new("w.safetensors"), false).unwrap_err().to_string();
         assert!(err.contains("`w`") && err.contains("U8"), "{err}");
-        weights.insert("w".to_string(), Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap());
+        weights
+            .insert("w".to_string(), Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap());
         store.load_map(&weights, Path::new("w.safetensors"), false).unwrap();
     }
 }

@@ -91,7 +91,9 @@ impl Recorded {
     pub fn of(checkpoint: &Path) -> Self {
         let meta = crate::tensor_io::read_safetensors_metadata(&weights_file(checkpoint)).ok();
         let config: Option<serde_json::Value> = meta.and_then(|m| serde_json::from_str(m.get("config")?).ok());
-        let get = |key: &str| config.as_ref().and_then(|c| c.get(key)?.as_str()).filter(|s| !s.is_empty()).map(str::to_string);
+        let get = |key: &str| {
+            config.as_ref().and_then(|c| c.get(key)?.as_str()).filter(|s| !s.is_empty()).map(str::to_string)
+        };
         Self { tokenizer_id: get("tokenizer_id"), entropy_model_id: get("entropy_model_id") }
     }
 
@@ -144,7 +146,14 @@ pub fn candidates(part: Part, near: &Path) -> Vec<PathBuf> {
 
 /// The part to use: `given` (checked against `expected` when there is a record), or else the
 /// first of [`candidates`] whose id is `expected` (with no record: the first that exists).
-pub fn resolve(part: Part, given: Option<&Path>, expected: Option<&str>, near: &Path, owner: &str, allow_mismatch: bool) -> Result<PathBuf> {
+pub fn resolve(
+    part: Part,
+    given: Option<&Path>,
+    expected: Option<&str>,
+    near: &Path,
+    owner: &str,
+    allow_mismatch: bool,
+) -> Result<PathBuf> {
     if let Some(path) = given {
         if let Some(expected) = expected {
             check(part, path, expected, owner, allow_mismatch)?;
@@ -172,13 +181,28 @@ pub fn resolve(part: Part, given: Option<&Path>, expected: Option<&str>, near: &
     }
     if allow_mismatch {
         if let Some(c) = candidates.first() {
-            tracing::warn!("--allow-mismatch: using the {} {} although it is not the one {owner} was made with ({}…)", part.name(), c.display(), short(expected));
+            tracing::warn!(
+                "--allow-mismatch: using the {} {} although it is not the one {owner} was made with ({}…)",
+                part.name(),
+                c.display(),
+                short(expected)
+            );
             return Ok(c.clone());
         }
     }
-    let absent: Vec<String> = self::candidates(part, near).iter().filter(|c| !weights_file(c).is_file()).map(|c| format!("{} does not exist", c.display())).collect();
+    let absent: Vec<String> = self::candidates(part, near)
+        .iter()
+        .filter(|c| !weights_file(c).is_file())
+        .map(|c| format!("{} does not exist", c.display()))
+        .collect();
     tried.extend(absent);
-    Err(PartsError::NotFound { part: part.name(), flag: part.flag(), owner: owner.to_string(), expected: short(expected), tried: tried.join("; ") })
+    Err(PartsError::NotFound {
+        part: part.name(),
+        flag: part.flag(),
+        owner: owner.to_string(),
+        expected: short(expected),
+        tried: tried.join("; "),
+    })
 }
 
 #[cfg(test)]
@@ -200,8 +224,15 @@ mod tests {
         let expected = id_of(&right).unwrap();
         let found = resolve(Part::Tokenizer, None, Some(&expected), &model, "the model", false).unwrap();
         assert_eq!(found, right);
-        let err = resolve(Part::Tokenizer, Some(&wrong), Some(&expected), &model, "the model runs/dpar-s0", false).unwrap_err().to_string();
-        assert!(err.contains(&expected[..12]) && err.contains(&id_of(&wrong).unwrap()[..12]) && err.contains("--allow-mismatch"), "{err}");
+        let err = resolve(Part::Tokenizer, Some(&wrong), Some(&expected), &model, "the model runs/dpar-s0", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&expected[..12])
+                && err.contains(&id_of(&wrong).unwrap()[..12])
+                && err.contains("--allow-mismatch"),
+            "{err}"
+        );
         assert_eq!(resolve(Part::Tokenizer, Some(&wrong), Some(&expected), &model, "m", true).unwrap(), wrong);
         // Nothing in the usual places matches: the error lists what was tried.
         let lonely = weights(&root.path().join("a/b/dpar"), b"m");

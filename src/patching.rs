@@ -199,7 +199,10 @@ pub struct PatchStats {
 pub fn stats(entropies: &[f32], grid: usize, config: &PatchConfig) -> Result<PatchStats> {
     let l = grid * grid;
     if l == 0 || entropies.len() % l != 0 {
-        return Err(PatchError::BadInput(format!("{} entropies is not a whole number of {l}-code images", entropies.len())));
+        return Err(PatchError::BadInput(format!(
+            "{} entropies is not a whole number of {l}-code images",
+            entropies.len()
+        )));
     }
     let images = entropies.len() / l;
     let mut histogram = vec![0usize; 2];
@@ -316,9 +319,15 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         let h = vec![0.0f32; 16];
-        assert!(patch_lengths(&h[..15], 4, &PatchConfig::dpar(1.0, 4), 15).unwrap_err().to_string().contains("15 entropies for a 4×4 grid"));
+        assert!(patch_lengths(&h[..15], 4, &PatchConfig::dpar(1.0, 4), 15)
+            .unwrap_err()
+            .to_string()
+            .contains("15 entropies for a 4×4 grid"));
         assert!(patch_lengths(&h, 4, &PatchConfig::dpar(f64::NAN, 4), 16).unwrap_err().to_string().contains("NaN"));
-        assert!(patch_lengths(&h, 4, &PatchConfig::dpar(1.0, 0), 16).unwrap_err().to_string().contains("P must be ≥ 1"));
+        assert!(patch_lengths(&h, 4, &PatchConfig::dpar(1.0, 0), 16)
+            .unwrap_err()
+            .to_string()
+            .contains("P must be ≥ 1"));
         assert!(OnlinePatcher::new(PatchConfig::dpar(1.0, 0), 4).is_err());
     }
 

@@ -70,7 +70,8 @@ pub fn panels_plot(path: &Path, panels: &[Panel]) -> Result<()> {
         }
         root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buffer).ok_or_else(|| PlotError::Draw("plot buffer has the wrong size".into()))?;
+    let img = image::RgbImage::from_raw(w, h, buffer)
+        .ok_or_else(|| PlotError::Draw("plot buffer has the wrong size".into()))?;
     crate::viz::save_png(&img, path).map_err(|e| PlotError::Draw(e.to_string()))?;
     Ok(())
 }
@@ -83,12 +84,17 @@ fn tick_label(x: f64) -> String {
     }
     let s = format!("{x:.4}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s == "-0" { "0".into() } else { s.into() }
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
 }
 
 fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: &Panel) -> Result<()> {
     let (title, x_label, y_label, series) = (&panel.title, &panel.x_label, &panel.y_label, panel.series);
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let all: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
     if all.is_empty() {
         return Err(PlotError::NoData(format!("{title}: no finite points to plot")));
     }
@@ -117,10 +123,13 @@ fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: 
                     .map_err(|e| draw(&e))?;
                 for (i, s) in series.iter().enumerate() {
                     let color = COLORS[i % COLORS.len()];
-                    let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+                    let pts: Vec<(f64, f64)> =
+                        s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
                     // Few points (evaluation curves): mark each one.
                     if pts.len() <= 40 {
-                        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| draw(&e))?;
+                        chart
+                            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                            .map_err(|e| draw(&e))?;
                     }
                     chart
                         .draw_series(LineSeries::new(pts, color.stroke_width(2)))
@@ -145,9 +154,7 @@ fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: 
             finish!(chart);
         } else {
             let pad = ((y_max - y_min) * 0.05).max(1e-9);
-            let chart = builder
-                .build_cartesian_2d(x_min..x_max, (y_min - pad)..(y_max + pad))
-                .map_err(|e| draw(&e))?;
+            let chart = builder.build_cartesian_2d(x_min..x_max, (y_min - pad)..(y_max + pad)).map_err(|e| draw(&e))?;
             finish!(chart);
         }
     }
@@ -156,8 +163,7 @@ fn draw_panel(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, panel: 
 
 /// Reads a training `log.jsonl` and plots every `loss`-like key (and `val_*` keys) against step.
 pub fn loss_curve_from_log(log: &Path, png: &Path, title: &str) -> Result<()> {
-    let text = std::fs::read_to_string(log)
-        .map_err(|e| PlotError::NoData(format!("{}: {e}", log.display())))?;
+    let text = std::fs::read_to_string(log).map_err(|e| PlotError::NoData(format!("{}: {e}", log.display())))?;
     let mut series: Vec<Series> = Vec::new();
     for line in text.lines() {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else { continue };

@@ -64,7 +64,13 @@ impl RunLock {
         let io = |reason: String| RunDirError::Io { path: dir.to_path_buf(), reason };
         std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create the folder: {e}")))?;
         let path = dir.join(".lock");
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
         #[cfg(unix)]
         {
             use std::os::unix::io::AsRawFd;
@@ -75,10 +81,17 @@ impl RunLock {
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
                 let pid = pid.trim();
-                return Err(RunDirError::Locked { path: dir.to_path_buf(), pid: if pid.is_empty() { "unknown".into() } else { pid.to_string() } });
+                return Err(RunDirError::Locked {
+                    path: dir.to_path_buf(),
+                    pid: if pid.is_empty() { "unknown".into() } else { pid.to_string() },
+                });
             }
         }
-        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| write!(file, "{}", std::process::id())).and_then(|_| file.flush()).map_err(|e| io(format!("cannot write {}: {e}", path.display())))?;
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| write!(file, "{}", std::process::id()))
+            .and_then(|_| file.flush())
+            .map_err(|e| io(format!("cannot write {}: {e}", path.display())))?;
         Ok(Self { _file: file, path })
     }
 
@@ -92,7 +105,9 @@ impl RunLock {
 pub fn existing_run(dir: &Path) -> Option<Option<u64>> {
     let held = RUN_FILES.iter().take(3).any(|f| dir.join(f).is_file());
     held.then(|| {
-        crate::tensor_io::read_safetensors_metadata(&dir.join("checkpoint.safetensors")).ok().and_then(|m| m.get("step").and_then(|s| s.parse().ok()))
+        crate::tensor_io::read_safetensors_metadata(&dir.join("checkpoint.safetensors"))
+            .ok()
+            .and_then(|m| m.get("step").and_then(|s| s.parse().ok()))
     })
 }
 
@@ -103,9 +118,15 @@ pub fn prepare(dir: &Path, _lock: &RunLock, start: Start) -> Result<()> {
         tracing::warn!("removed {}, left by an interrupted write", stale.display());
     }
     match (start, existing_run(dir)) {
-        (Start::Fresh, Some(step)) => Err(RunDirError::Exists { path: dir.to_path_buf(), at: step.map(|s| format!(" (checkpoint at step {s})")).unwrap_or_default() }),
+        (Start::Fresh, Some(step)) => Err(RunDirError::Exists {
+            path: dir.to_path_buf(),
+            at: step.map(|s| format!(" (checkpoint at step {s})")).unwrap_or_default(),
+        }),
         (Start::Overwrite, Some(_)) => {
-            let io = |e: std::io::Error| RunDirError::Io { path: dir.to_path_buf(), reason: format!("cannot remove the old run: {e}") };
+            let io = |e: std::io::Error| RunDirError::Io {
+                path: dir.to_path_buf(),
+                reason: format!("cannot remove the old run: {e}"),
+            };
             for f in RUN_FILES {
                 let p = dir.join(f);
                 if p.is_file() {

@@ -71,7 +71,8 @@ pub fn curve(log: &[serde_json::Value], x_key: &str, y_key: &str) -> Vec<(f64, f
 /// Parameter count of a safetensors weight file (from its header and tensor shapes).
 fn count_params(file: &Path) -> Result<usize> {
     let bytes = std::fs::read(file).map_err(|e| bad(file, format!("cannot read: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(file, format!("not a safetensors file: {e}")))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(file, format!("not a safetensors file: {e}")))?;
     Ok(st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum())
 }
 
@@ -80,7 +81,8 @@ impl RunSummary {
     pub fn read(run: &Path) -> Result<Self> {
         let config_path = run.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| bad(&config_path, format!("cannot read: {e}")))?;
-        let c: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&config_path, format!("not JSON: {e}")))?;
+        let c: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(&config_path, format!("not JSON: {e}")))?;
         let m = &c["model"];
         let t = &c["train"];
         let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as usize;
@@ -123,8 +125,23 @@ impl RunSummary {
     /// The header of [`RunSummary::markdown_row`].
     pub fn markdown_header() -> String {
         let cols = [
-            "run", "model", "width", "layers", "heads", "params", "batch", "lr", "schedule", "dropout", "ops", "steps", "epochs", "ms/step",
-            "train time", "train PFLOP", "val loss",
+            "run",
+            "model",
+            "width",
+            "layers",
+            "heads",
+            "params",
+            "batch",
+            "lr",
+            "schedule",
+            "dropout",
+            "ops",
+            "steps",
+            "epochs",
+            "ms/step",
+            "train time",
+            "train PFLOP",
+            "val loss",
         ];
         format!("| {} |\n|{}|", cols.join(" | "), vec!["---"; cols.len()].join("|"))
     }
@@ -132,8 +149,13 @@ impl RunSummary {
     /// One markdown table row.
     pub fn markdown_row(&self, name: &str) -> String {
         let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "–".into());
-        let schedule = format!("{}{}", if self.warmup > 0 { format!("warm-up {} + ", self.warmup) } else { String::new() }, if self.cosine { "cosine" } else { "constant" });
-        let steps = if self.step < self.steps { format!("{} of {}", self.step, self.steps) } else { self.steps.to_string() };
+        let schedule = format!(
+            "{}{}",
+            if self.warmup > 0 { format!("warm-up {} + ", self.warmup) } else { String::new() },
+            if self.cosine { "cosine" } else { "constant" }
+        );
+        let steps =
+            if self.step < self.steps { format!("{} of {}", self.step, self.steps) } else { self.steps.to_string() };
         let val = match (self.val_loss, self.val_step) {
             (Some(v), Some(s)) if s < self.steps => format!("{v:.4} (step {s})"),
             (Some(v), _) => format!("{v:.4}"),
@@ -182,7 +204,11 @@ mod tests {
         ];
         std::fs::write(dir.path().join("log.jsonl"), log.join("\n")).unwrap();
         let w = candle_core::Tensor::zeros((3, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-        candle_core::safetensors::save(&std::collections::HashMap::from([("w".to_string(), w)]), dir.path().join("model.safetensors")).unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("w".to_string(), w)]),
+            dir.path().join("model.safetensors"),
+        )
+        .unwrap();
         let s = RunSummary::read(dir.path()).unwrap();
         assert_eq!((s.kind.as_str(), s.dim, s.layers.as_str(), s.heads, s.params), ("gpt", 128, "6", 4, 12));
         assert_eq!((s.step, s.steps, s.val_step, s.val_loss), (100, 100, Some(100), Some(2.5)));

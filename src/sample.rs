@@ -54,7 +54,10 @@ impl SamplingConfig {
             return Err(SampleError::BadConfig(format!("cfg scale must be finite and ≥ 0, got {}", self.cfg_scale)));
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(SampleError::BadConfig(format!("temperature must be finite and ≥ 0, got {}", self.temperature)));
+            return Err(SampleError::BadConfig(format!(
+                "temperature must be finite and ≥ 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(SampleError::BadConfig(format!("top-p must lie in (0, 1], got {}", self.top_p)));
@@ -136,7 +139,15 @@ pub fn uniforms(seed: u64, images: usize, codes: usize) -> Vec<f64> {
 }
 
 /// Picks one code per image from model logits (B or 2B rows when guided).
-pub fn choose_codes(logits: &Tensor, b: usize, guided: bool, config: &SamplingConfig, u: &[f64], k: usize, l: usize) -> Result<Vec<u32>> {
+pub fn choose_codes(
+    logits: &Tensor,
+    b: usize,
+    guided: bool,
+    config: &SamplingConfig,
+    u: &[f64],
+    k: usize,
+    l: usize,
+) -> Result<Vec<u32>> {
     let v = logits.dim(1)?;
     let rows = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(choose_codes_host(&rows, v, b, guided, config, u, k, l))
@@ -144,7 +155,16 @@ pub fn choose_codes(logits: &Tensor, b: usize, guided: bool, config: &SamplingCo
 
 /// [`choose_codes`] on host logits (B or 2B rows of V values, back to back).
 #[allow(clippy::too_many_arguments)]
-pub fn choose_codes_host(logits: &[f32], v: usize, b: usize, guided: bool, config: &SamplingConfig, u: &[f64], k: usize, l: usize) -> Vec<u32> {
+pub fn choose_codes_host(
+    logits: &[f32],
+    v: usize,
+    b: usize,
+    guided: bool,
+    config: &SamplingConfig,
+    u: &[f64],
+    k: usize,
+    l: usize,
+) -> Vec<u32> {
     (0..b)
         .map(|i| {
             let uncond = guided.then(|| &logits[(b + i) * v..(b + i + 1) * v]);
@@ -176,7 +196,12 @@ pub fn generate_gpt(model: &Gpt, labels: &[u32], config: &SamplingConfig, device
 
 /// [`generate_gpt`] through the tensor path: one cached model step (a small tensor graph) per
 /// code, on any device.
-pub fn generate_gpt_cached(model: &Gpt, labels: &[u32], config: &SamplingConfig, device: &Device) -> Result<Vec<Vec<u32>>> {
+pub fn generate_gpt_cached(
+    model: &Gpt,
+    labels: &[u32],
+    config: &SamplingConfig,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
     config.validate()?;
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
@@ -185,7 +210,14 @@ pub fn generate_gpt_cached(model: &Gpt, labels: &[u32], config: &SamplingConfig,
     generate_gpt_with(model, labels, config, guided, &u, device)
 }
 
-pub(crate) fn generate_gpt_with(model: &Gpt, labels: &[u32], config: &SamplingConfig, guided: bool, u: &[f64], device: &Device) -> Result<Vec<Vec<u32>>> {
+pub(crate) fn generate_gpt_with(
+    model: &Gpt,
+    labels: &[u32],
+    config: &SamplingConfig,
+    guided: bool,
+    u: &[f64],
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
     if c.cls_token_num != 1 {
@@ -218,7 +250,9 @@ pub fn generate_gpt_lean(model: &Gpt, labels: &[u32], config: &SamplingConfig) -
     config.validate()?;
     let c = model.config();
     if c.ops == crate::nn::Ops::Stock {
-        return Err(SampleError::BadConfig("the lean decode step follows the fused kernels; sample a stock-ops model with generate_gpt".into()));
+        return Err(SampleError::BadConfig(
+            "the lean decode step follows the fused kernels; sample a stock-ops model with generate_gpt".into(),
+        ));
     }
     let (b, l) = (labels.len(), c.seq_len());
     let u = uniforms(config.seed, b, l);
@@ -251,7 +285,12 @@ pub fn generate_gpt_lean(model: &Gpt, labels: &[u32], config: &SamplingConfig) -
 
 /// The reference: recomputes the whole prefix for every code (no cache). Same draws as
 /// [`generate_gpt`] for the same seed.
-pub fn generate_gpt_full_recompute(model: &Gpt, labels: &[u32], config: &SamplingConfig, device: &Device) -> Result<Vec<Vec<u32>>> {
+pub fn generate_gpt_full_recompute(
+    model: &Gpt,
+    labels: &[u32],
+    config: &SamplingConfig,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
     config.validate()?;
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
@@ -325,21 +364,32 @@ mod tests {
                 let cached = generate_gpt_cached(&m, &labels, &config, &Device::Cpu).unwrap();
                 let lean = generate_gpt_lean(&m, &labels, &config).unwrap();
                 assert_eq!(cached, lean, "cfg {cfg_scale}, batch {}", labels.len());
-                assert_eq!(generate_gpt(&m, &labels, &config, &Device::Cpu).unwrap(), lean, "the CPU default is the lean path");
+                assert_eq!(
+                    generate_gpt(&m, &labels, &config, &Device::Cpu).unwrap(),
+                    lean,
+                    "the CPU default is the lean path"
+                );
             }
         }
         // Step by step, the logits agree.
         let labels = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
         let mut cache = m.new_cache(2).unwrap();
         let mut lean = crate::gpt::decode::LeanDecoder::new(&m, 2).unwrap();
-        let mut want = m.step(&mut cache, Some(&labels), None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut want =
+            m.step(&mut cache, Some(&labels), None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut got = lean.start(&[0, 2]).unwrap().to_vec();
         for k in 0..8u32 {
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "step {k}: {a} vs {b}");
             }
             let codes = [k % 13, (5 * k + 1) % 13];
-            want = m.step(&mut cache, None, Some(&Tensor::new(&[[codes[0]], [codes[1]]], &Device::Cpu).unwrap())).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            want = m
+                .step(&mut cache, None, Some(&Tensor::new(&[[codes[0]], [codes[1]]], &Device::Cpu).unwrap()))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             got = lean.step(&codes).unwrap().to_vec();
         }
         assert!(lean.step(&[0]).is_err(), "a wrong batch is refused");

@@ -49,10 +49,9 @@ pub struct TensorFile {
 impl TensorFile {
     /// A tensor by name, or an error naming the file and the tensor.
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| TensorIoError::MissingTensor {
-            path: self.path.clone(),
-            name: name.to_string(),
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| TensorIoError::MissingTensor { path: self.path.clone(), name: name.to_string() })
     }
 
     /// A metadata value by key, or an error naming the file and the key.
@@ -79,21 +78,16 @@ impl TensorFile {
 }
 
 /// Serialises named tensors (and metadata) into safetensors bytes.
-pub fn safetensors_bytes(
-    tensors: &[(String, Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     // safetensors' View impl for candle tensors expects contiguous CPU data.
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         owned.push((name.clone(), tensor.to_device(&Device::Cpu)?.contiguous()?));
     }
-    let meta: HashMap<String, String> =
-        metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let meta = if meta.is_empty() { None } else { Some(meta) };
-    let bytes = safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), meta).map_err(|e| {
-        TensorIoError::BadSafetensors { path: PathBuf::from("<memory>"), reason: e.to_string() }
-    })?;
+    let bytes = safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), meta)
+        .map_err(|e| TensorIoError::BadSafetensors { path: PathBuf::from("<memory>"), reason: e.to_string() })?;
     Ok(canonical_header(bytes))
 }
 
@@ -103,7 +97,9 @@ pub fn safetensors_bytes(
 /// `scripts/train-mnist`). Tensor data and offsets are untouched; the header is re-padded with
 /// spaces to a multiple of 8 bytes, as the format asks.
 fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
-    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return bytes };
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else {
+        return bytes;
+    };
     let Some(header) = bytes.get(8..8 + n) else { return bytes };
     let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(header) else { return bytes };
     if let Some(meta) = value.get_mut("__metadata__").and_then(|m| m.as_object_mut()) {
@@ -120,11 +116,7 @@ fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
 }
 
 /// Writes named tensors and metadata to a safetensors file, atomically.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let bytes = safetensors_bytes(tensors, metadata).map_err(|e| match e {
         TensorIoError::BadSafetensors { reason, .. } => {
             TensorIoError::BadSafetensors { path: path.to_path_buf(), reason }
@@ -137,8 +129,7 @@ pub fn write_safetensors(
 
 /// Reads every tensor and the metadata of a safetensors file onto `device`.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<TensorFile> {
-    let bytes = std::fs::read(path)
-        .map_err(|source| TensorIoError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| TensorIoError::Io { path: path.to_path_buf(), source })?;
     read_safetensors_bytes(path, &bytes, device)
 }
 
@@ -150,8 +141,8 @@ pub fn read_safetensors_bytes(path: &Path, bytes: &[u8], device: &Device) -> Res
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
-        let tensor = candle_core::safetensors::Load::load(&view, device)
-            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let tensor =
+            candle_core::safetensors::Load::load(&view, device).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
         tensors.insert(name, tensor);
     }
     Ok(TensorFile { path: path.to_path_buf(), tensors, metadata })
@@ -159,11 +150,9 @@ pub fn read_safetensors_bytes(path: &Path, bytes: &[u8], device: &Device) -> Res
 
 /// Reads only the metadata of a safetensors file (cheap: the header is at the front).
 pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path)
-        .map_err(|source| TensorIoError::Io { path: path.to_path_buf(), source })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        TensorIoError::BadSafetensors { path: path.to_path_buf(), reason: e.to_string() }
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| TensorIoError::Io { path: path.to_path_buf(), source })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| TensorIoError::BadSafetensors { path: path.to_path_buf(), reason: e.to_string() })?;
     Ok(header.metadata().clone().unwrap_or_default())
 }
 
@@ -175,11 +164,18 @@ pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Te
     let attempt = |k: Option<&str>| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| candle_core::pickle::read_all_with_key(path, k)));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| candle_core::pickle::read_all_with_key(path, k)));
         std::panic::set_hook(previous);
         result.unwrap_or_else(|panic| {
-            let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("a panic");
-            Err(candle_core::Error::Msg(format!("the pickle reader failed ({what}): the file is damaged or not a torch.save checkpoint")))
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            Err(candle_core::Error::Msg(format!(
+                "the pickle reader failed ({what}): the file is damaged or not a torch.save checkpoint"
+            )))
         })
     };
     let list = match attempt(key) {
@@ -228,10 +224,7 @@ mod tests {
         meta.insert("grid".to_string(), "16".to_string());
         write_safetensors(&path, &[("a".into(), a.t().unwrap()), ("b".into(), b)], &meta).unwrap();
         let file = read_safetensors(&path, &Device::Cpu).unwrap();
-        assert_eq!(
-            file.tensor("a").unwrap().to_vec2::<f32>().unwrap(),
-            vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]
-        );
+        assert_eq!(file.tensor("a").unwrap().to_vec2::<f32>().unwrap(), vec![vec![0., 3.], vec![1., 4.], vec![2., 5.]]);
         assert_eq!(file.tensor("b").unwrap().to_vec1::<u32>().unwrap(), vec![1, 2, 3]);
         assert_eq!(file.meta_parse::<usize>("grid").unwrap(), 16);
         assert!(file.tensor("c").unwrap_err().to_string().contains("missing tensor `c`"));

@@ -82,7 +82,11 @@ impl Part {
     /// The part of `items` this is (the global batch must divide evenly).
     pub fn slice<'a, T>(&self, items: &'a [T]) -> std::result::Result<&'a [T], String> {
         if self.count == 0 || items.len() % self.count != 0 {
-            return Err(format!("a batch of {} cannot be split into {} equal parts (ranks × micro-batches)", items.len(), self.count));
+            return Err(format!(
+                "a batch of {} cannot be split into {} equal parts (ranks × micro-batches)",
+                items.len(),
+                self.count
+            ));
         }
         let n = items.len() / self.count;
         Ok(&items[self.index * n..(self.index + 1) * n])
@@ -178,7 +182,10 @@ impl LoopConfig {
         }
         let min_lr = self.schedule.min_lr;
         if !(min_lr >= 0.0 && min_lr <= self.adamw.lr) {
-            return Err(TrainError::BadConfig(format!("min_lr (--min-lr) must be between 0 and the learning rate {}, got {min_lr}", self.adamw.lr)));
+            return Err(TrainError::BadConfig(format!(
+                "min_lr (--min-lr) must be between 0 and the learning rate {}, got {min_lr}",
+                self.adamw.lr
+            )));
         }
         Ok(())
     }
@@ -345,9 +352,12 @@ fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Re
     let bad = |reason: String| TrainError::BadCheckpoint { path: paths.checkpoint.clone(), reason };
     let step: u64 = file.meta_parse("step")?;
     // Checkpoints written before the totals existed resume with totals counted from here.
-    let totals = Totals { seconds: file.meta_parse("train_seconds").unwrap_or(0.0), flops: file.meta_parse("train_flops").unwrap_or(0.0) };
-    let saved: serde_json::Value = serde_json::from_str(file.meta("config")?)
-        .map_err(|e| bad(format!("config metadata: {e}")))?;
+    let totals = Totals {
+        seconds: file.meta_parse("train_seconds").unwrap_or(0.0),
+        flops: file.meta_parse("train_flops").unwrap_or(0.0),
+    };
+    let saved: serde_json::Value =
+        serde_json::from_str(file.meta("config")?).map_err(|e| bad(format!("config metadata: {e}")))?;
     let current = task.config_json();
     if strip_resumable(&saved) != strip_resumable(&current) {
         return Err(bad(format!(
@@ -358,11 +368,8 @@ fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Re
     }
     task.params().load_map(&file.tensors, &paths.checkpoint, false)?;
     opt.load_state(&file.tensors, step)?;
-    let extra: HashMap<String, Tensor> = file
-        .tensors
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("extra.").map(|k| (k.to_string(), v.clone())))
-        .collect();
+    let extra: HashMap<String, Tensor> =
+        file.tensors.iter().filter_map(|(k, v)| k.strip_prefix("extra.").map(|k| (k.to_string(), v.clone()))).collect();
     task.load_extra_state(&extra).map_err(bad)?;
     let pick = |c: &serde_json::Value| (c["train"]["adamw"]["lr"].clone(), c["train"]["schedule"].clone());
     if pick(&saved) != pick(&current) {
@@ -468,7 +475,8 @@ fn parallel_gradients(
     let mut offset = 0;
     for var in vars {
         let n = var.elem_count();
-        let g = candle_core::Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?.to_dtype(var.dtype())?;
+        let g = candle_core::Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
+            .to_dtype(var.dtype())?;
         store.insert(var.as_tensor(), g);
         offset += n;
     }
@@ -520,7 +528,10 @@ pub fn run_parallel(
             if leader {
                 truncate_log(&paths.log, start)?;
                 if let Some(change) = change {
-                    crate::util::append_line(&paths.log, &serde_json::json!({ "step": start, "change": change }).to_string())?;
+                    crate::util::append_line(
+                        &paths.log,
+                        &serde_json::json!({ "step": start, "change": change }).to_string(),
+                    )?;
                 }
             }
             tracing::info!("resumed {} from step {start} ({})", task.name(), paths.checkpoint.display());
@@ -540,7 +551,12 @@ pub fn run_parallel(
             collective.broadcast(&mut values, 0).map_err(dist_err)?;
             var.set(&candle_core::Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
         }
-        tracing::info!("rank {} of {} ({} backend), {accum} micro-batch(es) per step", collective.rank(), collective.world_size(), collective.name());
+        tracing::info!(
+            "rank {} of {} ({} backend), {accum} micro-batch(es) per step",
+            collective.rank(),
+            collective.world_size(),
+            collective.name()
+        );
     }
     if start >= config.steps {
         tracing::info!("{}: already at step {start} of {}; nothing to do", task.name(), config.steps);
@@ -548,10 +564,14 @@ pub fn run_parallel(
     let params: usize = task.params().num_params();
     tracing::info!("{}: {params} parameters, steps {start}..{}", task.name(), config.steps);
     if leader {
-        crate::util::write_atomic(&paths.config, serde_json::to_string_pretty(&task.config_json()).unwrap_or_default().as_bytes())?;
+        crate::util::write_atomic(
+            &paths.config,
+            serde_json::to_string_pretty(&task.config_json()).unwrap_or_default().as_bytes(),
+        )?;
     }
 
-    let bar = if leader { crate::util::progress_bar(config.steps, &task.name()) } else { indicatif::ProgressBar::hidden() };
+    let bar =
+        if leader { crate::util::progress_bar(config.steps, &task.name()) } else { indicatif::ProgressBar::hidden() };
     bar.set_position(start);
     let interactive = !bar.is_hidden();
     let t0 = Instant::now();
@@ -571,7 +591,12 @@ pub fn run_parallel(
             let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !loss.is_finite() {
                 bar.abandon();
-                return Err(TrainError::NonFinite { step, what: "the loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
+                return Err(TrainError::NonFinite {
+                    step,
+                    what: "the loss".into(),
+                    value: loss,
+                    checkpoint: ckpt_msg(last_checkpoint_step),
+                });
             }
             (out.loss.backward()?, loss, out.metrics, out.tokens, out.flops)
         } else {
@@ -579,16 +604,31 @@ pub fn run_parallel(
         };
         if !loss.is_finite() {
             bar.abandon();
-            return Err(TrainError::NonFinite { step, what: "the loss".into(), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
+            return Err(TrainError::NonFinite {
+                step,
+                what: "the loss".into(),
+                value: loss,
+                checkpoint: ckpt_msg(last_checkpoint_step),
+            });
         }
         if loss > LOSS_BOUND {
             bar.abandon();
-            return Err(TrainError::NonFinite { step, what: format!("the loss (bound {LOSS_BOUND:e})"), value: loss, checkpoint: ckpt_msg(last_checkpoint_step) });
+            return Err(TrainError::NonFinite {
+                step,
+                what: format!("the loss (bound {LOSS_BOUND:e})"),
+                value: loss,
+                checkpoint: ckpt_msg(last_checkpoint_step),
+            });
         }
         let grad_norm = clip_grad_norm(&mut grads, var_list.iter(), config.grad_clip)?;
         if !grad_norm.is_finite() || grad_norm > GRAD_NORM_BOUND {
             bar.abandon();
-            return Err(TrainError::NonFinite { step, what: format!("the gradient norm (bound {GRAD_NORM_BOUND:e})"), value: grad_norm, checkpoint: ckpt_msg(last_checkpoint_step) });
+            return Err(TrainError::NonFinite {
+                step,
+                what: format!("the gradient norm (bound {GRAD_NORM_BOUND:e})"),
+                value: grad_norm,
+                checkpoint: ckpt_msg(last_checkpoint_step),
+            });
         }
         opt.step(&grads)?;
         drop(grads);
@@ -649,7 +689,12 @@ pub fn run_parallel(
             let max_weight = max_abs_weight(task)?;
             if !(max_weight <= WEIGHT_BOUND) {
                 bar.abandon();
-                return Err(TrainError::NonFinite { step: done, what: format!("the largest |weight| (bound {WEIGHT_BOUND:e})"), value: max_weight, checkpoint: ckpt_msg(last_checkpoint_step) });
+                return Err(TrainError::NonFinite {
+                    step: done,
+                    what: format!("the largest |weight| (bound {WEIGHT_BOUND:e})"),
+                    value: max_weight,
+                    checkpoint: ckpt_msg(last_checkpoint_step),
+                });
             }
             save_checkpoint(task, &opt, done, totals, &paths)?;
             last_checkpoint_step = Some(done);
@@ -741,7 +786,8 @@ mod tests {
             let xs: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
             let x = Tensor::from_vec(xs, (8, 1), &Device::Cpu).map_err(|e| e.to_string())?;
             let target = (&x * 3.0).map_err(|e| e.to_string())?;
-            let mut loss = x.matmul(&self.w).and_then(|p| (p - target)?.sqr()?.mean_all()).map_err(|e| e.to_string())?;
+            let mut loss =
+                x.matmul(&self.w).and_then(|p| (p - target)?.sqr()?.mean_all()).map_err(|e| e.to_string())?;
             if self.poison_at == Some(step) {
                 loss = (loss * f64::NAN).map_err(|e| e.to_string())?;
             }
@@ -788,7 +834,10 @@ mod tests {
         let log = std::fs::read_to_string(dir.path().join("split/log.jsonl")).unwrap();
         assert_eq!(log.lines().count(), 20);
         // The running wall-clock continues across the resume instead of restarting at 0.
-        let seconds: Vec<f64> = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_seconds"].as_f64().unwrap()).collect();
+        let seconds: Vec<f64> = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_seconds"].as_f64().unwrap())
+            .collect();
         assert!(seconds.windows(2).all(|w| w[1] >= w[0]) && seconds[10] > 0.0, "{seconds:?}");
         assert!(dir.path().join("split/loss.png").is_file());
     }
@@ -823,7 +872,8 @@ mod tests {
         let err = run(&mut task, &loop_config(20), dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("step 7: the loss is NaN"), "{err}");
         assert!(err.contains("at step 5"), "{err}");
-        let file = crate::tensor_io::read_safetensors(&dir.path().join("checkpoint.safetensors"), &Device::Cpu).unwrap();
+        let file =
+            crate::tensor_io::read_safetensors(&dir.path().join("checkpoint.safetensors"), &Device::Cpu).unwrap();
         assert_eq!(file.meta_parse::<u64>("step").unwrap(), 5);
     }
 

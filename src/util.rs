@@ -82,7 +82,11 @@ pub fn remove_stale_temp_files(dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")).and_then(|n| n.rsplit_once('.')).and_then(|(_, pid)| pid.parse::<u32>().ok())
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('.'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
         else {
             continue;
         };
@@ -133,7 +137,13 @@ pub fn check_memory(what: &str, bytes: f64) -> std::result::Result<(), String> {
     if bytes <= budget {
         return Ok(());
     }
-    let gib = |b: f64| if b < 1e6 * (1u64 << 30) as f64 { format!("{:.1} GiB", b / (1u64 << 30) as f64) } else { format!("{b:.2e} bytes") };
+    let gib = |b: f64| {
+        if b < 1e6 * (1u64 << 30) as f64 {
+            format!("{:.1} GiB", b / (1u64 << 30) as f64)
+        } else {
+            format!("{b:.2e} bytes")
+        }
+    };
     Err(format!("{what} needs about {} of memory, more than the budget of {} (the machine's memory; DPAR_MEMORY_BUDGET sets another)", gib(bytes), gib(budget)))
 }
 
@@ -163,9 +173,7 @@ pub fn fnv1a(text: &str) -> u64 {
 /// (`index`, e.g. the step). Deriving every random stream from `(seed, stream, index)` makes the
 /// RNG state of a run a pure function of its seed and step, so resuming needs no RNG snapshot.
 pub fn rng_for(seed: u64, stream: &str, index: u64) -> ChaCha8Rng {
-    let mixed = seed
-        ^ fnv1a(stream).rotate_left(17)
-        ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mixed = seed ^ fnv1a(stream).rotate_left(17) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     ChaCha8Rng::seed_from_u64(mixed)
 }
 
@@ -173,9 +181,8 @@ pub fn rng_for(seed: u64, stream: &str, index: u64) -> ChaCha8Rng {
 /// Hidden automatically when stderr is not a terminal.
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
-    let template = format!(
-        "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}"
-    );
+    let template =
+        format!("{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}");
     if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -197,11 +204,7 @@ pub fn human_duration(seconds: f64) -> String {
 
 /// Appends one line to a file (JSONL logs). Creates the file if needed.
 pub fn append_line(path: &Path, line: &str) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(io_err(path))?;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
     writeln!(file, "{line}").map_err(io_err(path))
 }
 
@@ -284,7 +287,13 @@ mod tests {
         std::fs::create_dir(&target).unwrap();
         std::fs::write(target.join("x"), b"x").unwrap();
         assert!(write_atomic(&target, b"data").is_err());
-        let leftovers = |d: &Path| std::fs::read_dir(d).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count();
+        let leftovers = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+                .count()
+        };
         assert_eq!(leftovers(dir.path()), 0);
         // A killed process's temporary (a pid that does not run) is removed; a live one is kept.
         let dead = dir.path().join(".checkpoint.safetensors.4194302.tmp");
@@ -309,10 +318,7 @@ mod tests {
 
     #[test]
     fn sha256_matches_a_known_digest() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

@@ -133,7 +133,8 @@ fn draw_patches(img: &image::RgbImage, grid: usize, lengths: &[usize], tint: boo
 
 /// A perceptually ordered colour map (viridis, sampled at 5 points and interpolated).
 pub fn viridis(t: f32) -> [u8; 3] {
-    const STOPS: [[f32; 3]; 5] = [[68.0, 1.0, 84.0], [59.0, 82.0, 139.0], [33.0, 145.0, 140.0], [94.0, 201.0, 98.0], [253.0, 231.0, 37.0]];
+    const STOPS: [[f32; 3]; 5] =
+        [[68.0, 1.0, 84.0], [59.0, 82.0, 139.0], [33.0, 145.0, 140.0], [94.0, 201.0, 98.0], [253.0, 231.0, 37.0]];
     let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 1.0 };
     let pos = t * (STOPS.len() - 1) as f32;
     let i = (pos.floor() as usize).min(STOPS.len() - 2);

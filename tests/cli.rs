@@ -35,8 +35,17 @@ fn impossible_hyper_parameters_are_rejected() {
     let dir = common::mnist_dir();
     let out = tempfile::tempdir().unwrap();
     let (ok, text) = run(&[
-        "tokenizer", "train", "--data", dir.to_str().unwrap(), "--max-images", "8", "--steps", "1",
-        "--lr=-1", "--out", out.path().to_str().unwrap(),
+        "tokenizer",
+        "train",
+        "--data",
+        dir.to_str().unwrap(),
+        "--max-images",
+        "8",
+        "--steps",
+        "1",
+        "--lr=-1",
+        "--out",
+        out.path().to_str().unwrap(),
     ]);
     assert!(!ok);
     assert!(text.contains("learning rate must be finite and > 0"), "{text}");
@@ -49,16 +58,38 @@ fn tokenizer_train_reconstruct_and_tokenize_run_end_to_end() {
     let run_dir = out.path().join("tok");
     let data = dir.to_str().unwrap();
     let (ok, text) = run(&[
-        "tokenizer", "train", "--data", data, "--max-images", "16", "--steps", "2", "--batch-size", "4",
-        "--val-images", "8", "--out", run_dir.to_str().unwrap(),
+        "tokenizer",
+        "train",
+        "--data",
+        data,
+        "--max-images",
+        "16",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-images",
+        "8",
+        "--out",
+        run_dir.to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
     assert!(run_dir.join("model.safetensors").is_file() && run_dir.join("reconstruction.png").is_file());
     assert!(run_dir.join("config.json").is_file() && run_dir.join("loss.png").is_file());
     let codes = out.path().join("codes");
     let (ok, text) = run(&[
-        "tokenize", "--tokenizer", run_dir.to_str().unwrap(), "--data", data, "--split", "test",
-        "--max-images", "10", "--flip", "--out", codes.to_str().unwrap(),
+        "tokenize",
+        "--tokenizer",
+        run_dir.to_str().unwrap(),
+        "--data",
+        data,
+        "--split",
+        "test",
+        "--max-images",
+        "10",
+        "--flip",
+        "--out",
+        codes.to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
     assert!(text.contains("tokenized 10 test images into 16×16 = 256 codes each (+ flip copy)"), "{text}");
@@ -81,15 +112,49 @@ fn bench_speed_runs_the_torch_reference_and_prints_ratios() {
     std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
     let json = dir.path().join("speed.json");
     let (ok, text) = run(&[
-        "bench", "speed", "--models", "bench", "--ops", "fused", "--warmup", "0", "--reps", "1", "--torch", python.to_str().unwrap(), "--torch-scripts",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/bench"), "--json", json.to_str().unwrap(),
+        "bench",
+        "speed",
+        "--models",
+        "bench",
+        "--ops",
+        "fused",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        "--torch",
+        python.to_str().unwrap(),
+        "--torch-scripts",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/bench"),
+        "--json",
+        json.to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
-    assert!(text.contains("| training step | 570.0 | 267.0 |") && text.contains("bench (bf16)") && text.contains("PyTorch torch.float32 | 214.7"), "{text}");
+    assert!(
+        text.contains("| training step | 570.0 | 267.0 |")
+            && text.contains("bench (bf16)")
+            && text.contains("PyTorch torch.float32 | 214.7"),
+        "{text}"
+    );
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(saved["torch"]["reference"]["sample_step_ms"], 2.51);
     // A failing script is an error naming it.
     std::fs::write(&python, "#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2; exit 1\n").unwrap();
-    let (ok, text) = run(&["bench", "speed", "--models", "bench", "--ops", "fused", "--warmup", "0", "--reps", "1", "--torch", python.to_str().unwrap(), "--torch-scripts", concat!(env!("CARGO_MANIFEST_DIR"), "/bench")]);
+    let (ok, text) = run(&[
+        "bench",
+        "speed",
+        "--models",
+        "bench",
+        "--ops",
+        "fused",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        "--torch",
+        python.to_str().unwrap(),
+        "--torch-scripts",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/bench"),
+    ]);
     assert!(!ok && text.contains("torch_bench_model.py failed") && text.contains("No module named torch"), "{text}");
 }

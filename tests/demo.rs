@@ -41,7 +41,8 @@ fn the_demo_samples_digits_with_the_shipped_weights() {
     for file in ["samples.png", "samples-patches.png", "codes.safetensors", "sample.json"] {
         assert!(dir.path().join(file).is_file(), "the demo did not write {file}");
     }
-    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("sample.json")).unwrap()).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("sample.json")).unwrap()).unwrap();
     let steps = record["patch_steps_per_image"].as_f64().unwrap();
     // DPAR's point: the patch transformer runs over fewer positions than the 256 codes.
     assert!(steps > 16.0 && steps < 256.0, "patch-transformer steps per image {steps}");

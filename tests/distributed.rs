@@ -14,10 +14,17 @@ fn shard() -> CodeShard {
     use rand::Rng;
     let mut rng = dpar::util::rng_for(9, "dist", 0);
     let n = 48;
-    let codes: Vec<u32> = (0..n * 16).map(|k| if k % 4 == 0 { rng.random_range(0..8) } else { ((k / 16) % 3) as u32 }).collect();
+    let codes: Vec<u32> =
+        (0..n * 16).map(|k| if k % 4 == 0 { rng.random_range(0..8) } else { ((k / 16) % 3) as u32 }).collect();
     let flip = codes.iter().rev().copied().collect();
     CodeShard {
-        info: ShardInfo { grid_size: 4, codebook_size: 8, num_classes: 3, class_names: vec!["a".into(), "b".into(), "c".into()], tokenizer_id: "t".into() },
+        info: ShardInfo {
+            grid_size: 4,
+            codebook_size: 8,
+            num_classes: 3,
+            class_names: vec!["a".into(), "b".into(), "c".into()],
+            tokenizer_id: "t".into(),
+        },
         codes,
         labels: (0..n).map(|i| (i % 3) as u32).collect(),
         flip_codes: Some(flip),
@@ -28,8 +35,17 @@ fn config(batch: usize) -> GptTrainConfig {
     GptTrainConfig {
         kind: "gpt".into(),
         model: GptConfig {
-            dim: 32, n_layer: 2, n_head: 2, ffn_hidden: Some(48), vocab_size: 8, num_classes: 3, grid_size: 4,
-            token_dropout: 0.0, resid_dropout: 0.0, ffn_dropout: 0.0, class_dropout: 0.0,
+            dim: 32,
+            n_layer: 2,
+            n_head: 2,
+            ffn_hidden: Some(48),
+            vocab_size: 8,
+            num_classes: 3,
+            grid_size: 4,
+            token_dropout: 0.0,
+            resid_dropout: 0.0,
+            ffn_dropout: 0.0,
+            class_dropout: 0.0,
             ..GptConfig::mnist()
         },
         seed: 4,
@@ -39,12 +55,22 @@ fn config(batch: usize) -> GptTrainConfig {
         val_images: 8,
         use_flip: true,
         tokenizer_id: "t".into(),
-        train: LoopConfig { steps: 6, log_every: 3, checkpoint_every: 6, adamw: dpar::optim::AdamWConfig { lr: 3e-3, ..Default::default() }, ..Default::default() },
+        train: LoopConfig {
+            steps: 6,
+            log_every: 3,
+            checkpoint_every: 6,
+            adamw: dpar::optim::AdamWConfig { lr: 3e-3, ..Default::default() },
+            ..Default::default()
+        },
     }
 }
 
 fn params(task: &GptTask) -> Vec<f32> {
-    task.params().vars().into_iter().flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    task.params()
+        .vars()
+        .into_iter()
+        .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
 /// Largest |a − b| relative to the parameter scale (the largest |parameter|): Adam turns

@@ -19,12 +19,24 @@ fn synthetic(n: usize, seed: u64) -> CodeShard {
         let c = (i % 3) as u32;
         labels.push(c);
         for k in 0..16u32 {
-            let v = if k / 4 == c { c + 1 } else if rng.random::<f64>() < 0.05 { rng.random_range(0..6) } else { 0 };
+            let v = if k / 4 == c {
+                c + 1
+            } else if rng.random::<f64>() < 0.05 {
+                rng.random_range(0..6)
+            } else {
+                0
+            };
             codes.push(v);
         }
     }
     CodeShard {
-        info: ShardInfo { grid_size: 4, codebook_size: 6, num_classes: 3, class_names: vec!["a".into(), "b".into(), "c".into()], tokenizer_id: "synthetic".into() },
+        info: ShardInfo {
+            grid_size: 4,
+            codebook_size: 6,
+            num_classes: 3,
+            class_names: vec!["a".into(), "b".into(), "c".into()],
+            tokenizer_id: "synthetic".into(),
+        },
         flip_codes: None,
         codes,
         labels,
@@ -44,7 +56,16 @@ fn prepare(dir: &std::path::Path) {
     write_shard_set(&dir.join("codes/test"), &[synthetic(12, 2)], false).unwrap();
     let config = GptTrainConfig {
         kind: "entropy".into(),
-        model: GptConfig { dim: 16, n_layer: 1, n_head: 1, ffn_hidden: Some(32), vocab_size: 6, num_classes: 3, grid_size: 4, ..GptConfig::mnist_entropy() },
+        model: GptConfig {
+            dim: 16,
+            n_layer: 1,
+            n_head: 1,
+            ffn_hidden: Some(32),
+            vocab_size: 6,
+            num_classes: 3,
+            grid_size: 4,
+            ..GptConfig::mnist_entropy()
+        },
         seed: 0,
         batch_size: 8,
         codes: "x".into(),
@@ -52,13 +73,28 @@ fn prepare(dir: &std::path::Path) {
         val_images: 4,
         use_flip: false,
         tokenizer_id: "synthetic".into(),
-        train: LoopConfig { steps: 30, log_every: 10, checkpoint_every: 30, adamw: dpar::optim::AdamWConfig { lr: 1e-2, ..Default::default() }, ..Default::default() },
+        train: LoopConfig {
+            steps: 30,
+            log_every: 10,
+            checkpoint_every: 30,
+            adamw: dpar::optim::AdamWConfig { lr: 1e-2, ..Default::default() },
+            ..Default::default()
+        },
     };
     let (train, _) = dpar::data::shards::read_shard_set(&dir.join("codes/train")).unwrap();
     let mut task = GptTask::new(config.clone(), train, None, &Device::Cpu).unwrap();
     dpar::train::run(&mut task, &config.train, &dir.join("entropy"), false).unwrap();
     let p = |s: &str| dir.join(s).display().to_string();
-    let (ok, text) = run(&["entropy", "compute", "--model", &p("entropy"), "--codes", &p("codes/train"), "--codes", &p("codes/test")]);
+    let (ok, text) = run(&[
+        "entropy",
+        "compute",
+        "--model",
+        &p("entropy"),
+        "--codes",
+        &p("codes/train"),
+        "--codes",
+        &p("codes/test"),
+    ]);
     assert!(ok, "{text}");
 }
 
@@ -77,11 +113,26 @@ fn cli_trains_and_samples_dpar_and_refuses_bad_requests() {
         "train": LoopConfig { steps: 60, log_every: 10, checkpoint_every: 30, adamw: dpar::optim::AdamWConfig { lr: 3e-3, ..Default::default() }, ..Default::default() },
     });
     std::fs::write(&exp, serde_json::to_string(&config).unwrap()).unwrap();
-    let (ok, text) = run(&["train", "--model", "dpar", "--config", &exp.display().to_string(), "--codes", &p("codes/train"), "--val-codes", &p("codes/test"), "--out", &p("dpar"), "--target-mean-len", "2.0"]);
+    let (ok, text) = run(&[
+        "train",
+        "--model",
+        "dpar",
+        "--config",
+        &exp.display().to_string(),
+        "--codes",
+        &p("codes/train"),
+        "--val-codes",
+        &p("codes/test"),
+        "--out",
+        &p("dpar"),
+        "--target-mean-len",
+        "2.0",
+    ]);
     assert!(ok, "{text}");
     assert!(text.contains("calibrated θ") && text.contains("trained dpar: 60 steps"), "{text}");
     let log = std::fs::read_to_string(dir.path().join("dpar/log.jsonl")).unwrap();
-    let losses: Vec<f64> = log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64()).collect();
+    let losses: Vec<f64> =
+        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64()).collect();
     assert!(losses.last().unwrap() < &(0.7 * losses[0]), "loss did not fall: {losses:?}");
     assert!(log.contains("patches_per_image"));
 
@@ -91,11 +142,50 @@ fn cli_trains_and_samples_dpar_and_refuses_bad_requests() {
     let (ok, text) = run(&["entropy", "compute", "--model", &p("dpar"), "--codes", &p("codes/train")]);
     assert!(!ok && text.contains("holds a `dpar` model, not a GPT"), "{text}");
     // A patcher that makes no patches.
-    let (ok, text) = run(&["train", "--model", "dpar", "--config", &exp.display().to_string(), "--codes", &p("codes/train"), "--out", &p("dpar2"), "--max-patch-len", "0", "--threshold", "1"]);
+    let (ok, text) = run(&[
+        "train",
+        "--model",
+        "dpar",
+        "--config",
+        &exp.display().to_string(),
+        "--codes",
+        &p("codes/train"),
+        "--out",
+        &p("dpar2"),
+        "--max-patch-len",
+        "0",
+        "--threshold",
+        "1",
+    ]);
     assert!(!ok && text.contains("P must be ≥ 1"), "{text}");
-    let (ok, text) = run(&["train", "--model", "dpar", "--config", &exp.display().to_string(), "--codes", &p("codes/train"), "--out", &p("dpar2"), "--target-mean-len", "50"]);
+    let (ok, text) = run(&[
+        "train",
+        "--model",
+        "dpar",
+        "--config",
+        &exp.display().to_string(),
+        "--codes",
+        &p("codes/train"),
+        "--out",
+        &p("dpar2"),
+        "--target-mean-len",
+        "50",
+    ]);
     assert!(!ok && text.contains("out of reach"), "{text}");
     // Resume continues where it stopped.
-    let (ok, text) = run(&["train", "--model", "dpar", "--codes", &p("codes/train"), "--val-codes", "none", "--out", &p("dpar"), "--steps", "70", "--resume"]);
+    let (ok, text) = run(&[
+        "train",
+        "--model",
+        "dpar",
+        "--codes",
+        &p("codes/train"),
+        "--val-codes",
+        "none",
+        "--out",
+        &p("dpar"),
+        "--steps",
+        "70",
+        "--resume",
+    ]);
     assert!(ok && text.contains("trained dpar: 70 steps"), "{text}");
 }

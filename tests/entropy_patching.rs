@@ -15,7 +15,13 @@ fn shard(n: usize, seed: u64) -> CodeShard {
     let codes: Vec<u32> = (0..n * 16).map(|k| if k % 3 == 0 { rng.random_range(0..8) } else { 0 }).collect();
     let flip: Vec<u32> = codes.iter().rev().copied().collect();
     CodeShard {
-        info: ShardInfo { grid_size: 4, codebook_size: 8, num_classes: 2, class_names: vec!["a".into(), "b".into()], tokenizer_id: "tok".into() },
+        info: ShardInfo {
+            grid_size: 4,
+            codebook_size: 8,
+            num_classes: 2,
+            class_names: vec!["a".into(), "b".into()],
+            tokenizer_id: "tok".into(),
+        },
         codes,
         labels: (0..n).map(|i| (i % 2) as u32).collect(),
         flip_codes: Some(flip),
@@ -24,7 +30,17 @@ fn shard(n: usize, seed: u64) -> CodeShard {
 
 /// Trains a tiny entropy model for a few steps into `dir` and returns its config.
 fn entropy_model(dir: &std::path::Path, data: &CodeShard) -> GptTrainConfig {
-    let model = GptConfig { dim: 16, n_layer: 1, n_head: 1, ffn_hidden: Some(32), vocab_size: 8, num_classes: 2, grid_size: 4, cls_token_num: 0, ..GptConfig::mnist_entropy() };
+    let model = GptConfig {
+        dim: 16,
+        n_layer: 1,
+        n_head: 1,
+        ffn_hidden: Some(32),
+        vocab_size: 8,
+        num_classes: 2,
+        grid_size: 4,
+        cls_token_num: 0,
+        ..GptConfig::mnist_entropy()
+    };
     let config = GptTrainConfig {
         kind: "entropy".into(),
         model,
@@ -35,7 +51,13 @@ fn entropy_model(dir: &std::path::Path, data: &CodeShard) -> GptTrainConfig {
         val_images: 4,
         use_flip: true,
         tokenizer_id: "tok".into(),
-        train: LoopConfig { steps: 5, log_every: 5, checkpoint_every: 5, adamw: dpar::optim::AdamWConfig { lr: 1e-2, ..Default::default() }, ..Default::default() },
+        train: LoopConfig {
+            steps: 5,
+            log_every: 5,
+            checkpoint_every: 5,
+            adamw: dpar::optim::AdamWConfig { lr: 1e-2, ..Default::default() },
+            ..Default::default()
+        },
     };
     let mut task = GptTask::new(config.clone(), data.clone(), None, &Device::Cpu).unwrap();
     dpar::train::run(&mut task, &config.train, dir, false).unwrap();
@@ -86,16 +108,36 @@ fn stored_entropies_equal_a_fresh_computation_and_mismatches_are_caught() {
     meta.insert("entropy_model_id".to_string(), id.clone());
     meta.insert("codes_hash".to_string(), dpar::entropy::codes_hash(&data));
     let wrong = Tensor::zeros((11, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
-    dpar::tensor_io::write_safetensors(&dpar::data::shards::entropy_path(&shard_path), &[("entropy".into(), wrong)], &meta).unwrap();
+    dpar::tensor_io::write_safetensors(
+        &dpar::data::shards::entropy_path(&shard_path),
+        &[("entropy".into(), wrong)],
+        &meta,
+    )
+    .unwrap();
     let err = dpar::entropy::read(&shard_path, &data, None).unwrap_err().to_string();
     assert!(err.contains("`entropy` has shape [11, 16], the shard has 12 images of 16 codes"), "{err}");
     // The entropy model must be unconditional and fit the grid.
     let (gpt, _s) = {
         let store = dpar::params::ParamStore::new(0, &Device::Cpu);
-        let m = dpar::gpt::Gpt::new(&GptConfig { dim: 16, n_layer: 1, n_head: 1, vocab_size: 8, num_classes: 2, grid_size: 4, ..GptConfig::mnist() }, &store.root()).unwrap();
+        let m = dpar::gpt::Gpt::new(
+            &GptConfig {
+                dim: 16,
+                n_layer: 1,
+                n_head: 1,
+                vocab_size: 8,
+                num_classes: 2,
+                grid_size: 4,
+                ..GptConfig::mnist()
+            },
+            &store.root(),
+        )
+        .unwrap();
         (m, store)
     };
-    assert!(dpar::entropy::check_model_fits(&gpt, &data, &shard_path).unwrap_err().to_string().contains("unconditional"));
+    assert!(dpar::entropy::check_model_fits(&gpt, &data, &shard_path)
+        .unwrap_err()
+        .to_string()
+        .contains("unconditional"));
 }
 
 fn run(args: &[&str]) -> (bool, String) {
@@ -117,7 +159,18 @@ fn cli_entropy_compute_and_patchify() {
     let (ok, text) = run(&["entropy", "compute", "--model", &p("ent"), "--codes", &p("codes")]);
     assert!(ok, "{text}");
     assert!(text.contains("16 images + flip copies"), "{text}");
-    let (ok, text) = run(&["patchify", "--codes", &p("codes"), "--target-mean-len", "1.5", "--max-patch-len", "4", "--percentiles", "--json", &p("stats.json")]);
+    let (ok, text) = run(&[
+        "patchify",
+        "--codes",
+        &p("codes"),
+        "--target-mean-len",
+        "1.5",
+        "--max-patch-len",
+        "4",
+        "--percentiles",
+        "--json",
+        &p("stats.json"),
+    ]);
     assert!(ok, "{text}");
     assert!(text.contains("mean patch length") && text.contains("30th entropy percentile"), "{text}");
     let (ok, text) = run(&["patchify", "--codes", &p("codes"), "--threshold", "NaN"]);
@@ -125,7 +178,12 @@ fn cli_entropy_compute_and_patchify() {
     let (ok, text) = run(&["patchify", "--codes", &p("codes"), "--threshold", "1", "--max-patch-len", "0"]);
     assert!(!ok && text.contains("P must be ≥ 1"), "{text}");
     // A model for another grid.
-    let other = CodeShard { info: ShardInfo { grid_size: 2, ..data.info.clone() }, codes: vec![0; 8], labels: vec![0, 1], flip_codes: None };
+    let other = CodeShard {
+        info: ShardInfo { grid_size: 2, ..data.info.clone() },
+        codes: vec![0; 8],
+        labels: vec![0, 1],
+        flip_codes: None,
+    };
     write_shard_set(&dir.path().join("codes2"), &[other], false).unwrap();
     let (ok, text) = run(&["entropy", "compute", "--model", &p("ent"), "--codes", &p("codes2")]);
     assert!(!ok && text.contains("2×2 grid") && text.contains("expects 4×4"), "{text}");

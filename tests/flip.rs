@@ -20,7 +20,13 @@ fn shard(with_flip: bool) -> CodeShard {
     let codes: Vec<u32> = (0..N * 16).map(|k| ((k * 7 + k / 16) % 4) as u32).collect();
     let flip = codes.iter().map(|c| c + 4).collect();
     CodeShard {
-        info: ShardInfo { grid_size: 4, codebook_size: 8, num_classes: 2, class_names: vec!["a".into(), "b".into()], tokenizer_id: "t".into() },
+        info: ShardInfo {
+            grid_size: 4,
+            codebook_size: 8,
+            num_classes: 2,
+            class_names: vec!["a".into(), "b".into()],
+            tokenizer_id: "t".into(),
+        },
         codes,
         labels: (0..N).map(|i| (i % 2) as u32).collect(),
         flip_codes: with_flip.then_some(flip),
@@ -30,7 +36,16 @@ fn shard(with_flip: bool) -> CodeShard {
 fn gpt_config(use_flip: bool) -> GptTrainConfig {
     GptTrainConfig {
         kind: "gpt".into(),
-        model: GptConfig { dim: 16, n_layer: 1, n_head: 1, ffn_hidden: Some(32), vocab_size: 8, num_classes: 2, grid_size: 4, ..GptConfig::mnist() },
+        model: GptConfig {
+            dim: 16,
+            n_layer: 1,
+            n_head: 1,
+            ffn_hidden: Some(32),
+            vocab_size: 8,
+            num_classes: 2,
+            grid_size: 4,
+            ..GptConfig::mnist()
+        },
         seed: 11,
         batch_size: BATCH,
         codes: "synthetic".into(),
@@ -45,12 +60,27 @@ fn gpt_config(use_flip: bool) -> GptTrainConfig {
 fn entropy_codes(with_flip: bool) -> EntropyCodes {
     let shard = shard(with_flip);
     let entropy: Vec<f32> = (0..N * 16).map(|k| (k % 5) as f32).collect();
-    let entropies = ShardEntropies { entropy_flip: with_flip.then(|| entropy.iter().map(|h| 4.0 - h).collect()), entropy, entropy_model_id: "e".into() };
+    let entropies = ShardEntropies {
+        entropy_flip: with_flip.then(|| entropy.iter().map(|h| 4.0 - h).collect()),
+        entropy,
+        entropy_model_id: "e".into(),
+    };
     EntropyCodes { shard, entropies }
 }
 
 fn dpar_config(use_flip: bool) -> DparTrainConfig {
-    let mut model = DparConfig { dim: 32, n_head: 2, encoder_layers: 1, global_layers: 1, decoder_layers: 1, ffn_hidden: Some(48), vocab_size: 8, num_classes: 2, grid_size: 4, ..DparConfig::mnist() };
+    let mut model = DparConfig {
+        dim: 32,
+        n_head: 2,
+        encoder_layers: 1,
+        global_layers: 1,
+        decoder_layers: 1,
+        ffn_hidden: Some(48),
+        vocab_size: 8,
+        num_classes: 2,
+        grid_size: 4,
+        ..DparConfig::mnist()
+    };
     model.patch.threshold = 2.5;
     DparTrainConfig {
         kind: "dpar".into(),
@@ -74,7 +104,11 @@ fn check_step(data: &CodeShard, images: &StepImages) -> usize {
     let rows = codes.to_vec2::<u32>().unwrap();
     for ((row, &i), &flip) in rows.iter().zip(&images.indices).zip(&images.flips) {
         assert_eq!(row.as_slice(), data.codes_of(i, flip), "image {i}");
-        assert!(row.iter().all(|&c| (c >= 4) == flip), "image {i}: codes {row:?} are not all from the {} copy", if flip { "flip" } else { "original" });
+        assert!(
+            row.iter().all(|&c| (c >= 4) == flip),
+            "image {i}: codes {row:?} are not all from the {} copy",
+            if flip { "flip" } else { "original" }
+        );
     }
     images.flips.iter().filter(|&&f| f).count()
 }
@@ -123,9 +157,13 @@ fn dpar_trains_on_flip_copies_only_when_asked_and_the_choice_is_seeded() {
 
 #[test]
 fn asking_for_flips_on_shards_without_a_flip_copy_is_an_error() {
-    let err = GptTask::new(gpt_config(true), shard(false), None, &Device::Cpu).err().expect("must be refused").to_string();
+    let err =
+        GptTask::new(gpt_config(true), shard(false), None, &Device::Cpu).err().expect("must be refused").to_string();
     assert!(err.contains("flip") && err.contains("synthetic"), "{err}");
-    let err = DparTask::new(dpar_config(true), entropy_codes(false), None, &Device::Cpu).err().expect("must be refused").to_string();
+    let err = DparTask::new(dpar_config(true), entropy_codes(false), None, &Device::Cpu)
+        .err()
+        .expect("must be refused")
+        .to_string();
     assert!(err.contains("no flip copy"), "{err}");
     // Without the request the same shards train normally.
     assert!(GptTask::new(gpt_config(false), shard(false), None, &Device::Cpu).is_ok());

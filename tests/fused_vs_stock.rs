@@ -12,7 +12,13 @@ fn shard() -> CodeShard {
     let mut rng = dpar::util::rng_for(3, "fvs", 0);
     let n = 32;
     CodeShard {
-        info: ShardInfo { grid_size: 8, codebook_size: 16, num_classes: 4, class_names: (0..4).map(|c| c.to_string()).collect(), tokenizer_id: "t".into() },
+        info: ShardInfo {
+            grid_size: 8,
+            codebook_size: 16,
+            num_classes: 4,
+            class_names: (0..4).map(|c| c.to_string()).collect(),
+            tokenizer_id: "t".into(),
+        },
         codes: (0..n * 64).map(|k| if k % 5 == 0 { rng.random_range(0..16) } else { ((k / 64) % 4) as u32 }).collect(),
         labels: (0..n).map(|i| (i % 4) as u32).collect(),
         flip_codes: None,
@@ -20,7 +26,17 @@ fn shard() -> CodeShard {
 }
 
 fn losses(ops: Ops, kind: &str) -> Vec<f64> {
-    let model = GptConfig { dim: 64, n_layer: 2, n_head: 4, ffn_hidden: Some(96), vocab_size: 16, num_classes: 4, grid_size: 8, ops, ..GptConfig::mnist() };
+    let model = GptConfig {
+        dim: 64,
+        n_layer: 2,
+        n_head: 4,
+        ffn_hidden: Some(96),
+        vocab_size: 16,
+        num_classes: 4,
+        grid_size: 8,
+        ops,
+        ..GptConfig::mnist()
+    };
     let config = GptTrainConfig {
         kind: kind.into(),
         model: if kind == "entropy" { GptConfig { cls_token_num: 0, class_dropout: 0.0, ..model } } else { model },
@@ -31,10 +47,16 @@ fn losses(ops: Ops, kind: &str) -> Vec<f64> {
         val_images: 8,
         use_flip: false,
         tokenizer_id: "t".into(),
-        train: LoopConfig { steps: 8, adamw: dpar::optim::AdamWConfig { lr: 3e-3, ..Default::default() }, ..Default::default() },
+        train: LoopConfig {
+            steps: 8,
+            adamw: dpar::optim::AdamWConfig { lr: 3e-3, ..Default::default() },
+            ..Default::default()
+        },
     };
     let mut task = GptTask::new(config, shard(), None, &Device::Cpu).unwrap();
-    let mut opt = dpar::optim::AdamW::new(task.params().vars(), dpar::optim::AdamWConfig { lr: 3e-3, ..Default::default() }).unwrap();
+    let mut opt =
+        dpar::optim::AdamW::new(task.params().vars(), dpar::optim::AdamWConfig { lr: 3e-3, ..Default::default() })
+            .unwrap();
     (0..8)
         .map(|step| {
             let out = task.step_loss(step).unwrap();

@@ -122,7 +122,9 @@ fn image_folder_reader_never_panics() {
     let class = dir.path().join("a");
     std::fs::create_dir_all(&class).unwrap();
     let mut png = Vec::new();
-    image::RgbImage::from_pixel(5, 3, image::Rgb([10, 200, 30])).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    image::RgbImage::from_pixel(5, 3, image::Rgb([10, 200, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
     let path = class.join("x.png");
     fuzz("image folder (PNG)", &png, |b| {
         write(&path, b);
@@ -131,10 +133,19 @@ fn image_folder_reader_never_panics() {
 }
 
 fn tiny_gpt_file(dir: &Path) -> Vec<u8> {
-    let config = dpar::gpt::GptConfig { dim: 16, n_layer: 1, n_head: 1, vocab_size: 6, num_classes: 3, grid_size: 2, ..dpar::gpt::GptConfig::mnist() };
+    let config = dpar::gpt::GptConfig {
+        dim: 16,
+        n_layer: 1,
+        n_head: 1,
+        vocab_size: 6,
+        num_classes: 3,
+        grid_size: 2,
+        ..dpar::gpt::GptConfig::mnist()
+    };
     let store = dpar::params::ParamStore::new(0, &Device::Cpu);
     dpar::gpt::Gpt::new(&config, &store.root()).unwrap();
-    let meta = [("config".to_string(), serde_json::json!({"kind": "gpt", "model": config}).to_string())].into_iter().collect();
+    let meta =
+        [("config".to_string(), serde_json::json!({"kind": "gpt", "model": config}).to_string())].into_iter().collect();
     let path = dir.join("valid.safetensors");
     store.save(&path, &meta).unwrap();
     std::fs::read(&path).unwrap()
@@ -215,9 +226,21 @@ fn config_values<T: serde::Serialize + serde::de::DeserializeOwned>(name: &str, 
     let base = serde_json::to_value(valid).unwrap();
     let keys: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
     let values = [
-        serde_json::json!(0), serde_json::json!(1), serde_json::json!(3), serde_json::json!(u32::MAX), serde_json::json!(u64::MAX),
-        serde_json::json!(1u64 << 62), serde_json::json!(-1), serde_json::json!(0.5), serde_json::json!(1e300), serde_json::json!(-1e-300),
-        serde_json::json!(null), serde_json::json!([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        serde_json::json!(0),
+        serde_json::json!(1),
+        serde_json::json!(3),
+        serde_json::json!(u32::MAX),
+        serde_json::json!(u64::MAX),
+        serde_json::json!(1u64 << 62),
+        serde_json::json!(-1),
+        serde_json::json!(0.5),
+        serde_json::json!(1e300),
+        serde_json::json!(-1e-300),
+        serde_json::json!(null),
+        serde_json::json!([
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]),
         serde_json::json!([u32::MAX, u32::MAX]),
     ];
     let mut runner = TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
@@ -253,7 +276,13 @@ fn extreme_config_values_never_panic() {
 
 fn tiny_shard() -> CodeShard {
     CodeShard {
-        info: ShardInfo { grid_size: 2, codebook_size: 6, num_classes: 3, class_names: vec!["a".into(), "b".into(), "c".into()], tokenizer_id: "t".into() },
+        info: ShardInfo {
+            grid_size: 2,
+            codebook_size: 6,
+            num_classes: 3,
+            class_names: vec!["a".into(), "b".into(), "c".into()],
+            tokenizer_id: "t".into(),
+        },
         codes: (0..20).map(|i| (i % 6) as u32).collect(),
         labels: vec![0, 1, 2, 0, 1],
         flip_codes: Some((0..20).map(|i| (5 - i % 6) as u32).collect()),

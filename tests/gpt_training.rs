@@ -26,7 +26,13 @@ fn synthetic(n: usize, grid: usize, vocab: u32, classes: u32, seed: u64) -> Code
     }
     let flip_codes = Some(codes.clone());
     CodeShard {
-        info: ShardInfo { grid_size: grid, codebook_size: vocab as usize, num_classes: classes as usize, class_names: (0..classes).map(|c| c.to_string()).collect(), tokenizer_id: "synthetic".into() },
+        info: ShardInfo {
+            grid_size: grid,
+            codebook_size: vocab as usize,
+            num_classes: classes as usize,
+            class_names: (0..classes).map(|c| c.to_string()).collect(),
+            tokenizer_id: "synthetic".into(),
+        },
         codes,
         labels,
         flip_codes,
@@ -54,7 +60,13 @@ fn config(steps: u64) -> GptTrainConfig {
         val_images: 16,
         use_flip: true,
         tokenizer_id: "synthetic".into(),
-        train: LoopConfig { steps, adamw: AdamWConfig { lr: 3e-3, ..Default::default() }, log_every: 5, checkpoint_every: 10, ..Default::default() },
+        train: LoopConfig {
+            steps,
+            adamw: AdamWConfig { lr: 3e-3, ..Default::default() },
+            log_every: 5,
+            checkpoint_every: 10,
+            ..Default::default()
+        },
     }
 }
 
@@ -62,7 +74,9 @@ fn params_bits(task: &GptTask) -> Vec<(String, Vec<u32>)> {
     task.params()
         .vars()
         .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()))
+        .map(|(n, v)| {
+            (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect())
+        })
         .collect()
 }
 
@@ -70,7 +84,8 @@ fn params_bits(task: &GptTask) -> Vec<(String, Vec<u32>)> {
 fn loss_falls_on_a_tiny_synthetic_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(60);
-    let mut task = GptTask::new(c.clone(), synthetic(64, 4, 8, 4, 1), Some(synthetic(16, 4, 8, 4, 2)), &Device::Cpu).unwrap();
+    let mut task =
+        GptTask::new(c.clone(), synthetic(64, 4, 8, 4, 1), Some(synthetic(16, 4, 8, 4, 2)), &Device::Cpu).unwrap();
     let before = task.validate().unwrap()[0].1;
     let report = dpar::train::run(&mut task, &c.train, dir.path(), false).unwrap();
     let after = report.validation[0].1;
@@ -118,17 +133,41 @@ fn cli_train_resume_and_sampling_errors() {
     write_shard_set(&dir.path().join("codes-val"), &[synthetic(8, 4, 8, 4, 2)], false).unwrap();
     let cfg = dir.path().join("exp.json");
     std::fs::write(&cfg, serde_json::to_string(&config(6)).unwrap()).unwrap();
-    let (ok, text) = run(&["train", "--config", &cfg.display().to_string(), "--codes", &p("codes"), "--val-codes", &p("codes-val"), "--out", &p("run"), "--steps", "4"]);
+    let (ok, text) = run(&[
+        "train",
+        "--config",
+        &cfg.display().to_string(),
+        "--codes",
+        &p("codes"),
+        "--val-codes",
+        &p("codes-val"),
+        "--out",
+        &p("run"),
+        "--steps",
+        "4",
+    ]);
     assert!(ok, "{text}");
     assert!(text.contains("trained gpt: 4 steps"), "{text}");
-    let (ok, text) = run(&["train", "--codes", &p("codes"), "--val-codes", &p("codes-val"), "--out", &p("run"), "--steps", "6", "--resume"]);
+    let (ok, text) = run(&[
+        "train",
+        "--codes",
+        &p("codes"),
+        "--val-codes",
+        &p("codes-val"),
+        "--out",
+        &p("run"),
+        "--steps",
+        "6",
+        "--resume",
+    ]);
     assert!(ok, "{text}");
     assert!(text.contains("trained gpt: 6 steps"), "{text}");
 
     // A checkpoint missing keys.
     let broken = dir.path().join("broken.safetensors");
     let file = dpar::tensor_io::read_safetensors(&dir.path().join("run/model.safetensors"), &Device::Cpu).unwrap();
-    let mut tensors: Vec<(String, candle_core::Tensor)> = file.tensors.into_iter().filter(|(k, _)| !k.starts_with("layers.1.")).collect();
+    let mut tensors: Vec<(String, candle_core::Tensor)> =
+        file.tensors.into_iter().filter(|(k, _)| !k.starts_with("layers.1.")).collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = file.metadata.into_iter().collect();
     dpar::tensor_io::write_safetensors(&broken, &tensors, &meta).unwrap();
@@ -139,10 +178,23 @@ fn cli_train_resume_and_sampling_errors() {
     assert!(!ok && text.contains("cfg scale must be finite and ≥ 0"), "{text}");
     let (ok, text) = run(&["sample", "--ckpt", &p("run"), "--top-p", "1.5"]);
     assert!(!ok && text.contains("top-p must lie in (0, 1]"), "{text}");
-    let (ok, text) = run(&["train", "--codes", &p("codes"), "--out", &p("run2"), "--preset", "mnist", "--steps", "1", "--val-codes", "none"]);
+    let (ok, text) = run(&[
+        "train",
+        "--codes",
+        &p("codes"),
+        "--out",
+        &p("run2"),
+        "--preset",
+        "mnist",
+        "--steps",
+        "1",
+        "--val-codes",
+        "none",
+    ]);
     assert!(ok, "{text}");
     // A shard with another grid size than the model.
     write_shard_set(&dir.path().join("codes3"), &[synthetic(8, 3, 8, 4, 1)], false).unwrap();
-    let (ok, text) = run(&["train", "--config", &cfg.display().to_string(), "--codes", &p("codes3"), "--out", &p("run3")]);
+    let (ok, text) =
+        run(&["train", "--config", &cfg.display().to_string(), "--codes", &p("codes3"), "--out", &p("run3")]);
     assert!(!ok && text.contains("3×3 grid, the model expects 4×4"), "{text}");
 }

@@ -13,7 +13,13 @@ fn shard() -> CodeShard {
     let mut rng = dpar::util::rng_for(11, "mpi", 0);
     let n = 64;
     CodeShard {
-        info: ShardInfo { grid_size: 4, codebook_size: 8, num_classes: 3, class_names: vec!["a".into(), "b".into(), "c".into()], tokenizer_id: "t".into() },
+        info: ShardInfo {
+            grid_size: 4,
+            codebook_size: 8,
+            num_classes: 3,
+            class_names: vec!["a".into(), "b".into(), "c".into()],
+            tokenizer_id: "t".into(),
+        },
         codes: (0..n * 16).map(|k| if k % 3 == 0 { rng.random_range(0..8) } else { ((k / 16) % 3) as u32 }).collect(),
         labels: (0..n).map(|i| (i % 3) as u32).collect(),
         flip_codes: None,
@@ -33,7 +39,19 @@ fn two_mpi_ranks_match_one_process_with_the_double_batch() {
     });
     std::fs::write(dir.path().join("exp.json"), config.to_string()).unwrap();
     let bin = env!("CARGO_BIN_EXE_dpar");
-    let args = |out: &str| vec!["train".to_string(), "--config".into(), p("exp.json"), "--codes".into(), p("codes"), "--val-codes".into(), "none".into(), "--out".into(), p(out)];
+    let args = |out: &str| {
+        vec![
+            "train".to_string(),
+            "--config".into(),
+            p("exp.json"),
+            "--codes".into(),
+            p("codes"),
+            "--val-codes".into(),
+            "none".into(),
+            "--out".into(),
+            p(out),
+        ]
+    };
     let one = std::process::Command::new(bin).args(args("one")).output().unwrap();
     assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
     let two = std::process::Command::new("mpirun")
@@ -46,10 +64,14 @@ fn two_mpi_ranks_match_one_process_with_the_double_batch() {
     assert!(two.status.success(), "{log}");
     assert!(log.contains("rank 1 of 2 (mpi backend)"), "{log}");
     let load = |run: &str| {
-        let file = dpar::tensor_io::read_safetensors(&dir.path().join(run).join("model.safetensors"), &Device::Cpu).unwrap();
+        let file =
+            dpar::tensor_io::read_safetensors(&dir.path().join(run).join("model.safetensors"), &Device::Cpu).unwrap();
         let mut names: Vec<_> = file.tensors.keys().cloned().collect();
         names.sort();
-        names.iter().flat_map(|n| file.tensors[n].flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<f32>>()
+        names
+            .iter()
+            .flat_map(|n| file.tensors[n].flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect::<Vec<f32>>()
     };
     let (a, b) = (load("one"), load("two"));
     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));

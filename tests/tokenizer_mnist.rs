@@ -14,8 +14,10 @@ use dpar::train::LoopConfig;
 fn a_few_hundred_steps_on_mnist_lower_the_reconstruction_loss_and_shards_round_trip() {
     let dir = common::mnist_dir();
     let preset = VqConfig::mnist();
-    let train = data::load(&data::resolve(&dir, "train").unwrap(), preset.image_size, preset.in_channels).unwrap().take(512);
-    let test = data::load(&data::resolve(&dir, "test").unwrap(), preset.image_size, preset.in_channels).unwrap().take(64);
+    let train =
+        data::load(&data::resolve(&dir, "train").unwrap(), preset.image_size, preset.in_channels).unwrap().take(512);
+    let test =
+        data::load(&data::resolve(&dir, "test").unwrap(), preset.image_size, preset.in_channels).unwrap().take(64);
     assert_eq!((train.height, train.width, train.channels), (32, 32, 1));
 
     let config = TokenizerTrainConfig {

@@ -17,8 +17,15 @@ fn a_fresh_start_over_an_existing_run_is_refused_until_overwrite() {
     assert!(ok, "{text}");
     let log_before = std::fs::read_to_string(dir.path().join("run/log.jsonl")).unwrap();
     let (ok, text) = run_dpar(&tiny_gpt_flags(&train, &test, &out, "4"));
-    assert!(!ok && text.contains("already holds a run") && text.contains("--resume") && text.contains("--overwrite"), "{text}");
-    assert_eq!(std::fs::read_to_string(dir.path().join("run/log.jsonl")).unwrap(), log_before, "the refused start touched the log");
+    assert!(
+        !ok && text.contains("already holds a run") && text.contains("--resume") && text.contains("--overwrite"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("run/log.jsonl")).unwrap(),
+        log_before,
+        "the refused start touched the log"
+    );
     let mut flags = tiny_gpt_flags(&train, &test, &out, "4");
     flags.push("--overwrite");
     let (ok, text) = run_dpar(&flags);
@@ -35,7 +42,12 @@ fn a_second_run_on_a_busy_folder_is_refused_with_the_first_ones_pid() {
     let dir = tempfile::tempdir().unwrap();
     let (train, test) = synthetic_codes(dir.path());
     let out = dir.path().join("run").display().to_string();
-    let mut first = common::dpar().args(tiny_gpt_flags(&train, &test, &out, "100000")).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut first = common::dpar()
+        .args(tiny_gpt_flags(&train, &test, &out, "100000"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // Wait until the first run holds the folder (its lock file names its pid).
     let lock = dir.path().join("run/.lock");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -87,7 +99,8 @@ fn a_diverged_run_keeps_a_sane_checkpoint_and_resumes_with_a_lower_learning_rate
     assert!(!ok, "a run at lr 1e9 finished:\n{text}");
     assert!(text.contains("--resume --lr 1e8"), "no recovery command in:\n{text}");
     // Whatever was checkpointed is sane.
-    let ckpt = dpar::tensor_io::read_safetensors(&out.join("checkpoint.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let ckpt =
+        dpar::tensor_io::read_safetensors(&out.join("checkpoint.safetensors"), &candle_core::Device::Cpu).unwrap();
     for (name, t) in &ckpt.tensors {
         if name.starts_with("adam") || name.starts_with("extra.") {
             continue;
@@ -146,13 +159,16 @@ fn exporting_values_beyond_f16_is_refused_naming_the_tensor() {
     let from = dir.path().join("model.safetensors");
     let big = candle_core::Tensor::new(&[1.0f32, -7.0e4, 3.0], &candle_core::Device::Cpu).unwrap();
     let fine = candle_core::Tensor::new(&[0.5f32], &candle_core::Device::Cpu).unwrap();
-    dpar::tensor_io::write_safetensors(&from, &[("layers.0.w".into(), big), ("ok".into(), fine)], &Default::default()).unwrap();
+    dpar::tensor_io::write_safetensors(&from, &[("layers.0.w".into(), big), ("ok".into(), fine)], &Default::default())
+        .unwrap();
     let to = dir.path().join("out/model.safetensors");
     std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-    let (ok, text) = run_dpar(&["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f16"]);
+    let (ok, text) =
+        run_dpar(&["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "f16"]);
     assert!(!ok && text.contains("layers.0.w") && text.contains("f16"), "{text}");
     assert!(!to.exists(), "a refused export left a file");
-    let (ok, text) = run_dpar(&["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "bf16"]);
+    let (ok, text) =
+        run_dpar(&["export", "--from", from.to_str().unwrap(), "--to", to.to_str().unwrap(), "--dtype", "bf16"]);
     assert!(ok, "{text}");
 }
 
@@ -164,11 +180,28 @@ fn entropy_train_defaults_to_the_recipe() {
     let (train, test) = synthetic_codes(dir.path());
     let out = dir.path().join("entropy");
     let (ok, text) = run_dpar(&[
-        "entropy", "train", "--codes", &train, "--val-codes", &test, "--dim", "16", "--heads", "1", "--layers", "1", "--steps", "1", "--val-images", "4",
-        "--out", out.to_str().unwrap(),
+        "entropy",
+        "train",
+        "--codes",
+        &train,
+        "--val-codes",
+        &test,
+        "--dim",
+        "16",
+        "--heads",
+        "1",
+        "--layers",
+        "1",
+        "--steps",
+        "1",
+        "--val-images",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
-    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(c["batch_size"], 32, "{c}");
     assert_eq!(c["train"]["adamw"]["lr"], 1e-3, "{c}");
     assert_eq!(c["train"]["schedule"]["warmup_steps"], 100, "{c}");
@@ -181,11 +214,31 @@ fn entropy_train_defaults_to_the_recipe() {
 #[test]
 fn every_flag_of_every_command_is_described() {
     let commands: &[&[&str]] = &[
-        &["data", "info"], &["tokenizer", "train"], &["tokenizer", "reconstruct"], &["tokenizer", "eval"], &["tokenize"], &["train"],
-        &["sample"], &["entropy", "train"], &["entropy", "compute"], &["patchify"], &["bench"], &["bench", "speed"],
-        &["ablate", "patching"], &["ablate", "threshold"], &["ablate", "max-len"], &["ablate", "inference"], &["ablate", "train"],
-        &["ablate", "probe"], &["ablate", "all"], &["eval", "train-classifier"], &["eval", "samples"], &["eval", "real"],
-        &["export"], &["plot-logs"], &["summarize"],
+        &["data", "info"],
+        &["tokenizer", "train"],
+        &["tokenizer", "reconstruct"],
+        &["tokenizer", "eval"],
+        &["tokenize"],
+        &["train"],
+        &["sample"],
+        &["entropy", "train"],
+        &["entropy", "compute"],
+        &["patchify"],
+        &["bench"],
+        &["bench", "speed"],
+        &["ablate", "patching"],
+        &["ablate", "threshold"],
+        &["ablate", "max-len"],
+        &["ablate", "inference"],
+        &["ablate", "train"],
+        &["ablate", "probe"],
+        &["ablate", "all"],
+        &["eval", "train-classifier"],
+        &["eval", "samples"],
+        &["eval", "real"],
+        &["export"],
+        &["plot-logs"],
+        &["summarize"],
     ];
     let mut undescribed = Vec::new();
     for command in commands {
@@ -253,7 +306,12 @@ fn a_run_killed_at_random_moments_resumes_to_bit_identical_weights() {
     loop {
         attempts += 1;
         assert!(attempts < 200, "the killed run never finished");
-        let mut child = common::dpar().args(flags(&killed)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = common::dpar()
+            .args(flags(&killed))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let before = checkpoint_step(&killed);
         let delay = std::time::Duration::from_millis(rng.random_range(lo..hi.max(lo + 1)));
         let start = std::time::Instant::now();
@@ -279,7 +337,13 @@ fn a_run_killed_at_random_moments_resumes_to_bit_identical_weights() {
     }
     assert!(kills >= 2, "only {kills} kills landed before the run finished; the test did not exercise resumption");
 
-    let read = |run: &str| dpar::tensor_io::read_safetensors(&std::path::Path::new(run).join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let read = |run: &str| {
+        dpar::tensor_io::read_safetensors(
+            &std::path::Path::new(run).join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
     let (a, b) = (read(&clean), read(&killed));
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (name, ta) in &a.tensors {
@@ -288,7 +352,8 @@ fn a_run_killed_at_random_moments_resumes_to_bit_identical_weights() {
         let vb: Vec<f32> = tb.flatten_all().unwrap().to_vec1().unwrap();
         assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs after {kills} kills");
     }
-    let leftovers: Vec<String> = walk(std::path::Path::new(&killed)).into_iter().filter(|p| p.ends_with(".tmp")).collect();
+    let leftovers: Vec<String> =
+        walk(std::path::Path::new(&killed)).into_iter().filter(|p| p.ends_with(".tmp")).collect();
     assert!(leftovers.is_empty(), "temporary files left after {kills} kills: {leftovers:?}");
 }
 
@@ -392,7 +457,17 @@ fn sample_refuses_a_tokenizer_other_than_the_models() {
     let dir = tempfile::tempdir().unwrap();
     let run = tiny_gpt(dir.path(), "gpt", &[]);
     let out = dir.path().join("s").display().to_string();
-    let (ok, text) = run_dpar(&["sample", "--ckpt", &run, "--tokenizer", "models/mnist/tokenizer", "--per-class", "1", "--out", &out]);
+    let (ok, text) = run_dpar(&[
+        "sample",
+        "--ckpt",
+        &run,
+        "--tokenizer",
+        "models/mnist/tokenizer",
+        "--per-class",
+        "1",
+        "--out",
+        &out,
+    ]);
     assert!(!ok && text.contains("is not the one the model") && text.contains("--allow-mismatch"), "{text}");
     assert!(text.contains("3a432d981626") || text.contains("this tokenizer ("), "{text}");
     // Without --tokenizer, the usual places are searched for the recorded one, and the error
@@ -401,7 +476,18 @@ fn sample_refuses_a_tokenizer_other_than_the_models() {
     assert!(!ok && text.contains("none of the usual places") && text.contains("models/mnist/tokenizer is"), "{text}");
     // --allow-mismatch goes on past the hash check (and stops at the next real problem: the
     // shipped tokenizer's grid is not the tiny model's).
-    let (ok, text) = run_dpar(&["sample", "--ckpt", &run, "--tokenizer", "models/mnist/tokenizer", "--per-class", "1", "--out", &out, "--allow-mismatch"]);
+    let (ok, text) = run_dpar(&[
+        "sample",
+        "--ckpt",
+        &run,
+        "--tokenizer",
+        "models/mnist/tokenizer",
+        "--per-class",
+        "1",
+        "--out",
+        &out,
+        "--allow-mismatch",
+    ]);
     assert!(!ok && text.contains("WARN") && text.contains("does not fit the model"), "{text}");
 }
 
@@ -412,7 +498,12 @@ fn a_wrong_entropy_model_or_foreign_codes_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s").display().to_string();
     let (ok, text) = run_dpar(&["sample", "--entropy-model", "models/mnist/gpt", "--per-class", "1", "--out", &out]);
-    assert!(!ok && text.contains("this entropy model") && text.contains("6d5f9b2e3446") && text.contains("--allow-mismatch"), "{text}");
+    assert!(
+        !ok && text.contains("this entropy model")
+            && text.contains("6d5f9b2e3446")
+            && text.contains("--allow-mismatch"),
+        "{text}"
+    );
 
     let entropy = tiny_gpt(dir.path(), "ent", &["entropy"]);
     let other = other_tokenizer_codes(dir.path());
@@ -432,11 +523,17 @@ fn eval_refuses_reference_data_the_classifier_was_not_trained_on() {
     let dir = tempfile::tempdir().unwrap();
     let mnist = dpar::data::load(&dpar::data::resolve(&common::mnist_dir(), "test").unwrap(), 28, 1).unwrap().take(300);
     // Another "dataset": the same pictures under other names (every label shifted by one).
-    let other = dpar::data::ImageDataset { labels: mnist.labels.iter().map(|y| (y + 1) % 10).collect(), ..mnist.clone() };
+    let other =
+        dpar::data::ImageDataset { labels: mnist.labels.iter().map(|y| (y + 1) % 10).collect(), ..mnist.clone() };
     let fake = dir.path().join("fake");
     std::fs::create_dir_all(&fake).unwrap();
     for split in ["train", "t10k"] {
-        dpar::data::idx::write_idx(&other, &fake.join(format!("{split}-images-idx3-ubyte")), &fake.join(format!("{split}-labels-idx1-ubyte"))).unwrap();
+        dpar::data::idx::write_idx(
+            &other,
+            &fake.join(format!("{split}-images-idx3-ubyte")),
+            &fake.join(format!("{split}-labels-idx1-ubyte")),
+        )
+        .unwrap();
     }
     let (ok, text) = run_dpar(&["eval", "real", "--n", "300", "--data", fake.to_str().unwrap()]);
     assert!(!ok && text.contains("not its dataset") && text.contains("--data"), "{text}");
@@ -452,15 +549,30 @@ fn a_weight_file_with_unknown_tensors_is_refused_unless_allowed() {
     let file = std::path::Path::new(&run).join("model.safetensors");
     let loaded = dpar::tensor_io::read_safetensors(&file, &candle_core::Device::Cpu).unwrap();
     let mut tensors: Vec<(String, candle_core::Tensor)> = loaded.tensors.into_iter().collect();
-    tensors.push(("decoder.extra.weight".into(), candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()));
+    tensors.push((
+        "decoder.extra.weight".into(),
+        candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    ));
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = loaded.metadata.into_iter().collect();
     let extra = dir.path().join("extra.safetensors");
     dpar::tensor_io::write_safetensors(&extra, &tensors, &meta).unwrap();
     let out = dir.path().join("s").display().to_string();
     let (ok, text) = run_dpar(&["sample", "--ckpt", extra.to_str().unwrap(), "--per-class", "1", "--out", &out]);
-    assert!(!ok && text.contains("1 unexpected parameter(s): decoder.extra.weight") && text.contains("--allow-extra-keys"), "{text}");
-    let (ok, text) = run_dpar(&["sample", "--ckpt", extra.to_str().unwrap(), "--per-class", "1", "--out", &out, "--allow-extra-keys"]);
+    assert!(
+        !ok && text.contains("1 unexpected parameter(s): decoder.extra.weight") && text.contains("--allow-extra-keys"),
+        "{text}"
+    );
+    let (ok, text) = run_dpar(&[
+        "sample",
+        "--ckpt",
+        extra.to_str().unwrap(),
+        "--per-class",
+        "1",
+        "--out",
+        &out,
+        "--allow-extra-keys",
+    ]);
     assert!(!ok && text.contains("ignoring 1 unexpected") && !text.contains("loads it anyway"), "{text}");
 }
 
@@ -473,7 +585,9 @@ fn absurd_sizes_in_files_and_flags_are_errors_not_aborts() {
     let class = dir.path().join("images/a");
     std::fs::create_dir_all(&class).unwrap();
     let mut png = Vec::new();
-    image::GrayImage::from_pixel(4, 1, image::Luma([7])).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    image::GrayImage::from_pixel(4, 1, image::Luma([7]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
     png[16..20].copy_from_slice(&100_000_000u32.to_be_bytes());
     let mut crc = flate2::Crc::new();
     crc.update(&png[12..29]);
@@ -502,12 +616,22 @@ fn absurd_sizes_in_files_and_flags_are_errors_not_aborts() {
     let shard = dir.path().join("classes.safetensors");
     let t = |v: Vec<u32>, n: usize| candle_core::Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap();
     let meta: std::collections::BTreeMap<String, String> = [
-        ("format", "dpar-codes-v1"), ("grid_size", "1"), ("codebook_size", "4"), ("num_classes", "1000000000000"), ("class_names", "[]"), ("tokenizer_id", "t"),
+        ("format", "dpar-codes-v1"),
+        ("grid_size", "1"),
+        ("codebook_size", "4"),
+        ("num_classes", "1000000000000"),
+        ("class_names", "[]"),
+        ("tokenizer_id", "t"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    dpar::tensor_io::write_safetensors(&shard, &[("codes".into(), t(vec![1], 1).reshape((1, 1)).unwrap()), ("labels".into(), t(vec![0], 1))], &meta).unwrap();
+    dpar::tensor_io::write_safetensors(
+        &shard,
+        &[("codes".into(), t(vec![1], 1).reshape((1, 1)).unwrap()), ("labels".into(), t(vec![0], 1))],
+        &meta,
+    )
+    .unwrap();
     let err = dpar::data::shards::read_shard(&shard).unwrap_err().to_string();
     assert!(err.contains("1000000000000 classes") && err.contains("classes.safetensors"), "{err}");
 }
@@ -551,11 +675,22 @@ fn an_idx_label_outside_the_classes_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut labels: Vec<u32> = (0..20).map(|i| i % 10).collect();
     labels[7] = 255;
-    let data = dpar::data::ImageDataset { images: vec![0; 20 * 4], labels, channels: 1, height: 2, width: 2, class_names: vec![], source: "t".into() };
+    let data = dpar::data::ImageDataset {
+        images: vec![0; 20 * 4],
+        labels,
+        channels: 1,
+        height: 2,
+        width: 2,
+        class_names: vec![],
+        source: "t".into(),
+    };
     let (images, labels) = (dir.path().join("train-images-idx3-ubyte"), dir.path().join("train-labels-idx1-ubyte"));
     dpar::data::idx::write_idx(&data, &images, &labels).unwrap();
     let err = dpar::data::idx::load_idx(&images, &labels).unwrap_err().to_string();
-    assert!(err.contains("train-labels-idx1-ubyte") && err.contains("255 (1×)") && err.contains("--class-names"), "{err}");
+    assert!(
+        err.contains("train-labels-idx1-ubyte") && err.contains("255 (1×)") && err.contains("--class-names"),
+        "{err}"
+    );
     let ten: Vec<String> = (0..10).map(|c| c.to_string()).collect();
     let err = dpar::data::idx::load_idx_with_classes(&images, &labels, Some(&ten)).unwrap_err().to_string();
     assert!(err.contains("label 255 (item 7) is outside the 10 declared classes"), "{err}");
@@ -587,13 +722,48 @@ fn bench_without_snapshots_says_how_to_get_curves_instead_of_failing() {
     let (gpt, dpar) = (d("gpt"), d("dpar"));
     for (model, layers, out) in [("gpt", "1", &gpt), ("dpar", "1+1+1", &dpar)] {
         let (ok, text) = run_dpar(&[
-            "train", "--model", model, "--preset", "mnist", "--dim", "16", "--heads", "1", "--layers", layers, "--batch-size", "4", "--codes", &train,
-            "--val-codes", "none", "--steps", "2", "--out", out,
+            "train",
+            "--model",
+            model,
+            "--preset",
+            "mnist",
+            "--dim",
+            "16",
+            "--heads",
+            "1",
+            "--layers",
+            layers,
+            "--batch-size",
+            "4",
+            "--codes",
+            &train,
+            "--val-codes",
+            "none",
+            "--steps",
+            "2",
+            "--out",
+            out,
         ]);
         assert!(ok, "{text}");
     }
     let exp = d("exp");
-    let bench = ["bench", "--gpt-run", &gpt, "--dpar-run", &dpar, "--train-codes", &train, "--test-codes", &test, "--data", &mnist, "--samples", "20", "--out", &exp];
+    let bench = [
+        "bench",
+        "--gpt-run",
+        &gpt,
+        "--dpar-run",
+        &dpar,
+        "--train-codes",
+        &train,
+        "--test-codes",
+        &test,
+        "--data",
+        &mnist,
+        "--samples",
+        "20",
+        "--out",
+        &exp,
+    ];
     let (ok, text) = run_dpar(&bench);
     assert!(ok && text.contains("no quality curves") && text.contains("--eval-every"), "{text}");
     assert!(dir.path().join("exp/bench.md").is_file());

@@ -36,7 +36,8 @@ fn vq16_layout_loads_from_pt_and_safetensors_and_matches_torch() {
         let fixed = expected.tensor("fixed_codes").unwrap().to_dtype(DType::U32).unwrap();
         let decoded = model.decode_codes(&fixed).unwrap();
         let want = expected.tensor("decoded").unwrap();
-        let diff = (decoded - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            (decoded - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "{file}: decoded pixels differ from torch by {diff}");
     }
 }

@@ -42,16 +42,11 @@ fn image_limits() -> image::Limits {
 /// Errors: an undecodable image (named), a class folder without images, no class folders.
 pub fn load_image_folder(root: &Path, size: usize, channels: usize) -> Result<ImageDataset> {
     if size == 0 || !(channels == 1 || channels == 3) {
-        return Err(DataError::Invalid(format!(
-            "cannot load images at size {size} with {channels} channels"
-        )));
+        return Err(DataError::Invalid(format!("cannot load images at size {size} with {channels} channels")));
     }
     let class_dirs: Vec<PathBuf> = sorted_entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
     if class_dirs.is_empty() {
-        return Err(DataError::NoDataset {
-            path: root.to_path_buf(),
-            reason: "no class sub-folders".to_string(),
-        });
+        return Err(DataError::NoDataset { path: root.to_path_buf(), reason: "no class sub-folders".to_string() });
     }
     let mut images = Vec::new();
     let mut labels = Vec::new();
@@ -63,11 +58,11 @@ pub fn load_image_folder(root: &Path, size: usize, channels: usize) -> Result<Im
             return Err(DataError::EmptyClassFolder { path: dir.clone() });
         }
         for file in files {
-            let mut reader = image::ImageReader::open(&file).map_err(io_err(&file))?.with_guessed_format().map_err(io_err(&file))?;
+            let mut reader =
+                image::ImageReader::open(&file).map_err(io_err(&file))?.with_guessed_format().map_err(io_err(&file))?;
             reader.limits(image_limits());
-            let decoded = reader
-                .decode()
-                .map_err(|e| DataError::Undecodable { path: file.clone(), reason: e.to_string() })?;
+            let decoded =
+                reader.decode().map_err(|e| DataError::Undecodable { path: file.clone(), reason: e.to_string() })?;
             let fitted = fit_square(&decoded.to_rgb8(), size);
             images.extend(from_rgb_image(&fitted, channels));
             labels.push(label as u32);
@@ -118,7 +113,11 @@ mod tests {
         write_png(&dir.path().join("a").join("x.png"), 2, 2, 0);
         std::fs::create_dir(dir.path().join("b")).unwrap();
         let err = load_image_folder(dir.path(), 4, 3).unwrap_err().to_string();
-        assert!(err.contains("class folder holds no PNG/JPEG images") && err.ends_with("b: class folder holds no PNG/JPEG images"), "{err}");
+        assert!(
+            err.contains("class folder holds no PNG/JPEG images")
+                && err.ends_with("b: class folder holds no PNG/JPEG images"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -67,19 +67,21 @@ pub fn parse_idx(path: &Path, bytes: &[u8], want_dims: usize) -> Result<IdxArray
         return Err(bad("not an IDX file (the first two bytes must be zero)".to_string()));
     }
     if bytes[2] != 0x08 {
-        return Err(bad(format!(
-            "element type 0x{:02x} is not supported (only unsigned bytes, 0x08)",
-            bytes[2]
-        )));
+        return Err(bad(format!("element type 0x{:02x} is not supported (only unsigned bytes, 0x08)", bytes[2])));
     }
     let ndims = bytes[3] as usize;
     if ndims != want_dims {
-        let what = if want_dims == 3 { "images (expected magic 0x00000803)" } else { "labels (expected magic 0x00000801)" };
+        let what =
+            if want_dims == 3 { "images (expected magic 0x00000803)" } else { "labels (expected magic 0x00000801)" };
         return Err(bad(format!("{ndims} dimension(s), but {what} need {want_dims}")));
     }
     let header = 4 + 4 * ndims;
     if bytes.len() < header {
-        return Err(DataError::Truncated { path: path.to_path_buf(), expected: header as u64, found: bytes.len() as u64 });
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            expected: header as u64,
+            found: bytes.len() as u64,
+        });
     }
     let dims: Vec<usize> = (0..ndims)
         .map(|i| {
@@ -87,9 +89,13 @@ pub fn parse_idx(path: &Path, bytes: &[u8], want_dims: usize) -> Result<IdxArray
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
-    let count = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).and_then(|c| c.checked_add(header as u64));
+    let count =
+        dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).and_then(|c| c.checked_add(header as u64));
     let Some(expected) = count else {
-        return Err(DataError::Invalid(format!("{}: the IDX header declares dimensions {dims:?}, more bytes than can exist", path.display())));
+        return Err(DataError::Invalid(format!(
+            "{}: the IDX header declares dimensions {dims:?}, more bytes than can exist",
+            path.display()
+        )));
     };
     if (bytes.len() as u64) < expected {
         return Err(DataError::Truncated { path: path.to_path_buf(), expected, found: bytes.len() as u64 });
@@ -111,7 +117,11 @@ pub fn load_idx(images_path: &Path, labels_path: &Path) -> Result<ImageDataset> 
 }
 
 /// Like [`load_idx`], with the class names declared: every label must be below their count.
-pub fn load_idx_with_classes(images_path: &Path, labels_path: &Path, declared: Option<&[String]>) -> Result<ImageDataset> {
+pub fn load_idx_with_classes(
+    images_path: &Path,
+    labels_path: &Path,
+    declared: Option<&[String]>,
+) -> Result<ImageDataset> {
     let images = read_idx(images_path, 3)?;
     let labels = read_idx(labels_path, 1)?;
     let (n_images, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
@@ -151,7 +161,8 @@ pub fn load_idx_with_classes(images_path: &Path, labels_path: &Path, declared: O
             let num_classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
             let missing: Vec<usize> = (0..num_classes).filter(|&c| counts[c] == 0).collect();
             if !missing.is_empty() {
-                let used: Vec<String> = (0..num_classes).filter(|&c| counts[c] > 0).map(|c| format!("{c} ({}×)", counts[c])).collect();
+                let used: Vec<String> =
+                    (0..num_classes).filter(|&c| counts[c] > 0).map(|c| format!("{c} ({}×)", counts[c])).collect();
                 return Err(DataError::Invalid(format!(
                     "{}: the labels used are {}, so classes {} have no example: a damaged label, or a dataset whose classes must be declared (--class-names)",
                     labels_path.display(),

@@ -252,19 +252,14 @@ pub fn resolve(dir: &Path, split: &str) -> Result<DataSource> {
     }
     let split_dir = dir.join(split);
     let root = if split_dir.is_dir() { split_dir } else { dir.to_path_buf() };
-    let has_subdirs = std::fs::read_dir(&root)
-        .map_err(io_err(&root))?
-        .filter_map(|e| e.ok())
-        .any(|e| e.path().is_dir());
+    let has_subdirs =
+        std::fs::read_dir(&root).map_err(io_err(&root))?.filter_map(|e| e.ok()).any(|e| e.path().is_dir());
     if has_subdirs {
         return Ok(DataSource::Folder { root });
     }
     Err(DataError::NoDataset {
         path: dir.to_path_buf(),
-        reason: format!(
-            "neither `{}-images-idx3-ubyte[.gz]` + labels nor class sub-folders found",
-            prefixes[0]
-        ),
+        reason: format!("neither `{}-images-idx3-ubyte[.gz]` + labels nor class sub-folders found", prefixes[0]),
     })
 }
 

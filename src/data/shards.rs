@@ -124,7 +124,12 @@ impl ShardSetWriter {
         match &self.first {
             None => self.first = Some(key),
             Some(first) if *first != key => {
-                return Err(DataError::BadShard { path, reason: "differs from the first shard of the set in grid, codebook, classes, tokenizer or flip copy".into() })
+                return Err(DataError::BadShard {
+                    path,
+                    reason:
+                        "differs from the first shard of the set in grid, codebook, classes, tokenizer or flip copy"
+                            .into(),
+                })
             }
             Some(_) => {}
         }
@@ -150,7 +155,8 @@ impl ShardSetWriter {
             shards: self.entries,
         };
         let path = self.dir.join(MANIFEST);
-        let json = serde_json::to_string_pretty(&manifest).map_err(|e| DataError::Invalid(format!("{}: {e}", path.display())))?;
+        let json = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| DataError::Invalid(format!("{}: {e}", path.display())))?;
         crate::util::write_atomic(&path, json.as_bytes())?;
         Ok(path)
     }
@@ -175,7 +181,9 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
     let bad = |reason: String| DataError::BadShard { path: path.clone(), reason };
     if !path.is_file() {
-        let has_shards = std::fs::read_dir(dir).map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))).unwrap_or(false);
+        let has_shards = std::fs::read_dir(dir)
+            .map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".safetensors")))
+            .unwrap_or(false);
         return Err(DataError::NoDataset {
             path: dir.to_path_buf(),
             reason: if has_shards {
@@ -195,7 +203,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     }
     for e in &manifest.shards {
         let name = Path::new(&e.file);
-        if name.components().count() != 1 || !matches!(name.components().next(), Some(std::path::Component::Normal(_))) {
+        if name.components().count() != 1 || !matches!(name.components().next(), Some(std::path::Component::Normal(_)))
+        {
             return Err(bad(format!("shard name {:?} is not a plain file name", e.file)));
         }
     }
@@ -291,14 +300,21 @@ impl CodeShard {
         }
         // Bounds far beyond any real dataset: a header declaring more is damaged, and trusting it
         // would size tables and models from it.
-        if self.info.grid_size > 4096 || self.info.num_classes > MAX_CLASSES || self.info.codebook_size > u32::MAX as usize {
+        if self.info.grid_size > 4096
+            || self.info.num_classes > MAX_CLASSES
+            || self.info.codebook_size > u32::MAX as usize
+        {
             return bad(format!(
                 "declares a {}-wide grid, {} classes and {} codes; at most 4096, {MAX_CLASSES} and 2^32 − 1 are accepted",
                 self.info.grid_size, self.info.num_classes, self.info.codebook_size
             ));
         }
         if !self.info.class_names.is_empty() && self.info.class_names.len() != self.info.num_classes {
-            return bad(format!("names {} classes but declares {}", self.info.class_names.len(), self.info.num_classes));
+            return bad(format!(
+                "names {} classes but declares {}",
+                self.info.class_names.len(),
+                self.info.num_classes
+            ));
         }
         if self.codes.len() != n * l {
             return bad(format!("`codes` holds {} values, expected {n} × {l}", self.codes.len()));
@@ -369,9 +385,8 @@ pub fn read_shard(path: &Path) -> Result<CodeShard> {
             reason: format!("not a code shard (format {format:?}, expected {FORMAT:?}); make one with `dpar tokenize`"),
         });
     }
-    let class_names: Vec<String> = serde_json::from_str(file.meta("class_names")?).map_err(|e| {
-        DataError::BadShard { path: path.to_path_buf(), reason: format!("class_names: {e}") }
-    })?;
+    let class_names: Vec<String> = serde_json::from_str(file.meta("class_names")?)
+        .map_err(|e| DataError::BadShard { path: path.to_path_buf(), reason: format!("class_names: {e}") })?;
     let info = ShardInfo {
         grid_size: file.meta_parse("grid_size")?,
         codebook_size: file.meta_parse("codebook_size")?,
@@ -379,12 +394,10 @@ pub fn read_shard(path: &Path) -> Result<CodeShard> {
         class_names,
         tokenizer_id: file.meta("tokenizer_id")?.to_string(),
     };
-    let flip_codes = if file.tensors.contains_key("codes_flip") {
-        Some(u32_values(&file, "codes_flip")?)
-    } else {
-        None
-    };
-    let shard = CodeShard { info, codes: u32_values(&file, "codes")?, labels: u32_values(&file, "labels")?, flip_codes };
+    let flip_codes =
+        if file.tensors.contains_key("codes_flip") { Some(u32_values(&file, "codes_flip")?) } else { None };
+    let shard =
+        CodeShard { info, codes: u32_values(&file, "codes")?, labels: u32_values(&file, "labels")?, flip_codes };
     shard.check(path)?;
     Ok(shard)
 }
@@ -435,7 +448,9 @@ pub fn read_shard_set(path: &Path) -> Result<(CodeShard, Vec<PathBuf>)> {
         }
         files.push(file);
     }
-    merged.map(|m| (m, files)).ok_or_else(|| DataError::NoDataset { path: path.to_path_buf(), reason: "the set holds no shards".into() })
+    merged
+        .map(|m| (m, files))
+        .ok_or_else(|| DataError::NoDataset { path: path.to_path_buf(), reason: "the set holds no shards".into() })
 }
 
 #[cfg(test)]
@@ -503,7 +518,10 @@ mod tests {
         // A smaller set over a bigger one leaves no stale shard behind.
         std::fs::write(dir.path().join("shard-00001.entropy.safetensors"), b"x").unwrap();
         write_shard_set(dir.path(), &[shard(4, false)], true).unwrap();
-        let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert_eq!(read_shard_set(dir.path()).unwrap().0.len(), 4);
         // A shard replaced after tokenizing no longer matches the manifest.

@@ -58,7 +58,15 @@ impl Cross {
         let mut attn = vec![0f32; m * dim];
         for (mi, (o, &(start, len))) in attn.chunks_mut(dim).zip(segments).enumerate() {
             for hi in 0..h {
-                let p = segment::weights(&q[mi * dim + hi * d..mi * dim + (hi + 1) * d], &k, start..start + len, dim, hi * d, d, scale);
+                let p = segment::weights(
+                    &q[mi * dim + hi * d..mi * dim + (hi + 1) * d],
+                    &k,
+                    start..start + len,
+                    dim,
+                    hi * d,
+                    d,
+                    scale,
+                );
                 let oh = &mut o[hi * d..(hi + 1) * d];
                 for (j, r) in (start..start + len).enumerate() {
                     for (x, y) in oh.iter_mut().zip(&v[r * dim + hi * d..r * dim + (hi + 1) * d]) {
@@ -79,11 +87,19 @@ impl Cross {
 /// Incremental DPAR generation on the CPU through lean steps: the same codes and patch lengths
 /// as [`super::generate::generate_cached`] for the same inputs. Needs a model with fused or bf16
 /// kernels (`ops` other than `stock`).
-pub fn generate_lean(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig) -> Result<Generated> {
+pub fn generate_lean(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
     if c.ops == crate::nn::Ops::Stock {
-        return Err(super::DparError::BadInput("the lean decode step follows the fused kernels; sample a stock-ops model with generate_cached".into()));
+        return Err(super::DparError::BadInput(
+            "the lean decode step follows the fused kernels; sample a stock-ops model with generate_cached".into(),
+        ));
     }
     let gemm = c.ops.gemm();
     let (b, l, grid, dim, v) = (labels.len(), c.seq_len(), c.grid_size, c.dim, c.vocab_size);
@@ -106,7 +122,11 @@ pub fn generate_lean(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling
         wo: LeanLinear::from(&model.enc_cross.wo, gemm)?,
         heads: model.enc_cross.n_head,
     };
-    let proj: Vec<(LeanNorm, LeanLinear)> = model.dec_proj.iter().map(|p| Ok((LeanNorm::from(&p.norm)?, LeanLinear::from(&p.wo, gemm)?))).collect::<Result<_>>()?;
+    let proj: Vec<(LeanNorm, LeanLinear)> = model
+        .dec_proj
+        .iter()
+        .map(|p| Ok((LeanNorm::from(&p.norm)?, LeanLinear::from(&p.wo, gemm)?)))
+        .collect::<Result<_>>()?;
     let norm = LeanNorm::from(&model.norm)?;
     let output = LeanLinear::from(&model.output, gemm)?;
     let mut encoder = LeanStack::new(&model.enc_layers, dim, c.n_head, gemm, b, l + 1)?;
@@ -154,7 +174,8 @@ pub fn generate_lean(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling
     decoder.step(&mut y, &all_rows, &dec_cos[..half], &dec_sin[..half], Some(&injections))?;
     norm.run(&y, &mut yn);
     output.run(&yn, rows, &mut logits);
-    let mut codes: Vec<Vec<u32>> = choose_codes_host(&logits, v, b, guided, sampling, &u, 0, l).into_iter().map(|z| vec![z]).collect();
+    let mut codes: Vec<Vec<u32>> =
+        choose_codes_host(&logits, v, b, guided, sampling, &u, 0, l).into_iter().map(|z| vec![z]).collect();
     let mut prev = vec![0u32; b];
     let mut h = vec![0f32; b * dim];
     for k in 1..l {
@@ -166,7 +187,13 @@ pub fn generate_lean(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling
             row.copy_from_slice(&tok_table[z as usize * dim..(z as usize + 1) * dim]);
         }
         let p = k - 1;
-        encoder.step(&mut h, &image_rows, &model.rope_enc.cos[p * half..(p + 1) * half], &model.rope_enc.sin[p * half..(p + 1) * half], None)?;
+        encoder.step(
+            &mut h,
+            &image_rows,
+            &model.rope_enc.cos[p * half..(p + 1) * half],
+            &model.rope_enc.sin[p * half..(p + 1) * half],
+            None,
+        )?;
         h_all.extend_from_slice(&h);
         let entropies = entropy_rows(entropy.step(&prev)?, ev);
         let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
@@ -203,7 +230,13 @@ pub fn generate_lean(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling
         if guided {
             y[b * dim..].copy_from_slice(&h);
         }
-        decoder.step(&mut y, &all_rows, &dec_cos[k * half..(k + 1) * half], &dec_sin[k * half..(k + 1) * half], Some(&injections))?;
+        decoder.step(
+            &mut y,
+            &all_rows,
+            &dec_cos[k * half..(k + 1) * half],
+            &dec_sin[k * half..(k + 1) * half],
+            Some(&injections),
+        )?;
         norm.run(&y, &mut yn);
         output.run(&yn, rows, &mut logits);
         for (i, z) in choose_codes_host(&logits, v, b, guided, sampling, &u, k, l).into_iter().enumerate() {
@@ -255,7 +288,9 @@ mod tests {
         let store = ParamStore::new(1, &Device::Cpu);
         let m = Dpar::new(&config, &store.root()).unwrap();
         let (e, _es) = entropy_model(2);
-        let err = generate_lean(&m, &e, &[0], &SamplingConfig::default(), &PatchConfig::dpar(1.0, 4)).unwrap_err().to_string();
+        let err = generate_lean(&m, &e, &[0], &SamplingConfig::default(), &PatchConfig::dpar(1.0, 4))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("generate_cached"), "{err}");
     }
 }

@@ -38,7 +38,13 @@ impl Generated {
     }
 }
 
-pub(super) fn check(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig) -> Result<()> {
+pub(super) fn check(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+) -> Result<()> {
     sampling.validate()?;
     patch.validate()?;
     let (c, e) = (model.config(), entropy_model.config());
@@ -79,8 +85,18 @@ enum EntropyDecoder {
 /// Incremental generation with caches in every stage: on the CPU with fused or bf16 kernels
 /// through lean steps ([`super::decode::generate_lean`]), elsewhere through the tensor path
 /// ([`generate_cached`]). Both give the same codes and patch lengths.
-pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig, device: &Device) -> Result<Generated> {
-    if device.is_cpu() && model.config().ops != crate::nn::Ops::Stock && entropy_model.config().ops != crate::nn::Ops::Stock {
+pub fn generate(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    device: &Device,
+) -> Result<Generated> {
+    if device.is_cpu()
+        && model.config().ops != crate::nn::Ops::Stock
+        && entropy_model.config().ops != crate::nn::Ops::Stock
+    {
         return super::decode::generate_lean(model, entropy_model, labels, sampling, patch);
     }
     generate_cached(model, entropy_model, labels, sampling, patch, device)
@@ -88,7 +104,14 @@ pub fn generate(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &Sa
 
 /// Incremental generation through the tensor path: cached model steps (small tensor graphs) in
 /// every stage, on any device.
-pub fn generate_cached(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig, device: &Device) -> Result<Generated> {
+pub fn generate_cached(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    device: &Device,
+) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
@@ -111,10 +134,16 @@ pub fn generate_cached(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampli
     // h_all[k] = encoder states of z_k, (B, D).
     let mut h_all: Vec<Tensor> = Vec::with_capacity(l);
     let all_labels = Tensor::new(guided_labels(labels, c.num_classes as u32, guided), device)?;
-    let mut g = model.global_step(&mut caches, &(0..rows).collect::<Vec<_>>(), &model.class_embeddings(&all_labels)?, &model.class_rope(rows))?;
+    let mut g = model.global_step(
+        &mut caches,
+        &(0..rows).collect::<Vec<_>>(),
+        &model.class_embeddings(&all_labels)?,
+        &model.class_rope(rows),
+    )?;
     let mut injections = model.decoder_injections(&g)?;
     let logits = model.decoder_step(&mut caches, &model.start_vectors(rows)?, &injections, 0)?;
-    let mut codes: Vec<Vec<u32>> = choose_codes(&logits, b, guided, sampling, &u, 0, l)?.into_iter().map(|z| vec![z]).collect();
+    let mut codes: Vec<Vec<u32>> =
+        choose_codes(&logits, b, guided, sampling, &u, 0, l)?.into_iter().map(|z| vec![z]).collect();
     for k in 1..l {
         let prev = Tensor::from_vec(codes.iter().map(|z| z[k - 1]).collect::<Vec<_>>(), (b, 1), device)?;
         // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
@@ -126,7 +155,9 @@ pub fn generate_cached(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampli
                 let prev_codes: Vec<u32> = codes.iter().map(|z| z[k - 1]).collect();
                 entropy_rows(lean.step(&prev_codes)?, ev)
             }
-            EntropyDecoder::Cached(cache) => entropy_rows(&entropy_model.step(cache, None, Some(&prev))?.flatten_all()?.to_vec1::<f32>()?, ev),
+            EntropyDecoder::Cached(cache) => {
+                entropy_rows(&entropy_model.step(cache, None, Some(&prev))?.flatten_all()?.to_vec1::<f32>()?, ev)
+            }
         };
         let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
         // 2. Close the patches that end at z_{k−1}.
@@ -148,7 +179,8 @@ pub fn generate_cached(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampli
                 step_rows.extend(closing.iter().map(|&i| i + b));
                 spans.extend(spans.clone());
             }
-            let g_new = model.global_step(&mut caches, &step_rows, &dup(&vectors, guided)?, &model.patch_rope(&spans))?;
+            let g_new =
+                model.global_step(&mut caches, &step_rows, &dup(&vectors, guided)?, &model.patch_rope(&spans))?;
             // Replace the stepped rows of g.
             let mut map: Vec<u32> = (0..rows as u32).collect();
             for (j, &r) in step_rows.iter().enumerate() {
@@ -168,7 +200,14 @@ pub fn generate_cached(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampli
 
 /// The reference: for every code, recompute the entropies of the whole prefix, the patch lengths
 /// with the batch patcher and the padded forward over the prefix. Same draws as [`generate`].
-pub fn generate_full_recompute(model: &Dpar, entropy_model: &Gpt, labels: &[u32], sampling: &SamplingConfig, patch: &PatchConfig, device: &Device) -> Result<Generated> {
+pub fn generate_full_recompute(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    device: &Device,
+) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
@@ -185,24 +224,30 @@ pub fn generate_full_recompute(model: &Dpar, entropy_model: &Gpt, labels: &[u32]
     for k in 0..l {
         if k >= 1 {
             let prefix = Tensor::from_vec(codes.iter().flat_map(|z| z.clone()).collect::<Vec<_>>(), (b, k), device)?;
-            let logits = entropy_model.forward::<rand_chacha::ChaCha8Rng>(&prefix, None, None)?.flatten_all()?.to_vec1::<f32>()?;
+            let logits = entropy_model
+                .forward::<rand_chacha::ChaCha8Rng>(&prefix, None, None)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let h = entropy_rows(&logits, entropy_model.config().vocab_size); // B × k
             for i in 0..b {
                 entropies[i][1..=k].copy_from_slice(&h[i * k..(i + 1) * k]);
             }
         }
-        let lengths: Vec<Vec<usize>> = (0..b).map(|i| patch_lengths(&entropies[i], grid, patch, k + 1)).collect::<std::result::Result<_, _>>()?;
+        let lengths: Vec<Vec<usize>> =
+            (0..b).map(|i| patch_lengths(&entropies[i], grid, patch, k + 1)).collect::<std::result::Result<_, _>>()?;
         let row_lengths: Vec<Vec<usize>> = (0..rows).map(|r| lengths[r % b].clone()).collect();
         let layout = model.layout(row_lengths, k + 1)?;
         let inputs: Vec<u32> = (0..rows).flat_map(|r| codes[r % b].iter().copied().chain(std::iter::once(0))).collect();
         let inputs = Tensor::from_vec(inputs, (rows, k + 1), device)?;
-        let logits = model.forward::<rand_chacha::ChaCha8Rng>(&inputs, &all_labels, &layout, GlobalLayout::Padded, None)?;
+        let logits =
+            model.forward::<rand_chacha::ChaCha8Rng>(&inputs, &all_labels, &layout, GlobalLayout::Padded, None)?;
         let last = logits.narrow(1, k, 1)?.squeeze(1)?;
         for (i, z) in choose_codes(&last, b, guided, sampling, &u, k, l)?.into_iter().enumerate() {
             codes[i].push(z);
         }
     }
-    let lengths = (0..b).map(|i| patch_lengths(&entropies[i], grid, patch, l)).collect::<std::result::Result<_, _>>()?;
+    let lengths =
+        (0..b).map(|i| patch_lengths(&entropies[i], grid, patch, l)).collect::<std::result::Result<_, _>>()?;
     Ok(Generated { codes, lengths })
 }
 
@@ -214,7 +259,16 @@ pub(crate) mod tests {
     use crate::params::ParamStore;
 
     pub(crate) fn entropy_model(seed: u64) -> (Gpt, ParamStore) {
-        let c = GptConfig { dim: 16, n_layer: 1, n_head: 1, ffn_hidden: Some(32), vocab_size: 13, grid_size: 4, cls_token_num: 0, ..GptConfig::mnist_entropy() };
+        let c = GptConfig {
+            dim: 16,
+            n_layer: 1,
+            n_head: 1,
+            ffn_hidden: Some(32),
+            vocab_size: 13,
+            grid_size: 4,
+            cls_token_num: 0,
+            ..GptConfig::mnist_entropy()
+        };
         let store = ParamStore::new(seed, &Device::Cpu);
         let m = Gpt::new(&c, &store.root()).unwrap();
         let out = store.var("output.weight").unwrap();
@@ -228,7 +282,9 @@ pub(crate) mod tests {
         let (e, _es) = entropy_model(12);
         let labels = [0u32, 2, 1];
         // Entropies of a random 13-way model sit near ln 13 ≈ 2.56; θ = 2.5 mixes both outcomes.
-        for (cfg_scale, patch) in [(2.0, PatchConfig::dpar(2.5, 3)), (1.0, PatchConfig::dpar(2.4, 4)), (1.5, PatchConfig::static_patches(2))] {
+        for (cfg_scale, patch) in
+            [(2.0, PatchConfig::dpar(2.5, 3)), (1.0, PatchConfig::dpar(2.4, 4)), (1.5, PatchConfig::static_patches(2))]
+        {
             let sampling = SamplingConfig { cfg_scale, seed: 5, ..Default::default() };
             let cached = generate_cached(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap();
             let full = generate_full_recompute(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap();

@@ -48,7 +48,14 @@ pub struct PatchLayout {
 
 impl PatchLayout {
     /// Builds the layout of a batch. Every image's lengths must be positive and sum to `n`.
-    pub fn new(lengths: Vec<Vec<usize>>, n: usize, grid: usize, head_dim: usize, base: f64, mode: PatchRope) -> Result<Self> {
+    pub fn new(
+        lengths: Vec<Vec<usize>>,
+        n: usize,
+        grid: usize,
+        head_dim: usize,
+        base: f64,
+        mode: PatchRope,
+    ) -> Result<Self> {
         if n == 0 || lengths.is_empty() {
             return Err(DparError::BadInput("a batch needs at least one image of at least one code".into()));
         }
@@ -62,7 +69,10 @@ impl PatchLayout {
                 )));
             }
             if l[0] != 1 {
-                return Err(DparError::BadInput(format!("image {b}: z_0 must be a patch of its own, got first length {}", l[0])));
+                return Err(DparError::BadInput(format!(
+                    "image {b}: z_0 must be a patch of its own, got first length {}",
+                    l[0]
+                )));
             }
         }
         let half = head_dim / 2;

@@ -205,13 +205,22 @@ impl DparConfig {
         if self.grid_size < 2 || self.vocab_size < 2 || self.num_classes == 0 {
             return bad("grid_size and vocab_size must be ≥ 2 and num_classes > 0".into());
         }
-        for (name, p) in [("token_dropout", self.token_dropout), ("resid_dropout", self.resid_dropout), ("ffn_dropout", self.ffn_dropout), ("class_dropout", self.class_dropout)] {
+        for (name, p) in [
+            ("token_dropout", self.token_dropout),
+            ("resid_dropout", self.resid_dropout),
+            ("ffn_dropout", self.ffn_dropout),
+            ("class_dropout", self.class_dropout),
+        ] {
             if !(0.0..1.0).contains(&p) {
                 return bad(format!("{name} must lie in [0, 1), got {p}"));
             }
         }
-        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
-            return bad(format!("rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}", self.rope_base, self.norm_eps));
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0)
+        {
+            return bad(format!(
+                "rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}",
+                self.rope_base, self.norm_eps
+            ));
         }
         if self.grid_size > 4096 {
             return bad(format!("grid_size must be ≤ 4096, got {}", self.grid_size));
@@ -221,7 +230,15 @@ impl DparConfig {
         let layers = self.encoder_layers as f64 + self.global_layers as f64 + self.decoder_layers as f64;
         let params = layers * (6.0 * d * d + 3.0 * d * ffn) + 2.0 * v * d + (self.num_classes as f64 + 1.0) * d;
         crate::util::check_memory(
-            &format!("a DPAR model of {}+{}+{} layers, width {}, vocabulary {}, {} classes ({params:.3e} parameters)", self.encoder_layers, self.global_layers, self.decoder_layers, self.dim, self.vocab_size, self.num_classes),
+            &format!(
+                "a DPAR model of {}+{}+{} layers, width {}, vocabulary {}, {} classes ({params:.3e} parameters)",
+                self.encoder_layers,
+                self.global_layers,
+                self.decoder_layers,
+                self.dim,
+                self.vocab_size,
+                self.num_classes
+            ),
             4.0 * params,
         )
         .map_err(DparError::BadConfig)?;

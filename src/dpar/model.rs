@@ -118,7 +118,11 @@ impl Dpar {
         let dec = pb.pp("local_decoder");
         Ok(Self {
             config: c.clone(),
-            cls_embedding: pb.pp("cls_embedding").pp("embedding_table").get((c.num_classes + 1, c.dim), "weight", Init::Normal(INIT_STD))?,
+            cls_embedding: pb.pp("cls_embedding").pp("embedding_table").get(
+                (c.num_classes + 1, c.dim),
+                "weight",
+                Init::Normal(INIT_STD),
+            )?,
             tok_embeddings: pb.pp("tok_embeddings").get((c.vocab_size, c.dim), "weight", Init::Normal(INIT_STD))?,
             enc_layers: (0..c.encoder_layers).map(|i| block(enc.pp("layers"), i)).collect::<nn::Result<_>>()?,
             enc_cross: EncoderCross::new(&enc.pp("cross_attn_layers").pp(0), c.dim, c.n_head, c.norm_eps, c.ops)?,
@@ -154,17 +158,28 @@ impl Dpar {
     fn check_inputs(&self, codes: &Tensor, labels: &Tensor, layout: &PatchLayout) -> Result<()> {
         let (b, n) = codes.dims2()?;
         if n != layout.n || b != layout.batch() {
-            return Err(DparError::BadInput(format!("codes {:?} do not match a layout of {} images × {} codes", codes.dims(), layout.batch(), layout.n)));
+            return Err(DparError::BadInput(format!(
+                "codes {:?} do not match a layout of {} images × {} codes",
+                codes.dims(),
+                layout.batch(),
+                layout.n
+            )));
         }
         if n > self.config.seq_len() {
-            return Err(DparError::BadInput(format!("{n} codes per image, the model takes at most {}", self.config.seq_len())));
+            return Err(DparError::BadInput(format!(
+                "{n} codes per image, the model takes at most {}",
+                self.config.seq_len()
+            )));
         }
         if labels.dims() != [b] {
             return Err(DparError::BadInput(format!("expected {b} labels, got shape {:?}", labels.dims())));
         }
         let max_code = codes.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
         if max_code >= self.config.vocab_size {
-            return Err(DparError::BadInput(format!("code {max_code} is outside the vocabulary of {}", self.config.vocab_size)));
+            return Err(DparError::BadInput(format!(
+                "code {max_code} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
         }
         let max_label = labels.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
         if max_label > self.config.num_classes {
@@ -207,7 +222,14 @@ impl Dpar {
     /// transformer's outputs g (packed or padded rows).
     /// # Shapes
     /// codes (B, n) u32 (z_{n−1} is only a target), labels (B) → logits (B, n, V), g (S or B·N_max, D)
-    pub fn forward_with_global<R: Rng>(&self, codes: &Tensor, labels: &Tensor, layout: &PatchLayout, mode: GlobalLayout, noise: Option<TrainNoise<'_, R>>) -> Result<(Tensor, Tensor)> {
+    pub fn forward_with_global<R: Rng>(
+        &self,
+        codes: &Tensor,
+        labels: &Tensor,
+        layout: &PatchLayout,
+        mode: GlobalLayout,
+        noise: Option<TrainNoise<'_, R>>,
+    ) -> Result<(Tensor, Tensor)> {
         self.check_inputs(codes, labels, layout)?;
         let c = &self.config;
         let (b, n) = codes.dims2()?;
@@ -216,7 +238,11 @@ impl Dpar {
         let labels = match noise.as_mut() {
             Some(nz) if c.class_dropout > 0.0 => {
                 let null = c.num_classes as u32;
-                let v: Vec<u32> = labels.to_vec1::<u32>()?.into_iter().map(|y| if nz.rng.random::<f64>() < c.class_dropout { null } else { y }).collect();
+                let v: Vec<u32> = labels
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|y| if nz.rng.random::<f64>() < c.class_dropout { null } else { y })
+                    .collect();
                 Tensor::new(v, labels.device())?
             }
             _ => labels.clone(),
@@ -227,10 +253,12 @@ impl Dpar {
         let m = layout.enc_segments.len();
         let cls = self.class_embeddings(&labels)?; // (B, D)
         let pool = match (&h, m) {
-            (Some(h), m) if m > 0 => Tensor::cat(&[cls, self.patch_vectors(&h.reshape((b * (n - 1), dim))?, &layout.enc_segments)?], 0)?,
+            (Some(h), m) if m > 0 => {
+                Tensor::cat(&[cls, self.patch_vectors(&h.reshape((b * (n - 1), dim))?, &layout.enc_segments)?], 0)?
+            }
             _ => cls,
         }; // (B + M, D)
-        // 4. Patch transformer.
+           // 4. Patch transformer.
         let mut offsets = Vec::with_capacity(b);
         let mut acc = 0;
         for &count in &layout.patch_counts {
@@ -242,7 +270,8 @@ impl Dpar {
                 let idx: Vec<u32> = (0..b)
                     .flat_map(|bi| {
                         let off = offsets[bi];
-                        std::iter::once(bi as u32).chain((0..layout.patch_counts[bi] - 1).map(move |j| (b + off + j) as u32))
+                        std::iter::once(bi as u32)
+                            .chain((0..layout.patch_counts[bi] - 1).map(move |j| (b + off + j) as u32))
                     })
                     .collect();
                 let s = idx.len();
@@ -251,12 +280,21 @@ impl Dpar {
             }
             GlobalLayout::Padded => {
                 let pad_row = (b + m) as u32;
-                let pool_padded = Tensor::cat(&[pool.clone(), Tensor::zeros((1, dim), pool.dtype(), pool.device())?], 0)?;
+                let pool_padded =
+                    Tensor::cat(&[pool.clone(), Tensor::zeros((1, dim), pool.dtype(), pool.device())?], 0)?;
                 let nmax = layout.max_patches;
                 let idx: Vec<u32> = (0..b)
                     .flat_map(|bi| {
                         let (count, off) = (layout.patch_counts[bi], offsets[bi]);
-                        (0..nmax).map(move |j| if j == 0 { bi as u32 } else if j < count { (b + off + j - 1) as u32 } else { pad_row })
+                        (0..nmax).map(move |j| {
+                            if j == 0 {
+                                bi as u32
+                            } else if j < count {
+                                (b + off + j - 1) as u32
+                            } else {
+                                pad_row
+                            }
+                        })
                     })
                     .collect();
                 let seq = pool_padded.index_select(&Tensor::new(idx, pool.device())?, 0)?.reshape((b, nmax, dim))?;
@@ -300,12 +338,26 @@ impl Dpar {
     }
 
     /// Logits (B, n, V) of the training forward.
-    pub fn forward<R: Rng>(&self, codes: &Tensor, labels: &Tensor, layout: &PatchLayout, mode: GlobalLayout, noise: Option<TrainNoise<'_, R>>) -> Result<Tensor> {
+    pub fn forward<R: Rng>(
+        &self,
+        codes: &Tensor,
+        labels: &Tensor,
+        layout: &PatchLayout,
+        mode: GlobalLayout,
+        noise: Option<TrainNoise<'_, R>>,
+    ) -> Result<Tensor> {
         Ok(self.forward_with_global(codes, labels, layout, mode, noise)?.0)
     }
 
     /// Mean cross-entropy over the n targets z_0 … z_{n−1} of every image.
-    pub fn loss<R: Rng>(&self, codes: &Tensor, labels: &Tensor, layout: &PatchLayout, mode: GlobalLayout, noise: Option<TrainNoise<'_, R>>) -> Result<Tensor> {
+    pub fn loss<R: Rng>(
+        &self,
+        codes: &Tensor,
+        labels: &Tensor,
+        layout: &PatchLayout,
+        mode: GlobalLayout,
+        noise: Option<TrainNoise<'_, R>>,
+    ) -> Result<Tensor> {
         let logits = self.forward(codes, labels, layout, mode, noise)?;
         Ok(nn::cross_entropy(&logits, codes, self.config.ops)?)
     }
@@ -340,7 +392,13 @@ impl Dpar {
 
     /// One cached patch-transformer step for the listed rows: inputs x (R, D) (class embeddings
     /// or patch vectors) with one RoPE row each → g (R, D).
-    pub fn global_step(&self, caches: &mut StepCaches, rows: &[usize], x: &Tensor, rope_rows: &RopeRows) -> Result<Tensor> {
+    pub fn global_step(
+        &self,
+        caches: &mut StepCaches,
+        rows: &[usize],
+        x: &Tensor,
+        rope_rows: &RopeRows,
+    ) -> Result<Tensor> {
         let (r, dim) = x.dims2()?;
         let mut h = x.reshape((r, 1, dim))?;
         for ((layer, cache), w13) in self.layers.iter().zip(caches.global.iter_mut()).zip(&caches.w13[1]) {
@@ -352,7 +410,10 @@ impl Dpar {
     /// RoPE row of the patch covering codes `start ..= end`.
     pub fn patch_rope(&self, spans: &[(usize, usize)]) -> RopeRows {
         let c = &self.config;
-        let rows: Vec<Option<Vec<f32>>> = spans.iter().map(|&(s, e)| Some(rope::patch_angles(s, e, c.grid_size, c.head_dim(), c.rope_base, c.patch_rope))).collect();
+        let rows: Vec<Option<Vec<f32>>> = spans
+            .iter()
+            .map(|&(s, e)| Some(rope::patch_angles(s, e, c.grid_size, c.head_dim(), c.rope_base, c.patch_rope)))
+            .collect();
         RopeRows::from_angles(&rows, c.head_dim() / 2)
     }
 
@@ -368,12 +429,20 @@ impl Dpar {
 
     /// One cached decoder step at position `pos`: input x (R, D) (the start vector at 0, else
     /// h_{pos−1}) plus the per-layer injections (R, D) → logits for z_{pos} (R, V).
-    pub fn decoder_step(&self, caches: &mut StepCaches, x: &Tensor, injections: &[Tensor], pos: usize) -> Result<Tensor> {
+    pub fn decoder_step(
+        &self,
+        caches: &mut StepCaches,
+        x: &Tensor,
+        injections: &[Tensor],
+        pos: usize,
+    ) -> Result<Tensor> {
         let (r, dim) = x.dims2()?;
         let rope_rows = self.rope_dec.narrow(pos, 1);
         let rows: Vec<usize> = (0..r).collect();
         let mut y = x.reshape((r, 1, dim))?;
-        for (((layer, cache), inj), w13) in self.dec_layers.iter().zip(caches.decoder.iter_mut()).zip(injections).zip(&caches.w13[2]) {
+        for (((layer, cache), inj), w13) in
+            self.dec_layers.iter().zip(caches.decoder.iter_mut()).zip(injections).zip(&caches.w13[2])
+        {
             y = layer.forward_ragged(&(y + inj.reshape((r, 1, dim))?)?, &rope_rows, cache, &rows, Some(w13))?;
         }
         Ok(self.norm.then_linear(&y, &self.output)?.squeeze(1)?)
@@ -419,7 +488,8 @@ pub(crate) mod tests {
 
     pub(crate) fn codes(b: usize, n: usize, seed: u64) -> Tensor {
         let mut rng = crate::util::rng_for(seed, "codes", 0);
-        Tensor::from_vec((0..b * n).map(|_| rng.random_range(0..13u32)).collect::<Vec<_>>(), (b, n), &Device::Cpu).unwrap()
+        Tensor::from_vec((0..b * n).map(|_| rng.random_range(0..13u32)).collect::<Vec<_>>(), (b, n), &Device::Cpu)
+            .unwrap()
     }
 
     fn lengths() -> Vec<Vec<usize>> {
@@ -438,16 +508,34 @@ pub(crate) mod tests {
         let layout = m.layout(lengths(), 16).unwrap();
         let codes = codes(3, 16, 2);
         let labels = Tensor::new(&[0u32, 2, 3], &Device::Cpu).unwrap();
-        let packed = m.forward::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None).unwrap();
-        let padded = m.forward::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Padded, None).unwrap();
+        let packed =
+            m.forward::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None).unwrap();
+        let padded =
+            m.forward::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Padded, None).unwrap();
         assert_eq!(packed.dims(), &[3, 16, 13]);
         assert!(max_diff(&packed, &padded) < 1e-5, "{}", max_diff(&packed, &padded));
-        let l1 = m.loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None).unwrap().to_scalar::<f32>().unwrap();
-        let l2 = m.loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Padded, None).unwrap().to_scalar::<f32>().unwrap();
+        let l1 = m
+            .loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let l2 = m
+            .loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Padded, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((l1 - l2).abs() < 1e-5);
         // One image alone gives the same logits as inside the batch.
         let alone = m.layout(vec![lengths()[1].clone()], 16).unwrap();
-        let single = m.forward::<rand_chacha::ChaCha8Rng>(&codes.narrow(0, 1, 1).unwrap(), &labels.narrow(0, 1, 1).unwrap(), &alone, GlobalLayout::Packed, None).unwrap();
+        let single = m
+            .forward::<rand_chacha::ChaCha8Rng>(
+                &codes.narrow(0, 1, 1).unwrap(),
+                &labels.narrow(0, 1, 1).unwrap(),
+                &alone,
+                GlobalLayout::Packed,
+                None,
+            )
+            .unwrap();
         assert!(max_diff(&single, &packed.narrow(0, 1, 1).unwrap()) < 1e-5);
     }
 
@@ -466,7 +554,15 @@ pub(crate) mod tests {
             for b in 0..3 {
                 v[b * 16 + k] = (v[b * 16 + k] + 5) % 13;
             }
-            let y1 = m.forward::<rand_chacha::ChaCha8Rng>(&Tensor::from_vec(v, (3, 16), &Device::Cpu).unwrap(), &labels, &layout, GlobalLayout::Packed, None).unwrap();
+            let y1 = m
+                .forward::<rand_chacha::ChaCha8Rng>(
+                    &Tensor::from_vec(v, (3, 16), &Device::Cpu).unwrap(),
+                    &labels,
+                    &layout,
+                    GlobalLayout::Packed,
+                    None,
+                )
+                .unwrap();
             let unchanged = max_diff(&y0.narrow(1, 0, k + 1).unwrap(), &y1.narrow(1, 0, k + 1).unwrap());
             assert_eq!(unchanged, 0.0, "perturbing z_{k} changed a logit at a position ≤ {k}");
             assert!(max_diff(&y0.narrow(1, k + 1, 15 - k).unwrap(), &y1.narrow(1, k + 1, 15 - k).unwrap()) > 0.0);
@@ -479,7 +575,9 @@ pub(crate) mod tests {
         let layout = m.layout(lengths(), 16).unwrap();
         let mut rng = crate::util::rng_for(0, "t", 0);
         let labels = Tensor::new(&[1u32, 0, 2], &Device::Cpu).unwrap();
-        let loss = m.loss(&codes(3, 16, 6), &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng })).unwrap();
+        let loss = m
+            .loss(&codes(3, 16, 6), &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng }))
+            .unwrap();
         let grads = loss.backward().unwrap();
         for (name, var) in store.vars() {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
@@ -495,8 +593,25 @@ pub(crate) mod tests {
         let err = m.layout(vec![vec![1, 3, 4]], 16).unwrap_err().to_string();
         assert!(err.contains("sum to 8") && err.contains("16 codes"), "{err}");
         let layout = m.layout(vec![vec![1, 15]], 16).unwrap();
-        let err = m.forward::<rand_chacha::ChaCha8Rng>(&codes(1, 16, 1), &Tensor::new(&[4u32], &Device::Cpu).unwrap(), &layout, GlobalLayout::Packed, None).err().unwrap();
+        let err = m
+            .forward::<rand_chacha::ChaCha8Rng>(
+                &codes(1, 16, 1),
+                &Tensor::new(&[4u32], &Device::Cpu).unwrap(),
+                &layout,
+                GlobalLayout::Packed,
+                None,
+            )
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("unknown class 4"), "{err}");
-        assert!(m.forward::<rand_chacha::ChaCha8Rng>(&codes(2, 16, 1), &Tensor::new(&[0u32, 1], &Device::Cpu).unwrap(), &layout, GlobalLayout::Packed, None).is_err());
+        assert!(m
+            .forward::<rand_chacha::ChaCha8Rng>(
+                &codes(2, 16, 1),
+                &Tensor::new(&[0u32, 1], &Device::Cpu).unwrap(),
+                &layout,
+                GlobalLayout::Packed,
+                None
+            )
+            .is_err());
     }
 }

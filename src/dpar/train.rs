@@ -49,7 +49,10 @@ pub struct EntropyCodes {
 /// Checks that shards fit the model.
 pub fn check_fits(data: &EntropyCodes, model: &DparConfig, what: &str) -> Result<()> {
     let info = &data.shard.info;
-    if info.grid_size != model.grid_size || info.codebook_size > model.vocab_size || info.num_classes > model.num_classes {
+    if info.grid_size != model.grid_size
+        || info.codebook_size > model.vocab_size
+        || info.num_classes > model.num_classes
+    {
         return Err(DparError::BadInput(format!(
             "{what}: shards have a {}×{} grid, {} codes and {} classes; the model expects {}×{}, at most {} codes and {} classes",
             info.grid_size, info.grid_size, info.codebook_size, info.num_classes, model.grid_size, model.grid_size, model.vocab_size, model.num_classes
@@ -59,7 +62,12 @@ pub fn check_fits(data: &EntropyCodes, model: &DparConfig, what: &str) -> Result
 }
 
 /// Patch lengths (over all L codes) of the given images.
-pub fn batch_lengths(data: &EntropyCodes, indices: &[usize], flips: &[bool], config: &DparConfig) -> Result<Vec<Vec<usize>>> {
+pub fn batch_lengths(
+    data: &EntropyCodes,
+    indices: &[usize],
+    flips: &[bool],
+    config: &DparConfig,
+) -> Result<Vec<Vec<usize>>> {
     let l = config.seq_len();
     indices
         .iter()
@@ -97,13 +105,20 @@ pub struct DparTask {
 }
 
 impl DparTask {
-    pub fn new(config: DparTrainConfig, train: EntropyCodes, val: Option<EntropyCodes>, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: DparTrainConfig,
+        train: EntropyCodes,
+        val: Option<EntropyCodes>,
+        device: &Device,
+    ) -> Result<Self> {
         check_fits(&train, &config.model, "training shards")?;
         if let Some(v) = &val {
             check_fits(v, &config.model, "validation shards")?;
         }
         if train.entropies.entropy_model_id != config.entropy_model_id {
-            return Err(DparError::BadInput("the training entropies come from another entropy model than the config names".into()));
+            return Err(DparError::BadInput(
+                "the training entropies come from another entropy model than the config names".into(),
+            ));
         }
         if config.batch_size == 0 || train.shard.is_empty() {
             return Err(DparError::BadConfig("batch size and training shards must be non-empty".into()));
@@ -115,8 +130,11 @@ impl DparTask {
         let m = &config.model;
         let layers = (m.encoder_layers + m.global_layers + m.decoder_layers) as f64;
         let per_code = m.dim as f64 * layers * 16.0 + 3.0 * m.vocab_size as f64;
-        crate::util::check_memory(&format!("--batch-size {}", config.batch_size), 4.0 * config.batch_size as f64 * (m.grid_size * m.grid_size) as f64 * per_code)
-            .map_err(DparError::BadConfig)?;
+        crate::util::check_memory(
+            &format!("--batch-size {}", config.batch_size),
+            4.0 * config.batch_size as f64 * (m.grid_size * m.grid_size) as f64 * per_code,
+        )
+        .map_err(DparError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Dpar::new(&config.model, &store.root())?;
         let sampler = BatchSampler::new(train.shard.len(), config.batch_size, config.seed);
@@ -148,11 +166,19 @@ impl Task for DparTask {
         let flips = part.slice(&all.flips)?.to_vec();
         let run = || -> Result<StepOutput> {
             let (codes, labels) = batch_tensors(&self.train.shard, &indices, &flips, &self.device)?;
-            let layout = self.model.layout(batch_lengths(&self.train, &indices, &flips, &self.config.model)?, self.config.model.seq_len())?;
+            let layout = self.model.layout(
+                batch_lengths(&self.train, &indices, &flips, &self.config.model)?,
+                self.config.model.seq_len(),
+            )?;
             let mut rng = noise_rng(self.config.seed, step, part);
-            let loss = self.model.loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng }))?;
+            let loss =
+                self.model.loss(&codes, &labels, &layout, GlobalLayout::Packed, Some(TrainNoise { rng: &mut rng }))?;
             // FLOPs per image from its own patch count (attention is quadratic in it).
-            let forward: f64 = layout.packed_segments.iter().map(|&(_, len)| crate::flops::dpar_forward(&self.config.model, len as f64)).sum();
+            let forward: f64 = layout
+                .packed_segments
+                .iter()
+                .map(|&(_, len)| crate::flops::dpar_forward(&self.config.model, len as f64))
+                .sum();
             Ok(StepOutput {
                 loss,
                 metrics: vec![("patches_per_image".to_string(), layout.mean_patches())],
@@ -165,7 +191,8 @@ impl Task for DparTask {
 
     fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
         let Some(val) = &self.val else { return Ok(Vec::new()) };
-        let (loss, patches) = eval_loss(&self.model, val, self.config.val_images, &self.device).map_err(|e| e.to_string())?;
+        let (loss, patches) =
+            eval_loss(&self.model, val, self.config.val_images, &self.device).map_err(|e| e.to_string())?;
         Ok(vec![("loss".to_string(), loss), ("patches_per_image".to_string(), patches)])
     }
 
@@ -190,7 +217,10 @@ impl Task for DparTask {
 pub fn load(path: &Path, device: &Device) -> Result<(Dpar, ParamStore, DparTrainConfig)> {
     let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
     if !file.is_file() {
-        return Err(DparError::BadFile { path: file, reason: "no such model file (train one with `dpar train --model dpar`)".into() });
+        return Err(DparError::BadFile {
+            path: file,
+            reason: "no such model file (train one with `dpar train --model dpar`)".into(),
+        });
     }
     let meta = crate::tensor_io::read_safetensors_metadata(&file)?;
     let full: serde_json::Value = meta
@@ -199,9 +229,13 @@ pub fn load(path: &Path, device: &Device) -> Result<(Dpar, ParamStore, DparTrain
         .ok_or_else(|| DparError::BadFile { path: file.clone(), reason: "no embedded config".into() })?;
     let kind = full.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     if kind != "dpar" {
-        return Err(DparError::BadFile { path: file.clone(), reason: format!("holds a `{kind}` model, not a DPAR model") });
+        return Err(DparError::BadFile {
+            path: file.clone(),
+            reason: format!("holds a `{kind}` model, not a DPAR model"),
+        });
     }
-    let config: DparTrainConfig = serde_json::from_value(full).map_err(|e| DparError::BadFile { path: file.clone(), reason: format!("config: {e}") })?;
+    let config: DparTrainConfig = serde_json::from_value(full)
+        .map_err(|e| DparError::BadFile { path: file.clone(), reason: format!("config: {e}") })?;
     let store = ParamStore::new(0, device);
     let model = Dpar::new(&config.model, &store.root())?;
     store.load_model_file(&file, None)?;
@@ -215,7 +249,12 @@ pub fn read_entropy_codes(path: &Path, expected_model: Option<&str>) -> Result<E
 }
 
 /// A (B, L) batch of codes and labels with their lengths, for callers outside the task.
-pub fn batch(data: &EntropyCodes, indices: &[usize], config: &DparConfig, device: &Device) -> Result<(Tensor, Tensor, Vec<Vec<usize>>)> {
+pub fn batch(
+    data: &EntropyCodes,
+    indices: &[usize],
+    config: &DparConfig,
+    device: &Device,
+) -> Result<(Tensor, Tensor, Vec<Vec<usize>>)> {
     let flips = vec![false; indices.len()];
     let (codes, labels) = batch_tensors(&data.shard, indices, &flips, device)?;
     Ok((codes, labels, batch_lengths(data, indices, &flips, config)?))

@@ -37,12 +37,20 @@ struct ConvLayer {
 impl ConvLayer {
     fn new(pb: &Pb, cin: usize, cout: usize) -> Result<Self> {
         let bound = 1.0 / ((cin * 9) as f64).sqrt();
-        Ok(Self { weight: pb.get((cout, cin, 3, 3), "weight", Init::Uniform(bound))?, bias: pb.get(cout, "bias", Init::Uniform(bound))? })
+        Ok(Self {
+            weight: pb.get((cout, cin, 3, 3), "weight", Init::Uniform(bound))?,
+            bias: pb.get(cout, "bias", Init::Uniform(bound))?,
+        })
     }
 
     /// conv 3×3 → ReLU → 2×2 max-pool.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight, ConvParams::symmetric(1, 1))?.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        let y = conv2d(x, &self.weight, ConvParams::symmetric(1, 1))?.broadcast_add(&self.bias.reshape((
+            1,
+            (),
+            1,
+            1,
+        ))?)?;
         Ok(y.relu()?.max_pool2d(2)?)
     }
 }
@@ -60,10 +68,14 @@ pub struct Classifier {
 impl Classifier {
     pub fn new(config: &ClassifierConfig, pb: &Pb) -> Result<Self> {
         if config.image_size % 8 != 0 || config.num_classes < 2 {
-            return Err(EvalError::Bad(format!("classifier needs an image size divisible by 8 and ≥ 2 classes, got {config:?}")));
+            return Err(EvalError::Bad(format!(
+                "classifier needs an image size divisible by 8 and ≥ 2 classes, got {config:?}"
+            )));
         }
         let chans = [config.in_channels, 32, 64, 64];
-        let convs = (0..3).map(|i| ConvLayer::new(&pb.pp(format!("conv{i}")), chans[i], chans[i + 1])).collect::<Result<_>>()?;
+        let convs = (0..3)
+            .map(|i| ConvLayer::new(&pb.pp(format!("conv{i}")), chans[i], chans[i + 1]))
+            .collect::<Result<_>>()?;
         let flat = 64 * (config.image_size / 8).pow(2);
         let b1 = 1.0 / (flat as f64).sqrt();
         let b2 = 1.0 / (FEATURES as f64).sqrt();
@@ -86,7 +98,10 @@ impl Classifier {
         let c = &self.config;
         let dims = images.dims();
         if dims.len() != 4 || dims[1] != c.in_channels || dims[2] != c.image_size || dims[3] != c.image_size {
-            return Err(EvalError::Bad(format!("classifier expects (B, {}, {}, {}), got {dims:?}", c.in_channels, c.image_size, c.image_size)));
+            return Err(EvalError::Bad(format!(
+                "classifier expects (B, {}, {}, {}), got {dims:?}",
+                c.in_channels, c.image_size, c.image_size
+            )));
         }
         let mut h = images.clone();
         for conv in &self.convs {
@@ -101,7 +116,8 @@ impl Classifier {
     /// Features (N × 128, row-major) and class probabilities (N × classes) of images, in batches.
     pub fn features_and_probs(&self, images: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = images.dim(0)?;
-        let (mut feats, mut probs) = (Vec::with_capacity(n * FEATURES), Vec::with_capacity(n * self.config.num_classes));
+        let (mut feats, mut probs) =
+            (Vec::with_capacity(n * FEATURES), Vec::with_capacity(n * self.config.num_classes));
         for start in (0..n).step_by(500) {
             let len = 500.min(n - start);
             let (f, logits) = self.forward(&images.narrow(0, start, len)?.detach())?;
@@ -168,7 +184,13 @@ pub fn recorded_accuracy(path: &std::path::Path) -> Option<f64> {
 /// classifier must label at least half as many of them correctly as it did its own test split
 /// (`recorded`, or 100% when unknown). Features of another dataset (say Fashion-MNIST against an
 /// MNIST classifier, about 10% correct) would make every metric meaningless.
-pub fn check_reference_data(probs: &[f32], labels: &[u32], num_classes: usize, recorded: Option<f64>, source: &str) -> Result<f64> {
+pub fn check_reference_data(
+    probs: &[f32],
+    labels: &[u32],
+    num_classes: usize,
+    recorded: Option<f64>,
+    source: &str,
+) -> Result<f64> {
     let n = labels.len();
     if n == 0 || probs.len() != n * num_classes {
         return Err(EvalError::Bad(format!("{source}: no reference images to compare with")));
@@ -206,7 +228,12 @@ pub struct ClassifierTask {
 }
 
 impl ClassifierTask {
-    pub fn new(config: ClassifierTrainConfig, train: ImageDataset, test: Option<ImageDataset>, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: ClassifierTrainConfig,
+        train: ImageDataset,
+        test: Option<ImageDataset>,
+        device: &Device,
+    ) -> Result<Self> {
         let store = ParamStore::new(config.seed, device);
         let model = Classifier::new(&config.model, &store.root())?;
         let sampler = BatchSampler::new(train.len(), config.batch_size, config.seed);
@@ -259,7 +286,10 @@ impl Task for ClassifierTask {
 pub fn load(path: &std::path::Path, device: &Device) -> Result<(Classifier, ParamStore, String)> {
     let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
     if !file.is_file() {
-        return Err(EvalError::Bad(format!("{}: no classifier weights (train them with `dpar eval train-classifier`)", file.display())));
+        return Err(EvalError::Bad(format!(
+            "{}: no classifier weights (train them with `dpar eval train-classifier`)",
+            file.display()
+        )));
     }
     let meta = crate::tensor_io::read_safetensors_metadata(&file)?;
     let config: ClassifierTrainConfig = meta

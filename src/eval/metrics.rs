@@ -13,7 +13,10 @@ use super::{EvalError, Result};
 pub fn mean_cov(features: &[f32], f: usize) -> Result<(Vec<f64>, Mat<f64>)> {
     let n = features.len() / f.max(1);
     if n < 2 || features.len() != n * f {
-        return Err(EvalError::Bad(format!("need at least 2 feature rows of width {f}, got {} values", features.len())));
+        return Err(EvalError::Bad(format!(
+            "need at least 2 feature rows of width {f}, got {} values",
+            features.len()
+        )));
     }
     let mut mean = vec![0f64; f];
     for row in features.chunks(f) {
@@ -30,7 +33,8 @@ pub fn mean_cov(features: &[f32], f: usize) -> Result<(Vec<f64>, Mat<f64>)> {
 /// Symmetric positive semi-definite square root via the eigendecomposition (negative
 /// eigenvalues from rounding are clamped to 0).
 pub fn sqrtm_psd(a: &Mat<f64>) -> Result<Mat<f64>> {
-    let evd = a.self_adjoint_eigen(Side::Lower).map_err(|e| EvalError::Bad(format!("eigendecomposition failed: {e:?}")))?;
+    let evd =
+        a.self_adjoint_eigen(Side::Lower).map_err(|e| EvalError::Bad(format!("eigendecomposition failed: {e:?}")))?;
     let u = evd.U();
     let s = evd.S().column_vector();
     let n = a.nrows();
@@ -44,7 +48,8 @@ pub fn frechet_distance(mu1: &[f64], s1: &Mat<f64>, mu2: &[f64], s2: &Mat<f64>) 
     let diff: f64 = mu1.iter().zip(mu2).map(|(a, b)| (a - b).powi(2)).sum();
     let r1 = sqrtm_psd(s1)?;
     let m = &r1 * s2 * &r1;
-    let evals = m.self_adjoint_eigenvalues(Side::Lower).map_err(|e| EvalError::Bad(format!("eigenvalues failed: {e:?}")))?;
+    let evals =
+        m.self_adjoint_eigenvalues(Side::Lower).map_err(|e| EvalError::Bad(format!("eigenvalues failed: {e:?}")))?;
     let tr_sqrt: f64 = evals.iter().map(|&e| e.max(0.0).sqrt()).sum();
     let tr = |s: &Mat<f64>| (0..s.nrows()).map(|i| s[(i, i)]).sum::<f64>();
     Ok(diff + tr(s1) + tr(s2) - 2.0 * tr_sqrt)
@@ -76,7 +81,12 @@ pub fn inception_score(probs: &[f32], classes: usize, splits: usize) -> Result<(
         }
         let kl: f64 = part
             .chunks(classes)
-            .map(|row| row.iter().zip(&marginal).map(|(&p, &m)| if p > 0.0 { p as f64 * ((p as f64).ln() - m.max(1e-30).ln()) } else { 0.0 }).sum::<f64>())
+            .map(|row| {
+                row.iter()
+                    .zip(&marginal)
+                    .map(|(&p, &m)| if p > 0.0 { p as f64 * ((p as f64).ln() - m.max(1e-30).ln()) } else { 0.0 })
+                    .sum::<f64>()
+            })
             .sum::<f64>()
             / per as f64;
         scores.push(kl.exp());
@@ -153,7 +163,11 @@ mod tests {
     fn gaussian(n: usize, means: &[f64], stds: &[f64], seed: u64) -> Vec<f32> {
         let mut rng = crate::util::rng_for(seed, "gauss", 0);
         let normal = Normal::new(0.0, 1.0).unwrap();
-        (0..n).flat_map(|_| means.iter().zip(stds).map(|(m, s)| (m + s * normal.sample(&mut rng)) as f32).collect::<Vec<_>>()).collect()
+        (0..n)
+            .flat_map(|_| {
+                means.iter().zip(stds).map(|(m, s)| (m + s * normal.sample(&mut rng)) as f32).collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     #[test]
@@ -210,8 +224,15 @@ mod tests {
         assert_eq!((p, r), (0.0, 0.0));
         // A generator covering half the real modes: high precision, lower recall.
         let mut rng = crate::util::rng_for(6, "pr", 0);
-        let modes: Vec<f32> = (0..600).flat_map(|i| { let c = if i % 2 == 0 { 0.0 } else { 20.0 }; (0..5).map(move |_| c).collect::<Vec<f32>>() }).map(|c| c + rng.random_range(-1.0f32..1.0)).collect();
-        let half: Vec<f32> = (0..300).flat_map(|_| (0..5).map(|_| 0.0f32)).map(|c| c + rng.random_range(-1.0f32..1.0)).collect();
+        let modes: Vec<f32> = (0..600)
+            .flat_map(|i| {
+                let c = if i % 2 == 0 { 0.0 } else { 20.0 };
+                (0..5).map(move |_| c).collect::<Vec<f32>>()
+            })
+            .map(|c| c + rng.random_range(-1.0f32..1.0))
+            .collect();
+        let half: Vec<f32> =
+            (0..300).flat_map(|_| (0..5).map(|_| 0.0f32)).map(|c| c + rng.random_range(-1.0f32..1.0)).collect();
         let (p, r) = precision_recall(&modes, &half, 5, 3).unwrap();
         assert!(p > 0.9 && r < 0.6, "{p} {r}");
     }

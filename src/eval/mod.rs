@@ -52,13 +52,26 @@ pub struct QualityReport {
 
 /// Metrics of `images` (B, C, S, S in [−1, 1]) against reference features, with the requested
 /// `labels` for class accuracy.
-pub fn quality(model: &classifier::Classifier, classifier_sha256: &str, images: &Tensor, labels: Option<&[u32]>, reference: &[f32]) -> Result<QualityReport> {
+pub fn quality(
+    model: &classifier::Classifier,
+    classifier_sha256: &str,
+    images: &Tensor,
+    labels: Option<&[u32]>,
+    reference: &[f32],
+) -> Result<QualityReport> {
     let (feats, probs) = model.features_and_probs(images)?;
     quality_from_features(&feats, &probs, model.config().num_classes, classifier_sha256, labels, reference)
 }
 
 /// [`quality`] from precomputed features and probabilities.
-pub fn quality_from_features(feats: &[f32], probs: &[f32], classes: usize, classifier_sha256: &str, labels: Option<&[u32]>, reference: &[f32]) -> Result<QualityReport> {
+pub fn quality_from_features(
+    feats: &[f32],
+    probs: &[f32],
+    classes: usize,
+    classifier_sha256: &str,
+    labels: Option<&[u32]>,
+    reference: &[f32],
+) -> Result<QualityReport> {
     let f = classifier::FEATURES;
     let n = feats.len() / f;
     let fd = metrics::frechet_distance_of(feats, reference, f)?;
@@ -69,9 +82,21 @@ pub fn quality_from_features(feats: &[f32], probs: &[f32], classes: usize, class
         let correct = probs
             .chunks(classes)
             .zip(labels)
-            .filter(|(row, &y)| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32) == Some(y))
+            .filter(|(row, &y)| {
+                row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32) == Some(y)
+            })
             .count();
         correct as f64 / n.max(1) as f64
     });
-    Ok(QualityReport { samples: n, reference_samples: reference.len() / f, fd, is_mean, is_std, precision, recall, accuracy, classifier_sha256: classifier_sha256.to_string() })
+    Ok(QualityReport {
+        samples: n,
+        reference_samples: reference.len() / f,
+        fd,
+        is_mean,
+        is_std,
+        precision,
+        recall,
+        accuracy,
+        classifier_sha256: classifier_sha256.to_string(),
+    })
 }

@@ -112,7 +112,12 @@ impl Scale {
 
 /// Every distinct model the ablation tables train, named by their rule: the patch settings of
 /// Tables 3, 4 and 5 (Table 6 reuses the full and static models of Table 3).
-pub fn ablation_models(env: &Env, target_len: f64, theta_targets: &[f64], max_lens: &[usize]) -> Result<Vec<PatchConfig>> {
+pub fn ablation_models(
+    env: &Env,
+    target_len: f64,
+    theta_targets: &[f64],
+    max_lens: &[usize],
+) -> Result<Vec<PatchConfig>> {
     let full = PatchConfig::dpar(0.0, 4);
     let theta = env.theta_for(&full, target_len)?;
     let mut models = vec![
@@ -172,8 +177,26 @@ pub fn ablate_patching(env: &Env, scale: &Scale, target_len: f64) -> Result<Tabl
     let variants = [
         ("entropy+maxlen+row", PatchConfig { threshold: theta, ..full }),
         ("static", PatchConfig::static_patches(static_p)),
-        ("entropy", PatchConfig { threshold: theta, max_patch_len: 4, entropy_gate: true, max_len_rule: false, row_reset: false }),
-        ("entropy+maxlen", PatchConfig { threshold: theta, max_patch_len: 4, entropy_gate: true, max_len_rule: true, row_reset: false }),
+        (
+            "entropy",
+            PatchConfig {
+                threshold: theta,
+                max_patch_len: 4,
+                entropy_gate: true,
+                max_len_rule: false,
+                row_reset: false,
+            },
+        ),
+        (
+            "entropy+maxlen",
+            PatchConfig {
+                threshold: theta,
+                max_patch_len: 4,
+                entropy_gate: true,
+                max_len_rule: true,
+                row_reset: false,
+            },
+        ),
     ];
     let (mut rows, mut data, mut evals, mut names) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (name, patch) in &variants {
@@ -192,11 +215,17 @@ pub fn ablate_patching(env: &Env, scale: &Scale, target_len: f64) -> Result<Tabl
         names.push(name.to_string());
         evals.push(evaluated);
     }
-    let mut header: Vec<String> = ["entropy", "max length", "row reset", "mean patch len"].iter().map(|s| s.to_string()).collect();
+    let mut header: Vec<String> =
+        ["entropy", "max length", "row reset", "mean patch len"].iter().map(|s| s.to_string()).collect();
     header.extend(QUALITY_HEADER.iter().map(|s| s.to_string()));
     Ok(Table {
         title: "Patchification strategies (paper Table 3)".into(),
-        scale: format!("{}; {} samples per model, cfg {}; cells are mean ± half-range over the seeds", scale.describe(), env.setup.samples, env.setup.cfg_scale),
+        scale: format!(
+            "{}; {} samples per model, cfg {}; cells are mean ± half-range over the seeds",
+            scale.describe(),
+            env.setup.samples,
+            env.setup.cfg_scale
+        ),
         header,
         rows,
         notes: fd_verdicts(&names, &evals, 0),
@@ -226,7 +255,11 @@ pub fn ablate_threshold(env: &Env, scale: &Scale, targets: &[f64]) -> Result<Tab
     header.extend(QUALITY_HEADER.iter().map(|s| s.to_string()));
     Ok(Table {
         title: "Entropy threshold θ at P = 4 (paper Table 4)".into(),
-        scale: format!("{}; {} samples per model; cells are mean ± half-range over the seeds", scale.describe(), env.setup.samples),
+        scale: format!(
+            "{}; {} samples per model; cells are mean ± half-range over the seeds",
+            scale.describe(),
+            env.setup.samples
+        ),
         header,
         rows,
         notes: fd_verdicts(&names, &evals, 0),
@@ -254,7 +287,11 @@ pub fn ablate_max_len(env: &Env, scale: &Scale, target_len: f64, ps: &[usize]) -
     header.extend(QUALITY_HEADER.iter().map(|s| s.to_string()));
     Ok(Table {
         title: format!("Maximum patch length P at θ = {theta:.3} (paper Table 5)"),
-        scale: format!("{}; {} samples per model; cells are mean ± half-range over the seeds", scale.describe(), env.setup.samples),
+        scale: format!(
+            "{}; {} samples per model; cells are mean ± half-range over the seeds",
+            scale.describe(),
+            env.setup.samples
+        ),
         header,
         rows,
         notes: fd_verdicts(&names, &evals, 0),
@@ -269,7 +306,8 @@ pub fn ablate_inference(env: &Env, scale: &Scale, train_len: f64, targets: &[f64
     let full = PatchConfig::dpar(0.0, 4);
     let theta_train = env.theta_for(&full, train_len)?;
     let static_p = train_len.round().max(1.0) as usize;
-    let (dpar_patch, static_patch) = (PatchConfig { threshold: theta_train, ..full }, PatchConfig::static_patches(static_p));
+    let (dpar_patch, static_patch) =
+        (PatchConfig { threshold: theta_train, ..full }, PatchConfig::static_patches(static_p));
     let mut header = vec!["model".to_string()];
     let mut thetas = Vec::new();
     let mut lens = vec!["mean patch len".to_string()];
@@ -288,7 +326,8 @@ pub fn ablate_inference(env: &Env, scale: &Scale, train_len: f64, targets: &[f64
         let mut per_theta = Vec::new();
         for &theta in &thetas {
             let patch = PatchConfig { threshold: theta, ..full };
-            let evaluated: Vec<EvalRow> = runs.iter().map(|run| eval_dpar(env, name, run, &patch, env.setup.samples)).collect::<Result<_>>()?;
+            let evaluated: Vec<EvalRow> =
+                runs.iter().map(|run| eval_dpar(env, name, run, &patch, env.setup.samples)).collect::<Result<_>>()?;
             cells.push(fd_spread(&evaluated).show(2));
             data.push(serde_json::json!({ "model": name, "threshold": theta, "evals": evaluated }));
             per_theta.push(evaluated);
@@ -297,7 +336,12 @@ pub fn ablate_inference(env: &Env, scale: &Scale, train_len: f64, targets: &[f64
         if let (Some(first), Some(last)) = (per_theta.first(), per_theta.last()) {
             let delta: Vec<f64> = first.iter().zip(last).map(|(a, b)| b.quality.fd - a.quality.fd).collect();
             let d = Spread::of(&delta);
-            notes.push(format!("{name}: FD change from θ = {:.3} to θ = {:.3}: {}", thetas[0], thetas[thetas.len() - 1], d.show(2)));
+            notes.push(format!(
+                "{name}: FD change from θ = {:.3} to θ = {:.3}: {}",
+                thetas[0],
+                thetas[thetas.len() - 1],
+                d.show(2)
+            ));
         }
         rows.push(cells);
     }
@@ -324,19 +368,35 @@ fn pooled_features(env: &Env, model: &PoolModel, data: &EntropyCodes, n: usize) 
         let idx: Vec<usize> = (start..(start + 50).min(n)).collect();
         match model {
             PoolModel::Dpar(m) => {
-                let (codes, _labels, lengths) = crate::dpar::train::batch(data, &idx, m.config(), &env.device).map_err(ctx("probe batch"))?;
-                let null = Tensor::new(vec![m.config().num_classes as u32; idx.len()], &env.device).map_err(ctx("labels"))?;
+                let (codes, _labels, lengths) =
+                    crate::dpar::train::batch(data, &idx, m.config(), &env.device).map_err(ctx("probe batch"))?;
+                let null =
+                    Tensor::new(vec![m.config().num_classes as u32; idx.len()], &env.device).map_err(ctx("labels"))?;
                 let layout = m.layout(lengths, m.config().seq_len()).map_err(ctx("layout"))?;
-                let (_, g) = m.forward_with_global::<rand_chacha::ChaCha8Rng>(&codes, &null, &layout, crate::dpar::model::GlobalLayout::Packed, None).map_err(ctx("DPAR forward"))?;
+                let (_, g) = m
+                    .forward_with_global::<rand_chacha::ChaCha8Rng>(
+                        &codes,
+                        &null,
+                        &layout,
+                        crate::dpar::model::GlobalLayout::Packed,
+                        None,
+                    )
+                    .map_err(ctx("DPAR forward"))?;
                 for &(start, len) in &layout.packed_segments {
                     // Patch positions only (the class slot's output is left out).
-                    let pooled = g.narrow(0, start + 1, len.saturating_sub(1).max(1)).and_then(|x| x.mean(0)).map_err(ctx("pool"))?;
+                    let pooled = g
+                        .narrow(0, start + 1, len.saturating_sub(1).max(1))
+                        .and_then(|x| x.mean(0))
+                        .map_err(ctx("pool"))?;
                     feats.extend(pooled.to_vec1::<f32>().map_err(ctx("pool"))?);
                 }
             }
             PoolModel::Gpt(m) => {
-                let (codes, _labels) = crate::gpt::train::batch_tensors(&data.shard, &idx, &vec![false; idx.len()], &env.device).map_err(ctx("probe batch"))?;
-                let null = Tensor::new(vec![m.config().num_classes as u32; idx.len()], &env.device).map_err(ctx("labels"))?;
+                let (codes, _labels) =
+                    crate::gpt::train::batch_tensors(&data.shard, &idx, &vec![false; idx.len()], &env.device)
+                        .map_err(ctx("probe batch"))?;
+                let null =
+                    Tensor::new(vec![m.config().num_classes as u32; idx.len()], &env.device).map_err(ctx("labels"))?;
                 let h = m.hidden_states(&codes, Some(&null)).map_err(ctx("GPT forward"))?;
                 let t = h.dim(1).map_err(ctx("pool"))?;
                 let pooled = h.narrow(1, 1, t - 1).and_then(|x| x.mean(1)).map_err(ctx("pool"))?;
@@ -354,26 +414,43 @@ enum PoolModel {
 
 /// Trains a linear classifier (standardised features, AdamW, full batch) and returns top-1 and
 /// top-5 test accuracy.
-fn probe(train: &(Vec<f32>, Vec<u32>), test: &(Vec<f32>, Vec<u32>), dim: usize, classes: usize, device: &Device) -> Result<(f64, f64)> {
+fn probe(
+    train: &(Vec<f32>, Vec<u32>),
+    test: &(Vec<f32>, Vec<u32>),
+    dim: usize,
+    classes: usize,
+    device: &Device,
+) -> Result<(f64, f64)> {
     let n = train.1.len();
     let x = Tensor::from_slice(&train.0, (n, dim), device).map_err(ctx("probe"))?;
     let mean = x.mean_keepdim(0).map_err(ctx("probe"))?;
-    let std = (x.broadcast_sub(&mean).and_then(|d| d.sqr()?.mean_keepdim(0)).and_then(|v| v + 1e-6).and_then(|v| v.sqrt())).map_err(ctx("probe"))?;
+    let std =
+        (x.broadcast_sub(&mean).and_then(|d| d.sqr()?.mean_keepdim(0)).and_then(|v| v + 1e-6).and_then(|v| v.sqrt()))
+            .map_err(ctx("probe"))?;
     let norm = |t: &Tensor| t.broadcast_sub(&mean).and_then(|d| d.broadcast_div(&std));
     let xs = norm(&x).map_err(ctx("probe"))?;
     let y = Tensor::new(train.1.as_slice(), device).map_err(ctx("probe"))?;
     let store = ParamStore::new(0, device);
     let w = store.root().get((classes, dim), "w", crate::params::Init::Const(0.0)).map_err(ctx("probe"))?;
     let b = store.root().get(classes, "b", crate::params::Init::Const(0.0)).map_err(ctx("probe"))?;
-    let mut opt = crate::optim::AdamW::new(store.vars(), crate::optim::AdamWConfig { lr: 1e-2, weight_decay: 1e-3, ..Default::default() }).map_err(ctx("probe"))?;
+    let mut opt = crate::optim::AdamW::new(
+        store.vars(),
+        crate::optim::AdamWConfig { lr: 1e-2, weight_decay: 1e-3, ..Default::default() },
+    )
+    .map_err(ctx("probe"))?;
     for _ in 0..300 {
-        let logits = xs.matmul(&w.t().map_err(ctx("probe"))?).and_then(|l| l.broadcast_add(&b)).map_err(ctx("probe"))?;
+        let logits =
+            xs.matmul(&w.t().map_err(ctx("probe"))?).and_then(|l| l.broadcast_add(&b)).map_err(ctx("probe"))?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y).map_err(ctx("probe"))?;
         opt.step(&loss.backward().map_err(ctx("probe"))?).map_err(ctx("probe"))?;
     }
     let m = test.1.len();
     let xt = norm(&Tensor::from_slice(&test.0, (m, dim), device).map_err(ctx("probe"))?).map_err(ctx("probe"))?;
-    let logits = xt.matmul(&w.t().map_err(ctx("probe"))?).and_then(|l| l.broadcast_add(&b)).and_then(|l| l.to_vec2::<f32>()).map_err(ctx("probe"))?;
+    let logits = xt
+        .matmul(&w.t().map_err(ctx("probe"))?)
+        .and_then(|l| l.broadcast_add(&b))
+        .and_then(|l| l.to_vec2::<f32>())
+        .map_err(ctx("probe"))?;
     let (mut top1, mut top5) = (0usize, 0usize);
     for (row, &yt) in logits.iter().zip(&test.1) {
         let mut order: Vec<usize> = (0..classes).collect();
@@ -386,7 +463,13 @@ fn probe(train: &(Vec<f32>, Vec<u32>), test: &(Vec<f32>, Vec<u32>), dim: usize, 
 
 /// Table 7: linear probe on average-pooled final hidden states, DPAR vs baseline, over pairs of
 /// runs (one per seed); cells are mean ± half-range.
-pub fn linear_probe(env: &Env, dpar_runs: &[PathBuf], gpt_runs: &[PathBuf], train_n: usize, test_n: usize) -> Result<Table> {
+pub fn linear_probe(
+    env: &Env,
+    dpar_runs: &[PathBuf],
+    gpt_runs: &[PathBuf],
+    train_n: usize,
+    test_n: usize,
+) -> Result<Table> {
     for (runs, dpar) in [(dpar_runs, true), (gpt_runs, false)] {
         for run in runs {
             env.check_run(run, dpar)?;
@@ -415,7 +498,12 @@ pub fn linear_probe(env: &Env, dpar_runs: &[PathBuf], gpt_runs: &[PathBuf], trai
             a1s.push(a1);
             a5s.push(a5);
         }
-        rows.push(vec![name.to_string(), runs.len().to_string(), Spread::of(&a1s).show_percent(2), Spread::of(&a5s).show_percent(2)]);
+        rows.push(vec![
+            name.to_string(),
+            runs.len().to_string(),
+            Spread::of(&a1s).show_percent(2),
+            Spread::of(&a5s).show_percent(2),
+        ]);
         top1.push(Spread::of(&a1s));
     }
     let notes = vec![super::verdict("probe Acc@1", "DPAR", &top1[1], "baseline", &top1[0], false)];

@@ -9,7 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{ctx, eval_dpar, eval_gpt, quality_cells, quality_spread_cells, verdict, Env, EvalRow, Result, Spread, Table, QUALITY_HEADER};
+use super::{
+    ctx, eval_dpar, eval_gpt, quality_cells, quality_spread_cells, verdict, Env, EvalRow, Result, Spread, Table,
+    QUALITY_HEADER,
+};
 use crate::eval::QualityReport;
 
 /// One point of a run's quality curve: a weight snapshot and where the run was when it was taken.
@@ -76,7 +79,12 @@ pub fn quality_curve(env: &Env, run: &Path, dpar: bool, n: usize) -> Result<Vec<
                 row.quality
             }
         };
-        tracing::info!("{}: step {step}: FD {:.3}, class accuracy {:.1}%", run.display(), quality.fd, 100.0 * quality.accuracy.unwrap_or(f64::NAN));
+        tracing::info!(
+            "{}: step {step}: FD {:.3}, class accuracy {:.1}%",
+            run.display(),
+            quality.fd,
+            100.0 * quality.accuracy.unwrap_or(f64::NAN)
+        );
         points.push(CurvePoint {
             step,
             epoch: logged_at(&log, step, "epoch"),
@@ -99,7 +107,13 @@ fn curve_cache_file(env: &Env, snapshot: &Path, n: usize) -> Result<PathBuf> {
     let s = &env.setup;
     let key = format!(
         "{weights}|n={n}|cfg={}|seed={}|batch={}|tok={}|ent={}|cls={}|ref={}",
-        s.cfg_scale, s.seed, s.sample_batch, env.tokenizer.id, env.entropy_model_id, env.classifier_sha256, env.reference.len()
+        s.cfg_scale,
+        s.seed,
+        s.sample_batch,
+        env.tokenizer.id,
+        env.entropy_model_id,
+        env.classifier_sha256,
+        env.reference.len()
     );
     let dir = snapshot.parent().unwrap_or(Path::new(".")).join("quality");
     std::fs::create_dir_all(&dir).map_err(ctx("curve cache"))?;
@@ -128,7 +142,12 @@ fn measure_run(env: &Env, model: &str, run: &Path, curve_samples: usize) -> Resu
         drop(m);
         (eval_gpt(env, model, run, env.setup.samples)?, fwd)
     };
-    tracing::info!("{model} {}: FD {:.3}, class accuracy {:.1}%", run.display(), eval.quality.fd, 100.0 * eval.quality.accuracy.unwrap_or(f64::NAN));
+    tracing::info!(
+        "{model} {}: FD {:.3}, class accuracy {:.1}%",
+        run.display(),
+        eval.quality.fd,
+        100.0 * eval.quality.accuracy.unwrap_or(f64::NAN)
+    );
     let curve = if curve_samples > 0 { quality_curve(env, run, dpar, curve_samples)? } else { Vec::new() };
     Ok(RunResult {
         model: model.into(),
@@ -156,10 +175,13 @@ pub fn bench(env: &Env, gpt_runs: &[PathBuf], dpar_runs: &[PathBuf], curve_sampl
     }
     let floor = env.real_floor()?;
     let n = env.setup.samples;
-    let of = |rs: &[&RunResult], f: &dyn Fn(&RunResult) -> Option<f64>| Spread::of(&rs.iter().filter_map(|r| f(r)).collect::<Vec<_>>());
+    let of = |rs: &[&RunResult], f: &dyn Fn(&RunResult) -> Option<f64>| {
+        Spread::of(&rs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+    };
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    let groups: Vec<(&str, Vec<&RunResult>)> = ["LlamaGen baseline", "DPAR"].iter().map(|m| (*m, runs.iter().filter(|r| r.model == *m).collect())).collect();
+    let groups: Vec<(&str, Vec<&RunResult>)> =
+        ["LlamaGen baseline", "DPAR"].iter().map(|m| (*m, runs.iter().filter(|r| r.model == *m).collect())).collect();
     for (name, rs) in &groups {
         if rs.is_empty() {
             continue;
@@ -187,32 +209,88 @@ pub fn bench(env: &Env, gpt_runs: &[PathBuf], dpar_runs: &[PathBuf], curve_sampl
         let at = |f: &dyn Fn(&QualityReport) -> Option<f64>| -> Vec<f64> {
             base.iter()
                 .filter_map(|r| {
-                    let pts: Vec<(f64, f64)> = r.curve.iter().filter_map(|p| Some((p.train_flops?, f(&p.quality)?))).collect();
+                    let pts: Vec<(f64, f64)> =
+                        r.curve.iter().filter_map(|p| Some((p.train_flops?, f(&p.quality)?))).collect();
                     interpolate(&pts, dpar_flops.mean)
                 })
                 .collect()
         };
         let (fd, acc) = (at(&|q| Some(q.fd)), at(&|q| q.accuracy));
         if !fd.is_empty() {
-            let mut cells = vec![format!("baseline at DPAR's training FLOPs (curve, {curve_samples} samples)"), fd.len().to_string(), String::new(), String::new(), String::new()];
-            cells.extend([of(dpar, &|r| r.train_flops.map(|f| f / 1e15)).show(3), String::new(), String::new(), String::new(), Spread::of(&fd).show(2), String::new(), String::new(), String::new(), Spread::of(&acc).show_percent(1)]);
+            let mut cells = vec![
+                format!("baseline at DPAR's training FLOPs (curve, {curve_samples} samples)"),
+                fd.len().to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ];
+            cells.extend([
+                of(dpar, &|r| r.train_flops.map(|f| f / 1e15)).show(3),
+                String::new(),
+                String::new(),
+                String::new(),
+                Spread::of(&fd).show(2),
+                String::new(),
+                String::new(),
+                String::new(),
+                Spread::of(&acc).show_percent(1),
+            ]);
             rows.push(cells);
             // The matching DPAR numbers come from the same curve sample count (the last snapshot).
             let dpar_last: Vec<f64> = dpar.iter().filter_map(|r| r.curve.last().map(|p| p.quality.fd)).collect();
             if !dpar_last.is_empty() {
-                notes.push(verdict(&format!("FD at equal training FLOPs ({curve_samples} samples)"), "DPAR", &Spread::of(&dpar_last), "baseline", &Spread::of(&fd), true));
+                notes.push(verdict(
+                    &format!("FD at equal training FLOPs ({curve_samples} samples)"),
+                    "DPAR",
+                    &Spread::of(&dpar_last),
+                    "baseline",
+                    &Spread::of(&fd),
+                    true,
+                ));
             }
         } else {
             notes.push("equal-FLOPs comparison: the baseline's snapshots do not bracket DPAR's training FLOPs (or its log lacks train_flops)".into());
         }
     }
-    let mut floor_cells = vec![format!("real train images (floor, {} images)", floor.samples), String::new(), String::new(), String::new(), String::new(), String::new(), String::new(), String::new(), String::new()];
+    let mut floor_cells = vec![
+        format!("real train images (floor, {} images)", floor.samples),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    ];
     floor_cells.extend(quality_cells(&floor));
     rows.push(floor_cells);
     if !base.is_empty() && !dpar.is_empty() {
-        let q = |rs: &[&RunResult], f: &dyn Fn(&QualityReport) -> Option<f64>| Spread::of(&rs.iter().filter_map(|r| f(&r.eval.quality)).collect::<Vec<_>>());
-        notes.insert(0, verdict(&format!("FD at equal epochs ({n} samples)"), "DPAR", &q(dpar, &|x| Some(x.fd)), "baseline", &q(base, &|x| Some(x.fd)), true));
-        notes.insert(1, verdict("class accuracy at equal epochs", "DPAR", &q(dpar, &|x| x.accuracy), "baseline", &q(base, &|x| x.accuracy), false));
+        let q = |rs: &[&RunResult], f: &dyn Fn(&QualityReport) -> Option<f64>| {
+            Spread::of(&rs.iter().filter_map(|r| f(&r.eval.quality)).collect::<Vec<_>>())
+        };
+        notes.insert(
+            0,
+            verdict(
+                &format!("FD at equal epochs ({n} samples)"),
+                "DPAR",
+                &q(dpar, &|x| Some(x.fd)),
+                "baseline",
+                &q(base, &|x| Some(x.fd)),
+                true,
+            ),
+        );
+        notes.insert(
+            1,
+            verdict(
+                "class accuracy at equal epochs",
+                "DPAR",
+                &q(dpar, &|x| x.accuracy),
+                "baseline",
+                &q(base, &|x| x.accuracy),
+                false,
+            ),
+        );
         notes.push(format!(
             "cost: DPAR needs {:.2}× the baseline's forward FLOPs per image, {:.2}× its training time per step and samples {:.2}× as fast",
             of(dpar, &|r| Some(r.fwd_gflops_per_image)).mean / of(base, &|r| Some(r.fwd_gflops_per_image)).mean,
@@ -233,8 +311,20 @@ pub fn bench(env: &Env, gpt_runs: &[PathBuf], dpar_runs: &[PathBuf], curve_sampl
         }
     }
     notes.push(format!("targets: FD ≤ 3 × floor = {:.2}; class accuracy ≥ 90%", 3.0 * floor.fd));
-    let mut header: Vec<String> =
-        ["model", "seeds", "epochs", "positions per image", "fwd GFLOP/image", "train PFLOP", "train minutes", "ms per train step", "sampling images/s"].iter().map(|s| s.to_string()).collect();
+    let mut header: Vec<String> = [
+        "model",
+        "seeds",
+        "epochs",
+        "positions per image",
+        "fwd GFLOP/image",
+        "train PFLOP",
+        "train minutes",
+        "ms per train step",
+        "sampling images/s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     header.extend(QUALITY_HEADER.iter().map(|s| s.to_string()));
     let table = Table {
         title: "LlamaGen baseline vs DPAR, same width, depth, data and epochs".into(),
@@ -257,7 +347,10 @@ pub fn plot_curves(result: &BenchResult, path: &Path, curve_samples: usize) -> R
         result
             .runs
             .iter()
-            .map(|r| crate::plot::Series { name: format!("{} s{}", if r.model == "DPAR" { "DPAR" } else { "baseline" }, r.seed), points: r.curve.iter().filter_map(|p| Some((x(p)?, p.quality.fd))).collect() })
+            .map(|r| crate::plot::Series {
+                name: format!("{} s{}", if r.model == "DPAR" { "DPAR" } else { "baseline" }, r.seed),
+                points: r.curve.iter().filter_map(|p| Some((x(p)?, p.quality.fd))).collect(),
+            })
             .filter(|s| !s.points.is_empty())
             .collect()
     };
@@ -265,8 +358,20 @@ pub fn plot_curves(result: &BenchResult, path: &Path, curve_samples: usize) -> R
     let by_time = series(&|p| p.train_seconds.map(|s| s / 60.0));
     let y = format!("FD ({curve_samples} samples, classifier features)");
     let panels = [
-        crate::plot::Panel { title: "FD vs training FLOPs".into(), x_label: "training PFLOP".into(), y_label: y.clone(), series: &by_flops, log_y: true },
-        crate::plot::Panel { title: "FD vs training wall-clock".into(), x_label: "training minutes (the run's own wall-clock)".into(), y_label: y, series: &by_time, log_y: true },
+        crate::plot::Panel {
+            title: "FD vs training FLOPs".into(),
+            x_label: "training PFLOP".into(),
+            y_label: y.clone(),
+            series: &by_flops,
+            log_y: true,
+        },
+        crate::plot::Panel {
+            title: "FD vs training wall-clock".into(),
+            x_label: "training minutes (the run's own wall-clock)".into(),
+            y_label: y,
+            series: &by_time,
+            log_y: true,
+        },
     ];
     crate::plot::panels_plot(path, &panels).map_err(ctx("plot"))
 }

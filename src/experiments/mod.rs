@@ -98,11 +98,13 @@ impl Env {
         let owner = format!("the run {}", run.display());
         let allow = self.setup.allow_mismatch;
         if let Some(id) = &recorded.tokenizer_id {
-            crate::parts::check(crate::parts::Part::Tokenizer, &self.setup.tokenizer, id, &owner, allow).map_err(ctx("--tokenizer"))?;
+            crate::parts::check(crate::parts::Part::Tokenizer, &self.setup.tokenizer, id, &owner, allow)
+                .map_err(ctx("--tokenizer"))?;
         }
         if dpar {
             if let Some(id) = &recorded.entropy_model_id {
-                crate::parts::check(crate::parts::Part::EntropyModel, &self.setup.entropy_model, id, &owner, allow).map_err(ctx("--entropy-model"))?;
+                crate::parts::check(crate::parts::Part::EntropyModel, &self.setup.entropy_model, id, &owner, allow)
+                    .map_err(ctx("--entropy-model"))?;
             }
         }
         Ok(())
@@ -110,10 +112,12 @@ impl Env {
 
     pub fn load(setup: Setup, device: &Device) -> Result<Self> {
         let tokenizer = Tokenizer::load(&setup.tokenizer, None, device).map_err(ctx("tokenizer"))?;
-        let (classifier, cstore, hash) = crate::eval::classifier::load(&setup.classifier, device).map_err(ctx("classifier"))?;
+        let (classifier, cstore, hash) =
+            crate::eval::classifier::load(&setup.classifier, device).map_err(ctx("classifier"))?;
         let cc = classifier.config().clone();
         let source = crate::data::resolve(&setup.data, "test").map_err(ctx("test split"))?;
-        let test_images = crate::data::load(&source, cc.image_size, cc.in_channels).map_err(ctx("test split"))?.take(setup.samples);
+        let test_images =
+            crate::data::load(&source, cc.image_size, cc.in_channels).map_err(ctx("test split"))?.take(setup.samples);
         let (mut reference, mut probs) = (Vec::new(), Vec::new());
         let idx: Vec<usize> = (0..test_images.len()).collect();
         for chunk in idx.chunks(1000) {
@@ -122,10 +126,21 @@ impl Env {
             reference.extend(f);
             probs.extend(p);
         }
-        crate::eval::classifier::check_reference_data(&probs, &test_images.labels, cc.num_classes, crate::eval::classifier::recorded_accuracy(&setup.classifier), &test_images.source)
-            .map_err(ctx("--data"))?;
-        let (entropy_model, estore) = crate::gpt::load(&setup.entropy_model, None, device).map_err(ctx("entropy model"))?;
-        let efile = if setup.entropy_model.is_dir() { setup.entropy_model.join("model.safetensors") } else { setup.entropy_model.clone() };
+        crate::eval::classifier::check_reference_data(
+            &probs,
+            &test_images.labels,
+            cc.num_classes,
+            crate::eval::classifier::recorded_accuracy(&setup.classifier),
+            &test_images.source,
+        )
+        .map_err(ctx("--data"))?;
+        let (entropy_model, estore) =
+            crate::gpt::load(&setup.entropy_model, None, device).map_err(ctx("entropy model"))?;
+        let efile = if setup.entropy_model.is_dir() {
+            setup.entropy_model.join("model.safetensors")
+        } else {
+            setup.entropy_model.clone()
+        };
         let entropy_model_id = crate::util::sha256_file(&efile).map_err(ctx("entropy model"))?;
         let train = read_entropy_codes(&setup.train_codes, Some(&entropy_model_id)).map_err(ctx("training shards"))?;
         let test = read_entropy_codes(&setup.test_codes, Some(&entropy_model_id)).map_err(ctx("test shards"))?;
@@ -140,7 +155,20 @@ impl Env {
                 )));
             }
         }
-        Ok(Self { setup, device: device.clone(), tokenizer, classifier, _classifier_store: cstore, classifier_sha256: hash, reference, entropy_model, _entropy_store: estore, entropy_model_id, train, test })
+        Ok(Self {
+            setup,
+            device: device.clone(),
+            tokenizer,
+            classifier,
+            _classifier_store: cstore,
+            classifier_sha256: hash,
+            reference,
+            entropy_model,
+            _entropy_store: estore,
+            entropy_model_id,
+            train,
+            test,
+        })
     }
 
     /// Balanced labels for `n` samples (class i for sample i mod classes).
@@ -150,13 +178,16 @@ impl Env {
 
     /// Patch statistics of the training entropies under `config`.
     pub fn patch_stats(&self, config: &PatchConfig) -> Result<PatchStats> {
-        crate::patching::stats(&self.train.entropies.entropy, self.train.shard.info.grid_size, config).map_err(ctx("patch statistics"))
+        crate::patching::stats(&self.train.entropies.entropy, self.train.shard.info.grid_size, config)
+            .map_err(ctx("patch statistics"))
     }
 
     /// θ giving mean patch length `target` on the training entropies with the other settings
     /// of `base`.
     pub fn theta_for(&self, base: &PatchConfig, target: f64) -> Result<f64> {
-        Ok(crate::patching::calibrate(&self.train.entropies.entropy, self.train.shard.info.grid_size, base, target).map_err(ctx("θ calibration"))?.0)
+        Ok(crate::patching::calibrate(&self.train.entropies.entropy, self.train.shard.info.grid_size, base, target)
+            .map_err(ctx("θ calibration"))?
+            .0)
     }
 
     /// The floor: the first `samples` real train images, measured like samples against the
@@ -164,10 +195,13 @@ impl Env {
     pub fn real_floor(&self) -> Result<QualityReport> {
         let cc = self.classifier.config().clone();
         let source = crate::data::resolve(&self.setup.data, "train").map_err(ctx("train split"))?;
-        let train = crate::data::load(&source, cc.image_size, cc.in_channels).map_err(ctx("train split"))?.take(self.setup.samples);
+        let train = crate::data::load(&source, cc.image_size, cc.in_channels)
+            .map_err(ctx("train split"))?
+            .take(self.setup.samples);
         let idx: Vec<usize> = (0..train.len()).collect();
         let images = train.batch_tensor(&idx, false, &self.device).map_err(ctx("train images"))?;
-        crate::eval::quality(&self.classifier, &self.classifier_sha256, &images, Some(&train.labels), &self.reference).map_err(ctx("metrics"))
+        crate::eval::quality(&self.classifier, &self.classifier_sha256, &images, Some(&train.labels), &self.reference)
+            .map_err(ctx("metrics"))
     }
 
     fn quality(&self, codes: &[Vec<u32>], labels: &[u32]) -> Result<QualityReport> {
@@ -176,11 +210,13 @@ impl Env {
         let mut images = Vec::new();
         for start in (0..codes.len()).step_by(200) {
             let len = 200.min(codes.len() - start);
-            let t = Tensor::from_slice(&flat[start * l..(start + len) * l], (len, l), &self.device).map_err(ctx("codes"))?;
+            let t = Tensor::from_slice(&flat[start * l..(start + len) * l], (len, l), &self.device)
+                .map_err(ctx("codes"))?;
             images.push(self.tokenizer.decode(&t).map_err(ctx("decode"))?.clamp(-1f32, 1f32).map_err(ctx("decode"))?);
         }
         let images = Tensor::cat(&images, 0).map_err(ctx("decode"))?;
-        crate::eval::quality(&self.classifier, &self.classifier_sha256, &images, Some(labels), &self.reference).map_err(ctx("metrics"))
+        crate::eval::quality(&self.classifier, &self.classifier_sha256, &images, Some(labels), &self.reference)
+            .map_err(ctx("metrics"))
     }
 }
 
@@ -204,13 +240,23 @@ pub fn eval_dpar(env: &Env, name: &str, run: &Path, patch: &PatchConfig, n: usiz
     let mut codes = Vec::with_capacity(n);
     let mut steps = 0usize;
     for (i, chunk) in labels.chunks(env.setup.sample_batch).enumerate() {
-        let sampling = SamplingConfig { cfg_scale: env.setup.cfg_scale, seed: env.setup.seed.wrapping_add(i as u64), ..Default::default() };
-        let out = crate::dpar::generate::generate(&model, &env.entropy_model, chunk, &sampling, patch, &env.device).map_err(ctx("DPAR sampling"))?;
+        let sampling = SamplingConfig {
+            cfg_scale: env.setup.cfg_scale,
+            seed: env.setup.seed.wrapping_add(i as u64),
+            ..Default::default()
+        };
+        let out = crate::dpar::generate::generate(&model, &env.entropy_model, chunk, &sampling, patch, &env.device)
+            .map_err(ctx("DPAR sampling"))?;
         steps += out.global_steps().iter().sum::<usize>();
         codes.extend(out.codes);
     }
     let secs = t.elapsed().as_secs_f64();
-    Ok(EvalRow { name: name.into(), quality: env.quality(&codes, &labels)?, images_per_s: n as f64 / secs, positions_per_image: steps as f64 / n as f64 })
+    Ok(EvalRow {
+        name: name.into(),
+        quality: env.quality(&codes, &labels)?,
+        images_per_s: n as f64 / secs,
+        positions_per_image: steps as f64 / n as f64,
+    })
 }
 
 /// Samples `n` images from a trained GPT baseline and measures them.
@@ -221,17 +267,27 @@ pub fn eval_gpt(env: &Env, name: &str, run: &Path, n: usize) -> Result<EvalRow> 
     let t = Instant::now();
     let mut codes = Vec::with_capacity(n);
     for (i, chunk) in labels.chunks(env.setup.sample_batch).enumerate() {
-        let sampling = SamplingConfig { cfg_scale: env.setup.cfg_scale, seed: env.setup.seed.wrapping_add(i as u64), ..Default::default() };
+        let sampling = SamplingConfig {
+            cfg_scale: env.setup.cfg_scale,
+            seed: env.setup.seed.wrapping_add(i as u64),
+            ..Default::default()
+        };
         codes.extend(crate::sample::generate_gpt(&model, chunk, &sampling, &env.device).map_err(ctx("GPT sampling"))?);
     }
     let secs = t.elapsed().as_secs_f64();
-    Ok(EvalRow { name: name.into(), quality: env.quality(&codes, &labels)?, images_per_s: n as f64 / secs, positions_per_image: model.config().seq_len() as f64 })
+    Ok(EvalRow {
+        name: name.into(),
+        quality: env.quality(&codes, &labels)?,
+        images_per_s: n as f64 / secs,
+        positions_per_image: model.config().seq_len() as f64,
+    })
 }
 
 /// Keys of a saved run config that do not define the model or its training: where the codes
 /// were read from (their identity is checked through `tokenizer_id` and `entropy_model_id`), the
 /// kernel choice (a runtime setting) and bookkeeping intervals.
-const NOT_DEFINING: [&str; 7] = ["codes", "val_codes", "val_images", "model.ops", "train.checkpoint_every", "train.log_every", "train.eval_every"];
+const NOT_DEFINING: [&str; 7] =
+    ["codes", "val_codes", "val_images", "model.ops", "train.checkpoint_every", "train.log_every", "train.eval_every"];
 
 /// Differences between a saved run config and the one asked for, as "key: saved A, now B",
 /// leaving out [`NOT_DEFINING`] keys.
@@ -245,7 +301,12 @@ fn config_differences(saved: &serde_json::Value, wanted: &serde_json::Value, pre
             let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
             for k in keys {
                 let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                config_differences(a.get(k.as_str()).unwrap_or(&Value::Null), b.get(k.as_str()).unwrap_or(&Value::Null), &key, out);
+                config_differences(
+                    a.get(k.as_str()).unwrap_or(&Value::Null),
+                    b.get(k.as_str()).unwrap_or(&Value::Null),
+                    &key,
+                    out,
+                );
             }
         }
         (a, b) if a != b => out.push(format!("{prefix}: saved {a}, now {b}")),
@@ -287,7 +348,8 @@ pub fn train_dpar(env: &Env, name: &str, config: DparTrainConfig) -> Result<Path
         return Ok(run);
     }
     tracing::info!("{name}: training ({})", config.model.patch.label());
-    let mut task = DparTask::new(config.clone(), env.train.clone(), Some(env.test.clone()), &env.device).map_err(ctx(name))?;
+    let mut task =
+        DparTask::new(config.clone(), env.train.clone(), Some(env.test.clone()), &env.device).map_err(ctx(name))?;
     crate::train::run(&mut task, &config.train, &run, true).map_err(ctx(name))?;
     Ok(run)
 }
@@ -300,7 +362,8 @@ pub fn train_gpt(env: &Env, name: &str, config: GptTrainConfig) -> Result<PathBu
         tracing::info!("{name}: already trained in {}", run.display());
         return Ok(run);
     }
-    let mut task = GptTask::new(config.clone(), env.train.shard.clone(), Some(env.test.shard.clone()), &env.device).map_err(ctx(name))?;
+    let mut task = GptTask::new(config.clone(), env.train.shard.clone(), Some(env.test.shard.clone()), &env.device)
+        .map_err(ctx(name))?;
     crate::train::run(&mut task, &config.train, &run, true).map_err(ctx(name))?;
     Ok(run)
 }
@@ -319,7 +382,13 @@ pub struct Table {
 
 impl Table {
     pub fn markdown(&self) -> String {
-        let mut s = format!("### {}\n\n{}\n\n| {} |\n|{}|\n", self.title, self.scale, self.header.join(" | "), vec!["---"; self.header.len()].join("|"));
+        let mut s = format!(
+            "### {}\n\n{}\n\n| {} |\n|{}|\n",
+            self.title,
+            self.scale,
+            self.header.join(" | "),
+            vec!["---"; self.header.len()].join("|")
+        );
         for r in &self.rows {
             s.push_str(&format!("| {} |\n", r.join(" | ")));
         }
@@ -335,9 +404,11 @@ impl Table {
     /// Prints the table and writes `name.md` and `name.json` into `dir`.
     pub fn save(&self, dir: &Path, name: &str) -> Result<()> {
         println!("{}", self.markdown());
-        crate::util::write_atomic(&dir.join(format!("{name}.md")), self.markdown().as_bytes()).map_err(ctx("writing results"))?;
+        crate::util::write_atomic(&dir.join(format!("{name}.md")), self.markdown().as_bytes())
+            .map_err(ctx("writing results"))?;
         let json = serde_json::to_string_pretty(self).map_err(ctx("json"))?;
-        crate::util::write_atomic(&dir.join(format!("{name}.json")), json.as_bytes()).map_err(ctx("writing results"))?;
+        crate::util::write_atomic(&dir.join(format!("{name}.json")), json.as_bytes())
+            .map_err(ctx("writing results"))?;
         println!("wrote {}/{name}.{{md,json}}", dir.display());
         Ok(())
     }
@@ -389,7 +460,10 @@ pub fn verdict(metric: &str, a_name: &str, a: &Spread, b_name: &str, b: &Spread,
         let what = format!("{metric}: {a_name} {:.3} vs {b_name} {:.3} (difference {:+.3})", a.mean, b.mean, diff);
         return format!("{what}: one seed on a side, so the spread between seeds is unknown; not a verdict");
     }
-    let what = format!("{metric}: {a_name} {:.3} vs {b_name} {:.3} (difference {:+.3}, spread ±{noise:.3})", a.mean, b.mean, diff);
+    let what = format!(
+        "{metric}: {a_name} {:.3} vs {b_name} {:.3} (difference {:+.3}, spread ±{noise:.3})",
+        a.mean, b.mean, diff
+    );
     if diff.abs() > noise {
         format!("{what}: {winner} better than {loser} beyond the spread")
     } else {
@@ -434,8 +508,12 @@ mod tests {
         assert_eq!(Spread::of(&[0.5]).show_percent(1), "50.0%");
         let b = Spread::of(&[20.0, 21.0]);
         // 12 vs 20.5: a difference of 8.5 against a spread of 2.5.
-        assert!(verdict("FD", "DPAR", &a, "baseline", &b, true).ends_with("DPAR better than baseline beyond the spread"));
-        assert!(verdict("acc", "DPAR", &a, "baseline", &b, false).ends_with("baseline better than DPAR beyond the spread"));
+        assert!(
+            verdict("FD", "DPAR", &a, "baseline", &b, true).ends_with("DPAR better than baseline beyond the spread")
+        );
+        assert!(
+            verdict("acc", "DPAR", &a, "baseline", &b, false).ends_with("baseline better than DPAR beyond the spread")
+        );
         let c = Spread::of(&[13.0, 15.5]);
         assert!(verdict("FD", "DPAR", &a, "baseline", &c, true).contains("within the spread"));
         assert!(verdict("FD", "DPAR", &Spread::of(&[1.0]), "baseline", &c, true).contains("not a verdict"));
@@ -471,6 +549,9 @@ mod tests {
         assert!(err.contains("ablate-x-s0"), "{err}");
         let mut extra = saved.clone();
         extra["model"]["encoder_layers"] = 2.into();
-        assert!(check_same_config(&run, &extra).unwrap_err().to_string().contains("model.encoder_layers: saved null, now 2"));
+        assert!(check_same_config(&run, &extra)
+            .unwrap_err()
+            .to_string()
+            .contains("model.encoder_layers: saved null, now 2"));
     }
 }

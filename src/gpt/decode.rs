@@ -65,7 +65,8 @@ impl LeanDecoder {
 
     /// Feeds the class slot (`labels`, once, first) and returns the logits (batch × V) of z_0.
     pub fn start(&mut self, labels: &[u32]) -> Result<&[f32]> {
-        let table = self.cls_embedding.as_ref().ok_or_else(|| GptError::BadInput("this model has no class slot".into()))?;
+        let table =
+            self.cls_embedding.as_ref().ok_or_else(|| GptError::BadInput("this model has no class slot".into()))?;
         if self.pos != 0 || labels.len() != self.batch {
             return Err(GptError::BadInput(format!("start takes {} labels on an empty decoder", self.batch)));
         }
@@ -73,7 +74,10 @@ impl LeanDecoder {
         for (i, &y) in labels.iter().enumerate() {
             let y = y as usize;
             if y > self.num_classes {
-                return Err(GptError::BadInput(format!("unknown class {y}: the model has {} classes (index {} is the null class)", self.num_classes, self.num_classes)));
+                return Err(GptError::BadInput(format!(
+                    "unknown class {y}: the model has {} classes (index {} is the null class)",
+                    self.num_classes, self.num_classes
+                )));
             }
             self.x[i * d..(i + 1) * d].copy_from_slice(&table[y * d..(y + 1) * d]);
         }
@@ -84,7 +88,10 @@ impl LeanDecoder {
     pub fn step(&mut self, codes: &[u32]) -> Result<&[f32]> {
         let needs_start = self.cls_embedding.is_some() && self.pos == 0;
         if needs_start || codes.len() != self.batch {
-            return Err(GptError::BadInput(format!("step takes {} codes (after start, for a class-conditional model)", self.batch)));
+            return Err(GptError::BadInput(format!(
+                "step takes {} codes (after start, for a class-conditional model)",
+                self.batch
+            )));
         }
         if self.pos >= self.max_len {
             return Err(GptError::BadInput(format!("the sequence is full ({} positions)", self.pos)));

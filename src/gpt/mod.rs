@@ -115,7 +115,14 @@ impl GptConfig {
     /// "Choosing the configuration"). No dropout: at a few epochs the models underfit, and the
     /// sweep measured dropout 0.1 as a cost. Class dropout 0.1 stays, for guidance.
     pub fn mnist() -> Self {
-        Self { vocab_size: 512, num_classes: 10, token_dropout: 0.0, resid_dropout: 0.0, ffn_dropout: 0.0, ..Self::llamagen(128, 6, 4) }
+        Self {
+            vocab_size: 512,
+            num_classes: 10,
+            token_dropout: 0.0,
+            resid_dropout: 0.0,
+            ffn_dropout: 0.0,
+            ..Self::llamagen(128, 6, 4)
+        }
     }
 
     /// Our MNIST entropy model: unconditional, 4 layers, width 128, 2 heads. The paper uses a
@@ -179,7 +186,10 @@ impl GptConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(GptError::BadConfig(m));
         if self.dim == 0 || self.n_layer == 0 || self.n_head == 0 || self.dim % self.n_head != 0 {
-            return bad(format!("width {} must be a positive multiple of the {} heads (and layers > 0)", self.dim, self.n_head));
+            return bad(format!(
+                "width {} must be a positive multiple of the {} heads (and layers > 0)",
+                self.dim, self.n_head
+            ));
         }
         if self.head_dim() % 4 != 0 {
             return bad(format!("2D RoPE needs a head dim divisible by 4, got {}", self.head_dim()));
@@ -188,7 +198,10 @@ impl GptConfig {
             return bad(format!("cls_token_num must be 0 or 1, got {}", self.cls_token_num));
         }
         if self.grid_size < 2 || self.vocab_size < 2 || self.grid_size > 4096 {
-            return bad(format!("grid_size must lie in [2, 4096] and vocab_size be ≥ 2, got {} and {}", self.grid_size, self.vocab_size));
+            return bad(format!(
+                "grid_size must lie in [2, 4096] and vocab_size be ≥ 2, got {} and {}",
+                self.grid_size, self.vocab_size
+            ));
         }
         if self.cls_token_num == 1 && self.num_classes == 0 {
             return bad("a class-conditional model needs num_classes > 0".into());
@@ -203,15 +216,26 @@ impl GptConfig {
                 return bad(format!("{name} must lie in [0, 1), got {p}"));
             }
         }
-        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
-            return bad(format!("rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}", self.rope_base, self.norm_eps));
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0)
+        {
+            return bad(format!(
+                "rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}",
+                self.rope_base, self.norm_eps
+            ));
         }
         // Weights in f32, counted in f64 so that an absurd config cannot overflow.
         let (d, v) = (self.dim as f64, self.vocab_size as f64);
         let ffn = self.ffn_hidden.unwrap_or(4 * self.dim) as f64;
-        let params = self.n_layer as f64 * (4.0 * d * d + 3.0 * d * ffn) + 2.0 * v * d + (self.num_classes as f64 + 1.0) * d;
-        crate::util::check_memory(&format!("a GPT of {} layers, width {}, vocabulary {}, {} classes ({params:.3e} parameters)", self.n_layer, self.dim, self.vocab_size, self.num_classes), 4.0 * params)
-            .map_err(GptError::BadConfig)?;
+        let params =
+            self.n_layer as f64 * (4.0 * d * d + 3.0 * d * ffn) + 2.0 * v * d + (self.num_classes as f64 + 1.0) * d;
+        crate::util::check_memory(
+            &format!(
+                "a GPT of {} layers, width {}, vocabulary {}, {} classes ({params:.3e} parameters)",
+                self.n_layer, self.dim, self.vocab_size, self.num_classes
+            ),
+            4.0 * params,
+        )
+        .map_err(GptError::BadConfig)?;
         Ok(())
     }
 }
@@ -257,7 +281,11 @@ impl Gpt {
         config.validate()?;
         let c = config;
         let cls_embedding = if c.cls_token_num == 1 {
-            Some(pb.pp("cls_embedding").pp("embedding_table").get((c.num_classes + 1, c.dim), "weight", Init::Normal(INIT_STD))?)
+            Some(pb.pp("cls_embedding").pp("embedding_table").get(
+                (c.num_classes + 1, c.dim),
+                "weight",
+                Init::Normal(INIT_STD),
+            )?)
         } else {
             None
         };
@@ -288,7 +316,10 @@ impl Gpt {
         if l > 0 {
             let max = codes.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
             if max as usize >= self.config.vocab_size {
-                return Err(GptError::BadInput(format!("code {max} is outside the vocabulary of {}", self.config.vocab_size)));
+                return Err(GptError::BadInput(format!(
+                    "code {max} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
             }
         }
         Ok(())
@@ -296,7 +327,8 @@ impl Gpt {
 
     /// Class embeddings (B, 1, D) for labels (B); label `num_classes` is the null class.
     fn class_embeddings(&self, labels: &Tensor) -> Result<Tensor> {
-        let table = self.cls_embedding.as_ref().ok_or_else(|| GptError::BadInput("this model has no class slot".into()))?;
+        let table =
+            self.cls_embedding.as_ref().ok_or_else(|| GptError::BadInput("this model has no class slot".into()))?;
         let max = labels.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
         if max > self.config.num_classes {
             return Err(GptError::BadInput(format!(
@@ -345,13 +377,22 @@ impl Gpt {
     /// With `noise`, applies class dropout, token dropout and residual/FFN dropout.
     /// # Shapes
     /// codes (B, L) u32, labels (B) u32 → logits (B, T, V)
-    pub fn forward<R: Rng>(&self, codes: &Tensor, labels: Option<&Tensor>, noise: Option<TrainNoise<'_, R>>) -> Result<Tensor> {
+    pub fn forward<R: Rng>(
+        &self,
+        codes: &Tensor,
+        labels: Option<&Tensor>,
+        noise: Option<TrainNoise<'_, R>>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let mut noise = noise;
         let labels = match (labels, noise.as_mut()) {
             (Some(y), Some(n)) if c.class_dropout > 0.0 && c.cls_token_num == 1 => {
                 let null = c.num_classes as u32;
-                let dropped: Vec<u32> = y.to_vec1::<u32>()?.into_iter().map(|v| if n.rng.random::<f64>() < c.class_dropout { null } else { v }).collect();
+                let dropped: Vec<u32> = y
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|v| if n.rng.random::<f64>() < c.class_dropout { null } else { v })
+                    .collect();
                 Some(Tensor::new(dropped, y.device())?)
             }
             (y, _) => y.cloned(),
@@ -378,11 +419,20 @@ impl Gpt {
 
     /// The training targets of codes (B, L): all L codes with a class slot, z_1 … z_{L−1} without.
     pub fn targets(&self, codes: &Tensor) -> Result<Tensor> {
-        Ok(if self.config.cls_token_num == 1 { codes.clone() } else { codes.narrow(1, 1, self.config.seq_len() - 1)? })
+        Ok(if self.config.cls_token_num == 1 {
+            codes.clone()
+        } else {
+            codes.narrow(1, 1, self.config.seq_len() - 1)?
+        })
     }
 
     /// Mean cross-entropy of the next-code predictions.
-    pub fn loss<R: Rng>(&self, codes: &Tensor, labels: Option<&Tensor>, noise: Option<TrainNoise<'_, R>>) -> Result<Tensor> {
+    pub fn loss<R: Rng>(
+        &self,
+        codes: &Tensor,
+        labels: Option<&Tensor>,
+        noise: Option<TrainNoise<'_, R>>,
+    ) -> Result<Tensor> {
         let logits = self.forward(codes, labels, noise)?;
         let targets = self.targets(codes)?;
         Ok(nn::cross_entropy(&logits, &targets, self.config.ops)?)
@@ -392,7 +442,9 @@ impl Gpt {
     pub fn new_cache(&self, batch: usize) -> Result<GptCache> {
         let c = &self.config;
         Ok(GptCache {
-            layers: (0..self.layers.len()).map(|_| RaggedKvCache::new(batch, c.n_head, c.head_dim(), c.input_len())).collect(),
+            layers: (0..self.layers.len())
+                .map(|_| RaggedKvCache::new(batch, c.n_head, c.head_dim(), c.input_len()))
+                .collect(),
             w13: self.layers.iter().map(|l| l.stacked_w13()).collect::<nn::Result<_>>()?,
             batch,
         })
@@ -410,7 +462,11 @@ impl Gpt {
                 self.check_codes(z, 1)?;
                 self.embed_codes(z)?
             }
-            _ => return Err(GptError::BadInput("a step takes the class labels first (once), then one code per image".into())),
+            _ => {
+                return Err(GptError::BadInput(
+                    "a step takes the class labels first (once), then one code per image".into(),
+                ))
+            }
         };
         if pos >= self.config.input_len() {
             return Err(GptError::BadInput(format!("the sequence is full ({pos} positions)")));
@@ -473,19 +529,26 @@ pub fn entropy_of_logits(logits: &Tensor) -> candle_core::Result<Tensor> {
 pub fn load(path: &std::path::Path, preset: Option<&str>, device: &Device) -> Result<(Gpt, ParamStore)> {
     let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
     if !file.is_file() {
-        return Err(GptError::BadFile { path: file, reason: "no such model file (train one with `dpar train`)".into() });
+        return Err(GptError::BadFile {
+            path: file,
+            reason: "no such model file (train one with `dpar train`)".into(),
+        });
     }
     let config = match preset {
         Some(p) => GptConfig::preset(p)?,
         None => {
             let meta = crate::tensor_io::read_safetensors_metadata(&file)?;
-            let full: serde_json::Value = meta
-                .get("config")
-                .and_then(|c| serde_json::from_str(c).ok())
-                .ok_or_else(|| GptError::BadFile { path: file.clone(), reason: "no embedded config; pass --preset".into() })?;
+            let full: serde_json::Value =
+                meta.get("config").and_then(|c| serde_json::from_str(c).ok()).ok_or_else(|| GptError::BadFile {
+                    path: file.clone(),
+                    reason: "no embedded config; pass --preset".into(),
+                })?;
             let kind = full.get("kind").and_then(|k| k.as_str()).unwrap_or("");
             if kind != "gpt" && kind != "entropy" {
-                return Err(GptError::BadFile { path: file.clone(), reason: format!("holds a `{kind}` model, not a GPT") });
+                return Err(GptError::BadFile {
+                    path: file.clone(),
+                    reason: format!("holds a `{kind}` model, not a GPT"),
+                });
             }
             serde_json::from_value(full.get("model").cloned().unwrap_or_default())
                 .map_err(|e| GptError::BadFile { path: file.clone(), reason: format!("model config: {e}") })?
@@ -551,7 +614,8 @@ mod tests {
             out.set(&Tensor::randn(0f32, 0.02, out.shape(), &Device::Cpu).unwrap()).unwrap();
             let labels = Tensor::new(&[0u32, 2, 1, 3], &Device::Cpu).unwrap();
             let mut rng = crate::util::rng_for(0, "t", 0);
-            let loss = model.loss(&codes(4, 9, 1), (cls == 1).then_some(&labels), Some(TrainNoise { rng: &mut rng })).unwrap();
+            let loss =
+                model.loss(&codes(4, 9, 1), (cls == 1).then_some(&labels), Some(TrainNoise { rng: &mut rng })).unwrap();
             let grads = loss.backward().unwrap();
             for (name, var) in store.vars() {
                 let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
@@ -566,10 +630,16 @@ mod tests {
     fn bad_inputs_are_clear_errors() {
         let store = ParamStore::new(3, &Device::Cpu);
         let model = Gpt::new(&tiny(1), &store.root()).unwrap();
-        let err = model.loss::<rand_chacha::ChaCha8Rng>(&codes(1, 9, 1), Some(&Tensor::new(&[4u32], &Device::Cpu).unwrap()), None).err().unwrap();
+        let err = model
+            .loss::<rand_chacha::ChaCha8Rng>(&codes(1, 9, 1), Some(&Tensor::new(&[4u32], &Device::Cpu).unwrap()), None)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("unknown class 4"), "{err}");
         let bad = Tensor::new(&[[11u32; 9]], &Device::Cpu).unwrap();
-        let err = model.loss::<rand_chacha::ChaCha8Rng>(&bad, Some(&Tensor::new(&[0u32], &Device::Cpu).unwrap()), None).err().unwrap();
+        let err = model
+            .loss::<rand_chacha::ChaCha8Rng>(&bad, Some(&Tensor::new(&[0u32], &Device::Cpu).unwrap()), None)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("outside the vocabulary"), "{err}");
         let mut c = tiny(1);
         c.n_head = 3;
@@ -601,9 +671,24 @@ mod tests {
         for k in 0..8 {
             let mut v = base.flatten_all().unwrap().to_vec1::<u32>().unwrap();
             v[k] = (v[k] + 1) % 11;
-            let y1 = model.forward::<rand_chacha::ChaCha8Rng>(&Tensor::from_vec(v, (1, 9), &Device::Cpu).unwrap(), Some(&labels), None).unwrap();
+            let y1 = model
+                .forward::<rand_chacha::ChaCha8Rng>(
+                    &Tensor::from_vec(v, (1, 9), &Device::Cpu).unwrap(),
+                    Some(&labels),
+                    None,
+                )
+                .unwrap();
             // Position p predicts z_p from z_<p: positions ≤ k must not change, k+1 must.
-            let diff = |p: usize| (y0.narrow(1, p, 1).unwrap() - y1.narrow(1, p, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = |p: usize| {
+                (y0.narrow(1, p, 1).unwrap() - y1.narrow(1, p, 1).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
             for p in 0..=k {
                 assert_eq!(diff(p), 0.0, "perturbing z_{k} changed position {p}");
             }

@@ -61,7 +61,12 @@ pub fn check_shard_fits(shard: &CodeShard, model: &GptConfig, what: &str) -> Res
 }
 
 /// A batch of codes (B, L) and labels (B) from a shard; `flips[i]` selects the flip copy.
-pub fn batch_tensors(shard: &CodeShard, indices: &[usize], flips: &[bool], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+pub fn batch_tensors(
+    shard: &CodeShard,
+    indices: &[usize],
+    flips: &[bool],
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let l = shard.info.seq_len();
     let mut codes = Vec::with_capacity(indices.len() * l);
     for (&i, &flip) in indices.iter().zip(flips) {
@@ -155,8 +160,11 @@ impl GptTask {
         check_flip(&train, config.use_flip, &config.codes).map_err(GptError::BadConfig)?;
         let m = &config.model;
         let per_code = m.dim as f64 * m.n_layer as f64 * 16.0 + 3.0 * m.vocab_size as f64;
-        crate::util::check_memory(&format!("--batch-size {}", config.batch_size), 4.0 * config.batch_size as f64 * (m.seq_len() as f64) * per_code)
-            .map_err(GptError::BadConfig)?;
+        crate::util::check_memory(
+            &format!("--batch-size {}", config.batch_size),
+            4.0 * config.batch_size as f64 * (m.seq_len() as f64) * per_code,
+        )
+        .map_err(GptError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = Gpt::new(&config.model, &store.root())?;
         let sampler = BatchSampler::new(train.len(), config.batch_size, config.seed);

@@ -39,7 +39,15 @@ struct Flash {
 }
 
 /// Forward of one (segment, head): output rows (len × d) and their log-sum-exp.
-fn forward_one(qkv: &[f32], dim: usize, h: usize, d: usize, start: usize, len: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
+fn forward_one(
+    qkv: &[f32],
+    dim: usize,
+    h: usize,
+    d: usize,
+    start: usize,
+    len: usize,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let ld = 3 * dim;
     let mut out = vec![0f32; len * d];
     let mut lse = vec![0f32; len];
@@ -84,7 +92,18 @@ fn forward_one(qkv: &[f32], dim: usize, h: usize, d: usize, start: usize, len: u
 
 /// Backward of one (segment, head): (dq, dk, dv) rows (len × d each).
 #[allow(clippy::too_many_arguments)]
-fn backward_one(qkv: &[f32], out: &[f32], grad: &[f32], lse: &[f32], dim: usize, h: usize, d: usize, start: usize, len: usize, scale: f32) -> [Vec<f32>; 3] {
+fn backward_one(
+    qkv: &[f32],
+    out: &[f32],
+    grad: &[f32],
+    lse: &[f32],
+    dim: usize,
+    h: usize,
+    d: usize,
+    start: usize,
+    len: usize,
+    scale: f32,
+) -> [Vec<f32>; 3] {
     let ld = 3 * dim;
     let (mut dq, mut dk, mut dv) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
     // D_i = rowsum(dO_i ∘ O_i)
@@ -133,7 +152,13 @@ fn backward_one(qkv: &[f32], out: &[f32], grad: &[f32], lse: &[f32], dim: usize,
 }
 
 /// Flash-attention forward over host data: qkv (n, 3·H·d) → (out (n, H·d), lse (n, H)).
-pub fn flash_forward(qkv: &[f32], n: usize, heads: usize, d: usize, segments: &[(usize, usize)]) -> Result<(Vec<f32>, Vec<f32>)> {
+pub fn flash_forward(
+    qkv: &[f32],
+    n: usize,
+    heads: usize,
+    d: usize,
+    segments: &[(usize, usize)],
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let dim = heads * d;
     if qkv.len() != n * 3 * dim {
         candle_core::bail!("flash attention: qkv holds {} values, expected {n} × 3·{heads}·{d}", qkv.len());
@@ -165,7 +190,16 @@ pub fn flash_forward(qkv: &[f32], n: usize, heads: usize, d: usize, segments: &[
 
 /// Flash-attention backward over host data: the gradient of qkv (n, 3·H·d).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_backward(qkv: &[f32], out: &[f32], grad: &[f32], lse_all: &[f32], n: usize, heads: usize, d: usize, segments: &[(usize, usize)]) -> Result<Vec<f32>> {
+pub fn flash_backward(
+    qkv: &[f32],
+    out: &[f32],
+    grad: &[f32],
+    lse_all: &[f32],
+    n: usize,
+    heads: usize,
+    d: usize,
+    segments: &[(usize, usize)],
+) -> Result<Vec<f32>> {
     let dim = heads * d;
     if lse_all.len() != n * heads {
         candle_core::bail!("flash attention backward before forward");
@@ -213,7 +247,11 @@ impl CustomOp1 for Flash {
         let (n, three_dim) = arg.dims2()?;
         let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let dqkv = with_f32(arg, "qkv", |qkv| {
-            with_f32(res, "out", |out| with_f32(grad, "grad", |g| flash_backward(qkv, out, g, &lse, n, self.heads, self.head_dim, &self.segments)))
+            with_f32(res, "out", |out| {
+                with_f32(grad, "grad", |g| {
+                    flash_backward(qkv, out, g, &lse, n, self.heads, self.head_dim, &self.segments)
+                })
+            })
         })?;
         Ok(Some(Tensor::from_vec(dqkv, (n, three_dim), arg.device())?))
     }
@@ -224,7 +262,12 @@ pub fn flash_attention(qkv: &Tensor, heads: usize, segments: &[(usize, usize)]) 
     let (_, three_dim) = qkv.dims2()?;
     let head_dim = three_dim / 3 / heads.max(1);
     if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
-        return qkv.contiguous()?.apply_op1(Flash { segments: Arc::new(segments.to_vec()), heads, head_dim, lse: Mutex::new(Vec::new()) });
+        return qkv.contiguous()?.apply_op1(Flash {
+            segments: Arc::new(segments.to_vec()),
+            heads,
+            head_dim,
+            lse: Mutex::new(Vec::new()),
+        });
     }
     attention_reference(qkv, heads, segments)
 }
@@ -237,9 +280,12 @@ pub fn attention_reference(qkv: &Tensor, heads: usize, segments: &[(usize, usize
     let mut outs = Vec::with_capacity(segments.len());
     for &(start, len) in segments {
         let rows = qkv.narrow(0, start, len)?;
-        let part = |i: usize| -> Result<Tensor> { rows.narrow(1, i * dim, dim)?.reshape((len, heads, d))?.transpose(0, 1)?.contiguous() };
+        let part = |i: usize| -> Result<Tensor> {
+            rows.narrow(1, i * dim, dim)?.reshape((len, heads, d))?.transpose(0, 1)?.contiguous()
+        };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?); // (H, len, d)
-        let mask: Vec<f32> = (0..len).flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask: Vec<f32> =
+            (0..len).flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(mask, (len, len), qkv.device())?.to_dtype(qkv.dtype())?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
         let p = candle_nn::ops::softmax(&scores, 2)?;

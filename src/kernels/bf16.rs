@@ -58,7 +58,17 @@ pub fn available() -> bool {
 /// `dst (m×n) = [dst +] op(a)·op(b)` with bf16 operands and f32 accumulation; the layout
 /// conventions of [`super::matmul::faer_gemm`].
 #[allow(clippy::too_many_arguments)]
-pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
+pub fn bf16_gemm(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    accumulate: bool,
+) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "bf16_gemm: slices too small for {m}×{n}×{k}");
     if m == 0 || n == 0 {
         return;
@@ -68,7 +78,17 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
             dst[..m * n].fill(0.0);
         }
         if k > 0 {
-            super::matmul::faer_gemm(dst, m, n, k, &round_slice(&a[..m * k]), trans_a, &round_slice(&b[..k * n]), trans_b, true);
+            super::matmul::faer_gemm(
+                dst,
+                m,
+                n,
+                k,
+                &round_slice(&a[..m * k]),
+                trans_a,
+                &round_slice(&b[..k * n]),
+                trans_b,
+                true,
+            );
         }
         return;
     }
@@ -136,7 +156,20 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
                         // SAFETY: the kernel reads A words r + q·MC (r < MR, q < kp) of
                         // `ap[sub..]`, below (kp − 1)·MC + MC − sub, and kp·NR words of `panel`;
                         // it writes rows < `rows`, columns < `cols` (row stride n) in `cblock`.
-                        unsafe { kernel(kp, &ap[sub..], 1, MC, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols, overwrite) };
+                        unsafe {
+                            kernel(
+                                kp,
+                                &ap[sub..],
+                                1,
+                                MC,
+                                panel,
+                                &mut cblock[sub * n + jp * NR..],
+                                n,
+                                rows,
+                                cols,
+                                overwrite,
+                            )
+                        };
                     }
                 }
                 return;
@@ -159,7 +192,9 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
                     // SAFETY: the kernel reads A words r·kp + q (r < MR, q < kp), all inside
                     // `ap`, and kp·NR words of `panel`; it writes rows < `rows`, columns
                     // < `cols` (row stride n) inside `cblock`.
-                    unsafe { kernel(kp, &ap, kp, 1, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols, overwrite) };
+                    unsafe {
+                        kernel(kp, &ap, kp, 1, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols, overwrite)
+                    };
                 }
             }
         });
@@ -170,7 +205,11 @@ pub fn bf16_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn lane_mask(live: usize) -> u16 {
-    if live >= 16 { 0xFFFF } else { (1u16 << live) - 1 }
+    if live >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << live) - 1
+    }
 }
 
 /// Sixteen f32 lanes rounded to bf16 bits (in the low half of each 32-bit lane): exactly
@@ -224,7 +263,9 @@ unsafe fn interleave_rows(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
         let mask = lane_mask(live);
         let low = round16(_mm512_maskz_loadu_ps(mask, lo.as_ptr().add(i)));
         let word = match hi {
-            Some(hi) => _mm512_or_si512(low, _mm512_slli_epi32::<16>(round16(_mm512_maskz_loadu_ps(mask, hi.as_ptr().add(i))))),
+            Some(hi) => {
+                _mm512_or_si512(low, _mm512_slli_epi32::<16>(round16(_mm512_maskz_loadu_ps(mask, hi.as_ptr().add(i)))))
+            }
             None => low,
         };
         _mm512_mask_storeu_epi32(out.as_mut_ptr().add(i) as *mut i32, mask, word);
@@ -279,7 +320,18 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(kp: usize, a: &[u32], row_stride: usize, pair_stride: usize, b: &[u32], c: &mut [f32], ldc: usize, rows: usize, cols: usize, overwrite: bool) {
+unsafe fn kernel(
+    kp: usize,
+    a: &[u32],
+    row_stride: usize,
+    pair_stride: usize,
+    b: &[u32],
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    overwrite: bool,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let ap = a.as_ptr() as *const i32;
@@ -315,7 +367,18 @@ unsafe fn kernel(kp: usize, a: &[u32], row_stride: usize, pair_stride: usize, b:
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(_kp: usize, _a: &[u32], _rs: usize, _qs: usize, _b: &[u32], _c: &mut [f32], _ldc: usize, _rows: usize, _cols: usize, _overwrite: bool) {
+unsafe fn kernel(
+    _kp: usize,
+    _a: &[u32],
+    _rs: usize,
+    _qs: usize,
+    _b: &[u32],
+    _c: &mut [f32],
+    _ldc: usize,
+    _rows: usize,
+    _cols: usize,
+    _overwrite: bool,
+) {
     unreachable!("bf16 kernel is only dispatched on x86_64 with AVX512-BF16")
 }
 
@@ -342,13 +405,31 @@ mod tests {
             eprintln!("skipped: no AVX512-BF16 on this CPU (the vector packers are not used)");
             return;
         }
-        let specials = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -1e-45, 0.0, -0.0, f32::MAX, f32::MIN_POSITIVE, 1.0 + 1.0 / 256.0, f32::from_bits(0x7F80_0001), f32::from_bits(0xFFFF_FFFF)];
+        let specials = [
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            -1e-45,
+            0.0,
+            -0.0,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1.0 + 1.0 / 256.0,
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0xFFFF_FFFF),
+        ];
         let mut state = 0x9E37_79B9u32;
         let mut next = || {
             state ^= state << 13;
             state ^= state >> 17;
             state ^= state << 5;
-            if state % 7 == 0 { specials[(state as usize / 7) % specials.len()] } else { f32::from_bits(state) }
+            if state % 7 == 0 {
+                specials[(state as usize / 7) % specials.len()]
+            } else {
+                f32::from_bits(state)
+            }
         };
         for len in 0usize..=70 {
             let row: Vec<f32> = (0..len).map(|_| next()).collect();
@@ -392,9 +473,13 @@ mod tests {
                                 exact += av * bv;
                                 abs += (av * bv).abs();
                             }
-                            let bound = abs * (2.0 * 2f64.powi(-8) + 2f64.powi(-16) + k as f64 * 2f64.powi(-24)) + 1e-30;
+                            let bound =
+                                abs * (2.0 * 2f64.powi(-8) + 2f64.powi(-16) + k as f64 * 2f64.powi(-24)) + 1e-30;
                             let err = (got[i * n + j] as f64 - exact).abs();
-                            assert!(err <= bound, "{m}×{n}×{k} ta {ta} tb {tb} [{i},{j}]: error {err:e} > bound {bound:e}");
+                            assert!(
+                                err <= bound,
+                                "{m}×{n}×{k} ta {ta} tb {tb} [{i},{j}]: error {err:e} > bound {bound:e}"
+                            );
                         }
                     }
                 }
@@ -424,7 +509,11 @@ mod tests {
                                 .sum::<f64>()
                                 + 0.5;
                             let err = (got[i * n + j] as f64 - want).abs();
-                            assert!(err < 1e-3 * (1.0 + want.abs()), "{m}×{n}×{k} ta {ta} tb {tb} [{i},{j}]: {} vs {want}", got[i * n + j]);
+                            assert!(
+                                err < 1e-3 * (1.0 + want.abs()),
+                                "{m}×{n}×{k} ta {ta} tb {tb} [{i},{j}]: {} vs {want}",
+                                got[i * n + j]
+                            );
                         }
                     }
                 }

@@ -84,7 +84,15 @@ impl CustomOp3 for NormLinear {
         "dpar-norm-linear"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (out, d) = wl.shape().dims2()?;
         let n = rows_of(xl, d)?;
         let (x, g, w) = (cpu_f32(xs, xl, "x")?, cpu_f32(gs, gl, "norm weight")?, cpu_f32(ws, wl, "weight")?);
@@ -94,7 +102,14 @@ impl CustomOp3 for NormLinear {
         Ok((CpuStorage::F32(y), with_last(xl.dims(), out)))
     }
 
-    fn bwd(&self, x: &Tensor, g: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, d) = w.dims2()?;
         let n = x.elem_count() / d;
         let mut dx = uninit(n * d);
@@ -140,7 +155,11 @@ impl CustomOp3 for NormLinear {
             dg.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
         let dev = x.device();
-        Ok((Some(Tensor::from_vec(dx, x.shape(), dev)?), Some(Tensor::from_vec(dg, d, dev)?), Some(Tensor::from_vec(dw, (out, d), dev)?)))
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dg, d, dev)?),
+            Some(Tensor::from_vec(dw, (out, d), dev)?),
+        ))
     }
 }
 
@@ -210,7 +229,16 @@ impl CustomOp1 for RopeAttention {
                     if let Some(rows) = &self.rope {
                         rotate_qkv(&mut rotated, rows, dim, 1.0);
                     }
-                    super::attention::flash_backward(&rotated, out, g, &lse, n, self.heads, dim / self.heads, &self.segments)
+                    super::attention::flash_backward(
+                        &rotated,
+                        out,
+                        g,
+                        &lse,
+                        n,
+                        self.heads,
+                        dim / self.heads,
+                        &self.segments,
+                    )
                 })
             })
         })?;
@@ -223,8 +251,18 @@ impl CustomOp1 for RopeAttention {
 
 /// RoPE (rows per token, or a shared table of T rows) on q and k of `qkv` (…, 3·H·d), then
 /// causal attention within `segments` of the rows → (…, H·d).
-pub fn rope_attention(qkv: &Tensor, rope: Option<&RopeRows>, heads: usize, segments: &[(usize, usize)]) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(RopeAttention { rope: rope.cloned(), segments: Arc::new(segments.to_vec()), heads, lse: Mutex::new(Vec::new()) })
+pub fn rope_attention(
+    qkv: &Tensor,
+    rope: Option<&RopeRows>,
+    heads: usize,
+    segments: &[(usize, usize)],
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(RopeAttention {
+        rope: rope.cloned(),
+        segments: Arc::new(segments.to_vec()),
+        heads,
+        lse: Mutex::new(Vec::new()),
+    })
 }
 
 // ---------------------------------------------------------------- linear + residual
@@ -249,7 +287,15 @@ impl CustomOp3 for LinearResidual {
         "dpar-linear-residual"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, rs: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (out, k) = wl.shape().dims2()?;
         let n = rows_of(xl, k)?;
         if rows_of(rl, out)? != n {
@@ -263,7 +309,14 @@ impl CustomOp3 for LinearResidual {
         Ok((CpuStorage::F32(y), rl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _r: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
         let n = x.elem_count() / k;
         let mut dx = uninit(n * k);
@@ -324,7 +377,15 @@ impl CustomOp3 for SwiGluLinearResidual {
         "dpar-swiglu-linear-residual"
     }
 
-    fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout, ws: &CpuStorage, wl: &Layout, rs: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (out, f) = wl.shape().dims2()?;
         let n = rows_of(hl, 2 * f)?;
         if rows_of(rl, out)? != n {
@@ -339,7 +400,14 @@ impl CustomOp3 for SwiGluLinearResidual {
         Ok((CpuStorage::F32(y), rl.shape().clone()))
     }
 
-    fn bwd(&self, h: &Tensor, w: &Tensor, _r: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, f) = w.dims2()?;
         let n = h.elem_count() / (2 * f);
         let mut dh = uninit(n * 2 * f);
@@ -362,14 +430,16 @@ impl CustomOp3 for SwiGluLinearResidual {
                     drop(s);
                     let mut ds = uninit(n * f);
                     self.gemm.run(&mut ds, n, f, out, g, false, wv, false, false);
-                    dh.par_chunks_mut(2 * f).zip(hv.par_chunks(2 * f).zip(ds.par_chunks(f))).for_each(|(dr, (hr, dsr))| {
-                        for j in 0..f {
-                            let a = hr[j];
-                            let sg = super::math::sigmoid(a);
-                            dr[j] = dsr[j] * hr[f + j] * sg * (1.0 + a * (1.0 - sg));
-                            dr[f + j] = dsr[j] * a * sg;
-                        }
-                    });
+                    dh.par_chunks_mut(2 * f).zip(hv.par_chunks(2 * f).zip(ds.par_chunks(f))).for_each(
+                        |(dr, (hr, dsr))| {
+                            for j in 0..f {
+                                let a = hr[j];
+                                let sg = super::math::sigmoid(a);
+                                dr[j] = dsr[j] * hr[f + j] * sg * (1.0 + a * (1.0 - sg));
+                                dr[f + j] = dsr[j] * a * sg;
+                            }
+                        },
+                    );
                     Ok(())
                 })
             })
@@ -394,7 +464,15 @@ mod tests {
     fn rand_var(shape: &[usize], seed: u64, scale: f32) -> Var {
         let mut rng = crate::util::rng_for(seed, "block-test", 0);
         let n: usize = shape.iter().product();
-        Var::from_tensor(&Tensor::from_vec((0..n).map(|_| scale * rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()).unwrap()
+        Var::from_tensor(
+            &Tensor::from_vec(
+                (0..n).map(|_| scale * rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(),
+                shape,
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+        .unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -447,7 +525,8 @@ mod tests {
         let hh = rand_var(&[4, 9, 2 * 16], 26, 2.0);
         let w2 = rand_var(&[24, 16], 27, 0.5);
         let ours = swiglu_linear_residual(&hh, &w2, &r, None, Gemm::Bf16).unwrap();
-        let reference = (r.as_tensor() + swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap()).unwrap();
+        let reference =
+            (r.as_tensor() + swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap()).unwrap();
         assert!(rel(&ours, &reference) < 2e-2);
         let ours = linear_residual(&x, &w, &r, None, Gemm::Bf16).unwrap();
         let reference = (r.as_tensor() + x.broadcast_matmul(&w.t().unwrap()).unwrap()).unwrap();
@@ -482,10 +561,13 @@ mod tests {
         let hh = rand_var(&[2, 6, 2 * 9], 11, 2.0);
         let w2 = rand_var(&[10, 9], 12, 0.5);
         let ours = swiglu_linear_residual(&hh, &w2, &r, Some(Arc::new(mask)), Gemm::F32).unwrap();
-        let reference = (r.as_tensor() + (swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap() * &mask_t).unwrap()).unwrap();
+        let reference = (r.as_tensor()
+            + (swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap() * &mask_t).unwrap())
+        .unwrap();
         check(&ours, &reference, &[&hh, &w2, &r], 13, 1e-4);
         let ours = swiglu_linear_residual(&hh, &w2, &r, None, Gemm::F32).unwrap();
-        let reference = (r.as_tensor() + swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap()).unwrap();
+        let reference =
+            (r.as_tensor() + swiglu_reference(&hh).unwrap().broadcast_matmul(&w2.t().unwrap()).unwrap()).unwrap();
         check(&ours, &reference, &[&hh, &w2, &r], 14, 1e-4);
     }
 }

@@ -146,7 +146,11 @@ fn geometry(x_shape: &[usize], w_shape: &[usize], p: &ConvParams) -> Result<Geom
 
 /// Per-image work split: images over threads, single-threaded GEMMs; one image: threaded GEMM.
 fn gemm_threads(batch: usize) -> usize {
-    if batch >= threads() { 1 } else { threads() }
+    if batch >= threads() {
+        1
+    } else {
+        threads()
+    }
 }
 
 struct Conv2dFwd(ConvParams);

@@ -156,15 +156,17 @@ impl CustomOp1 for SwiGlu {
         let mut dh = vec![0f32; arg.elem_count()];
         with_f32(arg, "swiglu input", |h| {
             with_f32(grad, "swiglu grad", |g| {
-                dh.par_chunks_mut(two_f * chunk).zip(h.par_chunks(two_f * chunk).zip(g.par_chunks(f * chunk))).for_each(|(dc, (hc, gc))| {
-                    for ((drow, hrow), grow) in dc.chunks_mut(two_f).zip(hc.chunks(two_f)).zip(gc.chunks(f)) {
-                        for j in 0..f {
-                            let (silu, dsilu) = silu_parts(hrow[j]);
-                            drow[j] = grow[j] * hrow[f + j] * dsilu;
-                            drow[f + j] = grow[j] * silu;
+                dh.par_chunks_mut(two_f * chunk)
+                    .zip(h.par_chunks(two_f * chunk).zip(g.par_chunks(f * chunk)))
+                    .for_each(|(dc, (hc, gc))| {
+                        for ((drow, hrow), grow) in dc.chunks_mut(two_f).zip(hc.chunks(two_f)).zip(gc.chunks(f)) {
+                            for j in 0..f {
+                                let (silu, dsilu) = silu_parts(hrow[j]);
+                                drow[j] = grow[j] * hrow[f + j] * dsilu;
+                                drow[f + j] = grow[j] * silu;
+                            }
                         }
-                    }
-                });
+                    });
                 Ok(())
             })
         })?;
@@ -225,13 +227,22 @@ impl CustomOp2 for CrossEntropy {
             .zip(targets.par_chunks(rows_per))
             .map(|(rows, ts)| {
                 let mut scratch = vec![0f32; v];
-                rows.chunks(v).zip(ts).map(|(row, &t)| (row_lse(row, &mut scratch) - row[t as usize]) as f64).sum::<f64>()
+                rows.chunks(v)
+                    .zip(ts)
+                    .map(|(row, &t)| (row_lse(row, &mut scratch) - row[t as usize]) as f64)
+                    .sum::<f64>()
             })
             .sum();
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let v = logits.dim(candle_core::D::Minus1)?;
         let n = logits.elem_count() / v;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / n as f32;

@@ -55,7 +55,15 @@ impl CustomOp3 for GroupNormOp {
         "dpar-group-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = self.dims(xl.dims())?;
         let x = cpu_f32(xs, xl, "group_norm input")?;
         let gamma = cpu_f32(gs, gl, "group_norm weight")?;
@@ -80,7 +88,14 @@ impl CustomOp3 for GroupNormOp {
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, hw) = self.dims(x.dims())?;
         let cpg = c / self.groups;
         let block = cpg * hw;
@@ -193,7 +208,11 @@ mod tests {
     /// 1e-4 (f32), on odd shapes.
     #[test]
     fn fused_group_norm_matches_the_composed_reference() {
-        for (i, (shape, groups, silu)) in [(vec![3, 6, 5, 7], 3, true), (vec![2, 8, 4, 4], 8, false), (vec![1, 4, 9], 2, true)].into_iter().enumerate() {
+        for (i, (shape, groups, silu)) in
+            [(vec![3, 6, 5, 7], 3, true), (vec![2, 8, 4, 4], 8, false), (vec![1, 4, 9], 2, true)]
+                .into_iter()
+                .enumerate()
+        {
             let x = rand_var(&shape, i as u64, 0.5);
             let w = rand_var(&[shape[1]], 10 + i as u64, 1.0);
             let b = rand_var(&[shape[1]], 20 + i as u64, 0.0);

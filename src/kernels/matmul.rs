@@ -34,11 +34,29 @@ use super::{cpu_f32, with_f32};
 /// `dst (m×n) = [dst +] op(a)·op(b)` on row-major slices with faer: `a` is m×k (k×m when
 /// `trans_a`), `b` is k×n (n×k when `trans_b`). Uses every rayon thread.
 #[allow(clippy::too_many_arguments)]
-pub fn faer_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
+pub fn faer_gemm(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    accumulate: bool,
+) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "faer_gemm: slices too small for {m}×{n}×{k}");
     count(m, n, k);
-    let a = if trans_a { MatRef::from_row_major_slice(&a[..m * k], k, m).transpose() } else { MatRef::from_row_major_slice(&a[..m * k], m, k) };
-    let b = if trans_b { MatRef::from_row_major_slice(&b[..k * n], n, k).transpose() } else { MatRef::from_row_major_slice(&b[..k * n], k, n) };
+    let a = if trans_a {
+        MatRef::from_row_major_slice(&a[..m * k], k, m).transpose()
+    } else {
+        MatRef::from_row_major_slice(&a[..m * k], m, k)
+    };
+    let b = if trans_b {
+        MatRef::from_row_major_slice(&b[..k * n], n, k).transpose()
+    } else {
+        MatRef::from_row_major_slice(&b[..k * n], k, n)
+    };
     let c = MatMut::from_row_major_slice_mut(&mut dst[..m * n], m, n);
     let accum = if accumulate { Accum::Add } else { Accum::Replace };
     faer::linalg::matmul::matmul(c, accum, a, b, 1.0f32, Par::rayon(rayon::current_num_threads()));
@@ -95,10 +113,22 @@ pub fn small_m_weights(w: &[f32], n: usize, k: usize, bf16: bool) -> Vec<f32> {
 /// path. With `bf16` the rows of `a` are rounded to bf16 (the packed W is rounded already):
 /// bf16 operands, f32 sums.
 #[allow(clippy::too_many_arguments)]
-pub fn small_m_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], packed: &[f32], accumulate: bool, bf16: bool) {
+pub fn small_m_gemm(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    packed: &[f32],
+    accumulate: bool,
+    bf16: bool,
+) {
     use rayon::prelude::*;
     let panels = n.div_ceil(NB);
-    assert!(dst.len() >= m * n && a.len() >= m * k && packed.len() >= panels * NB * k, "small_m_gemm: slices too small for {m}×{n}×{k}");
+    assert!(
+        dst.len() >= m * n && a.len() >= m * k && packed.len() >= panels * NB * k,
+        "small_m_gemm: slices too small for {m}×{n}×{k}"
+    );
     count(m, n, k);
     let rounded;
     let a = if bf16 {
@@ -140,13 +170,32 @@ pub fn small_m_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], pa
 /// registers) as the CPU allows, else scalar. Each lane runs the same fused multiply-add chain
 /// over k, so every version gives the same bits.
 #[allow(clippy::too_many_arguments)]
-fn panel_range(dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
+fn panel_range(
+    dst: &mut [f32],
+    ldd: usize,
+    m: usize,
+    k: usize,
+    a: &[f32],
+    packed: &[f32],
+    cols: usize,
+    accumulate: bool,
+) {
     panel_range_on(Isa::detect(), dst, ldd, m, k, a, packed, cols, accumulate)
 }
 
 /// [`panel_range`] on a given instruction set (`isa` must be available on this CPU).
 #[allow(clippy::too_many_arguments)]
-fn panel_range_on(isa: Isa, dst: &mut [f32], ldd: usize, m: usize, k: usize, a: &[f32], packed: &[f32], cols: usize, accumulate: bool) {
+fn panel_range_on(
+    isa: Isa,
+    dst: &mut [f32],
+    ldd: usize,
+    m: usize,
+    k: usize,
+    a: &[f32],
+    packed: &[f32],
+    cols: usize,
+    accumulate: bool,
+) {
     let mr = match isa {
         Isa::Avx512 => MR_AVX512,
         _ => MR_AVX2,
@@ -155,8 +204,18 @@ fn panel_range_on(isa: Isa, dst: &mut [f32], ldd: usize, m: usize, k: usize, a: 
         let (j, live) = (p * NB, NB.min(cols - p * NB));
         for r0 in (0..m).step_by(mr) {
             let rows = mr.min(m - r0);
-            assert!(panel.len() >= NB * k && a.len() >= (r0 + rows) * k && dst.len() >= (r0 + rows - 1) * ldd + j + live);
-            let blk = Block { dst: dst[r0 * ldd + j..].as_mut_ptr(), ldd, a: a[r0 * k..].as_ptr(), k, panel: panel.as_ptr(), live, accumulate };
+            assert!(
+                panel.len() >= NB * k && a.len() >= (r0 + rows) * k && dst.len() >= (r0 + rows - 1) * ldd + j + live
+            );
+            let blk = Block {
+                dst: dst[r0 * ldd + j..].as_mut_ptr(),
+                ldd,
+                a: a[r0 * k..].as_ptr(),
+                k,
+                panel: panel.as_ptr(),
+                live,
+                accumulate,
+            };
             // SAFETY: the assert above bounds every read (rows × k of a, k × NB of the panel)
             // and write (rows rows of `live` columns at stride ldd); the ISA was detected at run
             // time.
@@ -284,7 +343,18 @@ impl Gemm {
     /// `dst = [dst +] op(a)·op(b)` (see [`faer_gemm`]); `x·Wᵀ` with at most [`SMALL_M`] rows
     /// runs as [`small_m_gemm`].
     #[allow(clippy::too_many_arguments)]
-    pub fn run(self, dst: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, accumulate: bool) {
+    pub fn run(
+        self,
+        dst: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        trans_a: bool,
+        b: &[f32],
+        trans_b: bool,
+        accumulate: bool,
+    ) {
         if m <= SMALL_M && !trans_a && trans_b && m > 0 {
             let bf16 = self == Gemm::Bf16;
             return small_m_gemm(dst, m, n, k, a, &small_m_weights(b, n, k, bf16), accumulate, bf16);
@@ -353,7 +423,11 @@ mod tests {
     fn rand_var(shape: &[usize], seed: u64) -> Var {
         let mut rng = crate::util::rng_for(seed, "mm-test", 0);
         let n: usize = shape.iter().product();
-        Var::from_tensor(&Tensor::from_vec((0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()).unwrap()
+        Var::from_tensor(
+            &Tensor::from_vec((0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu)
+                .unwrap(),
+        )
+        .unwrap()
     }
 
     /// Every instruction-set version of the small-m kernel (AVX-512, AVX2 + FMA, scalar) gives
@@ -391,7 +465,9 @@ mod tests {
     /// without accumulation, through `Gemm::run`'s dispatch.
     #[test]
     fn small_m_products_match_the_packed_gemms() {
-        for &(m, n, k) in &[(1, 1, 1), (2, 37, 13), (16, 70, 129), (5, 600, 64), (3, 2, 1000), (100, 45, 77), (256, 17, 40)] {
+        for &(m, n, k) in
+            &[(1, 1, 1), (2, 37, 13), (16, 70, 129), (5, 600, 64), (3, 2, 1000), (100, 45, 77), (256, 17, 40)]
+        {
             let a: Vec<f32> = (0..m * k).map(|i| (((i * 7919) % 1009) as f32 / 1009.0 - 0.5) * 3.0).collect();
             let b: Vec<f32> = (0..n * k).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 2.0).collect();
             for acc in [false, true] {
@@ -405,7 +481,12 @@ mod tests {
                 for i in 0..m * n {
                     let scale = 1e-5 * (k as f32).sqrt() * (1.0 + full[i].abs());
                     assert!((small[i] - full[i]).abs() <= scale, "{m}×{n}×{k} f32 [{i}]: {} vs {}", small[i], full[i]);
-                    assert!((small16[i] - full16[i]).abs() <= scale, "{m}×{n}×{k} bf16 [{i}]: {} vs {}", small16[i], full16[i]);
+                    assert!(
+                        (small16[i] - full16[i]).abs() <= scale,
+                        "{m}×{n}×{k} bf16 [{i}]: {} vs {}",
+                        small16[i],
+                        full16[i]
+                    );
                 }
                 // bf16 really rounds: it differs from f32 somewhere on non-trivial shapes.
                 if k > 1 {
@@ -422,7 +503,8 @@ mod tests {
         let probe = rand_var(&[37, 23], 3);
         let a = linear(&x, &w, Gemm::F32).unwrap();
         let b = x.matmul(&w.t().unwrap()).unwrap();
-        let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff(&a, &b) < 1e-5);
         let g1 = (&a * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&b * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();

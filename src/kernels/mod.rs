@@ -10,9 +10,9 @@ pub mod block;
 pub mod conv;
 pub mod fused;
 pub mod gemm;
+pub mod group_norm;
 pub mod math;
 pub mod matmul;
-pub mod group_norm;
 pub mod segment;
 
 /// Extracts a contiguous f32 slice from CPU storage, or explains why not.

@@ -106,7 +106,15 @@ struct SegmentAttention {
 }
 
 /// Softmax weights of one (segment, head): p_t ∝ exp(scale·q·k_t).
-pub(crate) fn weights(q: &[f32], k: &[f32], rows: std::ops::Range<usize>, stride: usize, offset: usize, d: usize, scale: f32) -> Vec<f32> {
+pub(crate) fn weights(
+    q: &[f32],
+    k: &[f32],
+    rows: std::ops::Range<usize>,
+    stride: usize,
+    offset: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
     let scores: Vec<f32> = rows
         .map(|r| {
             let kr = &k[r * stride + offset..r * stride + offset + d];
@@ -124,11 +132,25 @@ impl CustomOp3 for SegmentAttention {
         "dpar-segment-attention"
     }
 
-    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (m, h, d) = ql.shape().dims3()?;
         let (t, h2, d2) = kl.shape().dims3()?;
         if vl.dims() != kl.dims() || h != h2 || d != d2 || m != self.segments.len() {
-            candle_core::bail!("segment_attention: q {:?}, k {:?}, v {:?} for {} segments", ql.dims(), kl.dims(), vl.dims(), self.segments.len());
+            candle_core::bail!(
+                "segment_attention: q {:?}, k {:?}, v {:?} for {} segments",
+                ql.dims(),
+                kl.dims(),
+                vl.dims(),
+                self.segments.len()
+            );
         }
         check_segments(&self.segments, t)?;
         let (q, k, v) = (cpu_f32(qs, ql, "q")?, cpu_f32(ks, kl, "k")?, cpu_f32(vs, vl, "v")?);
@@ -149,7 +171,14 @@ impl CustomOp3 for SegmentAttention {
         Ok((CpuStorage::F32(out), Shape::from((m, h, d))))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, h, d) = q.dims3()?;
         let t = k.dim(0)?;
         let mut dq = vec![0f32; m * h * d];
@@ -166,7 +195,12 @@ impl CustomOp3 for SegmentAttention {
                                 let go = &g[qo..qo + d];
                                 // dp_t = dout·v_t; ds_t = p_t(dp_t − Σ p·dp)
                                 let dp: Vec<f32> = (start..start + len)
-                                    .map(|r| go.iter().zip(&vv[r * h * d + hi * d..r * h * d + (hi + 1) * d]).map(|(a, b)| a * b).sum())
+                                    .map(|r| {
+                                        go.iter()
+                                            .zip(&vv[r * h * d + hi * d..r * h * d + (hi + 1) * d])
+                                            .map(|(a, b)| a * b)
+                                            .sum()
+                                    })
                                     .collect();
                                 let dot: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
                                 for (j, r) in (start..start + len).enumerate() {
@@ -200,7 +234,11 @@ pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usize,
     let d = q.dim(2)?;
     let scale = 1.0 / (d as f32).sqrt();
     if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, SegmentAttention { segments: Arc::new(segments.to_vec()), scale });
+        return q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            SegmentAttention { segments: Arc::new(segments.to_vec()), scale },
+        );
     }
     segment_attention_reference(q, k, v, segments)
 }

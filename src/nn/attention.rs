@@ -100,10 +100,23 @@ impl RaggedKvCache {
 
     /// [`Self::step`] writing the output into `out` (R·H·d, overwritten), for callers that keep
     /// their buffers between steps.
-    pub fn step_into(&mut self, rows: &[usize], q: &[f32], k: &[f32], v: &[f32], stride: usize, out: &mut [f32]) -> Result<()> {
+    pub fn step_into(
+        &mut self,
+        rows: &[usize],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let (h, d) = (self.heads, self.head_dim);
         if out.len() != rows.len() * h * d {
-            return Err(NnError::BadConfig(format!("ragged cache step: output of {} values for {} rows × {}", out.len(), rows.len(), h * d)));
+            return Err(NnError::BadConfig(format!(
+                "ragged cache step: output of {} values for {} rows × {}",
+                out.len(),
+                rows.len(),
+                h * d
+            )));
         }
         let dim = h * d;
         let scale = 1.0 / (d as f32).sqrt();
@@ -137,7 +150,15 @@ impl RaggedKvCache {
                 let qv = &q[i * stride + hi * d..i * stride + (hi + 1) * d];
                 let base = this.at(row, hi, 0);
                 let block = this.max_len * d;
-                attend_one(qv, &this.kt[base..base + block], &this.v[base..base + block], this.max_len, scale, &mut scores, &mut o[hi * d..(hi + 1) * d]);
+                attend_one(
+                    qv,
+                    &this.kt[base..base + block],
+                    &this.v[base..base + block],
+                    this.max_len,
+                    scale,
+                    &mut scores,
+                    &mut o[hi * d..(hi + 1) * d],
+                );
             }
         };
         // A decode step of a few rows is cheaper than waking the thread pool.
@@ -215,9 +236,8 @@ fn values<const D: usize>(w: &[f32], v: &[f32], out: &mut [f32]) {
 
 /// Additive causal mask (T_q, T_k) for queries at absolute positions offset..offset+T_q.
 pub fn causal_mask(t_q: usize, t_k: usize, offset: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t_q)
-        .flat_map(|i| (0..t_k).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t_q).flat_map(|i| (0..t_k).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(mask, (t_q, t_k), device)?)
 }
 
@@ -264,7 +284,11 @@ impl Attention {
         let qkv = self.wqkv.forward(x)?; // (B, T, 3D)
         let split = |i: usize| -> Result<Tensor> {
             // (B, T, D) → (B, T, H, d) → (B, H, T, d)
-            Ok(qkv.narrow(2, i * dim, dim)?.reshape((b, t, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(qkv
+                .narrow(2, i * dim, dim)?
+                .reshape((b, t, self.n_head, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let (mut q, mut k, v) = (split(0)?, split(1)?, split(2)?);
         if let Some(rows) = rope_rows {
@@ -278,13 +302,25 @@ impl Attention {
     /// of `rows` (in that order), `rope_rows` one rotation row per token.
     /// # Shapes
     /// x (R, 1, D) → (R, 1, D)
-    pub fn forward_ragged(&self, x: &Tensor, rope_rows: &RopeRows, cache: &mut RaggedKvCache, rows: &[usize]) -> Result<Tensor> {
+    pub fn forward_ragged(
+        &self,
+        x: &Tensor,
+        rope_rows: &RopeRows,
+        cache: &mut RaggedKvCache,
+        rows: &[usize],
+    ) -> Result<Tensor> {
         let (r, t, dim) = x.dims3()?;
         if t != 1 || r != rows.len() {
-            return Err(NnError::BadConfig(format!("ragged step takes one token for each of {} rows, got {:?}", rows.len(), x.dims())));
+            return Err(NnError::BadConfig(format!(
+                "ragged step takes one token for each of {} rows, got {:?}",
+                rows.len(),
+                x.dims()
+            )));
         }
         let (q, k, v) = self.qkv(x, Some(rope_rows))?; // (R, H, 1, d)
-        let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+        let host = |t: Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
         let out = cache.step(rows, &host(q)?, &host(k)?, &host(v)?, dim)?;
         let out = Tensor::from_vec(out, (r, 1, dim), x.device())?.to_dtype(x.dtype())?;
         self.wo.forward(&out)
@@ -292,7 +328,13 @@ impl Attention {
 
     /// # Shapes
     /// x (B, T, D) → (B, T, D)
-    pub fn forward(&self, x: &Tensor, rope_rows: Option<&RopeRows>, mask: &AttnMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope_rows: Option<&RopeRows>,
+        mask: &AttnMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t, dim) = x.dims3()?;
         // Full sequences without a cache go through the flash kernel on the fused qkv layout.
         if cache.is_none() && self.ops.fused_for(x) {
@@ -325,13 +367,17 @@ impl Attention {
             }
             AttnMask::Segments(segments) => {
                 if b != 1 || offset != 0 {
-                    return Err(NnError::BadConfig("segment masks need one packed sequence (B = 1) and no cache".into()));
+                    return Err(NnError::BadConfig(
+                        "segment masks need one packed sequence (B = 1) and no cache".into(),
+                    ));
                 }
                 let mut outs = Vec::with_capacity(segments.len());
                 let mut expected = 0;
                 for &(start, len) in segments {
                     if start != expected {
-                        return Err(NnError::BadConfig(format!("segments must tile the sequence: expected start {expected}, got {start}")));
+                        return Err(NnError::BadConfig(format!(
+                            "segments must tile the sequence: expected start {expected}, got {start}"
+                        )));
                     }
                     expected = start + len;
                     let (qs, ks, vs) = (q.narrow(2, start, len)?, k.narrow(2, start, len)?, v.narrow(2, start, len)?);
@@ -373,9 +419,19 @@ mod tests {
         let table = rope::table_2d(2, 4, 10000.0, 1);
         let probe = rand_var(&[2, 5, 8], 9);
         let x = rand_var(&[2, 5, 8], 10);
-        check_gradient(&x, &|x| (att.forward(x, Some(&table), &AttnMask::Causal, None).unwrap() * probe.as_tensor()).unwrap().sum_all().unwrap(), 2e-3);
+        check_gradient(
+            &x,
+            &|x| {
+                (att.forward(x, Some(&table), &AttnMask::Causal, None).unwrap() * probe.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            },
+            2e-3,
+        );
 
-        let x32 = candle_core::Var::from_tensor(&rand_var(&[1, 2, 5, 4], 11).as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+        let x32 = candle_core::Var::from_tensor(&rand_var(&[1, 2, 5, 4], 11).as_tensor().to_dtype(DType::F32).unwrap())
+            .unwrap();
         let probe32 = rand_var(&[1, 2, 5, 4], 12).as_tensor().to_dtype(DType::F32).unwrap();
         check_gradient(&x32, &|x| (rope::apply(x, &table).unwrap() * &probe32).unwrap().sum_all().unwrap(), 2e-2);
     }
@@ -390,7 +446,14 @@ mod tests {
         v[5 * 8] += 1.0;
         let x2 = Tensor::from_vec(v, (1, 6, 8), &Device::Cpu).unwrap();
         let y2 = att.forward(&x2, None, &AttnMask::Causal, None).unwrap();
-        let d = (y.narrow(1, 0, 5).unwrap() - y2.narrow(1, 0, 5).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let d = (y.narrow(1, 0, 5).unwrap() - y2.narrow(1, 0, 5).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert_eq!(d, 0.0);
     }
 
@@ -405,14 +468,28 @@ mod tests {
         let ya = att.forward(&a, None, &AttnMask::Causal, None).unwrap();
         let yb = att.forward(&b, None, &AttnMask::Causal, None).unwrap();
         let yp = att.forward(&packed, None, &AttnMask::Segments(vec![(0, 3), (3, 4)]), None).unwrap();
-        let d = (Tensor::cat(&[&ya, &yb], 1).unwrap() - &yp).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let d = (Tensor::cat(&[&ya, &yb], 1).unwrap() - &yp)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(d < 1e-12, "{d}");
 
         let mut cache = KvCache::new(8);
         let steps: Vec<Tensor> = (0..4)
             .map(|i| att.forward(&b.narrow(1, i, 1).unwrap(), None, &AttnMask::Causal, Some(&mut cache)).unwrap())
             .collect();
-        let d = (Tensor::cat(&steps, 1).unwrap() - &yb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let d = (Tensor::cat(&steps, 1).unwrap() - &yb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(d < 1e-12, "{d}");
         assert!(att.forward(&packed, None, &AttnMask::Segments(vec![(0, 3)]), None).is_err());
     }
@@ -435,15 +512,31 @@ mod tests {
             let mut rows = Vec::new();
             let mut xs = Vec::new();
             let mut rope_rows = Vec::new();
-            if let Some(i) = ia { rows.push(0); xs.push(a.narrow(1, i, 1).unwrap()); rope_rows.push(i); }
-            if let Some(i) = ib { rows.push(1); xs.push(b.narrow(1, i, 1).unwrap()); rope_rows.push(i); }
-            let y = att.forward_ragged(&Tensor::cat(&xs, 0).unwrap(), &table.select(&rope_rows), &mut cache, &rows).unwrap();
+            if let Some(i) = ia {
+                rows.push(0);
+                xs.push(a.narrow(1, i, 1).unwrap());
+                rope_rows.push(i);
+            }
+            if let Some(i) = ib {
+                rows.push(1);
+                xs.push(b.narrow(1, i, 1).unwrap());
+                rope_rows.push(i);
+            }
+            let y = att
+                .forward_ragged(&Tensor::cat(&xs, 0).unwrap(), &table.select(&rope_rows), &mut cache, &rows)
+                .unwrap();
             for (j, &r) in rows.iter().enumerate() {
                 let yj = y.narrow(0, j, 1).unwrap();
-                if r == 0 { got_a.push(yj) } else { got_b.push(yj) }
+                if r == 0 {
+                    got_a.push(yj)
+                } else {
+                    got_b.push(yj)
+                }
             }
         }
-        let diff = |g: &[Tensor], want: &Tensor| (Tensor::cat(g, 1).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = |g: &[Tensor], want: &Tensor| {
+            (Tensor::cat(g, 1).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
         assert!(diff(&got_a, &ya) < 1e-5 && diff(&got_b, &yb) < 1e-5);
         assert_eq!((cache.len_of(0), cache.len_of(1)), (3, 3));
     }

@@ -110,9 +110,18 @@ pub struct LeanStack {
 impl LeanStack {
     /// Copies `blocks` (width `dim`, `heads` heads) with caches for `cache_rows` sequences of
     /// up to `max_len` positions.
-    pub fn new(blocks: &[Block], dim: usize, heads: usize, gemm: Gemm, cache_rows: usize, max_len: usize) -> Result<Self> {
+    pub fn new(
+        blocks: &[Block],
+        dim: usize,
+        heads: usize,
+        gemm: Gemm,
+        cache_rows: usize,
+        max_len: usize,
+    ) -> Result<Self> {
         if heads == 0 || dim % heads != 0 || (dim / heads) % 2 != 0 {
-            return Err(NnError::BadConfig(format!("lean stack: width {dim} does not split into {heads} heads of even size")));
+            return Err(NnError::BadConfig(format!(
+                "lean stack: width {dim} does not split into {heads} heads of even size"
+            )));
         }
         let hidden = blocks.first().map(|b| b.feed_forward.w2.weight.dims()[1]).unwrap_or(0);
         let mut lean = Vec::with_capacity(blocks.len());
@@ -152,7 +161,14 @@ impl LeanStack {
     /// row appends one position to its own cache. `cos`/`sin` hold the RoPE row of each stepped
     /// row (R·d/2 values), or one row shared by all (d/2 values). With `injections` (one (R, D)
     /// slab per block, back to back), block ℓ's input is `x + injections[ℓ]` (DPAR's decoder).
-    pub fn step(&mut self, x: &mut Vec<f32>, rows: &[usize], cos: &[f32], sin: &[f32], injections: Option<&[f32]>) -> Result<()> {
+    pub fn step(
+        &mut self,
+        x: &mut Vec<f32>,
+        rows: &[usize],
+        cos: &[f32],
+        sin: &[f32],
+        injections: Option<&[f32]>,
+    ) -> Result<()> {
         let (r, d, f) = (rows.len(), self.dim, self.hidden);
         let half = d / self.heads / 2;
         if x.len() != r * d || (cos.len() != half && cos.len() != r * half) || sin.len() != cos.len() {
@@ -164,7 +180,11 @@ impl LeanStack {
         }
         if let Some(inj) = injections {
             if inj.len() != self.blocks.len() * r * d {
-                return Err(NnError::BadConfig(format!("lean step: {} injected values for {} blocks × {r} rows × {d}", inj.len(), self.blocks.len())));
+                return Err(NnError::BadConfig(format!(
+                    "lean step: {} injected values for {} blocks × {r} rows × {d}",
+                    inj.len(),
+                    self.blocks.len()
+                )));
             }
         }
         let table = cos.len() / half;

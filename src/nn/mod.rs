@@ -16,7 +16,7 @@ pub mod rope;
 use candle_core::{Tensor, D};
 use rand::Rng;
 
-pub use attention::{AttnMask, Attention, KvCache, RaggedKvCache};
+pub use attention::{Attention, AttnMask, KvCache, RaggedKvCache};
 
 use crate::params::{Init, Pb};
 
@@ -118,7 +118,13 @@ impl RmsNorm {
     /// `linear(RMSNorm(x))`, as one fused op when possible.
     pub fn then_linear(&self, x: &Tensor, linear: &Linear) -> Result<Tensor> {
         if self.ops.fused_for(x) && linear.ops != Ops::Stock {
-            return Ok(crate::kernels::block::norm_linear(x, &self.weight, &linear.weight, self.eps, linear.ops.gemm())?);
+            return Ok(crate::kernels::block::norm_linear(
+                x,
+                &self.weight,
+                &linear.weight,
+                self.eps,
+                linear.ops.gemm(),
+            )?);
         }
         linear.forward(&self.forward(x)?)
     }
@@ -271,7 +277,13 @@ pub fn dropout_mask(n: usize, p: f64, rng: &mut impl Rng) -> crate::kernels::blo
 impl Block {
     /// The block in five fused ops (see `kernels::block`): norm+qkv, RoPE+attention,
     /// wo+residual, norm+[w1;w3], SwiGLU+w2+residual.
-    fn forward_fused<R: Rng>(&self, x: &Tensor, rope: Option<&rope::RopeRows>, segments: &[(usize, usize)], dropout_ctx: Option<&mut DropoutCtx<'_, R>>) -> Result<Tensor> {
+    fn forward_fused<R: Rng>(
+        &self,
+        x: &Tensor,
+        rope: Option<&rope::RopeRows>,
+        segments: &[(usize, usize)],
+        dropout_ctx: Option<&mut DropoutCtx<'_, R>>,
+    ) -> Result<Tensor> {
         use crate::kernels::block;
         let n = x.elem_count();
         let a = &self.attention;
@@ -304,13 +316,21 @@ impl Block {
     /// One inference step of a subset of rows over a ragged cache (see
     /// [`Attention::forward_ragged`]). With fused ops: norm+qkv, RoPE on the qkv rows, the cache
     /// kernel, wo+residual, norm+[w1;w3] (`w13`, see [`Block::stacked_w13`]) and SwiGLU+w2+residual.
-    pub fn forward_ragged(&self, x: &Tensor, rope: &rope::RopeRows, cache: &mut RaggedKvCache, rows: &[usize], w13: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_ragged(
+        &self,
+        x: &Tensor,
+        rope: &rope::RopeRows,
+        cache: &mut RaggedKvCache,
+        rows: &[usize],
+        w13: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if self.attention.ops.fused_for(x) {
             use crate::kernels::block;
             let (r, _, dim) = x.dims3()?;
             let a = &self.attention;
             let gemm = a.ops.gemm();
-            let qkv = block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps, gemm)?;
+            let qkv =
+                block::norm_linear(x, &self.attention_norm.weight, &a.wqkv.weight, self.attention_norm.eps, gemm)?;
             let qkv = rope::apply_qkv(&qkv.reshape((r, 3 * dim))?, rope, a.n_head)?;
             let host = qkv.flatten_all()?.to_vec1::<f32>()?;
             let o = cache.step(rows, &host, &host[dim..], &host[2 * dim..], 3 * dim)?;
@@ -350,7 +370,15 @@ mod tests {
     /// in `x`'s dtype (f64 for composed ops, f32 for our f32-only kernels).
     pub(crate) fn check_gradient(x: &Var, f: &dyn Fn(&Tensor) -> Tensor, tol: f32) {
         let grads = f(x.as_tensor()).backward().unwrap();
-        let analytic = grads.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let analytic = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let base = x.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let eps = if x.dtype() == DType::F64 { 1e-4 } else { 1e-2 };
         for i in (0..base.len()).step_by((base.len() / 12).max(1)) {
@@ -395,7 +423,8 @@ mod tests {
         let dropped = dropout(&x, 0.1, &mut rng).unwrap();
         let mean = dropped.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((mean - 1.0).abs() < 0.03, "{mean}");
-        let zeros = dropped.eq(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let zeros =
+            dropped.eq(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((zeros - 0.1).abs() < 0.02, "{zeros}");
     }
 }

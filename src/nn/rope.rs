@@ -226,7 +226,11 @@ impl CustomOp1 for RopeQkvOp {
         let half = self.rows.half;
         let dim = three_dim / 3;
         if three_dim != 3 * dim || dim != self.heads * 2 * half {
-            candle_core::bail!("rope_qkv: {three_dim} columns do not hold 3 × {} heads × {} dims", self.heads, 2 * half);
+            candle_core::bail!(
+                "rope_qkv: {three_dim} columns do not hold 3 × {} heads × {} dims",
+                self.heads,
+                2 * half
+            );
         }
         let table_rows = self.rows.rows;
         if table_rows == 0 || (table_rows != n && n % table_rows != 0) {
@@ -350,7 +354,14 @@ mod tests {
         assert_eq!(first, 0.0);
         let g1 = (&ours * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&reference * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-6, "{d}");
         // Per-batch rows: batch 1 uses shifted positions.
         let per_batch = RopeRows::concat(&[table.narrow(0, 7), table.narrow(3, 7)]);
@@ -395,17 +406,44 @@ mod tests {
         let qkv = rand_var(&[b * t, 3 * h * d], 9);
         let probe = rand_var(&[b * t, 3 * h * d], 10);
         let fused = apply_qkv(&qkv, &table.narrow(0, t), h).unwrap();
-        let split = |x: &Tensor, i: usize| x.narrow(1, i * h * d, h * d).unwrap().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let split = |x: &Tensor, i: usize| {
+            x.narrow(1, i * h * d, h * d)
+                .unwrap()
+                .reshape((b, t, h, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
         for i in 0..3 {
-            let want = if i < 2 { apply_reference(&split(&qkv, i), &table.narrow(0, t)).unwrap() } else { split(&qkv, 2) };
+            let want =
+                if i < 2 { apply_reference(&split(&qkv, i), &table.narrow(0, t)).unwrap() } else { split(&qkv, 2) };
             let diff = (split(&fused, i) - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-6, "part {i}: {diff}");
         }
         let g = (&fused * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-        let reference = Tensor::cat(&[apply_reference(&split(&qkv, 0), &table.narrow(0, t)).unwrap(), apply_reference(&split(&qkv, 1), &table.narrow(0, t)).unwrap(), split(&qkv, 2)], 1).unwrap();
-        let probe_split = Tensor::cat(&[split(probe.as_tensor(), 0), split(probe.as_tensor(), 1), split(probe.as_tensor(), 2)], 1).unwrap();
+        let reference = Tensor::cat(
+            &[
+                apply_reference(&split(&qkv, 0), &table.narrow(0, t)).unwrap(),
+                apply_reference(&split(&qkv, 1), &table.narrow(0, t)).unwrap(),
+                split(&qkv, 2),
+            ],
+            1,
+        )
+        .unwrap();
+        let probe_split =
+            Tensor::cat(&[split(probe.as_tensor(), 0), split(probe.as_tensor(), 1), split(probe.as_tensor(), 2)], 1)
+                .unwrap();
         let g2 = (&reference * probe_split).unwrap().sum_all().unwrap().backward().unwrap();
-        let diff = (g.get(qkv.as_tensor()).unwrap() - g2.get(qkv.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (g.get(qkv.as_tensor()).unwrap() - g2.get(qkv.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{diff}");
     }
 

@@ -108,9 +108,7 @@ impl VqConfig {
         match name {
             "vq16" => Ok(Self::vq16()),
             "mnist" => Ok(Self::mnist()),
-            other => Err(TokenizerError::BadConfig(format!(
-                "unknown tokenizer preset `{other}` (known: vq16, mnist)"
-            ))),
+            other => Err(TokenizerError::BadConfig(format!("unknown tokenizer preset `{other}` (known: vq16, mnist)"))),
         }
     }
 
@@ -162,7 +160,13 @@ impl VqConfig {
         let widest = self.ch as f64 * self.ch_mult.iter().copied().max().unwrap_or(1) as f64;
         let params = self.codebook_size as f64 * self.codebook_dim as f64
             + (self.ch_mult.len() as f64) * (self.num_res_blocks as f64 + 1.0) * 2.0 * 18.0 * widest * widest;
-        if let Err(m) = crate::util::check_memory(&format!("a tokenizer with codebook {} × {} and width {widest} ({params:.3e} parameters)", self.codebook_size, self.codebook_dim), 4.0 * params) {
+        if let Err(m) = crate::util::check_memory(
+            &format!(
+                "a tokenizer with codebook {} × {} and width {widest} ({params:.3e} parameters)",
+                self.codebook_size, self.codebook_dim
+            ),
+            4.0 * params,
+        ) {
             return bad(m);
         }
         if !(self.commit_beta >= 0.0 && self.commit_beta.is_finite()) {

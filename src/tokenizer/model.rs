@@ -78,11 +78,7 @@ impl ResBlock {
             conv1: Conv::new(&pb.pp("conv1"), cin, cout, 3, 1, 1)?,
             norm2: group_norm(&pb.pp("norm2"), cout, groups)?,
             conv2: Conv::new(&pb.pp("conv2"), cout, cout, 3, 1, 1)?,
-            nin_shortcut: if cin != cout {
-                Some(Conv::new(&pb.pp("nin_shortcut"), cin, cout, 1, 1, 0)?)
-            } else {
-                None
-            },
+            nin_shortcut: if cin != cout { Some(Conv::new(&pb.pp("nin_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
         })
     }
 
@@ -534,7 +530,8 @@ mod tests {
         let vals: Vec<f32> = (0..2 * 3 * 8 * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let x = Tensor::from_vec(vals, (2, 3, 8, 8), &Device::Cpu).unwrap();
         let (recon, q) = model.forward(&x).unwrap();
-        let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap() + q.codebook_loss + q.commit_loss).unwrap();
+        let loss =
+            ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap() + q.codebook_loss + q.commit_loss).unwrap();
         let grads = loss.backward().unwrap();
         for (name, var) in store.vars() {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));

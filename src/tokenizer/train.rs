@@ -49,7 +49,12 @@ pub struct TokenizerTask {
 }
 
 impl TokenizerTask {
-    pub fn new(config: TokenizerTrainConfig, train: ImageDataset, val: Option<ImageDataset>, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: TokenizerTrainConfig,
+        train: ImageDataset,
+        val: Option<ImageDataset>,
+        device: &Device,
+    ) -> Result<Self> {
         config.model.validate()?;
         let m = &config.model;
         if train.channels != m.in_channels || train.height != m.image_size || train.width != m.image_size {
@@ -62,8 +67,16 @@ impl TokenizerTask {
             return Err(TokenizerError::BadConfig("batch size and training set must be non-empty".into()));
         }
         let widest = (m.ch * m.ch_mult.iter().copied().max().unwrap_or(1)) as f64;
-        let per_image = (m.image_size * m.image_size) as f64 * widest * (m.num_res_blocks as f64 + 1.0) * m.ch_mult.len() as f64 * 8.0;
-        crate::util::check_memory(&format!("--batch-size {}", config.batch_size), 4.0 * config.batch_size as f64 * per_image).map_err(TokenizerError::BadConfig)?;
+        let per_image = (m.image_size * m.image_size) as f64
+            * widest
+            * (m.num_res_blocks as f64 + 1.0)
+            * m.ch_mult.len() as f64
+            * 8.0;
+        crate::util::check_memory(
+            &format!("--batch-size {}", config.batch_size),
+            4.0 * config.batch_size as f64 * per_image,
+        )
+        .map_err(TokenizerError::BadConfig)?;
         let store = ParamStore::new(config.seed, device);
         let model = VqModel::new(m, &store.root())?;
         let sampler = BatchSampler::new(train.len(), config.batch_size, config.seed);
@@ -268,13 +281,21 @@ impl Tokenizer {
         let store = ParamStore::new(0, device);
         let model = VqModel::new(&config, &store.root())?;
         store.load_model_file(&file, Some("model"))?;
-        let id = crate::util::sha256_file(&file).map_err(|e| TokenizerError::BadFile { path: file.clone(), reason: e.to_string() })?;
+        let id = crate::util::sha256_file(&file)
+            .map_err(|e| TokenizerError::BadFile { path: file.clone(), reason: e.to_string() })?;
         Ok(Self { model, store, config, id, path: file })
     }
 
     /// Encodes a dataset into a code shard (with the flip copy when `flip`), `batch` images at a
     /// time. `progress` is called with the number of images done.
-    pub fn tokenize(&self, data: &ImageDataset, flip: bool, batch: usize, device: &Device, mut progress: impl FnMut(usize)) -> Result<CodeShard> {
+    pub fn tokenize(
+        &self,
+        data: &ImageDataset,
+        flip: bool,
+        batch: usize,
+        device: &Device,
+        mut progress: impl FnMut(usize),
+    ) -> Result<CodeShard> {
         let c = &self.config;
         if data.channels != c.in_channels || data.height != c.image_size || data.width != c.image_size {
             return Err(TokenizerError::BadInput(format!(
@@ -330,7 +351,15 @@ mod tests {
                 }
             }
         }
-        ImageDataset { images, labels: vec![0; n], channels: 1, height: 8, width: 8, class_names: vec!["0".into()], source: "synthetic".into() }
+        ImageDataset {
+            images,
+            labels: vec![0; n],
+            channels: 1,
+            height: 8,
+            width: 8,
+            class_names: vec!["0".into()],
+            source: "synthetic".into(),
+        }
     }
 
     fn tiny_model() -> VqConfig {

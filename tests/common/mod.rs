@@ -38,9 +38,25 @@ pub fn synthetic_codes(dir: &std::path::Path) -> (String, String) {
     let make = |n: usize, seed: u64| {
         let mut rng = dpar::util::rng_for(seed, "synthetic-codes", 0);
         let labels: Vec<u32> = (0..n).map(|i| (i % 3) as u32).collect();
-        let codes: Vec<u32> = (0..n * 16).map(|k| if (k % 16) / 4 == (k / 16) % 3 { 1 + ((k / 16) % 3) as u32 } else if rng.random::<f64>() < 0.1 { rng.random_range(0..6) } else { 0 }).collect();
+        let codes: Vec<u32> = (0..n * 16)
+            .map(|k| {
+                if (k % 16) / 4 == (k / 16) % 3 {
+                    1 + ((k / 16) % 3) as u32
+                } else if rng.random::<f64>() < 0.1 {
+                    rng.random_range(0..6)
+                } else {
+                    0
+                }
+            })
+            .collect();
         CodeShard {
-            info: ShardInfo { grid_size: 4, codebook_size: 6, num_classes: 3, class_names: vec!["a".into(), "b".into(), "c".into()], tokenizer_id: "synthetic".into() },
+            info: ShardInfo {
+                grid_size: 4,
+                codebook_size: 6,
+                num_classes: 3,
+                class_names: vec!["a".into(), "b".into(), "c".into()],
+                tokenizer_id: "synthetic".into(),
+            },
             flip_codes: None,
             codes,
             labels,
@@ -56,8 +72,34 @@ pub fn synthetic_codes(dir: &std::path::Path) -> (String, String) {
 /// Flags of a tiny GPT training run on [`synthetic_codes`].
 pub fn tiny_gpt_flags<'a>(train: &'a str, test: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--model", "gpt", "--preset", "mnist", "--dim", "16", "--heads", "1", "--layers", "1", "--batch-size", "4",
-        "--codes", train, "--val-codes", test, "--val-images", "4", "--out", out, "--steps", steps, "--checkpoint-every", "2",
-        "--log-every", "1", "--lr", "3e-3",
+        "train",
+        "--model",
+        "gpt",
+        "--preset",
+        "mnist",
+        "--dim",
+        "16",
+        "--heads",
+        "1",
+        "--layers",
+        "1",
+        "--batch-size",
+        "4",
+        "--codes",
+        train,
+        "--val-codes",
+        test,
+        "--val-images",
+        "4",
+        "--out",
+        out,
+        "--steps",
+        steps,
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+        "--lr",
+        "3e-3",
     ]
 }

@@ -84,7 +84,8 @@ pub struct SpeedArgs {
 }
 
 /// PyTorch's reference scripts, run by `--torch`.
-const TORCH_SCRIPTS: [&str; 4] = ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py", "torch_gemm_shapes.py"];
+const TORCH_SCRIPTS: [&str; 4] =
+    ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py", "torch_gemm_shapes.py"];
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.cmd {
@@ -99,9 +100,17 @@ fn speed(args: SpeedArgs) -> Result<()> {
     let mut models = if args.no_models { String::new() } else { args.models.clone() };
     let mut ops_list = args.ops.clone();
     if args.torch.is_some() {
-        anyhow::ensure!(args.batch_size == 16, "--torch: the reference scripts use batch 16; drop --batch-size {}", args.batch_size);
+        anyhow::ensure!(
+            args.batch_size == 16,
+            "--torch: the reference scripts use batch 16; drop --batch-size {}",
+            args.batch_size
+        );
         for script in TORCH_SCRIPTS {
-            anyhow::ensure!(args.torch_scripts.join(script).is_file(), "--torch-scripts {}: no {script} there", args.torch_scripts.display());
+            anyhow::ensure!(
+                args.torch_scripts.join(script).is_file(),
+                "--torch-scripts {}: no {script} there",
+                args.torch_scripts.display()
+            );
         }
         // The comparison needs our bench model with both kernels.
         if !models.split(',').any(|m| m.trim() == "bench") {
@@ -139,8 +148,22 @@ fn speed(args: SpeedArgs) -> Result<()> {
                 config.ops = kind;
                 let mut entropy = dpar::gpt::GptConfig::mnist_entropy();
                 entropy.ops = kind;
-                tracing::info!("timing DPAR {preset} with {ops} ops ({}+{}+{} layers, width {})", config.encoder_layers, config.global_layers, config.decoder_layers, config.dim);
-                rows.push(dpar::bench::dpar_speed(&label, &config, &entropy, args.batch_size, args.warmup, args.reps, &device)?);
+                tracing::info!(
+                    "timing DPAR {preset} with {ops} ops ({}+{}+{} layers, width {})",
+                    config.encoder_layers,
+                    config.global_layers,
+                    config.decoder_layers,
+                    config.dim
+                );
+                rows.push(dpar::bench::dpar_speed(
+                    &label,
+                    &config,
+                    &entropy,
+                    args.batch_size,
+                    args.warmup,
+                    args.reps,
+                    &device,
+                )?);
             } else {
                 let mut config = dpar::gpt::GptConfig::preset(name)?;
                 config.ops = kind;
@@ -157,7 +180,12 @@ fn speed(args: SpeedArgs) -> Result<()> {
         println!();
         print!("{}", dpar::bench::op_markdown(&ops));
     }
-    println!("threads: {}, warm-up {} + {} timed repetitions (medians)", rayon::current_num_threads(), args.warmup, args.reps);
+    println!(
+        "threads: {}, warm-up {} + {} timed repetitions (medians)",
+        rayon::current_num_threads(),
+        args.warmup,
+        args.reps
+    );
     let mut decode = Vec::new();
     if args.gemm_table {
         if args.torch.is_none() {
@@ -167,11 +195,16 @@ fn speed(args: SpeedArgs) -> Result<()> {
         }
         decode = dpar::bench::decode_gemm(args.reps);
         println!();
-        println!("| decode product m × 768 × 256 (f32) | faer GFLOP/s | small-m, W packed once, GFLOP/s |\n|---|---|---|");
+        println!(
+            "| decode product m × 768 × 256 (f32) | faer GFLOP/s | small-m, W packed once, GFLOP/s |\n|---|---|---|"
+        );
         for (m, faer, small) in &decode {
             println!("| m = {m} | {faer:.1} | {small:.1} |");
         }
-        println!("`dpar sample` uses the small-m kernel up to m = {} rows (a decode step of 2 × batch rows with guidance)", dpar::kernels::matmul::SMALL_M);
+        println!(
+            "`dpar sample` uses the small-m kernel up to m = {} rows (a decode step of 2 × batch rows with guidance)",
+            dpar::kernels::matmul::SMALL_M
+        );
     }
     let mut torch = None;
     if let (Some(_), Some(reference)) = (&args.torch, reference) {
@@ -189,14 +222,27 @@ fn speed(args: SpeedArgs) -> Result<()> {
     if let Some(list) = &args.sampling_curve {
         let batches: Vec<usize> = list
             .split(',')
-            .map(|b| b.trim().parse::<usize>().ok().filter(|&b| b > 0 && b <= 4096).ok_or_else(|| anyhow::anyhow!("--sampling-curve: `{b}` is not a batch size in 1..=4096")))
+            .map(|b| {
+                b.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&b| b > 0 && b <= 4096)
+                    .ok_or_else(|| anyhow::anyhow!("--sampling-curve: `{b}` is not a batch size in 1..=4096"))
+            })
             .collect::<Result<_>>()?;
         let (gpt, _gs) = dpar::gpt::load(&args.gpt, None, &device)?;
         let (model, _store, _) = dpar::dpar::train::load(&args.dpar, &device)?;
         let recorded = dpar::parts::Recorded::of(&args.dpar);
         let part = dpar::parts::Part::EntropyModel;
         let owner = format!("the model {}", args.dpar.display());
-        let entropy_path = dpar::parts::resolve(part, args.entropy_model.as_deref(), recorded.id(part), &args.dpar, &owner, crate::common::allow_mismatch())?;
+        let entropy_path = dpar::parts::resolve(
+            part,
+            args.entropy_model.as_deref(),
+            recorded.id(part),
+            &args.dpar,
+            &owner,
+            crate::common::allow_mismatch(),
+        )?;
         let (entropy, _es) = dpar::gpt::load(&entropy_path, None, &device)?;
         let (gc, dc) = (gpt.config(), model.config());
         anyhow::ensure!(
@@ -211,11 +257,26 @@ fn speed(args: SpeedArgs) -> Result<()> {
         );
         let sampling = dpar::sample::SamplingConfig { cfg_scale: args.cfg, ..Default::default() };
         sampling.validate()?;
-        tracing::info!("sampling curve: {} ({} layers, width {}) against {} ({}+{}+{} layers, width {}), cfg {}", args.gpt.display(), gc.n_layer, gc.dim, args.dpar.display(), dc.encoder_layers, dc.global_layers, dc.decoder_layers, dc.dim, args.cfg);
-        curve = dpar::bench::sampling_curve(&gpt, &model, &entropy, &sampling, &dc.patch, &batches, args.reps, &device)?;
+        tracing::info!(
+            "sampling curve: {} ({} layers, width {}) against {} ({}+{}+{} layers, width {}), cfg {}",
+            args.gpt.display(),
+            gc.n_layer,
+            gc.dim,
+            args.dpar.display(),
+            dc.encoder_layers,
+            dc.global_layers,
+            dc.decoder_layers,
+            dc.dim,
+            args.cfg
+        );
+        curve =
+            dpar::bench::sampling_curve(&gpt, &model, &entropy, &sampling, &dc.patch, &batches, args.reps, &device)?;
         println!();
         print!("{}", dpar::bench::sampling_markdown(&curve, dc.seq_len()));
-        println!("whole generations (cfg {}), median of up to {} runs or one second per batch size", args.cfg, args.reps);
+        println!(
+            "whole generations (cfg {}), median of up to {} runs or one second per batch size",
+            args.cfg, args.reps
+        );
     }
     if let Some(path) = args.json {
         let json = serde_json::json!({ "models": rows, "ops": ops, "torch": torch, "sampling_curve": curve, "decode_gemm": decode });

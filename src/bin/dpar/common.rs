@@ -46,17 +46,23 @@ impl DataArgs {
     /// Loads `split`, prepared to `size × size × channels`.
     pub fn load(&self, split: &str, size: usize, channels: usize) -> Result<dpar::data::ImageDataset> {
         let source = match (&self.images, &self.labels) {
-            (Some(images), Some(labels)) => dpar::data::DataSource::Idx { images: images.clone(), labels: labels.clone() },
+            (Some(images), Some(labels)) => {
+                dpar::data::DataSource::Idx { images: images.clone(), labels: labels.clone() }
+            }
             _ => dpar::data::resolve(&self.data, split)?,
         };
         let t = std::time::Instant::now();
         let data = match (&source, &self.class_names) {
             (_, None) => dpar::data::load(&source, size, channels),
             (dpar::data::DataSource::Idx { images, labels }, Some(names)) => {
-                dpar::data::idx::load_idx_with_classes(images, labels, Some(names)).and_then(|d| d.prepare(size, channels))
+                dpar::data::idx::load_idx_with_classes(images, labels, Some(names))
+                    .and_then(|d| d.prepare(size, channels))
             }
             (dpar::data::DataSource::Folder { root }, Some(_)) => {
-                bail!("--class-names: {} is a folder of class sub-folders, which name the classes themselves", root.display())
+                bail!(
+                    "--class-names: {} is a folder of class sub-folders, which name the classes themselves",
+                    root.display()
+                )
             }
         }
         .with_context(|| format!("loading the {split} split"))?;
@@ -94,8 +100,10 @@ impl DeviceArgs {
             "cpu" => Ok(candle_core::Device::Cpu),
             d if d == "cuda" || d.starts_with("cuda:") => {
                 // Plain `cuda` under a multi-process launcher: one GPU per process, by local rank.
-                let default = dpar::dist::launcher_rank().map(|(_, _, local)| local.to_string()).unwrap_or_else(|| "0".into());
-                let ordinal: usize = d.strip_prefix("cuda:").unwrap_or(&default).parse().context("--device cuda:N needs a number")?;
+                let default =
+                    dpar::dist::launcher_rank().map(|(_, _, local)| local.to_string()).unwrap_or_else(|| "0".into());
+                let ordinal: usize =
+                    d.strip_prefix("cuda:").unwrap_or(&default).parse().context("--device cuda:N needs a number")?;
                 if !candle_core::utils::cuda_is_available() {
                     bail!("--device {d}: this binary was built without CUDA (rebuild with `--features cuda`)");
                 }
@@ -126,7 +134,9 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
                 _ => dpar::data::resolve(&data.data, &split)?,
             };
             let set = match &source {
-                dpar::data::DataSource::Idx { images, labels } => dpar::data::idx::load_idx_with_classes(images, labels, data.class_names.as_deref())?,
+                dpar::data::DataSource::Idx { images, labels } => {
+                    dpar::data::idx::load_idx_with_classes(images, labels, data.class_names.as_deref())?
+                }
                 dpar::data::DataSource::Folder { root } => dpar::data::folder::load_image_folder(root, 64, 3)?,
             };
             let mut counts = vec![0usize; set.num_classes()];
@@ -191,7 +201,14 @@ pub fn plot_logs(args: PlotLogsArgs) -> Result<()> {
         "train_seconds" => "training wall-clock (minutes)".to_string(),
         other => other.to_string(),
     };
-    dpar::plot::line_plot(&args.out, &format!("{} vs {x_label}", args.metric), &x_label, &args.metric, &series, !args.linear)?;
+    dpar::plot::line_plot(
+        &args.out,
+        &format!("{} vs {x_label}", args.metric),
+        &x_label,
+        &args.metric,
+        &series,
+        !args.linear,
+    )?;
     println!("wrote {}", args.out.display());
     Ok(())
 }

@@ -103,10 +103,16 @@ fn train_classifier(args: TrainClassifierArgs) -> Result<()> {
     let test = args.data.load("test", s, c)?;
     config.model.num_classes = train.num_classes();
     let mut task = ClassifierTask::new(config.clone(), train, Some(test.clone()), &device)?;
-    let report = dpar::train::run(&mut task, &config.train, &args.out, crate::common::start(args.resume, args.overwrite))?;
+    let report =
+        dpar::train::run(&mut task, &config.train, &args.out, crate::common::start(args.resume, args.overwrite))?;
     let acc = classifier::accuracy(task.model(), &test, usize::MAX, &device)?;
     let hash = dpar::util::sha256_file(&args.out.join("model.safetensors"))?;
-    println!("trained the classifier in {}: test accuracy {:.2}% on {} images", dpar::util::human_duration(report.seconds), 100.0 * acc, test.len());
+    println!(
+        "trained the classifier in {}: test accuracy {:.2}% on {} images",
+        dpar::util::human_duration(report.seconds),
+        100.0 * acc,
+        test.len()
+    );
     println!("classifier sha256 {hash}");
     let record = serde_json::json!({ "test_accuracy": acc, "test_images": test.len(), "sha256": hash, "seconds": report.seconds });
     dpar::util::write_atomic(&args.out.join("accuracy.json"), serde_json::to_string_pretty(&record)?.as_bytes())?;
@@ -127,7 +133,13 @@ pub fn reference(common: &Common, n: usize) -> Result<(classifier::Classifier, S
         feats.extend(f);
         probs.extend(p);
     }
-    classifier::check_reference_data(&probs, &data.labels, c.num_classes, classifier::recorded_accuracy(&common.classifier), &data.source)?;
+    classifier::check_reference_data(
+        &probs,
+        &data.labels,
+        c.num_classes,
+        classifier::recorded_accuracy(&common.classifier),
+        &data.source,
+    )?;
     Ok((model, hash, feats, device))
 }
 
@@ -147,7 +159,14 @@ fn samples(args: SamplesArgs) -> Result<()> {
     let shard = dpar::data::shards::read_shard(&file).with_context(|| format!("reading samples {}", file.display()))?;
     let (model, hash, refs, device) = reference(&args.common, args.n)?;
     let owner = format!("the samples {}", file.display());
-    let tok_path = dpar::parts::resolve(dpar::parts::Part::Tokenizer, args.tokenizer.as_deref(), Some(&shard.info.tokenizer_id), &file, &owner, crate::common::allow_mismatch())?;
+    let tok_path = dpar::parts::resolve(
+        dpar::parts::Part::Tokenizer,
+        args.tokenizer.as_deref(),
+        Some(&shard.info.tokenizer_id),
+        &file,
+        &owner,
+        crate::common::allow_mismatch(),
+    )?;
     let tok = dpar::tokenizer::train::Tokenizer::load(&tok_path, None, &device)?;
     let n = shard.len().min(args.n);
     let images = decode(&tok, &shard, n, &device)?;
@@ -161,7 +180,12 @@ fn samples(args: SamplesArgs) -> Result<()> {
 }
 
 /// Decodes the first `n` code sequences of a shard into images clamped to [−1, 1].
-pub fn decode(tok: &dpar::tokenizer::train::Tokenizer, shard: &dpar::data::shards::CodeShard, n: usize, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+pub fn decode(
+    tok: &dpar::tokenizer::train::Tokenizer,
+    shard: &dpar::data::shards::CodeShard,
+    n: usize,
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
     let l = shard.info.seq_len();
     let mut parts = Vec::new();
     for start in (0..n).step_by(200) {

@@ -61,8 +61,22 @@ impl ExperimentArgs {
         let entropy_id = dpar::tensor_io::read_safetensors_metadata(&dpar::data::shards::entropy_path(&first))
             .ok()
             .and_then(|m| m.get("entropy_model_id").cloned());
-        let tokenizer = resolve(Part::Tokenizer, self.tokenizer.as_deref(), tokenizer_id.as_deref(), &self.train_codes, &owner, allow)?;
-        let entropy_model = resolve(Part::EntropyModel, self.entropy_model.as_deref(), entropy_id.as_deref(), &self.train_codes, &owner, allow)?;
+        let tokenizer = resolve(
+            Part::Tokenizer,
+            self.tokenizer.as_deref(),
+            tokenizer_id.as_deref(),
+            &self.train_codes,
+            &owner,
+            allow,
+        )?;
+        let entropy_model = resolve(
+            Part::EntropyModel,
+            self.entropy_model.as_deref(),
+            entropy_id.as_deref(),
+            &self.train_codes,
+            &owner,
+            allow,
+        )?;
         let setup = Setup {
             train_codes: self.train_codes.clone(),
             test_codes: self.test_codes.clone(),
@@ -170,13 +184,24 @@ pub struct AblateAllArgs {
 fn scale(env: &Env, a: &AblateArgs) -> Result<Scale> {
     let info = &env.train.shard.info;
     let mut s = Scale::small(info.codebook_size, info.num_classes, info.grid_size);
-    if let Some(v) = a.steps { s.steps = v; }
-    if let Some(v) = a.dim { s.model.dim = v; }
-    if let Some(v) = a.batch_size { s.batch_size = v; }
-    if let Some(v) = a.lr { s.lr = v; }
+    if let Some(v) = a.steps {
+        s.steps = v;
+    }
+    if let Some(v) = a.dim {
+        s.model.dim = v;
+    }
+    if let Some(v) = a.batch_size {
+        s.batch_size = v;
+    }
+    if let Some(v) = a.lr {
+        s.lr = v;
+    }
     if let Some(layers) = &a.layers {
-        let parts: Vec<usize> = layers.split('+').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().unwrap_or_default();
-        let [e, g, d] = parts[..] else { anyhow::bail!("--layers {layers}: expected encoder+global+decoder blocks, e.g. 1+3+1") };
+        let parts: Vec<usize> =
+            layers.split('+').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().unwrap_or_default();
+        let [e, g, d] = parts[..] else {
+            anyhow::bail!("--layers {layers}: expected encoder+global+decoder blocks, e.g. 1+3+1")
+        };
         (s.model.encoder_layers, s.model.global_layers, s.model.decoder_layers) = (e, g, d);
     }
     if a.seeds.is_empty() {
@@ -201,19 +226,28 @@ pub fn ablate(cmd: AblateCmd) -> Result<()> {
     match cmd {
         AblateCmd::Patching(a) => {
             let env = a.exp.env(1000)?;
-            experiments::ablate_patching(&env, &scale(&env, &a)?, a.target_mean_len)?.save(&env.setup.out, "table3-patching")?;
+            experiments::ablate_patching(&env, &scale(&env, &a)?, a.target_mean_len)?
+                .save(&env.setup.out, "table3-patching")?;
         }
         AblateCmd::Threshold(a) => {
             let env = a.exp.env(1000)?;
-            experiments::ablate_threshold(&env, &scale(&env, &a)?, &THETA_TARGETS)?.save(&env.setup.out, "table4-threshold")?;
+            experiments::ablate_threshold(&env, &scale(&env, &a)?, &THETA_TARGETS)?
+                .save(&env.setup.out, "table4-threshold")?;
         }
         AblateCmd::MaxLen(a) => {
             let env = a.exp.env(1000)?;
-            experiments::ablate_max_len(&env, &scale(&env, &a)?, a.target_mean_len, &P_SWEEP)?.save(&env.setup.out, "table5-max-len")?;
+            experiments::ablate_max_len(&env, &scale(&env, &a)?, a.target_mean_len, &P_SWEEP)?
+                .save(&env.setup.out, "table5-max-len")?;
         }
         AblateCmd::Inference(a) => {
             let env = a.exp.env(1000)?;
-            experiments::ablate_inference(&env, &scale(&env, &a)?, a.target_mean_len, &inference_targets(a.target_mean_len))?.save(&env.setup.out, "table6-inference")?;
+            experiments::ablate_inference(
+                &env,
+                &scale(&env, &a)?,
+                a.target_mean_len,
+                &inference_targets(a.target_mean_len),
+            )?
+            .save(&env.setup.out, "table6-inference")?;
         }
         AblateCmd::Train(t) => {
             let a = &t.ablate;
@@ -235,7 +269,8 @@ pub fn ablate(cmd: AblateCmd) -> Result<()> {
         }
         AblateCmd::Probe(a) => {
             let env = a.exp.env(1000)?;
-            experiments::linear_probe(&env, &a.dpar_runs, &a.gpt_runs, a.train_images, a.test_images)?.save(&env.setup.out, "table7-probe")?;
+            experiments::linear_probe(&env, &a.dpar_runs, &a.gpt_runs, a.train_images, a.test_images)?
+                .save(&env.setup.out, "table7-probe")?;
         }
         AblateCmd::All(a) => {
             let env = a.ablate.exp.env(1000)?;
@@ -244,8 +279,10 @@ pub fn ablate(cmd: AblateCmd) -> Result<()> {
             experiments::ablate_patching(&env, &s, t)?.save(&env.setup.out, "table3-patching")?;
             experiments::ablate_threshold(&env, &s, &THETA_TARGETS)?.save(&env.setup.out, "table4-threshold")?;
             experiments::ablate_max_len(&env, &s, t, &P_SWEEP)?.save(&env.setup.out, "table5-max-len")?;
-            experiments::ablate_inference(&env, &s, t, &inference_targets(t))?.save(&env.setup.out, "table6-inference")?;
-            experiments::linear_probe(&env, &a.dpar_runs, &a.gpt_runs, 5000, 2000)?.save(&env.setup.out, "table7-probe")?;
+            experiments::ablate_inference(&env, &s, t, &inference_targets(t))?
+                .save(&env.setup.out, "table6-inference")?;
+            experiments::linear_probe(&env, &a.dpar_runs, &a.gpt_runs, 5000, 2000)?
+                .save(&env.setup.out, "table7-probe")?;
         }
     }
     Ok(())
@@ -303,10 +340,12 @@ pub fn side_by_side(args: SideBySideArgs) -> Result<()> {
     }
     // The comparison is only fair at the same budget: same epochs (steps × images per step).
     let images_seen = |run: &PathBuf| -> Option<u64> {
-        let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).ok()?).ok()?;
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).ok()?).ok()?;
         Some(c["train"]["steps"].as_u64()? * c["batch_size"].as_u64()?)
     };
-    let budgets: Vec<(String, Option<u64>)> = args.gpt_runs.iter().chain(&args.dpar_runs).map(|r| (r.display().to_string(), images_seen(r))).collect();
+    let budgets: Vec<(String, Option<u64>)> =
+        args.gpt_runs.iter().chain(&args.dpar_runs).map(|r| (r.display().to_string(), images_seen(r))).collect();
     if budgets.windows(2).any(|w| w[0].1 != w[1].1) {
         tracing::warn!("the runs saw different numbers of training images: {budgets:?}");
     }

@@ -183,7 +183,10 @@ fn compute(args: ComputeArgs) -> Result<()> {
 fn print_stats(label: &str, s: &PatchStats) {
     println!("{label}");
     println!("  mean patch length {:.3} (token-count reduction ×{:.3})", s.mean_len, s.mean_len);
-    println!("  patches per image: min {}, mean {:.1}, max {} (over {} images)", s.min_patches, s.mean_patches, s.max_patches, s.images);
+    println!(
+        "  patches per image: min {}, mean {:.1}, max {} (over {} images)",
+        s.min_patches, s.mean_patches, s.max_patches, s.images
+    );
     let total: usize = s.histogram.iter().sum();
     for (len, &count) in s.histogram.iter().enumerate().skip(1) {
         if count == 0 {
@@ -227,7 +230,12 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
             let theta = patching::percentile(&ent.entropy, q).context("no finite entropies")?;
             let c = PatchConfig { threshold: theta, entropy_gate: true, ..config };
             let s = patching::stats(&ent.entropy, grid, &c)?;
-            println!("  θ at the {:.0}th entropy percentile = {theta:.4}: mean length {:.3} at P = {}", q * 100.0, s.mean_len, c.max_patch_len);
+            println!(
+                "  θ at the {:.0}th entropy percentile = {theta:.4}: mean length {:.3} at P = {}",
+                q * 100.0,
+                s.mean_len,
+                c.max_patch_len
+            );
             rows.push(serde_json::json!({"percentile": q, "threshold": theta, "mean_len": s.mean_len}));
         }
         report.insert("percentiles".into(), rows.into());
@@ -235,7 +243,14 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
     if let Some(n) = args.show {
         let device = args.device.device()?;
         let owner = format!("the codes {}", args.codes.display());
-        let tok_path = dpar::parts::resolve(dpar::parts::Part::Tokenizer, args.tokenizer.as_deref(), Some(&shard.info.tokenizer_id), &args.codes, &owner, crate::common::allow_mismatch())?;
+        let tok_path = dpar::parts::resolve(
+            dpar::parts::Part::Tokenizer,
+            args.tokenizer.as_deref(),
+            Some(&shard.info.tokenizer_id),
+            &args.codes,
+            &owner,
+            crate::common::allow_mismatch(),
+        )?;
         let tok = dpar::tokenizer::train::Tokenizer::load(&tok_path, None, &device)?;
         let n = n.min(shard.len());
         let codes = candle_core::Tensor::from_slice(&shard.codes[..n * l], (n, l), &device)?;

@@ -89,7 +89,10 @@ pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>>
             Some((a, b)) => (a.trim().parse::<u32>(), b.trim().parse::<u32>()),
             None => (part.parse::<u32>(), part.parse::<u32>()),
         };
-        let (lo, hi) = (lo.with_context(|| format!("--classes: `{part}` is not a class number"))?, hi.with_context(|| format!("--classes: `{part}` is not a class number"))?);
+        let (lo, hi) = (
+            lo.with_context(|| format!("--classes: `{part}` is not a class number"))?,
+            hi.with_context(|| format!("--classes: `{part}` is not a class number"))?,
+        );
         for c in lo..=hi {
             if c as usize >= num_classes {
                 bail!("--classes: unknown class {c}; the model has {num_classes} classes (0-{})", num_classes - 1);
@@ -123,15 +126,28 @@ impl SampleOutput<'_> {
         let mut images = Vec::with_capacity(self.codes.len());
         for start in (0..self.codes.len()).step_by(100) {
             let n = (self.codes.len() - start).min(100);
-            images.extend(dpar::viz::tensor_to_images(&self.tokenizer.decode(&codes.narrow(0, start, n)?)?)?.iter().map(|i| dpar::viz::upscale(i, scale)));
+            images.extend(
+                dpar::viz::tensor_to_images(&self.tokenizer.decode(&codes.narrow(0, start, n)?)?)?
+                    .iter()
+                    .map(|i| dpar::viz::upscale(i, scale)),
+            );
         }
         Ok(images)
     }
 
     /// A grid with one row per class; `decorate` may draw on each image (index, image).
-    fn write_grid(&self, images: &[image::RgbImage], path: &std::path::Path, decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage) -> Result<()> {
+    fn write_grid(
+        &self,
+        images: &[image::RgbImage],
+        path: &std::path::Path,
+        decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage,
+    ) -> Result<()> {
         let rows: Vec<Vec<image::RgbImage>> = (0..self.classes.len())
-            .map(|r| (0..self.per_class).map(|j| decorate(r * self.per_class + j, images[r * self.per_class + j].clone())).collect())
+            .map(|r| {
+                (0..self.per_class)
+                    .map(|j| decorate(r * self.per_class + j, images[r * self.per_class + j].clone()))
+                    .collect()
+            })
             .collect();
         dpar::viz::save_png(&dpar::viz::grid(&rows, 4), path)?;
         Ok(())
@@ -148,7 +164,9 @@ impl SampleOutput<'_> {
         if let Some((grid, lengths)) = patches {
             let path = self.out.join("samples-patches.png");
             // Twice the size of samples.png, so that single-code patches stay visible.
-            self.write_grid(&images, &path, &|i, img| dpar::viz::patch_overlay(&dpar::viz::upscale(&img, 2), grid, &lengths[i]))?;
+            self.write_grid(&images, &path, &|i, img| {
+                dpar::viz::patch_overlay(&dpar::viz::upscale(&img, 2), grid, &lengths[i])
+            })?;
             written.push(path);
         }
         let max_class = self.classes.iter().copied().max().unwrap_or(0);
@@ -178,9 +196,11 @@ impl SampleOutput<'_> {
 
 /// Fails now, not after the sampling, when `out` cannot be created or written.
 fn check_writable(out: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the output folder", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the output folder", out.display()))?;
     let probe = out.join(format!(".write-check.{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("--out {}: cannot write into the output folder", out.display()))?;
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--out {}: cannot write into the output folder", out.display()))?;
     std::fs::remove_file(&probe).ok();
     Ok(())
 }
@@ -204,13 +224,23 @@ fn check_total(args: &SampleArgs, classes: usize) -> Result<()> {
 
 pub fn sample(args: SampleArgs) -> Result<()> {
     let device = args.device.device()?;
-    let config = SamplingConfig { cfg_scale: args.cfg, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let config = SamplingConfig {
+        cfg_scale: args.cfg,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
     config.validate()?;
     if args.per_class == 0 || args.batch_size == 0 {
         bail!("--per-class and --batch-size must be > 0");
     }
     if args.per_class > args.max_images {
-        bail!("--per-class {} asks for more than --max-images {} images; raise --max-images if you mean it", args.per_class, args.max_images);
+        bail!(
+            "--per-class {} asks for more than --max-images {} images; raise --max-images if you mean it",
+            args.per_class,
+            args.max_images
+        );
     }
     check_writable(&args.out)?;
     if checkpoint_kind(&args.ckpt).as_deref() == Some("dpar") {
@@ -268,7 +298,15 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         "codes_per_s": tokens_per_s,
         "steps_per_image": mc.seq_len(),
     });
-    SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record }.write(&device, None)
+    SampleOutput {
+        out: &args.out,
+        tokenizer: &tokenizer,
+        classes: &classes,
+        per_class: args.per_class,
+        codes: &codes,
+        record,
+    }
+    .write(&device, None)
 }
 
 fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::Device) -> Result<()> {
@@ -282,7 +320,12 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     let tokenizer = Tokenizer::load(&tokenizer_path, args.tokenizer_preset.as_deref(), &device)?;
     let mc = model.config();
     if tokenizer.config.grid_size() != mc.grid_size || tokenizer.config.codebook_size > mc.vocab_size {
-        bail!("tokenizer {} does not fit the DPAR model (grid {}, vocabulary {})", tokenizer_path.display(), mc.grid_size, mc.vocab_size);
+        bail!(
+            "tokenizer {} does not fit the DPAR model (grid {}, vocabulary {})",
+            tokenizer_path.display(),
+            mc.grid_size,
+            mc.vocab_size
+        );
     }
     let patch = args.patch.apply(mc.patch);
     patch.validate()?;
@@ -335,7 +378,14 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
         "patch_steps_per_image": mean_steps,
         "patch_lengths": lengths,
     });
-    let output = SampleOutput { out: &args.out, tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record };
+    let output = SampleOutput {
+        out: &args.out,
+        tokenizer: &tokenizer,
+        classes: &classes,
+        per_class: args.per_class,
+        codes: &codes,
+        record,
+    };
     output.write(&device, (!args.no_patch_picture).then_some((mc.grid_size, lengths.as_slice())))?;
     Ok(())
 }

@@ -189,7 +189,8 @@ fn train(args: TrainArgs) -> Result<()> {
         },
     };
     let mut task = TokenizerTask::new(config.clone(), data, val.clone(), &device)?;
-    let report = dpar::train::run(&mut task, &config.train, &args.out, crate::common::start(args.resume, args.overwrite))?;
+    let report =
+        dpar::train::run(&mut task, &config.train, &args.out, crate::common::start(args.resume, args.overwrite))?;
     println!(
         "trained tokenizer: {} steps in {} ({:.0} ms/step), final loss {:.5}",
         report.steps,
@@ -200,7 +201,10 @@ fn train(args: TrainArgs) -> Result<()> {
     for (k, v) in &report.validation {
         println!("  test {k}: {v:.4}");
     }
-    println!("wrote {}/{{model.safetensors, checkpoint.safetensors, config.json, log.jsonl, loss.png}}", args.out.display());
+    println!(
+        "wrote {}/{{model.safetensors, checkpoint.safetensors, config.json, log.jsonl, loss.png}}",
+        args.out.display()
+    );
     if let Some(val) = val {
         let tok = Tokenizer::load(&args.out, None, &device)?;
         let png = args.out.join("reconstruction.png");
@@ -211,7 +215,13 @@ fn train(args: TrainArgs) -> Result<()> {
 }
 
 /// Rows of 16: originals, then their reconstructions, for `n` images.
-fn write_reconstruction(tok: &Tokenizer, data: &dpar::data::ImageDataset, n: usize, png: &Path, device: &candle_core::Device) -> Result<()> {
+fn write_reconstruction(
+    tok: &Tokenizer,
+    data: &dpar::data::ImageDataset,
+    n: usize,
+    png: &Path,
+    device: &candle_core::Device,
+) -> Result<()> {
     let n = n.min(data.len());
     if n == 0 {
         bail!("no images to reconstruct");
@@ -288,7 +298,9 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     for start in (0..data.len()).step_by(args.shard_size) {
         let end = (start + args.shard_size).min(data.len());
         let part = dpar::data::ImageDataset {
-            images: data.images[start * data.channels * data.height * data.width..end * data.channels * data.height * data.width].to_vec(),
+            images: data.images
+                [start * data.channels * data.height * data.width..end * data.channels * data.height * data.width]
+                .to_vec(),
             labels: data.labels[start..end].to_vec(),
             ..data.clone()
         };

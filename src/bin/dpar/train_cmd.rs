@@ -188,7 +188,8 @@ fn check_ops(ops: &mut dpar::nn::Ops) {
 /// Adds to a divergence error the command that continues from the last good checkpoint with a
 /// tenth of the learning rate.
 fn recovery_hint(err: anyhow::Error, kind: ModelKind, out: &Path, lr: f64) -> anyhow::Error {
-    let diverged = matches!(err.downcast_ref::<dpar::train::TrainError>(), Some(dpar::train::TrainError::NonFinite { .. }));
+    let diverged =
+        matches!(err.downcast_ref::<dpar::train::TrainError>(), Some(dpar::train::TrainError::NonFinite { .. }));
     if !diverged {
         return err;
     }
@@ -202,16 +203,36 @@ fn recovery_hint(err: anyhow::Error, kind: ModelKind, out: &Path, lr: f64) -> an
 
 /// Applies the loop flags to a loop config.
 fn apply_loop_flags(args: &TrainArgs, t: &mut dpar::train::LoopConfig) {
-    if let Some(v) = args.steps { t.steps = v; }
-    if let Some(v) = args.lr { t.adamw.lr = v; }
-    if let Some(v) = args.weight_decay { t.adamw.weight_decay = v; }
-    if let Some(v) = args.warmup { t.schedule.warmup_steps = v; }
-    if args.cosine { t.schedule.cosine = true; }
-    if let Some(v) = args.min_lr { t.schedule.min_lr = v; }
-    if let Some(v) = args.grad_clip { t.grad_clip = v; }
-    if let Some(v) = args.checkpoint_every { t.checkpoint_every = v; }
-    if let Some(v) = args.log_every { t.log_every = v; }
-    if let Some(v) = args.eval_every { t.eval_every = v; }
+    if let Some(v) = args.steps {
+        t.steps = v;
+    }
+    if let Some(v) = args.lr {
+        t.adamw.lr = v;
+    }
+    if let Some(v) = args.weight_decay {
+        t.adamw.weight_decay = v;
+    }
+    if let Some(v) = args.warmup {
+        t.schedule.warmup_steps = v;
+    }
+    if args.cosine {
+        t.schedule.cosine = true;
+    }
+    if let Some(v) = args.min_lr {
+        t.schedule.min_lr = v;
+    }
+    if let Some(v) = args.grad_clip {
+        t.grad_clip = v;
+    }
+    if let Some(v) = args.checkpoint_every {
+        t.checkpoint_every = v;
+    }
+    if let Some(v) = args.log_every {
+        t.log_every = v;
+    }
+    if let Some(v) = args.eval_every {
+        t.eval_every = v;
+    }
 }
 
 /// The entropy model's defaults are the recipe of README "Entropy model and patches" (and of
@@ -250,7 +271,14 @@ pub fn run_ranks<T: dpar::train::Task>(
             let timeout = std::time::Duration::from_secs(args.rank_timeout);
             let collective = dpar::dist::NcclCollective::init(rank, world, local, &id_file, timeout)?;
             let mut task = make()?;
-            return Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &collective, args.grad_accum)?);
+            return Ok(dpar::train::run_parallel(
+                &mut task,
+                config,
+                out,
+                crate::common::start(args.resume, args.overwrite),
+                &collective,
+                args.grad_accum,
+            )?);
         }
     }
     if dpar::dist::launched_by_mpi() {
@@ -258,14 +286,28 @@ pub fn run_ranks<T: dpar::train::Task>(
         {
             let collective = dpar::dist::MpiCollective::init()?;
             let mut task = make()?;
-            return Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &collective, args.grad_accum)?);
+            return Ok(dpar::train::run_parallel(
+                &mut task,
+                config,
+                out,
+                crate::common::start(args.resume, args.overwrite),
+                &collective,
+                args.grad_accum,
+            )?);
         }
         #[cfg(not(feature = "mpi"))]
         bail!("started by mpirun, but this binary was built without MPI (rebuild with `cargo build --release --features mpi`)");
     }
     if args.world_size == 1 {
         let mut task = make()?;
-        return Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &dpar::dist::Single, args.grad_accum)?);
+        return Ok(dpar::train::run_parallel(
+            &mut task,
+            config,
+            out,
+            crate::common::start(args.resume, args.overwrite),
+            &dpar::dist::Single,
+            args.grad_accum,
+        )?);
     }
     let group = dpar::dist::ThreadGroup::new(args.world_size, std::time::Duration::from_secs(args.rank_timeout));
     let results: Vec<Result<dpar::train::TrainReport>> = std::thread::scope(|scope| {
@@ -274,7 +316,14 @@ pub fn run_ranks<T: dpar::train::Task>(
             .map(|rank| {
                 scope.spawn(move || -> Result<dpar::train::TrainReport> {
                     let mut task = make()?;
-                    Ok(dpar::train::run_parallel(&mut task, config, out, crate::common::start(args.resume, args.overwrite), &rank, args.grad_accum)?)
+                    Ok(dpar::train::run_parallel(
+                        &mut task,
+                        config,
+                        out,
+                        crate::common::start(args.resume, args.overwrite),
+                        &rank,
+                        args.grad_accum,
+                    )?)
                 })
             })
             .collect();
@@ -314,7 +363,9 @@ fn val_path(args: &TrainArgs) -> Option<String> {
         return Some(path);
     }
     match &args.val_codes {
-        Some(_) => tracing::warn!("--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)"),
+        Some(_) => tracing::warn!(
+            "--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)"
+        ),
         None => tracing::warn!("no --val-codes and no {path} beside --codes: training without validation"),
     }
     None
@@ -356,7 +407,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let val = match val_codes.as_deref() {
         None => None,
         Some(path) => {
-            let (v, _) = dpar::data::shards::read_shard_set(Path::new(path)).with_context(|| format!("--val-codes {path}"))?;
+            let (v, _) =
+                dpar::data::shards::read_shard_set(Path::new(path)).with_context(|| format!("--val-codes {path}"))?;
             check_same_tokenizer(path, &v.info.tokenizer_id, &train.info.tokenizer_id)?;
             Some(v)
         }
@@ -366,7 +418,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
         (Some(path), _) => read_config(path)?,
         (None, true) => read_config(&saved)?,
         (None, false) => {
-            let preset = args.preset.clone().unwrap_or_else(|| if kind == "gpt" { "mnist".into() } else { "mnist-entropy".into() });
+            let preset =
+                args.preset
+                    .clone()
+                    .unwrap_or_else(|| if kind == "gpt" { "mnist".into() } else { "mnist-entropy".into() });
             let mut model = GptConfig::preset(&preset)?;
             if kind == "entropy" {
                 model.cls_token_num = 0;
@@ -399,22 +454,41 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
     // Flag overrides.
     apply_loop_flags(&args, &mut config.train);
-    if let Some(v) = args.batch_size { config.batch_size = v; }
-    if let Some(v) = args.seed { config.seed = v; }
-    if let Some(v) = args.val_images { config.val_images = v; }
+    if let Some(v) = args.batch_size {
+        config.batch_size = v;
+    }
+    if let Some(v) = args.seed {
+        config.seed = v;
+    }
+    if let Some(v) = args.val_images {
+        config.val_images = v;
+    }
     if let Some(p) = args.dropout {
         config.model.token_dropout = p;
         config.model.resid_dropout = p;
         config.model.ffn_dropout = p;
     }
-    if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
-    if let Some(o) = args.ops { config.model.ops = o.into(); }
+    if let Some(p) = args.class_dropout {
+        config.model.class_dropout = p;
+    }
+    if let Some(o) = args.ops {
+        config.model.ops = o.into();
+    }
     check_ops(&mut config.model.ops);
-    if args.flip { config.use_flip = true; }
-    if let Some(d) = args.dim { config.model.dim = d; }
-    if let Some(h) = args.heads { config.model.n_head = h; }
+    if args.flip {
+        config.use_flip = true;
+    }
+    if let Some(d) = args.dim {
+        config.model.dim = d;
+    }
+    if let Some(h) = args.heads {
+        config.model.n_head = h;
+    }
     if let Some(layers) = &args.layers {
-        config.model.n_layer = layers.trim().parse().map_err(|_| anyhow::anyhow!("--layers {layers}: a GPT takes one number of blocks, e.g. 6"))?;
+        config.model.n_layer = layers
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--layers {layers}: a GPT takes one number of blocks, e.g. 6"))?;
     }
     config.model.validate()?;
     if train.info.tokenizer_id != config.tokenizer_id {
@@ -426,7 +500,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         );
     }
     let make = || -> Result<GptTask> { Ok(GptTask::new(config.clone(), train.clone(), val.clone(), &device)?) };
-    let report = run_ranks(&make, &config.train, &out, &args).map_err(|e| recovery_hint(e, args.model, &out, config.train.adamw.lr))?;
+    let report = run_ranks(&make, &config.train, &out, &args)
+        .map_err(|e| recovery_hint(e, args.model, &out, config.train.adamw.lr))?;
     println!(
         "trained {kind}: {} steps in {} ({:.0} ms/step, {:.0} codes/s), final train loss {:.4}",
         report.steps,
@@ -454,7 +529,8 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
     let val = match val_codes.as_deref() {
         None => None,
         Some(path) => {
-            let v = read_entropy_codes(Path::new(path), Some(&train.entropies.entropy_model_id)).with_context(|| format!("--val-codes {path}"))?;
+            let v = read_entropy_codes(Path::new(path), Some(&train.entropies.entropy_model_id))
+                .with_context(|| format!("--val-codes {path}"))?;
             check_same_tokenizer(path, &v.shard.info.tokenizer_id, &train.shard.info.tokenizer_id)?;
             Some(v)
         }
@@ -488,43 +564,74 @@ fn train_dpar(args: TrainArgs) -> Result<()> {
         bail!("the config describes a `{}` model, not dpar", config.kind);
     }
     apply_loop_flags(&args, &mut config.train);
-    if let Some(v) = args.batch_size { config.batch_size = v; }
-    if let Some(v) = args.seed { config.seed = v; }
-    if let Some(v) = args.val_images { config.val_images = v; }
+    if let Some(v) = args.batch_size {
+        config.batch_size = v;
+    }
+    if let Some(v) = args.seed {
+        config.seed = v;
+    }
+    if let Some(v) = args.val_images {
+        config.val_images = v;
+    }
     if let Some(p) = args.dropout {
         config.model.token_dropout = p;
         config.model.resid_dropout = p;
         config.model.ffn_dropout = p;
     }
-    if let Some(p) = args.class_dropout { config.model.class_dropout = p; }
-    if let Some(o) = args.ops { config.model.ops = o.into(); }
+    if let Some(p) = args.class_dropout {
+        config.model.class_dropout = p;
+    }
+    if let Some(o) = args.ops {
+        config.model.ops = o.into();
+    }
     check_ops(&mut config.model.ops);
-    if args.flip { config.use_flip = true; }
-    if let Some(d) = args.dim { config.model.dim = d; }
-    if let Some(h) = args.heads { config.model.n_head = h; }
+    if args.flip {
+        config.use_flip = true;
+    }
+    if let Some(d) = args.dim {
+        config.model.dim = d;
+    }
+    if let Some(h) = args.heads {
+        config.model.n_head = h;
+    }
     if let Some(layers) = &args.layers {
-        let parts: Vec<usize> = layers.split('+').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().unwrap_or_default();
+        let parts: Vec<usize> =
+            layers.split('+').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().unwrap_or_default();
         let [e, g, d] = parts[..] else {
             bail!("--layers {layers}: DPAR takes encoder+global+decoder blocks, e.g. 1+4+1");
         };
         (config.model.encoder_layers, config.model.global_layers, config.model.decoder_layers) = (e, g, d);
     }
-    if let Some(r) = args.patch_rope { config.model.patch_rope = r.into(); }
+    if let Some(r) = args.patch_rope {
+        config.model.patch_rope = r.into();
+    }
     config.model.patch = args.patch.apply(config.model.patch);
     // θ: given, kept from a saved config, or calibrated on the training entropies.
-    let calibrate = config.model.patch.entropy_gate && args.patch.threshold.is_none() && !(from_file && config.model.patch.threshold.is_finite());
+    let calibrate = config.model.patch.entropy_gate
+        && args.patch.threshold.is_none()
+        && !(from_file && config.model.patch.threshold.is_finite());
     if calibrate {
-        let (theta, stats) = dpar::patching::calibrate(&train.entropies.entropy, config.model.grid_size, &config.model.patch, args.target_mean_len)?;
+        let (theta, stats) = dpar::patching::calibrate(
+            &train.entropies.entropy,
+            config.model.grid_size,
+            &config.model.patch,
+            args.target_mean_len,
+        )?;
         config.model.patch.threshold = theta;
-        println!("calibrated θ = {theta:.4} on the training entropies: mean patch length {:.3} ({:.1} patches per image)", stats.mean_len, stats.mean_patches);
+        println!(
+            "calibrated θ = {theta:.4} on the training entropies: mean patch length {:.3} ({:.1} patches per image)",
+            stats.mean_len, stats.mean_patches
+        );
     }
     if train.shard.info.tokenizer_id != config.tokenizer_id {
         bail!("{}: codes come from another tokenizer than the config expects", args.codes.display());
     }
     println!("patcher: {}", config.model.patch.label());
     let make = || -> Result<DparTask> { Ok(DparTask::new(config.clone(), train.clone(), val.clone(), &device)?) };
-    let report = run_ranks(&make, &config.train, &out, &args).map_err(|e| recovery_hint(e, args.model, &out, config.train.adamw.lr))?;
-    let patches = report.final_metrics.iter().find(|(k, _)| k == "patches_per_image").map(|(_, v)| *v).unwrap_or(f64::NAN);
+    let report = run_ranks(&make, &config.train, &out, &args)
+        .map_err(|e| recovery_hint(e, args.model, &out, config.train.adamw.lr))?;
+    let patches =
+        report.final_metrics.iter().find(|(k, _)| k == "patches_per_image").map(|(_, v)| *v).unwrap_or(f64::NAN);
     println!(
         "trained dpar: {} steps in {} ({:.0} ms/step, {:.0} codes/s, {:.1} patches per image), final train loss {:.4}",
         report.steps,
