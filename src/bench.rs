@@ -716,7 +716,9 @@ pub fn torch_markdown(rows: &[SpeedRow], torch: &TorchReference, ours_gemm: &[(S
         _ => "—".into(),
     };
     let mut s = String::from("| bench model, batch 16 (ms) | PyTorch f32 | PyTorch bf16 autocast | ours fused (f32) | ours bf16 | ours best vs PyTorch best |\n|---|---|---|---|---|---|\n");
-    let lines: [(&str, Option<f64>, Option<f64>, Option<f64>, Option<f64>); 3] = [
+    // (row, PyTorch f32, PyTorch bf16, ours fused, ours bf16)
+    type Line<'a> = (&'a str, Option<f64>, Option<f64>, Option<f64>, Option<f64>);
+    let lines: [Line; 3] = [
         ("training step", torch.train_ms_f32, torch.train_ms_bf16, fused.map(|r| r.train_ms), bf16.map(|r| r.train_ms)),
         (
             "forward",

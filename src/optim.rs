@@ -56,7 +56,7 @@ impl AdamWConfig {
                 return bad(format!("{name} must lie in [0, 1), got {b}"));
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return bad(format!("eps must be > 0, got {}", self.eps));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {

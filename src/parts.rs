@@ -9,6 +9,10 @@
 //! hash is the recorded one. So `sample --ckpt runs/dpar-s1` finds `runs/tokenizer` or
 //! `models/mnist/tokenizer`, whichever made its codes, and every command uses the same search.
 
+// The mismatch error carries both hashes and paths for its message; it is built once, on the
+// way out of a command, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 
 /// Errors of finding and checking parts.

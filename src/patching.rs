@@ -82,7 +82,7 @@ impl PatchConfig {
 
 /// Rules 1–3 for code k (everything but the max-length rule).
 fn forced_boundary(k: usize, entropy: f32, grid: usize, config: &PatchConfig) -> bool {
-    k <= 1 || (config.row_reset && k % grid == 0) || (config.entropy_gate && entropy as f64 > config.threshold)
+    k <= 1 || (config.row_reset && k.is_multiple_of(grid)) || (config.entropy_gate && entropy as f64 > config.threshold)
 }
 
 /// Batch form: patch lengths of the first `n_codes` codes of an image (n_codes ≤ L; use L − 1
@@ -148,7 +148,7 @@ impl OnlinePatcher {
         let k = self.next;
         let current = self.lengths.last().copied().unwrap_or(0);
         let opens = k <= 1
-            || (self.config.row_reset && k % self.grid == 0)
+            || (self.config.row_reset && k.is_multiple_of(self.grid))
             || (self.config.entropy_gate && entropy as f64 > self.config.threshold)
             || (self.config.max_len_rule && current >= self.config.max_patch_len);
         if opens {
@@ -198,7 +198,7 @@ pub struct PatchStats {
 /// Patch statistics of `images` images whose L entropies each are concatenated in `entropies`.
 pub fn stats(entropies: &[f32], grid: usize, config: &PatchConfig) -> Result<PatchStats> {
     let l = grid * grid;
-    if l == 0 || entropies.len() % l != 0 {
+    if l == 0 || !entropies.len().is_multiple_of(l) {
         return Err(PatchError::BadInput(format!(
             "{} entropies is not a whole number of {l}-code images",
             entropies.len()

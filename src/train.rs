@@ -81,7 +81,7 @@ pub struct Part {
 impl Part {
     /// The part of `items` this is (the global batch must divide evenly).
     pub fn slice<'a, T>(&self, items: &'a [T]) -> std::result::Result<&'a [T], String> {
-        if self.count == 0 || items.len() % self.count != 0 {
+        if self.count == 0 || !items.len().is_multiple_of(self.count) {
             return Err(format!(
                 "a batch of {} cannot be split into {} equal parts (ranks × micro-batches)",
                 items.len(),
@@ -433,6 +433,7 @@ pub fn run(task: &mut dyn Task, config: &LoopConfig, out_dir: &Path, start: impl
 /// parts; this rank takes parts rank·accum … rank·accum + accum − 1. Returns the summed-and-
 /// averaged gradients, the mean loss over the global batch, the last micro-batch's metrics and
 /// this rank's processed tokens.
+#[allow(clippy::type_complexity)]
 fn parallel_gradients(
     task: &mut dyn Task,
     vars: &[candle_core::Var],
@@ -687,7 +688,7 @@ pub fn run_parallel(
         if leader && (done % config.checkpoint_every == 0 || done == config.steps) {
             // Only sane weights may replace the last good checkpoint.
             let max_weight = max_abs_weight(task)?;
-            if !(max_weight <= WEIGHT_BOUND) {
+            if max_weight.is_nan() || max_weight > WEIGHT_BOUND {
                 bar.abandon();
                 return Err(TrainError::NonFinite {
                     step: done,

@@ -121,8 +121,8 @@ fn draw_patches(img: &image::RgbImage, grid: usize, lengths: &[usize], tint: boo
                 if on_border {
                     p.0 = border;
                 } else if tint {
-                    for ch in 0..3 {
-                        p.0[ch] = ((p.0[ch] as u32 * 60 + color[ch] as u32 * 40) / 100) as u8;
+                    for (v, &c) in p.0.iter_mut().zip(&color).take(3) {
+                        *v = ((*v as u32 * 60 + c as u32 * 40) / 100) as u8;
                     }
                 }
             }

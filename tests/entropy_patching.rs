@@ -152,7 +152,7 @@ fn cli_entropy_compute_and_patchify() {
     let dir = tempfile::tempdir().unwrap();
     let p = |s: &str| dir.path().join(s).display().to_string();
     let data = shard(16, 3);
-    write_shard_set(&dir.path().join("codes"), &[data.clone()], false).unwrap();
+    write_shard_set(&dir.path().join("codes"), std::slice::from_ref(&data), false).unwrap();
     entropy_model(&dir.path().join("ent"), &data);
     let (ok, text) = run(&["patchify", "--codes", &p("codes")]);
     assert!(!ok && text.contains("run `dpar entropy compute`"), "{text}");

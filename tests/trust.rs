@@ -249,7 +249,7 @@ fn every_flag_of_every_command_is_described() {
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             let t = line.trim_start();
-            if !t.starts_with("--") && !(t.starts_with('-') && t.contains(", --")) {
+            if !(t.starts_with("--") || (t.starts_with('-') && t.contains(", --"))) {
                 continue;
             }
             // clap puts the description after the flag on the same line, or on the next lines.

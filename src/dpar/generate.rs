@@ -78,7 +78,7 @@ fn dup(x: &Tensor, guided: bool) -> Result<Tensor> {
 
 /// How the entropy model decodes: the lean step on the CPU, the tensor cache elsewhere.
 enum EntropyDecoder {
-    Lean(crate::gpt::decode::LeanDecoder),
+    Lean(Box<crate::gpt::decode::LeanDecoder>),
     Cached(crate::gpt::GptCache),
 }
 
@@ -122,7 +122,7 @@ pub fn generate_cached(
     // The entropy model runs through the lean decode step on the CPU (same logits, no tensor
     // graph per code), through its cache elsewhere.
     let mut entropy_decoder = if device.is_cpu() && entropy_model.config().ops != crate::nn::Ops::Stock {
-        EntropyDecoder::Lean(crate::gpt::decode::LeanDecoder::new(entropy_model, b)?)
+        EntropyDecoder::Lean(Box::new(crate::gpt::decode::LeanDecoder::new(entropy_model, b)?))
     } else {
         EntropyDecoder::Cached(entropy_model.new_cache(b)?)
     };

@@ -67,7 +67,7 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn new(config: &ClassifierConfig, pb: &Pb) -> Result<Self> {
-        if config.image_size % 8 != 0 || config.num_classes < 2 {
+        if !config.image_size.is_multiple_of(8) || config.num_classes < 2 {
             return Err(EvalError::Bad(format!(
                 "classifier needs an image size divisible by 8 and ≥ 2 classes, got {config:?}"
             )));

@@ -407,6 +407,7 @@ fn pooled_features(env: &Env, model: &PoolModel, data: &EntropyCodes, n: usize) 
     Ok((feats, data.shard.labels[..n].to_vec()))
 }
 
+#[allow(clippy::large_enum_variant)] // one value per probe run
 enum PoolModel {
     Dpar(Dpar),
     Gpt(Gpt),

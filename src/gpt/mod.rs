@@ -185,13 +185,13 @@ impl GptConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(GptError::BadConfig(m));
-        if self.dim == 0 || self.n_layer == 0 || self.n_head == 0 || self.dim % self.n_head != 0 {
+        if self.dim == 0 || self.n_layer == 0 || self.n_head == 0 || !self.dim.is_multiple_of(self.n_head) {
             return bad(format!(
                 "width {} must be a positive multiple of the {} heads (and layers > 0)",
                 self.dim, self.n_head
             ));
         }
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return bad(format!("2D RoPE needs a head dim divisible by 4, got {}", self.head_dim()));
         }
         if self.cls_token_num > 1 {
@@ -216,8 +216,8 @@ impl GptConfig {
                 return bad(format!("{name} must lie in [0, 1), got {p}"));
             }
         }
-        if !(self.rope_base.is_finite() && self.rope_base > 1.0) || !(self.norm_eps.is_finite() && self.norm_eps > 0.0)
-        {
+        // Written so that NaN fails every comparison and is refused.
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0 && self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return bad(format!(
                 "rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}",
                 self.rope_base, self.norm_eps

@@ -315,7 +315,8 @@ mod tests {
     /// lengths, one-token segments, several images packed, and sequences longer than one tile.
     #[test]
     fn flash_attention_matches_the_composed_reference() {
-        let cases: Vec<(usize, usize, Vec<(usize, usize)>)> = vec![
+        type Case = (usize, usize, Vec<(usize, usize)>); // (heads, head dim, segments)
+        let cases: Vec<Case> = vec![
             (2, 8, causal_segments(3, 7)),
             (4, 16, vec![(0, 1), (1, 5), (6, 1), (7, 70), (77, 3)]),
             (1, 32, causal_segments(1, 150)),

@@ -425,7 +425,7 @@ mod tests {
             state ^= state << 13;
             state ^= state >> 17;
             state ^= state << 5;
-            if state % 7 == 0 {
+            if state.is_multiple_of(7) {
                 specials[(state as usize / 7) % specials.len()]
             } else {
                 f32::from_bits(state)

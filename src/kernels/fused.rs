@@ -127,7 +127,7 @@ impl CustomOp1 for SwiGlu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = l.dims();
         let two_f = *dims.last().unwrap_or(&0);
-        if two_f % 2 != 0 || two_f == 0 {
+        if !two_f.is_multiple_of(2) || two_f == 0 {
             candle_core::bail!("swiglu: last dim {two_f} must be even (gate | up)");
         }
         let f = two_f / 2;

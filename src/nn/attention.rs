@@ -266,7 +266,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn new(pb: &Pb, dim: usize, n_head: usize, ops: Ops) -> Result<Self> {
-        if n_head == 0 || dim % n_head != 0 {
+        if n_head == 0 || !dim.is_multiple_of(n_head) {
             return Err(NnError::BadConfig(format!("width {dim} is not divisible by {n_head} heads")));
         }
         Ok(Self {

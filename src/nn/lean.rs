@@ -118,7 +118,7 @@ impl LeanStack {
         cache_rows: usize,
         max_len: usize,
     ) -> Result<Self> {
-        if heads == 0 || dim % heads != 0 || (dim / heads) % 2 != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) || !(dim / heads).is_multiple_of(2) {
             return Err(NnError::BadConfig(format!(
                 "lean stack: width {dim} does not split into {heads} heads of even size"
             )));

@@ -257,7 +257,7 @@ impl Block {
         }
         let h = (x + attn)?;
         let mut ffn = self.feed_forward.forward(&self.ffn_norm.forward(&h)?)?;
-        if let Some(c) = ctx.as_deref_mut() {
+        if let Some(c) = ctx {
             ffn = dropout(&ffn, c.ffn, c.rng)?;
         }
         Ok((h + ffn)?)
@@ -299,7 +299,7 @@ impl Block {
         let ff = &self.feed_forward;
         let w13 = Tensor::cat(&[&ff.w1.weight, &ff.w3.weight], 0)?;
         let h13 = block::norm_linear(&h, &self.ffn_norm.weight, &w13, self.ffn_norm.eps, gemm)?;
-        let mask_f = match ctx.as_deref_mut() {
+        let mask_f = match ctx {
             Some(c) => dropout_mask(n, c.ffn, c.rng),
             None => None,
         };

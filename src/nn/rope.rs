@@ -320,9 +320,9 @@ mod tests {
         assert!((freqs[1] - 10000f64.powf(-4.0 / 16.0)).abs() < 1e-12);
         for k in 0..grid * grid {
             let (r, c) = (k / grid, k % grid);
-            for j in 0..d / 4 {
-                let want_r = (r as f64 * freqs[j]) as f32;
-                let want_c = (c as f64 * freqs[j]) as f32;
+            for (j, &f) in freqs.iter().enumerate() {
+                let want_r = (r as f64 * f) as f32;
+                let want_c = (c as f64 * f) as f32;
                 // Row 1+k holds code k: pairs [0, d/4) by the row, [d/4, d/2) by the column.
                 assert!((table.cos[(1 + k) * d / 2 + j] - want_r.cos()).abs() < 1e-6);
                 assert!((table.sin[(1 + k) * d / 2 + j] - want_r.sin()).abs() < 1e-6);

@@ -132,7 +132,7 @@ impl VqConfig {
             return bad(format!("in_channels must be 1 or 3, got {}", self.in_channels));
         }
         let down = 1usize << (self.ch_mult.len() - 1);
-        if self.image_size == 0 || self.image_size % down != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(down) {
             return bad(format!(
                 "image_size {} must be a positive multiple of {down} (2^(len(ch_mult) − 1))",
                 self.image_size
@@ -142,7 +142,7 @@ impl VqConfig {
             return bad("norm_groups must be > 0".into());
         }
         for &m in &self.ch_mult {
-            if (self.ch * m) % self.norm_groups != 0 {
+            if !(self.ch * m).is_multiple_of(self.norm_groups) {
                 return bad(format!(
                     "channel count {} (ch {} × {m}) is not divisible by norm_groups {}",
                     self.ch * m,

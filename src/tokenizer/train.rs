@@ -142,7 +142,7 @@ impl Task for TokenizerTask {
 
     fn after_step(&mut self, step: u64) -> std::result::Result<Vec<(String, f64)>, String> {
         let every = self.config.restart_every;
-        if every == 0 || (step + 1) % every != 0 {
+        if every == 0 || !(step + 1).is_multiple_of(every) {
             return Ok(Vec::new());
         }
         let used = self.usage.iter().filter(|&&c| c > 0).count() as f64 / self.usage.len() as f64;

@@ -10,6 +10,7 @@ use crate::common::DeviceArgs;
 use crate::train_cmd::{self, ModelKind, TrainArgs};
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum EntropyCmd {
     /// Train the unconditional entropy model (`dpar train --model entropy`).
     Train(TrainArgs),
