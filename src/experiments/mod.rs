@@ -26,7 +26,6 @@ use candle_core::{Device, Tensor};
 use crate::dpar::train::{read_entropy_codes, DparTask, DparTrainConfig, EntropyCodes};
 use crate::eval::classifier::Classifier;
 use crate::eval::QualityReport;
-use crate::gpt::train::{GptTask, GptTrainConfig};
 use crate::gpt::Gpt;
 use crate::params::ParamStore;
 use crate::patching::{PatchConfig, PatchStats};
@@ -350,20 +349,6 @@ pub fn train_dpar(env: &Env, name: &str, config: DparTrainConfig) -> Result<Path
     tracing::info!("{name}: training ({})", config.model.patch.label());
     let mut task =
         DparTask::new(config.clone(), env.train.clone(), Some(env.test.clone()), &env.device).map_err(ctx(name))?;
-    crate::train::run(&mut task, &config.train, &run, true).map_err(ctx(name))?;
-    Ok(run)
-}
-
-/// Trains a GPT into `out/name` (resuming; skipped when already finished).
-pub fn train_gpt(env: &Env, name: &str, config: GptTrainConfig) -> Result<PathBuf> {
-    let run = env.setup.out.join(name);
-    check_same_config(&run, &config)?;
-    if finished(&run, config.train.steps) {
-        tracing::info!("{name}: already trained in {}", run.display());
-        return Ok(run);
-    }
-    let mut task = GptTask::new(config.clone(), env.train.shard.clone(), Some(env.test.shard.clone()), &env.device)
-        .map_err(ctx(name))?;
     crate::train::run(&mut task, &config.train, &run, true).map_err(ctx(name))?;
     Ok(run)
 }
