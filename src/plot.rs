@@ -10,7 +10,7 @@ pub enum PlotError {
     /// Nothing to plot.
     #[error("{0}")]
     NoData(String),
-    /// plotters failed (for example, no system font for labels).
+    /// plotters failed.
     #[error("drawing failed: {0}")]
     Draw(String),
     #[error(transparent)]
@@ -58,8 +58,24 @@ pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series:
     panels_plot(path, &[Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), series, log_y }])
 }
 
+/// DejaVu Sans (its licence: `assets/fonts/DejaVuSans-LICENSE.txt`), compiled in and rendered by
+/// plotters' pure-Rust `ab_glyph` path, so labels need no system font libraries or fonts.
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+/// Registers [`FONT`] as plotters' "sans-serif", once per process.
+fn register_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(PlotError::Draw("the bundled font could not be read".into()))
+    }
+}
+
 /// Draws several charts side by side into one PNG at `path` (800 × 500 pixels each).
 pub fn panels_plot(path: &Path, panels: &[Panel]) -> Result<()> {
+    register_font()?;
     let (w, h) = (800u32 * panels.len().max(1) as u32, 500u32);
     let mut buffer = vec![255u8; (w * h * 3) as usize];
     {
@@ -209,6 +225,25 @@ mod tests {
         loss_curve_from_log(&log, &png, "test").unwrap();
         let img = image::open(&png).unwrap();
         assert_eq!((img.width(), img.height()), (800, 500));
+    }
+
+    /// Labels are drawn with the compiled-in font (no system fonts involved): the title strip of
+    /// a plot holds dark text pixels, and a plot without a title has none there.
+    #[test]
+    fn titles_render_with_the_bundled_font() {
+        let dir = tempfile::tempdir().unwrap();
+        let series = [Series { name: "a".into(), points: vec![(0.0, 1.0), (1.0, 2.0)] }];
+        let dark_in_title_strip = |title: &str| {
+            let png = dir.path().join("t.png");
+            line_plot(&png, title, "x", "y", &series, false).unwrap();
+            let img = image::open(&png).unwrap().to_rgb8();
+            (250..550)
+                .flat_map(|x| (8..40).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0[0] < 128)
+                .count()
+        };
+        assert!(dark_in_title_strip("Validation loss of every run") > 100);
+        assert_eq!(dark_in_title_strip(""), 0);
     }
 
     #[test]
