@@ -210,3 +210,73 @@ pub fn read_set(path: &Path, expected_model: Option<&str>) -> Result<(CodeShard,
     }
     Ok((all_shard.expect("shard_files returns at least one file"), all.expect("set with one shard")))
 }
+
+/// What [`store_for_set`] wrote for one shard.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub shard: PathBuf,
+    pub sidecar: PathBuf,
+    pub images: usize,
+    /// Whether the flip copies got entropies too.
+    pub flip: bool,
+    /// Mean, 30th, 50th and 70th percentile of the finite entropies (nats).
+    pub mean: f64,
+    pub p30: f64,
+    pub p50: f64,
+    pub p70: f64,
+}
+
+/// Runs the entropy model at `model_path` (run folder or weight file) once over every shard of
+/// `set` (and every flip copy) and stores the entropies beside each shard (`dpar entropy
+/// compute`). Shards of another tokenizer than the one the model was trained on are refused
+/// unless `allow_mismatch` (then a warning). `progress` is called with sequences done.
+pub fn store_for_set(
+    model: &Gpt,
+    model_path: &Path,
+    set: &Path,
+    batch: usize,
+    allow_mismatch: bool,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Stored>> {
+    let model_id = crate::parts::id_of(model_path).map_err(|e| EntropyError::BadModel(e.to_string()))?;
+    let model_tokenizer = crate::parts::Recorded::of(model_path).tokenizer_id;
+    let mut stored = Vec::new();
+    for (file, shard) in shards::read_set_shards(set)? {
+        check_model_fits(model, &shard, &file)?;
+        if let Some(want) = &model_tokenizer {
+            if *want != shard.info.tokenizer_id {
+                let reason = format!(
+                    "codes of tokenizer {}…, but the entropy model {} was trained on codes of tokenizer {}…; its entropies would not mean anything here (give the matching model or codes, or pass --allow-mismatch)",
+                    &shard.info.tokenizer_id[..12.min(shard.info.tokenizer_id.len())],
+                    model_path.display(),
+                    &want[..12.min(want.len())]
+                );
+                if !allow_mismatch {
+                    return Err(EntropyError::Mismatch { path: file, reason });
+                }
+                tracing::warn!("--allow-mismatch: {}: {reason}", file.display());
+            }
+        }
+        let entropy = compute(model, &shard, false, batch, device, &mut progress)?;
+        let entropy_flip = match shard.flip_codes {
+            Some(_) => Some(compute(model, &shard, true, batch, device, &mut progress)?),
+            None => None,
+        };
+        let finite: Vec<f32> = entropy.iter().copied().filter(|h| h.is_finite()).collect();
+        let pct = |q| crate::patching::percentile(&finite, q).unwrap_or(f64::NAN);
+        let summary = Stored {
+            sidecar: shards::entropy_path(&file),
+            images: shard.len(),
+            flip: entropy_flip.is_some(),
+            mean: finite.iter().map(|&h| h as f64).sum::<f64>() / finite.len().max(1) as f64,
+            p30: pct(0.3),
+            p50: pct(0.5),
+            p70: pct(0.7),
+            shard: file.clone(),
+        };
+        write(&file, &shard, &ShardEntropies { entropy, entropy_flip, entropy_model_id: model_id.clone() })?;
+        stored.push(summary);
+    }
+    Ok(stored)
+}

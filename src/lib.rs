@@ -18,6 +18,8 @@
 //! - [`gpt`]: the LlamaGen GPT baseline and its unconditional variant (the entropy model).
 //! - [`sample`]: classifier-free guidance, temperature/top-k/top-p, cached generation.
 //! - [`train`]: the one training loop (AdamW, clipping, checkpoints, exact resume).
+//! - [`recipe`]: a run assembled from a preset or config file plus overrides, and launched on
+//!   one process, thread ranks, MPI or NCCL: everything `dpar train` does, as a call.
 //! - [`params`], [`optim`], [`tensor_io`]: seeded parameters, AdamW, safetensors/PyTorch IO.
 //! - [`viz`], [`plot`]: PNG grids and curves.
 //!
@@ -39,9 +41,11 @@ pub mod params;
 pub mod parts;
 pub mod patching;
 pub mod plot;
+pub mod recipe;
 pub mod rundir;
 pub mod runs;
 pub mod sample;
+pub mod sample_set;
 pub mod tensor_io;
 pub mod tokenizer;
 pub mod train;

@@ -39,8 +39,11 @@ pub enum TrainError {
     #[error("{path}: cannot resume: {reason}")]
     BadCheckpoint { path: PathBuf, reason: String },
     /// The task failed.
-    #[error("{0}")]
-    Task(String),
+    #[error(transparent)]
+    Task(TaskError),
+    /// The ranks could not exchange gradients or state.
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error(transparent)]
     Optim(#[from] crate::optim::OptimError),
     #[error(transparent)]
@@ -93,36 +96,39 @@ impl Part {
     }
 }
 
+/// The error a [`Task`] returns: any error, its chain kept (a message converts with `.into()`).
+pub type TaskError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A model being trained.
 pub trait Task {
     /// The parameters to optimise.
     fn params(&self) -> &ParamStore;
     /// Forward pass and loss for `step` (0-based). Randomness must come from
     /// `crate::util::rng_for(seed, …, step)` so that resume is exact.
-    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String>;
+    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, TaskError>;
     /// Loss of one part of step `step`'s global batch (data parallelism, gradient
     /// accumulation). Tasks that support it draw the global batch and every per-sample random
     /// choice for the whole batch, then keep their part, so the parts of all ranks together
     /// equal the single-process batch.
-    fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, String> {
+    fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, TaskError> {
         if part.count == 1 {
             return self.step_loss(step);
         }
-        Err(format!("{} training does not support data parallelism or gradient accumulation", self.name()))
+        Err(format!("{} training does not support data parallelism or gradient accumulation", self.name()).into())
     }
     /// Called after each optimiser step (e.g. dead-code restarts).
-    fn after_step(&mut self, _step: u64) -> std::result::Result<Vec<(String, f64)>, String> {
+    fn after_step(&mut self, _step: u64) -> std::result::Result<Vec<(String, f64)>, TaskError> {
         Ok(Vec::new())
     }
     /// Validation metrics, run every `eval_every` steps and at the end.
-    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, TaskError> {
         Ok(Vec::new())
     }
     /// Extra state to checkpoint (named tensors), restored by [`Task::load_extra_state`].
     fn extra_state(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
-    fn load_extra_state(&mut self, _tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    fn load_extra_state(&mut self, _tensors: &HashMap<String, Tensor>) -> std::result::Result<(), TaskError> {
         Ok(())
     }
     /// The full experiment config, saved beside every checkpoint and compared on resume.
@@ -370,7 +376,7 @@ fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Re
     opt.load_state(&file.tensors, step)?;
     let extra: HashMap<String, Tensor> =
         file.tensors.iter().filter_map(|(k, v)| k.strip_prefix("extra.").map(|k| (k.to_string(), v.clone()))).collect();
-    task.load_extra_state(&extra).map_err(bad)?;
+    task.load_extra_state(&extra).map_err(|e| bad(e.to_string()))?;
     let pick = |c: &serde_json::Value| (c["train"]["adamw"]["lr"].clone(), c["train"]["schedule"].clone());
     if pick(&saved) != pick(&current) {
         let (old_lr, old_schedule) = pick(&saved);
@@ -470,7 +476,7 @@ fn parallel_gradients(
     }
     // The step's mean loss travels with the gradients (last value).
     flat.push((loss_sum / accum as f64) as f32);
-    crate::dist::all_reduce_mean_bucketed(collective, &mut flat).map_err(|e| TrainError::Task(e.to_string()))?;
+    crate::dist::all_reduce_mean_bucketed(collective, &mut flat)?;
     let loss = flat.pop().unwrap_or(f32::NAN) as f64;
     let mut store = candle_core::backprop::GradStore::default();
     let mut offset = 0;
@@ -505,7 +511,7 @@ pub fn run_parallel(
     }
     let leader = collective.rank() == 0;
     let fast_path = collective.world_size() == 1 && accum == 1;
-    let dist_err = |e: crate::dist::DistError| TrainError::Task(e.to_string());
+    let dist_err = TrainError::Dist;
     // The leader owns the folder for the whole run: an exclusive lock, then the checks of what
     // the folder already holds (and removal of temporaries left by killed writes).
     let _lock = if leader {
@@ -781,11 +787,11 @@ mod tests {
         fn params(&self) -> &ParamStore {
             &self.store
         }
-        fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
+        fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, TaskError> {
             use rand::Rng;
             let mut rng = crate::util::rng_for(self.seed, "x", step);
             let xs: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let x = Tensor::from_vec(xs, (8, 1), &Device::Cpu).map_err(|e| e.to_string())?;
+            let x = Tensor::from_vec(xs, (8, 1), &Device::Cpu)?;
             let target = (&x * 3.0).map_err(|e| e.to_string())?;
             let mut loss =
                 x.matmul(&self.w).and_then(|p| (p - target)?.sqr()?.mean_all()).map_err(|e| e.to_string())?;
@@ -794,7 +800,7 @@ mod tests {
             }
             Ok(StepOutput { loss, metrics: vec![], tokens: 8, flops: 0.0 })
         }
-        fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+        fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, TaskError> {
             Ok(if self.validates { vec![("w".into(), w_of(self) as f64)] } else { Vec::new() })
         }
         fn config_json(&self) -> serde_json::Value {

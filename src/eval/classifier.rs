@@ -250,7 +250,7 @@ impl Task for ClassifierTask {
         &self.store
     }
 
-    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
+    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, crate::train::TaskError> {
         let idx = self.sampler.indices(step);
         let run = || -> Result<StepOutput> {
             let x = self.train.batch_tensor(&idx, false, &self.device)?;
@@ -259,12 +259,12 @@ impl Task for ClassifierTask {
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             Ok(StepOutput { loss, metrics: Vec::new(), tokens: idx.len(), flops: 0.0 })
         };
-        run().map_err(|e| e.to_string())
+        run().map_err(Into::into)
     }
 
-    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, crate::train::TaskError> {
         let Some(test) = &self.test else { return Ok(Vec::new()) };
-        let acc = accuracy(&self.model, test, usize::MAX, &self.device).map_err(|e| e.to_string())?;
+        let acc = accuracy(&self.model, test, usize::MAX, &self.device)?;
         Ok(vec![("accuracy".to_string(), acc)])
     }
 

@@ -15,7 +15,6 @@ use crate::dpar::{Dpar, DparConfig};
 use crate::gpt::Gpt;
 use crate::params::ParamStore;
 use crate::patching::PatchConfig;
-use crate::train::LoopConfig;
 
 /// The run folder name of an ablation model: named by its patch rules and seed, so that a table
 /// that needs a model another table trained (same rules, same budget) reuses it.
@@ -58,28 +57,26 @@ impl Scale {
         Self { model, steps: 1000, batch_size: 16, lr: 2e-3, warmup: 20, cosine: true, seeds: vec![0, 1] }
     }
 
-    /// The training config of one ablation model.
-    pub fn config(&self, env: &Env, patch: PatchConfig, seed: u64) -> DparTrainConfig {
-        DparTrainConfig {
-            kind: "dpar".into(),
-            model: DparConfig { patch, ..self.model.clone() },
-            seed,
-            batch_size: self.batch_size,
-            codes: env.setup.train_codes.display().to_string(),
-            val_codes: Some(env.setup.test_codes.display().to_string()),
-            val_images: 500,
-            use_flip: false,
-            tokenizer_id: env.tokenizer.id.clone(),
-            entropy_model_id: env.entropy_model_id.clone(),
-            train: LoopConfig {
-                steps: self.steps,
-                log_every: 20,
-                checkpoint_every: 100.min(self.steps),
-                adamw: crate::optim::AdamWConfig { lr: self.lr, ..Default::default() },
-                schedule: crate::optim::LrSchedule { warmup_steps: self.warmup, cosine: self.cosine, min_lr: 0.0 },
-                ..Default::default()
-            },
-        }
+    /// The training config of one ablation model: [`crate::recipe::new_dpar_config`] with
+    /// this scale's budget as overrides (the same assembly as `dpar train`).
+    pub fn config(&self, env: &Env, patch: PatchConfig, seed: u64) -> Result<DparTrainConfig> {
+        let model = DparConfig { patch, ..self.model.clone() };
+        let val = Some(env.setup.test_codes.display().to_string());
+        let mut config = crate::recipe::new_dpar_config(model, &env.train, &env.setup.train_codes, val);
+        let budget = crate::recipe::Overrides {
+            steps: Some(self.steps),
+            batch_size: Some(self.batch_size),
+            lr: Some(self.lr),
+            warmup: Some(self.warmup),
+            cosine: self.cosine,
+            seed: Some(seed),
+            val_images: Some(500),
+            log_every: Some(20),
+            checkpoint_every: Some(100.min(self.steps)),
+            ..Default::default()
+        };
+        budget.apply_dpar(&mut config).map_err(ctx("ablation config"))?;
+        Ok(config)
     }
 
     pub fn describe(&self) -> String {
@@ -101,7 +98,10 @@ impl Scale {
 
     /// Trains (or finds) the models of `patch`, one per seed.
     fn runs(&self, env: &Env, patch: &PatchConfig) -> Result<Vec<PathBuf>> {
-        self.seeds.iter().map(|&seed| train_dpar(env, &run_name(patch, seed), self.config(env, *patch, seed))).collect()
+        self.seeds
+            .iter()
+            .map(|&seed| train_dpar(env, &run_name(patch, seed), self.config(env, *patch, seed)?))
+            .collect()
     }
 
     /// Trains the models of `patch` and evaluates each with the inference patcher `eval_patch`.

@@ -32,11 +32,19 @@ use crate::patching::{PatchConfig, PatchStats};
 use crate::sample::SamplingConfig;
 use crate::tokenizer::train::Tokenizer;
 
-/// Errors of the experiments (wrapping every stage's errors as text with context).
+/// Errors of the experiments. A failed stage keeps the error it wraps as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
-    #[error("{0}")]
-    Failed(String),
+    /// A stage failed; `context` says which and for what input.
+    #[error("{context}")]
+    Stage {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The shards were made by another tokenizer than the one given.
+    #[error("{}: codes were made by tokenizer {codes_id}…, but --tokenizer {} is {tokenizer_id}…", codes.display(), tokenizer.display())]
+    OtherTokenizer { codes: PathBuf, codes_id: String, tokenizer: PathBuf, tokenizer_id: String },
     /// A run folder to be reused (finished) or resumed holds a run of another configuration.
     #[error("{}: holds a run trained with another configuration ({}); remove that folder or give another --out", run.display(), differences.join("; "))]
     StaleRun { run: PathBuf, differences: Vec<String> },
@@ -44,8 +52,8 @@ pub enum ExperimentError {
 
 pub type Result<T> = std::result::Result<T, ExperimentError>;
 
-fn ctx<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ExperimentError + '_ {
-    move |e| ExperimentError::Failed(format!("{what}: {e}"))
+fn ctx<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &str) -> impl FnOnce(E) -> ExperimentError + '_ {
+    move |e| ExperimentError::Stage { context: what.to_string(), source: e.into() }
 }
 
 /// Where the inputs are and how much to spend.
@@ -70,6 +78,36 @@ pub struct Setup {
     /// (with a warning) instead of refused.
     #[serde(default)]
     pub allow_mismatch: bool,
+}
+
+/// The tokenizer and entropy model of the codes `train_codes`: a given one is checked against the
+/// id the codes (or their entropies) record; a missing one is the recorded one, found beside the
+/// codes' folder, in `models/mnist` or in `runs`.
+pub fn find_parts(
+    train_codes: &Path,
+    tokenizer: Option<&Path>,
+    entropy_model: Option<&Path>,
+    allow_mismatch: bool,
+) -> Result<(PathBuf, PathBuf)> {
+    use crate::parts::{resolve, Part};
+    let owner = format!("the codes {}", train_codes.display());
+    // The ids the first shard and its sidecar record (metadata only; Env::load checks them all).
+    let first = crate::data::shards::shard_files(train_codes)
+        .map_err(ctx("--train-codes"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ctx("--train-codes")(format!("{}: no shards", train_codes.display())))?;
+    let tokenizer_id =
+        crate::tensor_io::read_safetensors_metadata(&first).map_err(ctx("--train-codes"))?.get("tokenizer_id").cloned();
+    let entropy_id = crate::tensor_io::read_safetensors_metadata(&crate::data::shards::entropy_path(&first))
+        .ok()
+        .and_then(|m| m.get("entropy_model_id").cloned());
+    let tokenizer = resolve(Part::Tokenizer, tokenizer, tokenizer_id.as_deref(), train_codes, &owner, allow_mismatch)
+        .map_err(ctx("--tokenizer"))?;
+    let entropy_model =
+        resolve(Part::EntropyModel, entropy_model, entropy_id.as_deref(), train_codes, &owner, allow_mismatch)
+            .map_err(ctx("--entropy-model"))?;
+    Ok((tokenizer, entropy_model))
 }
 
 /// Loaded inputs shared by every experiment.
@@ -145,13 +183,12 @@ impl Env {
         let test = read_entropy_codes(&setup.test_codes, Some(&entropy_model_id)).map_err(ctx("test shards"))?;
         for (codes, info) in [(&setup.train_codes, &train.shard.info), (&setup.test_codes, &test.shard.info)] {
             if info.tokenizer_id != tokenizer.id {
-                return Err(ExperimentError::Failed(format!(
-                    "{}: codes were made by tokenizer {}…, but --tokenizer {} is {}…",
-                    codes.display(),
-                    &info.tokenizer_id[..12.min(info.tokenizer_id.len())],
-                    setup.tokenizer.display(),
-                    &tokenizer.id[..12.min(tokenizer.id.len())]
-                )));
+                return Err(ExperimentError::OtherTokenizer {
+                    codes: codes.clone(),
+                    codes_id: info.tokenizer_id[..12.min(info.tokenizer_id.len())].to_string(),
+                    tokenizer: setup.tokenizer.clone(),
+                    tokenizer_id: tokenizer.id[..12.min(tokenizer.id.len())].to_string(),
+                });
             }
         }
         Ok(Self {

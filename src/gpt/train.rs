@@ -186,11 +186,11 @@ impl Task for GptTask {
         &self.store
     }
 
-    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
+    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, crate::train::TaskError> {
         self.part_loss(step, Part { index: 0, count: 1 })
     }
 
-    fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, String> {
+    fn part_loss(&mut self, step: u64, part: Part) -> std::result::Result<StepOutput, crate::train::TaskError> {
         // The global batch and its flip choices, then this part of them.
         let all = self.step_images(step);
         let indices = part.slice(&all.indices)?.to_vec();
@@ -207,12 +207,12 @@ impl Task for GptTask {
                 flops: 3.0 * crate::flops::gpt_forward(&self.config.model) * indices.len() as f64,
             })
         };
-        run().map_err(|e| e.to_string())
+        run().map_err(Into::into)
     }
 
-    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, crate::train::TaskError> {
         let Some(val) = &self.val else { return Ok(Vec::new()) };
-        let loss = eval_loss(&self.model, val, self.config.val_images, &self.device).map_err(|e| e.to_string())?;
+        let loss = eval_loss(&self.model, val, self.config.val_images, &self.device)?;
         Ok(vec![("loss".to_string(), loss)])
     }
 

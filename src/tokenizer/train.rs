@@ -117,9 +117,9 @@ impl Task for TokenizerTask {
         &self.store
     }
 
-    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, String> {
+    fn step_loss(&mut self, step: u64) -> std::result::Result<StepOutput, crate::train::TaskError> {
         let indices = self.sampler.indices(step);
-        let x = self.train.batch_tensor(&indices, false, &self.device).map_err(|e| e.to_string())?;
+        let x = self.train.batch_tensor(&indices, false, &self.device)?;
         let mut run = || -> Result<StepOutput> {
             let (recon, q) = self.model.forward(&x)?;
             let mse = (&recon - &x)?.sqr()?.mean_all()?;
@@ -137,23 +137,23 @@ impl Task for TokenizerTask {
             let c = &self.config.model;
             Ok(StepOutput { loss, metrics, tokens: indices.len() * c.image_size * c.image_size, flops: 0.0 })
         };
-        run().map_err(|e| e.to_string())
+        run().map_err(Into::into)
     }
 
-    fn after_step(&mut self, step: u64) -> std::result::Result<Vec<(String, f64)>, String> {
+    fn after_step(&mut self, step: u64) -> std::result::Result<Vec<(String, f64)>, crate::train::TaskError> {
         let every = self.config.restart_every;
         if every == 0 || !(step + 1).is_multiple_of(every) {
             return Ok(Vec::new());
         }
         let used = self.usage.iter().filter(|&&c| c > 0).count() as f64 / self.usage.len() as f64;
-        let restarted = self.restart_dead_codes(step).map_err(|e| e.to_string())?;
+        let restarted = self.restart_dead_codes(step)?;
         self.usage.iter_mut().for_each(|c| *c = 0);
         Ok(vec![("usage".to_string(), used), ("restarted".to_string(), restarted as f64)])
     }
 
-    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, String> {
+    fn validate(&mut self) -> std::result::Result<Vec<(String, f64)>, crate::train::TaskError> {
         let Some(val) = &self.val else { return Ok(Vec::new()) };
-        let stats = evaluate(&self.model, val, 2000, &self.device).map_err(|e| e.to_string())?;
+        let stats = evaluate(&self.model, val, 2000, &self.device)?;
         Ok(vec![
             ("recon_mse".to_string(), stats.mse),
             ("psnr".to_string(), stats.psnr),
@@ -168,11 +168,14 @@ impl Task for TokenizerTask {
         }
     }
 
-    fn load_extra_state(&mut self, tensors: &HashMap<String, Tensor>) -> std::result::Result<(), String> {
+    fn load_extra_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+    ) -> std::result::Result<(), crate::train::TaskError> {
         if let Some(t) = tensors.get("usage") {
-            let usage = t.to_vec1::<u32>().map_err(|e| e.to_string())?;
+            let usage = t.to_vec1::<u32>()?;
             if usage.len() != self.usage.len() {
-                return Err(format!("usage counts for {} codes, model has {}", usage.len(), self.usage.len()));
+                return Err(format!("usage counts for {} codes, model has {}", usage.len(), self.usage.len()).into());
             }
             self.usage = usage;
         }
@@ -325,6 +328,42 @@ impl Tokenizer {
             labels: data.labels.clone(),
             flip_codes,
         })
+    }
+
+    /// Encodes a dataset into a shard set in `out` (`dpar tokenize`): shards of `shard_size`
+    /// images, then the manifest. `overwrite` replaces a set already there. `progress` is
+    /// called with the number of code sequences done. Returns the files written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tokenize_to_set(
+        &self,
+        data: &ImageDataset,
+        out: &Path,
+        overwrite: bool,
+        flip: bool,
+        shard_size: usize,
+        batch: usize,
+        device: &Device,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<PathBuf>> {
+        if shard_size == 0 {
+            return Err(TokenizerError::BadInput("shard size (--shard-size) must be > 0".into()));
+        }
+        let mut set = crate::data::shards::ShardSetWriter::create(out, overwrite)?;
+        let per_image = if flip { 2 } else { 1 };
+        let pixels = data.channels * data.height * data.width;
+        let mut written = Vec::new();
+        for start in (0..data.len()).step_by(shard_size) {
+            let end = (start + shard_size).min(data.len());
+            let part = ImageDataset {
+                images: data.images[start * pixels..end * pixels].to_vec(),
+                labels: data.labels[start..end].to_vec(),
+                ..data.clone()
+            };
+            let shard = self.tokenize(&part, flip, batch, device, |n| progress(n * per_image))?;
+            written.push(set.add(&shard)?);
+        }
+        written.push(set.finish()?);
+        Ok(written)
     }
 
     /// Decodes codes (B, G·G) to images (B, C, H, W) in [−1, 1].

@@ -5,16 +5,6 @@ use clap::{Args, Subcommand};
 
 use crate::common::DeviceArgs;
 
-/// `dpar bench` alone runs the side-by-side comparison; `dpar bench speed` times the kernels.
-#[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    cmd: Option<BenchCmd>,
-    #[command(flatten)]
-    side: crate::experiment_cmd::SideBySideArgs,
-}
-
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Medians over repeated steps after warm-up, with GFLOP/s.
@@ -87,10 +77,9 @@ pub struct SpeedArgs {
 const TORCH_SCRIPTS: [&str; 4] =
     ["torch_bench_model.py", "torch_bench_bf16.py", "torch_sample_bench.py", "torch_gemm_shapes.py"];
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    match args.cmd {
-        Some(BenchCmd::Speed(a)) => speed(a),
-        None => crate::experiment_cmd::side_by_side(args.side),
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Speed(a) => speed(a),
     }
 }
 

@@ -3,23 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
 /// `--allow-mismatch` (a global flag): mismatched parts are warnings, not errors.
 pub static ALLOW_MISMATCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub fn allow_mismatch() -> bool {
     ALLOW_MISMATCH.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// A mismatch between parts: an error ending with `fix` and the flag, or with `--allow-mismatch`
-/// a warning.
-pub fn mismatch(msg: String, fix: &str) -> Result<()> {
-    if !allow_mismatch() {
-        bail!("{msg} ({fix}, or pass --allow-mismatch)");
-    }
-    tracing::warn!("--allow-mismatch: {msg}");
-    Ok(())
 }
 
 /// Where the images come from.
@@ -293,4 +283,272 @@ pub fn export(args: ExportArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- training flags
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum ModelKind {
+    /// The LlamaGen baseline (class-conditional GPT).
+    Gpt,
+    /// The unconditional GPT that supplies DPAR's entropies.
+    Entropy,
+    /// DPAR: patch encoder, patch transformer, patch decoder (needs stored entropies).
+    Dpar,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Which model to train.
+    #[arg(long, value_enum, default_value = "gpt")]
+    pub model: ModelKind,
+    /// Architecture preset (gpt-b, gpt-l, gpt-xl, gpt-xxl, mnist, mnist-entropy, bench).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// A full experiment config (JSON or TOML, e.g. a run's config.json); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Training code shards (folder or file).
+    #[arg(long, default_value = "data/codes/train")]
+    pub codes: PathBuf,
+    /// Validation code shards (`none` trains without validation). Default: the `test` folder
+    /// beside a --codes folder named `train` (data/codes/train → data/codes/test), if it exists.
+    #[arg(long)]
+    pub val_codes: Option<String>,
+    /// Run folder [default: runs/gpt, runs/entropy or runs/dpar].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Optimiser steps [default: 2000; entropy model 2400].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per step [default: 16; entropy model 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate of AdamW [default: 1e-4, the paper's; entropy model 1e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// AdamW weight decay on ≥ 2-D weights [default: 0.05].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Linear warm-up steps [default: 0; entropy model 100].
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Cosine decay to --min-lr after warm-up (default: constant, as in the paper; the entropy
+    /// model decays by default).
+    #[arg(long)]
+    pub cosine: bool,
+    /// The learning rate the cosine decay ends at (0 ≤ min-lr ≤ lr; default 0).
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_lr: Option<f64>,
+    /// Clip the global gradient norm to this [default: 1.0].
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// The seed every random choice flows from (initial weights, batches, dropout) [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Model width (overrides the preset; a multiple of --heads, head dim divisible by 16 for DPAR).
+    #[arg(long)]
+    pub dim: Option<usize>,
+    /// Attention heads (overrides the preset).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Depth (overrides the preset): `N` blocks for a GPT, `E+G+D` (encoder + patch transformer +
+    /// decoder blocks, e.g. `1+4+1`) for DPAR.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Sets token, residual and FFN dropout together.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Probability of replacing the class by the null class (for guidance) [default: the preset's, 0.1].
+    #[arg(long)]
+    pub class_dropout: Option<f64>,
+    /// Train on the horizontally flipped copy of each image half of the time (the shards must be
+    /// tokenized with `--flip`). Right for photos of natural scenes; wrong for digits, letters
+    /// and anything else with a handedness, which is why it is off by default.
+    #[arg(long)]
+    pub flip: bool,
+    /// Save the checkpoint every N steps [default: 250].
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Log a line to log.jsonl every N steps [default: 10].
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Validate and keep a weight snapshot every N steps (0: only at the end) [default: 0; entropy model 400].
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Validation images (from --val-codes) [default: 1000].
+    #[arg(long)]
+    pub val_images: Option<usize>,
+    /// Continue from the run folder's checkpoint (its config.json is the default config).
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Delete the run already in --out (checkpoint, log, snapshots) and start over. Without
+    /// --resume or --overwrite, a folder that holds a run is refused.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// DPAR: patcher switches (θ, P, rules) for training.
+    #[command(flatten)]
+    pub patch: PatchArgs,
+    /// DPAR: find θ by bisection on the training entropies so that the mean patch length is
+    /// this (used when --threshold is not given; the paper's 256 px figure is 1.81).
+    #[arg(long, default_value_t = dpar::recipe::DEFAULT_TARGET_MEAN_LEN)]
+    pub target_mean_len: f64,
+    /// DPAR: position encoding of the patch transformer (paper Table 9).
+    #[arg(long, value_enum)]
+    pub patch_rope: Option<PatchRopeArg>,
+    /// Kernels: `fused` (our CPU kernels, default), `bf16` (fused with bf16 matmul operands and
+    /// f32 accumulation) or `stock` (candle's composed ops, the reference).
+    #[arg(long, value_enum)]
+    pub ops: Option<OpsArg>,
+    /// Data parallelism in this process: N ranks as threads, each with a 1/N share of every
+    /// batch. Under `mpirun` (a build with `--features mpi`) the ranks are MPI processes instead.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
+    /// Micro-batches per optimiser step (gradient accumulation): each rank splits its share of
+    /// the batch into this many parts.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Seconds a rank waits for its peers before giving up (threads backend; NCCL id exchange).
+    #[arg(long, default_value_t = 600)]
+    pub rank_timeout: u64,
+    /// NCCL (`--features nccl`, `--device cuda`, one process per GPU): the file through which
+    /// rank 0 hands the NCCL id to the others; it must be visible to every rank (default:
+    /// `<out>/.nccl-id`, so a shared run folder).
+    #[arg(long)]
+    pub nccl_id_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum OpsArg {
+    Fused,
+    Bf16,
+    Stock,
+}
+
+impl From<OpsArg> for dpar::nn::Ops {
+    fn from(a: OpsArg) -> Self {
+        match a {
+            OpsArg::Fused => Self::Fused,
+            OpsArg::Bf16 => Self::Bf16,
+            OpsArg::Stock => Self::Stock,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum PatchRopeArg {
+    Dynamic4d,
+    Dynamic2d,
+    Plain2d,
+}
+
+impl From<PatchRopeArg> for dpar::nn::rope::PatchRope {
+    fn from(a: PatchRopeArg) -> Self {
+        match a {
+            PatchRopeArg::Dynamic4d => Self::Dynamic4d,
+            PatchRopeArg::Dynamic2d => Self::Dynamic2d,
+            PatchRopeArg::Plain2d => Self::Plain2d,
+        }
+    }
+}
+
+impl From<ModelKind> for dpar::recipe::ModelKind {
+    fn from(k: ModelKind) -> Self {
+        match k {
+            ModelKind::Gpt => Self::Gpt,
+            ModelKind::Entropy => Self::Entropy,
+            ModelKind::Dpar => Self::Dpar,
+        }
+    }
+}
+
+impl TrainArgs {
+    /// The library's description of the run these flags ask for.
+    pub fn request(&self) -> dpar::recipe::TrainRequest {
+        let overrides = dpar::recipe::Overrides {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup: self.warmup,
+            cosine: self.cosine,
+            min_lr: self.min_lr,
+            grad_clip: self.grad_clip,
+            seed: self.seed,
+            dim: self.dim,
+            heads: self.heads,
+            layers: self.layers.clone(),
+            dropout: self.dropout,
+            class_dropout: self.class_dropout,
+            flip: self.flip,
+            checkpoint_every: self.checkpoint_every,
+            log_every: self.log_every,
+            eval_every: self.eval_every,
+            val_images: self.val_images,
+            patch: self.patch.overrides(),
+            target_mean_len: Some(self.target_mean_len),
+            patch_rope: self.patch_rope.map(Into::into),
+            ops: self.ops.map(Into::into),
+        };
+        dpar::recipe::TrainRequest {
+            kind: self.model.into(),
+            preset: self.preset.clone(),
+            config: self.config.clone(),
+            codes: self.codes.clone(),
+            val_codes: self.val_codes.clone(),
+            out: self.out.clone(),
+            overrides,
+            start: start(self.resume, self.overwrite),
+            launch: dpar::recipe::Launch {
+                world_size: self.world_size,
+                grad_accum: self.grad_accum,
+                rank_timeout: std::time::Duration::from_secs(self.rank_timeout),
+                nccl_id_file: self.nccl_id_file.clone(),
+            },
+            allow_mismatch: allow_mismatch(),
+        }
+    }
+}
+
+/// Patcher switches (θ, P, rules), shared by training, sampling and `dpar patchify`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PatchArgs {
+    /// Entropy threshold θ (natural log).
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// Maximum patch length P.
+    #[arg(long)]
+    pub max_patch_len: Option<usize>,
+    /// Disable the entropy gate.
+    #[arg(long)]
+    pub no_entropy_gate: bool,
+    /// Disable the maximum patch length.
+    #[arg(long)]
+    pub no_max_len: bool,
+    /// Disable row resets.
+    #[arg(long)]
+    pub no_row_reset: bool,
+    /// Static patches: fixed length P with row resets, no entropy.
+    #[arg(long = "static")]
+    pub static_patches: bool,
+}
+
+impl PatchArgs {
+    pub fn overrides(&self) -> dpar::recipe::PatchOverrides {
+        dpar::recipe::PatchOverrides {
+            threshold: self.threshold,
+            max_patch_len: self.max_patch_len,
+            no_entropy_gate: self.no_entropy_gate,
+            no_max_len: self.no_max_len,
+            no_row_reset: self.no_row_reset,
+            static_patches: self.static_patches,
+        }
+    }
+
+    /// Applies the flags on top of `base`.
+    pub fn apply(&self, base: dpar::patching::PatchConfig) -> dpar::patching::PatchConfig {
+        self.overrides().apply(base)
+    }
 }

@@ -52,29 +52,11 @@ pub struct ExperimentArgs {
 
 impl ExperimentArgs {
     fn env(&self, default_samples: usize) -> Result<Env> {
-        use dpar::parts::{resolve, Part};
         let allow = crate::common::allow_mismatch();
-        let owner = format!("the codes {}", self.train_codes.display());
-        // The ids the first shard and its sidecar record (metadata only; Env::load checks them all).
-        let first = dpar::data::shards::shard_files(&self.train_codes)?.remove(0);
-        let tokenizer_id = dpar::tensor_io::read_safetensors_metadata(&first)?.get("tokenizer_id").cloned();
-        let entropy_id = dpar::tensor_io::read_safetensors_metadata(&dpar::data::shards::entropy_path(&first))
-            .ok()
-            .and_then(|m| m.get("entropy_model_id").cloned());
-        let tokenizer = resolve(
-            Part::Tokenizer,
+        let (tokenizer, entropy_model) = experiments::find_parts(
+            &self.train_codes,
             self.tokenizer.as_deref(),
-            tokenizer_id.as_deref(),
-            &self.train_codes,
-            &owner,
-            allow,
-        )?;
-        let entropy_model = resolve(
-            Part::EntropyModel,
             self.entropy_model.as_deref(),
-            entropy_id.as_deref(),
-            &self.train_codes,
-            &owner,
             allow,
         )?;
         let setup = Setup {

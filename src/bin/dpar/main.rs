@@ -1,5 +1,6 @@
 //! The `dpar` command line: thin wrappers that parse flags, call the library and print what was
-//! done and where it was written.
+//! done and where it was written. Each `*_cmd` module imports only `common` (the flags several
+//! commands share) and the library; this file dispatches.
 
 mod bench_cmd;
 mod common;
@@ -44,7 +45,7 @@ enum Command {
     /// Encode a dataset split into code shards.
     Tokenize(tokenizer_cmd::TokenizeArgs),
     /// Train a model on code shards (the shared training loop).
-    Train(train_cmd::TrainArgs),
+    Train(common::TrainArgs),
     /// Generate images with a trained model.
     Sample(sample_cmd::SampleArgs),
     /// The entropy model: train it, then store per-code entropies beside the shards.
@@ -53,7 +54,7 @@ enum Command {
     /// Patch statistics, threshold calibration and patch pictures.
     Patchify(patch_cmd::PatchifyArgs),
     /// Side-by-side benchmark of the baseline and DPAR (`dpar bench`), or speed (`dpar bench speed`).
-    Bench(bench_cmd::BenchArgs),
+    Bench(BenchArgs),
     /// The paper's ablations as commands (small scale).
     #[command(subcommand)]
     Ablate(experiment_cmd::AblateCmd),
@@ -66,6 +67,16 @@ enum Command {
     PlotLogs(common::PlotLogsArgs),
     /// A markdown table of run folders: shape, budget, wall-clock, FLOPs, final validation loss.
     Summarize(common::SummarizeArgs),
+}
+
+/// `dpar bench` alone runs the side-by-side comparison; `dpar bench speed` times the kernels.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    cmd: Option<bench_cmd::BenchCmd>,
+    #[command(flatten)]
+    side: experiment_cmd::SideBySideArgs,
 }
 
 fn main() {
@@ -89,13 +100,18 @@ fn main() {
         Command::Tokenize(args) => tokenizer_cmd::tokenize(args),
         Command::Train(args) => train_cmd::train(args),
         Command::Sample(args) => sample_cmd::sample(args),
-        Command::Bench(args) => bench_cmd::run(args),
+        Command::Bench(BenchArgs { cmd: Some(cmd), .. }) => bench_cmd::run(cmd),
+        Command::Bench(BenchArgs { cmd: None, side }) => experiment_cmd::side_by_side(side),
         Command::Ablate(cmd) => experiment_cmd::ablate(cmd),
         Command::PlotLogs(args) => common::plot_logs(args),
         Command::Summarize(args) => common::summarize(args),
         Command::Export(args) => common::export(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
-        Command::Entropy(cmd) => patch_cmd::run_entropy(cmd),
+        Command::Entropy(patch_cmd::EntropyCmd::Train(mut args)) => {
+            args.model = common::ModelKind::Entropy;
+            train_cmd::train(args)
+        }
+        Command::Entropy(patch_cmd::EntropyCmd::Compute(args)) => patch_cmd::run_compute(args),
         Command::Patchify(args) => patch_cmd::run_patchify(args),
     };
     if let Err(err) = result {

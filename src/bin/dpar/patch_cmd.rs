@@ -6,8 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dpar::patching::{self, PatchConfig, PatchStats};
 
-use crate::common::DeviceArgs;
-use crate::train_cmd::{self, ModelKind, TrainArgs};
+use crate::common::{DeviceArgs, PatchArgs, TrainArgs};
 
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
@@ -32,55 +31,6 @@ pub struct ComputeArgs {
     batch: usize,
     #[command(flatten)]
     device: DeviceArgs,
-}
-
-/// Patcher switches shared by `patchify`, `train --model dpar` and `sample`.
-#[derive(Args, Debug, Clone)]
-pub struct PatchArgs {
-    /// Entropy threshold θ (natural log).
-    #[arg(long)]
-    pub threshold: Option<f64>,
-    /// Maximum patch length P.
-    #[arg(long)]
-    pub max_patch_len: Option<usize>,
-    /// Disable the entropy gate.
-    #[arg(long)]
-    pub no_entropy_gate: bool,
-    /// Disable the maximum patch length.
-    #[arg(long)]
-    pub no_max_len: bool,
-    /// Disable row resets.
-    #[arg(long)]
-    pub no_row_reset: bool,
-    /// Static patches: fixed length P with row resets, no entropy.
-    #[arg(long = "static")]
-    pub static_patches: bool,
-}
-
-impl PatchArgs {
-    /// Applies the flags on top of `base`.
-    pub fn apply(&self, base: PatchConfig) -> PatchConfig {
-        let mut c = base;
-        if self.static_patches {
-            c = PatchConfig::static_patches(c.max_patch_len);
-        }
-        if let Some(t) = self.threshold {
-            c.threshold = t;
-        }
-        if let Some(p) = self.max_patch_len {
-            c.max_patch_len = p;
-        }
-        if self.no_entropy_gate {
-            c.entropy_gate = false;
-        }
-        if self.no_max_len {
-            c.max_len_rule = false;
-        }
-        if self.no_row_reset {
-            c.row_reset = false;
-        }
-        c
-    }
 }
 
 #[derive(Args)]
@@ -116,64 +66,45 @@ pub struct PatchifyArgs {
     device: DeviceArgs,
 }
 
-pub fn run_entropy(cmd: EntropyCmd) -> Result<()> {
-    match cmd {
-        EntropyCmd::Train(mut args) => {
-            args.model = ModelKind::Entropy;
-            train_cmd::train(args)
-        }
-        EntropyCmd::Compute(args) => compute(args),
-    }
+/// `dpar entropy compute` (`dpar entropy train` is `dpar train --model entropy`, dispatched by
+/// `main`).
+pub fn run_compute(args: ComputeArgs) -> Result<()> {
+    compute(args)
 }
 
 fn compute(args: ComputeArgs) -> Result<()> {
     let device = args.device.device()?;
     let (model, _store) = dpar::gpt::load(&args.model, None, &device)?;
-    let weights = if args.model.is_dir() { args.model.join("model.safetensors") } else { args.model.clone() };
-    let model_id = dpar::util::sha256_file(&weights)?;
-    let model_tokenizer = dpar::parts::Recorded::of(&args.model).tokenizer_id;
     let t = std::time::Instant::now();
     let mut images = 0;
     for set in &args.codes {
-        for (file, shard) in dpar::data::shards::read_set_shards(set)? {
-            dpar::entropy::check_model_fits(&model, &shard, &file)?;
-            if let Some(want) = &model_tokenizer {
-                if *want != shard.info.tokenizer_id {
-                    let msg = format!(
-                        "{}: codes of tokenizer {}…, but the entropy model {} was trained on codes of tokenizer {}…; its entropies would not mean anything here",
-                        file.display(),
-                        &shard.info.tokenizer_id[..12.min(shard.info.tokenizer_id.len())],
-                        args.model.display(),
-                        &want[..12.min(want.len())]
-                    );
-                    crate::common::mismatch(msg, "give the matching --model or --codes")?;
-                }
-            }
-            let copies = if shard.flip_codes.is_some() { 2 } else { 1 };
-            let bar = dpar::util::progress_bar((shard.len() * copies) as u64, "entropy");
-            let entropy = dpar::entropy::compute(&model, &shard, false, args.batch, &device, |n| bar.inc(n as u64))?;
-            let entropy_flip = if shard.flip_codes.is_some() {
-                Some(dpar::entropy::compute(&model, &shard, true, args.batch, &device, |n| bar.inc(n as u64))?)
-            } else {
-                None
-            };
-            bar.finish_and_clear();
-            let finite: Vec<f32> = entropy.iter().copied().filter(|h| h.is_finite()).collect();
-            let mean = finite.iter().map(|&h| h as f64).sum::<f64>() / finite.len().max(1) as f64;
-            let e = dpar::entropy::ShardEntropies { entropy, entropy_flip, entropy_model_id: model_id.clone() };
-            dpar::entropy::write(&file, &shard, &e)?;
-            images += shard.len() * copies;
+        // A set folder's manifest says how many sequences there are; a lone file shows a spinner.
+        let total = dpar::data::shards::read_manifest(set).map(|m| m.images * if m.flip { 2 } else { 1 }).unwrap_or(0);
+        let bar = dpar::util::progress_bar(total as u64, "entropy");
+        let stored = dpar::entropy::store_for_set(
+            &model,
+            &args.model,
+            set,
+            args.batch,
+            crate::common::allow_mismatch(),
+            &device,
+            |n| bar.inc(n as u64),
+        )
+        .with_context(|| format!("--codes {}", set.display()))?;
+        bar.finish_and_clear();
+        for s in stored {
+            images += s.images * if s.flip { 2 } else { 1 };
             println!(
                 "{}: {} images{}, mean H {:.3} nats (ln V = {:.3}), p30/p50/p70 {:.3}/{:.3}/{:.3} → wrote {}",
-                file.display(),
-                shard.len(),
-                if copies == 2 { " + flip copies" } else { "" },
-                mean,
-                (shard.info.codebook_size as f64).ln(),
-                patching::percentile(&finite, 0.3).unwrap_or(f64::NAN),
-                patching::percentile(&finite, 0.5).unwrap_or(f64::NAN),
-                patching::percentile(&finite, 0.7).unwrap_or(f64::NAN),
-                dpar::data::shards::entropy_path(&file).display()
+                s.shard.display(),
+                s.images,
+                if s.flip { " + flip copies" } else { "" },
+                s.mean,
+                (model.config().vocab_size as f64).ln(),
+                s.p30,
+                s.p50,
+                s.p70,
+                s.sidecar.display()
             );
         }
     }

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dpar::parts::Part;
 use dpar::sample::SamplingConfig;
+use dpar::sample_set::SampleSet;
 use dpar::tokenizer::train::Tokenizer;
 
 use crate::common::DeviceArgs;
@@ -64,134 +65,12 @@ pub struct SampleArgs {
     pub entropy_model: Option<PathBuf>,
     /// DPAR: inference patcher overrides (θ and P may differ from training).
     #[command(flatten)]
-    pub patch: crate::patch_cmd::PatchArgs,
+    pub patch: crate::common::PatchArgs,
     /// DPAR: skip samples-patches.png (the samples with their patch boundaries drawn).
     #[arg(long)]
     pub no_patch_picture: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
-}
-
-/// The `kind` recorded in a checkpoint's config (`gpt`, `entropy`, `dpar`), if any.
-pub fn checkpoint_kind(path: &std::path::Path) -> Option<String> {
-    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-    let meta = dpar::tensor_io::read_safetensors_metadata(&file).ok()?;
-    let config: serde_json::Value = serde_json::from_str(meta.get("config")?).ok()?;
-    config.get("kind")?.as_str().map(str::to_string)
-}
-
-/// Parses `0,3,7`, `0-9` or a mix into class indices, checking them against `num_classes`.
-pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>> {
-    let Some(spec) = spec else { return Ok((0..num_classes as u32).collect()) };
-    let mut out = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (lo, hi) = match part.split_once('-') {
-            Some((a, b)) => (a.trim().parse::<u32>(), b.trim().parse::<u32>()),
-            None => (part.parse::<u32>(), part.parse::<u32>()),
-        };
-        let (lo, hi) = (
-            lo.with_context(|| format!("--classes: `{part}` is not a class number"))?,
-            hi.with_context(|| format!("--classes: `{part}` is not a class number"))?,
-        );
-        for c in lo..=hi {
-            if c as usize >= num_classes {
-                bail!("--classes: unknown class {c}; the model has {num_classes} classes (0-{})", num_classes - 1);
-            }
-            out.push(c);
-        }
-    }
-    if out.is_empty() {
-        bail!("--classes: no classes given");
-    }
-    Ok(out)
-}
-
-/// What a sampling run produced.
-pub struct SampleOutput<'a> {
-    pub out: &'a std::path::Path,
-    pub tokenizer: &'a Tokenizer,
-    pub classes: &'a [u32],
-    pub per_class: usize,
-    pub codes: &'a [Vec<u32>],
-    pub record: serde_json::Value,
-}
-
-impl SampleOutput<'_> {
-    /// Decodes every sample to an RGB image, scaled up for viewing.
-    fn images(&self, device: &candle_core::Device) -> Result<Vec<image::RgbImage>> {
-        let l = self.tokenizer.config.seq_len();
-        let flat: Vec<u32> = self.codes.iter().flatten().copied().collect();
-        let codes = candle_core::Tensor::from_vec(flat, (self.codes.len(), l), device)?;
-        let scale = (96 / self.tokenizer.config.image_size as u32).max(1);
-        let mut images = Vec::with_capacity(self.codes.len());
-        for start in (0..self.codes.len()).step_by(100) {
-            let n = (self.codes.len() - start).min(100);
-            images.extend(
-                dpar::viz::tensor_to_images(&self.tokenizer.decode(&codes.narrow(0, start, n)?)?)?
-                    .iter()
-                    .map(|i| dpar::viz::upscale(i, scale)),
-            );
-        }
-        Ok(images)
-    }
-
-    /// A grid with one row per class; `decorate` may draw on each image (index, image).
-    fn write_grid(
-        &self,
-        images: &[image::RgbImage],
-        path: &std::path::Path,
-        decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage,
-    ) -> Result<()> {
-        let rows: Vec<Vec<image::RgbImage>> = (0..self.classes.len())
-            .map(|r| {
-                (0..self.per_class)
-                    .map(|j| decorate(r * self.per_class + j, images[r * self.per_class + j].clone()))
-                    .collect()
-            })
-            .collect();
-        dpar::viz::save_png(&dpar::viz::grid(&rows, 4), path)?;
-        Ok(())
-    }
-
-    /// Writes samples.png, codes.safetensors (a code shard with the requested labels) and
-    /// sample.json; with `patches`, also samples-patches.png with each image's patches drawn.
-    pub fn write(&self, device: &candle_core::Device, patches: Option<(usize, &[Vec<usize>])>) -> Result<()> {
-        std::fs::create_dir_all(self.out).with_context(|| format!("creating {}", self.out.display()))?;
-        let images = self.images(device)?;
-        let png = self.out.join("samples.png");
-        self.write_grid(&images, &png, &|_, img| img)?;
-        let mut written = vec![png];
-        if let Some((grid, lengths)) = patches {
-            let path = self.out.join("samples-patches.png");
-            // Twice the size of samples.png, so that single-code patches stay visible.
-            self.write_grid(&images, &path, &|i, img| {
-                dpar::viz::patch_overlay(&dpar::viz::upscale(&img, 2), grid, &lengths[i])
-            })?;
-            written.push(path);
-        }
-        let max_class = self.classes.iter().copied().max().unwrap_or(0);
-        let shard = dpar::data::shards::CodeShard {
-            info: dpar::data::shards::ShardInfo {
-                grid_size: self.tokenizer.config.grid_size(),
-                codebook_size: self.tokenizer.config.codebook_size,
-                num_classes: max_class as usize + 1,
-                class_names: (0..=max_class).map(|c| c.to_string()).collect(),
-                tokenizer_id: self.tokenizer.id.clone(),
-            },
-            codes: self.codes.iter().flatten().copied().collect(),
-            labels: self.classes.iter().flat_map(|&c| std::iter::repeat_n(c, self.per_class)).collect(),
-            flip_codes: None,
-        };
-        let codes_path = self.out.join("codes.safetensors");
-        dpar::data::shards::write_shard(&codes_path, &shard)?;
-        let json = self.out.join("sample.json");
-        dpar::util::write_atomic(&json, serde_json::to_string_pretty(&self.record)?.as_bytes())?;
-        written.extend([codes_path, json]);
-        for p in written {
-            println!("wrote {}", p.display());
-        }
-        Ok(())
-    }
 }
 
 /// Fails now, not after the sampling, when `out` cannot be created or written.
@@ -243,7 +122,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         );
     }
     check_writable(&args.out)?;
-    if checkpoint_kind(&args.ckpt).as_deref() == Some("dpar") {
+    if dpar::sample_set::checkpoint_kind(&args.ckpt).as_deref() == Some("dpar") {
         return sample_dpar(args, config, device);
     }
     let (model, _store) = dpar::gpt::load(&args.ckpt, args.preset.as_deref(), &device)?;
@@ -262,17 +141,13 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             mc.vocab_size
         );
     }
-    let classes = parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), mc.num_classes)?;
     check_total(&args, classes.len())?;
-    let labels: Vec<u32> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, args.per_class)).collect();
+    let labels = dpar::sample_set::class_labels(&classes, args.per_class);
     let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
     let t = Instant::now();
-    let mut codes = Vec::with_capacity(labels.len());
-    for (i, chunk) in labels.chunks(args.batch_size).enumerate() {
-        let chunk_config = SamplingConfig { seed: args.seed.wrapping_add(i as u64), ..config.clone() };
-        codes.extend(dpar::sample::generate_gpt(&model, chunk, &chunk_config, &device)?);
-        bar.inc(chunk.len() as u64);
-    }
+    let codes =
+        dpar::sample_set::sample_gpt(&model, &labels, args.batch_size, &config, &device, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     let n = labels.len();
@@ -298,15 +173,15 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         "codes_per_s": tokens_per_s,
         "steps_per_image": mc.seq_len(),
     });
-    SampleOutput {
-        out: &args.out,
-        tokenizer: &tokenizer,
-        classes: &classes,
-        per_class: args.per_class,
-        codes: &codes,
-        record,
+    let set = SampleSet { tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record };
+    print_written(set.write(&args.out, &device, None)?);
+    Ok(())
+}
+
+fn print_written(paths: Vec<PathBuf>) {
+    for p in paths {
+        println!("wrote {}", p.display());
     }
-    .write(&device, None)
 }
 
 fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::Device) -> Result<()> {
@@ -329,20 +204,21 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     }
     let patch = args.patch.apply(mc.patch);
     patch.validate()?;
-    let classes = parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), mc.num_classes)?;
     check_total(&args, classes.len())?;
-    let labels: Vec<u32> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, args.per_class)).collect();
+    let labels = dpar::sample_set::class_labels(&classes, args.per_class);
     let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
     let t = Instant::now();
-    let mut codes = Vec::with_capacity(labels.len());
-    let mut lengths = Vec::with_capacity(labels.len());
-    for (i, chunk) in labels.chunks(args.batch_size).enumerate() {
-        let chunk_config = SamplingConfig { seed: args.seed.wrapping_add(i as u64), ..config.clone() };
-        let out = dpar::dpar::generate::generate(&model, &entropy_model, chunk, &chunk_config, &patch, &device)?;
-        codes.extend(out.codes);
-        lengths.extend(out.lengths);
-        bar.inc(chunk.len() as u64);
-    }
+    let dpar::dpar::generate::Generated { codes, lengths } = dpar::sample_set::sample_dpar(
+        &model,
+        &entropy_model,
+        &labels,
+        args.batch_size,
+        &config,
+        &patch,
+        &device,
+        |n| bar.inc(n as u64),
+    )?;
     bar.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     let n = labels.len();
@@ -378,14 +254,8 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
         "patch_steps_per_image": mean_steps,
         "patch_lengths": lengths,
     });
-    let output = SampleOutput {
-        out: &args.out,
-        tokenizer: &tokenizer,
-        classes: &classes,
-        per_class: args.per_class,
-        codes: &codes,
-        record,
-    };
-    output.write(&device, (!args.no_patch_picture).then_some((mc.grid_size, lengths.as_slice())))?;
+    let set = SampleSet { tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record };
+    let patches = (!args.no_patch_picture).then_some((mc.grid_size, lengths.as_slice()));
+    print_written(set.write(&args.out, &device, patches)?);
     Ok(())
 }

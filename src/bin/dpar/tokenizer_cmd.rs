@@ -281,33 +281,20 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let device = args.device.device()?;
-    if args.shard_size == 0 {
-        bail!("--shard-size must be > 0");
-    }
     let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     let mut data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
     if let Some(n) = args.max_images {
         data = data.take(n);
     }
     let out = args.out.unwrap_or_else(|| PathBuf::from("data/codes").join(&args.split));
-    let mut set = dpar::data::shards::ShardSetWriter::create(&out, args.overwrite).context("--out")?;
     let t = std::time::Instant::now();
-    let bar = dpar::util::progress_bar(data.len() as u64 * if args.flip { 2 } else { 1 }, "tokenize");
     let per_image = if args.flip { 2 } else { 1 };
-    let mut written = Vec::new();
-    for start in (0..data.len()).step_by(args.shard_size) {
-        let end = (start + args.shard_size).min(data.len());
-        let part = dpar::data::ImageDataset {
-            images: data.images
-                [start * data.channels * data.height * data.width..end * data.channels * data.height * data.width]
-                .to_vec(),
-            labels: data.labels[start..end].to_vec(),
-            ..data.clone()
-        };
-        let shard = tok.tokenize(&part, args.flip, args.batch, &device, |n| bar.inc((n * per_image) as u64))?;
-        written.push(set.add(&shard)?);
-    }
-    written.push(set.finish()?);
+    let bar = dpar::util::progress_bar((data.len() * per_image) as u64, "tokenize");
+    let written = tok
+        .tokenize_to_set(&data, &out, args.overwrite, args.flip, args.shard_size, args.batch, &device, |n| {
+            bar.inc(n as u64)
+        })
+        .with_context(|| format!("--out {}", out.display()))?;
     bar.finish_and_clear();
     let g = tok.config.grid_size();
     println!(

@@ -1,0 +1,261 @@
+//! Sampling runs as `dpar sample` does them: class labels, generation in batches (batch `i`
+//! draws with seed `seed + i`), and the files a run leaves behind: `samples.png` (one grid row
+//! per class), `samples-patches.png` for DPAR (each image's patches drawn), `codes.safetensors`
+//! (a code shard with the requested labels) and `sample.json` (the settings and timings).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::dpar::generate::Generated;
+use crate::dpar::Dpar;
+use crate::gpt::Gpt;
+use crate::patching::PatchConfig;
+use crate::sample::SamplingConfig;
+use crate::tokenizer::train::Tokenizer;
+
+/// Errors of a sampling run.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleSetError {
+    /// A class list, count or folder is unusable.
+    #[error("{0}")]
+    BadInput(String),
+    #[error(transparent)]
+    Sample(#[from] crate::sample::SampleError),
+    /// (Boxed: a DPAR error is large, and it is rare.)
+    #[error(transparent)]
+    Dpar(Box<crate::dpar::DparError>),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Viz(#[from] crate::viz::VizError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Util(#[from] crate::util::UtilError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, SampleSetError>;
+
+impl From<crate::dpar::DparError> for SampleSetError {
+    fn from(e: crate::dpar::DparError) -> Self {
+        Self::Dpar(Box::new(e))
+    }
+}
+
+/// The `kind` recorded in a checkpoint's config (`gpt`, `entropy`, `dpar`), if any.
+pub fn checkpoint_kind(path: &Path) -> Option<String> {
+    let meta = crate::tensor_io::read_safetensors_metadata(&crate::parts::weights_file(path)).ok()?;
+    let config: serde_json::Value = serde_json::from_str(meta.get("config")?).ok()?;
+    config.get("kind")?.as_str().map(str::to_string)
+}
+
+/// Parses `0,3,7`, `0-9` or a mix into class indices (every class when `None`), checking them
+/// against `num_classes`.
+pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>> {
+    let Some(spec) = spec else { return Ok((0..num_classes as u32).collect()) };
+    let bad = |part: &str| SampleSetError::BadInput(format!("--classes: `{part}` is not a class number"));
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>(), b.trim().parse::<u32>()),
+            None => (part.parse::<u32>(), part.parse::<u32>()),
+        };
+        let (lo, hi) = (lo.map_err(|_| bad(part))?, hi.map_err(|_| bad(part))?);
+        for c in lo..=hi {
+            if c as usize >= num_classes {
+                return Err(SampleSetError::BadInput(format!(
+                    "--classes: unknown class {c}; the model has {num_classes} classes (0-{})",
+                    num_classes.saturating_sub(1)
+                )));
+            }
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        return Err(SampleSetError::BadInput("--classes: no classes given".into()));
+    }
+    Ok(out)
+}
+
+/// `per_class` labels of each class in turn (the grid's rows).
+pub fn class_labels(classes: &[u32], per_class: usize) -> Vec<u32> {
+    classes.iter().flat_map(|&c| std::iter::repeat_n(c, per_class)).collect()
+}
+
+fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(SampleSetError::BadInput("--batch-size must be > 0".into()));
+    }
+    Ok(())
+}
+
+/// Codes for `labels` from the baseline, `batch` images at a time (batch `i` with seed
+/// `config.seed + i`); `progress` is called with the images done.
+pub fn sample_gpt(
+    model: &Gpt,
+    labels: &[u32],
+    batch: usize,
+    config: &SamplingConfig,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Vec<u32>>> {
+    check_batch(batch)?;
+    let mut codes = Vec::with_capacity(labels.len());
+    for (i, chunk) in labels.chunks(batch).enumerate() {
+        let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
+        codes.extend(crate::sample::generate_gpt(model, chunk, &chunk_config, device)?);
+        progress(chunk.len());
+    }
+    Ok(codes)
+}
+
+/// Codes and patch lengths for `labels` from DPAR with the patcher `patch`, in batches as
+/// [`sample_gpt`].
+#[allow(clippy::too_many_arguments)]
+pub fn sample_dpar(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    batch: usize,
+    config: &SamplingConfig,
+    patch: &PatchConfig,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<Generated> {
+    check_batch(batch)?;
+    patch.validate().map_err(|e| SampleSetError::BadInput(format!("patcher: {e}")))?;
+    let mut all = Generated { codes: Vec::with_capacity(labels.len()), lengths: Vec::with_capacity(labels.len()) };
+    for (i, chunk) in labels.chunks(batch).enumerate() {
+        let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
+        let out = crate::dpar::generate::generate(model, entropy_model, chunk, &chunk_config, patch, device)?;
+        all.codes.extend(out.codes);
+        all.lengths.extend(out.lengths);
+        progress(chunk.len());
+    }
+    Ok(all)
+}
+
+/// Generated samples of a few classes, `per_class` each (in [`class_labels`] order), ready to
+/// be written.
+pub struct SampleSet<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub classes: &'a [u32],
+    pub per_class: usize,
+    pub codes: &'a [Vec<u32>],
+    /// What `sample.json` records (settings, timings).
+    pub record: serde_json::Value,
+}
+
+impl SampleSet<'_> {
+    /// Decodes every sample to an RGB image, scaled up for viewing (to about 96 px).
+    pub fn images(&self, device: &Device) -> Result<Vec<image::RgbImage>> {
+        let l = self.tokenizer.config.seq_len();
+        if let Some(bad) = self.codes.iter().find(|c| c.len() != l) {
+            return Err(SampleSetError::BadInput(format!(
+                "a sample holds {} codes; the tokenizer decodes {l}",
+                bad.len()
+            )));
+        }
+        let flat: Vec<u32> = self.codes.iter().flatten().copied().collect();
+        let codes = Tensor::from_vec(flat, (self.codes.len(), l), device)?;
+        let scale = (96 / self.tokenizer.config.image_size as u32).max(1);
+        let mut images = Vec::with_capacity(self.codes.len());
+        for start in (0..self.codes.len()).step_by(100) {
+            let n = (self.codes.len() - start).min(100);
+            images.extend(
+                crate::viz::tensor_to_images(&self.tokenizer.decode(&codes.narrow(0, start, n)?)?)?
+                    .iter()
+                    .map(|i| crate::viz::upscale(i, scale)),
+            );
+        }
+        Ok(images)
+    }
+
+    /// A grid with one row per class; `decorate` may draw on each image (index, image).
+    fn grid(
+        &self,
+        images: &[image::RgbImage],
+        decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage,
+    ) -> image::RgbImage {
+        let rows: Vec<Vec<image::RgbImage>> = (0..self.classes.len())
+            .map(|r| {
+                (0..self.per_class)
+                    .map(|j| decorate(r * self.per_class + j, images[r * self.per_class + j].clone()))
+                    .collect()
+            })
+            .collect();
+        crate::viz::grid(&rows, 4)
+    }
+
+    /// Writes `samples.png`, `codes.safetensors` and `sample.json` into `out` (created if
+    /// needed), and with `patches` (grid size, each image's patch lengths) also
+    /// `samples-patches.png`. Every file is written atomically. Returns the files written.
+    pub fn write(&self, out: &Path, device: &Device, patches: Option<(usize, &[Vec<usize>])>) -> Result<Vec<PathBuf>> {
+        if self.codes.len() != self.classes.len() * self.per_class {
+            return Err(SampleSetError::BadInput(format!(
+                "{} samples for {} classes × {}",
+                self.codes.len(),
+                self.classes.len(),
+                self.per_class
+            )));
+        }
+        std::fs::create_dir_all(out).map_err(|e| {
+            SampleSetError::BadInput(format!("--out {}: cannot create the output folder: {e}", out.display()))
+        })?;
+        let images = self.images(device)?;
+        let png = out.join("samples.png");
+        crate::viz::save_png(&self.grid(&images, &|_, img| img), &png)?;
+        let mut written = vec![png];
+        if let Some((grid, lengths)) = patches {
+            let path = out.join("samples-patches.png");
+            // Twice the size of samples.png, so that single-code patches stay visible.
+            let picture = self
+                .grid(&images, &|i, img| crate::viz::patch_overlay(&crate::viz::upscale(&img, 2), grid, &lengths[i]));
+            crate::viz::save_png(&picture, &path)?;
+            written.push(path);
+        }
+        let max_class = self.classes.iter().copied().max().unwrap_or(0);
+        let shard = crate::data::shards::CodeShard {
+            info: crate::data::shards::ShardInfo {
+                grid_size: self.tokenizer.config.grid_size(),
+                codebook_size: self.tokenizer.config.codebook_size,
+                num_classes: max_class as usize + 1,
+                class_names: (0..=max_class).map(|c| c.to_string()).collect(),
+                tokenizer_id: self.tokenizer.id.clone(),
+            },
+            codes: self.codes.iter().flatten().copied().collect(),
+            labels: class_labels(self.classes, self.per_class),
+            flip_codes: None,
+        };
+        let codes_path = out.join("codes.safetensors");
+        crate::data::shards::write_shard(&codes_path, &shard)?;
+        let json = out.join("sample.json");
+        let text = serde_json::to_string_pretty(&self.record).unwrap_or_default();
+        crate::util::write_atomic(&json, text.as_bytes())?;
+        written.extend([codes_path, json]);
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_parse_as_lists_and_ranges_and_unknown_ones_are_named() {
+        assert_eq!(parse_classes(Some("0,3-5, 9"), 10).unwrap(), vec![0, 3, 4, 5, 9]);
+        assert_eq!(parse_classes(None, 3).unwrap(), vec![0, 1, 2]);
+        let err = parse_classes(Some("10"), 10).unwrap_err().to_string();
+        assert!(err.contains("unknown class 10") && err.contains("0-9"), "{err}");
+        assert!(parse_classes(Some("x"), 10).unwrap_err().to_string().contains("`x`"));
+        assert!(parse_classes(Some(","), 10).is_err());
+    }
+
+    #[test]
+    fn labels_come_in_grid_rows() {
+        assert_eq!(class_labels(&[7, 2], 3), vec![7, 7, 7, 2, 2, 2]);
+    }
+}
