@@ -57,6 +57,14 @@ pub(crate) fn zero_fill(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     unsafe { assume_init_mut(s) }
 }
 
+/// Writes `src` over `dst`; like `copy_from_slice`, panics unless the lengths are equal.
+pub(crate) fn write_slice(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "write_slice: destination and source lengths differ");
+    for (d, &v) in dst.iter_mut().zip(src) {
+        d.write(v);
+    }
+}
+
 /// `s` as initialised f32 (what `<[MaybeUninit<f32>]>::assume_init_mut` does on newer Rust).
 ///
 /// # Safety
