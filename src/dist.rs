@@ -33,7 +33,11 @@ pub type Result<T> = std::result::Result<T, DistError>;
 pub const BUCKET_FLOATS: usize = 1 << 22;
 
 /// The operations data-parallel training needs.
-pub trait Collective: Send + Sync {
+///
+/// Not `Send` or `Sync` by requirement: the training loop uses a collective on the thread that
+/// made it (the MPI and NCCL handles are single-thread objects). A backend that ranks move into
+/// threads, like [`ThreadGroup`], is `Send` by its own fields.
+pub trait Collective {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Replaces every buffer by its mean over the ranks (all ranks pass equally long buffers).
@@ -200,16 +204,12 @@ mod mpi_backend {
     use super::{Collective, DistError, Result};
 
     /// OpenMPI ranks launched by `mpirun`. A rank that dies makes `mpirun` abort the job
-    /// (MPI's default error handler), so the others do not hang.
+    /// (MPI's default error handler), so the others do not hang. Used on the thread that
+    /// initialised MPI (the default threading level), so it is neither `Send` nor `Sync`.
     pub struct MpiCollective {
         _universe: mpi::environment::Universe,
         world: mpi::topology::SimpleCommunicator,
     }
-
-    // SAFETY: the communicator is used from the training thread only; MPI is initialised with
-    // the default threading level and every call happens on that thread.
-    unsafe impl Send for MpiCollective {}
-    unsafe impl Sync for MpiCollective {}
 
     impl MpiCollective {
         /// Initialises MPI (once per process).
@@ -266,17 +266,14 @@ mod nccl_backend {
     /// or Slurm; see [`super::launcher_rank`]). Rank 0 creates the NCCL id and hands it to the
     /// others through a file on a filesystem every rank sees; it removes the file once every rank
     /// has joined (a file left by a crashed launch must be deleted before the next one). Gradients arrive as host buffers (the loop's interface), travel to this rank's
-    /// GPU, are averaged there by `ncclAllReduce(avg)` and come back.
+    /// GPU, are averaged there by `ncclAllReduce(avg)` and come back. Used on the thread that made
+    /// it; `Send`/`Sync` only as far as cudarc's types are.
     pub struct NcclCollective {
         comm: Comm,
         stream: Arc<CudaStream>,
         rank: usize,
         world_size: usize,
     }
-
-    // The communicator is used from the one training thread of each process.
-    unsafe impl Send for NcclCollective {}
-    unsafe impl Sync for NcclCollective {}
 
     fn err(rank: usize) -> impl Fn(String) -> DistError {
         move |reason| DistError::Peer { rank, reason }
@@ -428,6 +425,15 @@ mod tests {
         assert_eq!(launcher_rank_from(env(&[("RANK", "4"), ("WORLD_SIZE", "2")])), None);
         assert_eq!(launcher_rank_from(env(&[("RANK", "x"), ("WORLD_SIZE", "2")])), None);
         assert_eq!(launcher_rank_from(env(&[])), None);
+    }
+
+    /// Thread ranks are moved into their threads (`run_ranks`, the tests): `Send` by their
+    /// own fields, with no `unsafe impl`.
+    #[test]
+    fn thread_ranks_are_send_by_their_types() {
+        fn moves_between_threads<T: Send>() {}
+        moves_between_threads::<ThreadGroup>();
+        moves_between_threads::<Single>();
     }
 
     #[test]

@@ -151,6 +151,21 @@ fn backward_one(
     [dq, dk, dv]
 }
 
+/// Whether the segments cover the rows 0..n exactly once each (in any order; empty segments
+/// inside the range allowed).
+fn tiles(segments: &[(usize, usize)], n: usize) -> bool {
+    let mut sorted = segments.to_vec();
+    sorted.sort_unstable();
+    let mut next = 0;
+    for (start, len) in sorted {
+        if start != next {
+            return false;
+        }
+        next += len;
+    }
+    next == n
+}
+
 /// Flash-attention forward over host data: qkv (n, 3·H·d) → (out (n, H·d), lse (n, H)).
 pub fn flash_forward(
     qkv: &[f32],
@@ -176,14 +191,27 @@ pub fn flash_forward(
             forward_one(qkv, dim, hi, d, start, len, scale)
         })
         .collect();
-    let mut out = super::block::uninit(n * dim);
-    let mut lse = super::block::uninit(n * heads);
+    let (mut out, mut lse) = (Vec::<f32>::with_capacity(n * dim), Vec::<f32>::with_capacity(n * heads));
+    let (ob, lb) = (&mut out.spare_capacity_mut()[..n * dim], &mut lse.spare_capacity_mut()[..n * heads]);
+    if !tiles(segments, n) {
+        // Overlapping segments (the checks above allow them) leave rows that no segment writes.
+        super::zero_fill(ob);
+        super::zero_fill(lb);
+    }
     for (&(s, hi), (o, ls)) in tasks.iter().zip(results) {
         let (start, len) = segments[s];
         for i in 0..len {
-            out[(start + i) * dim + hi * d..(start + i) * dim + (hi + 1) * d].copy_from_slice(&o[i * d..(i + 1) * d]);
-            lse[(start + i) * heads + hi] = ls[i];
+            let row = (start + i) * dim;
+            super::write_slice(&mut ob[row + hi * d..row + (hi + 1) * d], &o[i * d..(i + 1) * d]);
+            lb[(start + i) * heads + hi].write(ls[i]);
         }
+    }
+    // SAFETY: either both buffers were zero-filled, or the segments tile the rows 0..n; then for
+    // every row, the tasks of its segment (one per head hi < heads) wrote its d columns
+    // hi·d..(hi + 1)·d of out (all dim = heads·d) and its entry hi of lse (all heads).
+    unsafe {
+        out.set_len(n * dim);
+        lse.set_len(n * heads);
     }
     Ok((out, lse))
 }
@@ -214,16 +242,26 @@ pub fn flash_backward(
             backward_one(qkv, out, grad, &lse, dim, hi, d, start, len, scale)
         })
         .collect();
-    let mut dqkv = super::block::uninit(n * 3 * dim);
+    let mut dqkv = Vec::<f32>::with_capacity(n * 3 * dim);
+    let buf = &mut dqkv.spare_capacity_mut()[..n * 3 * dim];
+    if !tiles(segments, n) {
+        // Segments that overlap or leave rows out (nothing here checks them) leave rows that no
+        // task writes.
+        super::zero_fill(buf);
+    }
     for (&(s, hi), parts) in tasks.iter().zip(results) {
         let (start, len) = segments[s];
         for (which, part) in parts.iter().enumerate() {
             for i in 0..len {
                 let o = (start + i) * 3 * dim + which * dim + hi * d;
-                dqkv[o..o + d].copy_from_slice(&part[i * d..(i + 1) * d]);
+                super::write_slice(&mut buf[o..o + d], &part[i * d..(i + 1) * d]);
             }
         }
     }
+    // SAFETY: either the buffer was zero-filled, or the segments tile the rows 0..n; then for
+    // every row, the tasks of its segment (one per head hi < heads) wrote d columns of each of
+    // q, k and v (which = 0, 1, 2) at which·dim + hi·d: all 3·dim = 3·heads·d.
+    unsafe { dqkv.set_len(n * 3 * dim) };
     Ok(dqkv)
 }
 
@@ -334,5 +372,30 @@ mod tests {
             let diff = max_diff(g1.get(qkv.as_tensor()).unwrap(), g2.get(qkv.as_tensor()).unwrap());
             assert!(diff < 1e-4, "grad case {i}: {diff}");
         }
+    }
+
+    /// Segments that do not tile the rows (overlapping ones pass the forward's checks) leave
+    /// the rows no segment covers zero, in the output, the log-sum-exp and the gradient; rows
+    /// that are covered equal those of a proper tiling.
+    #[test]
+    fn segments_that_do_not_tile_the_rows_leave_zeros() {
+        assert!(tiles(&[(3, 2), (0, 3), (5, 0)], 5));
+        assert!(tiles(&[], 0));
+        assert!(!tiles(&[(0, 2), (0, 2)], 4));
+        assert!(!tiles(&[(0, 2), (3, 1)], 4));
+        assert!(!tiles(&[(0, 5)], 4));
+        let (h, d, n) = (2, 4, 4);
+        let dim = h * d;
+        let qkv: Vec<f32> = (0..n * 3 * dim).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+        let (out, lse) = flash_forward(&qkv, n, h, d, &[(0, 2), (0, 2)]).unwrap();
+        let (full, full_lse) = flash_forward(&qkv, n, h, d, &[(0, 2), (2, 2)]).unwrap();
+        assert_eq!(out[..2 * dim], full[..2 * dim]);
+        assert_eq!(lse[..2 * h], full_lse[..2 * h]);
+        assert!(out[2 * dim..].iter().chain(&lse[2 * h..]).all(|&v| v == 0.0));
+        let grad: Vec<f32> = (0..n * dim).map(|i| (i % 5) as f32 * 0.2 - 0.4).collect();
+        let dqkv = flash_backward(&qkv, &full, &grad, &full_lse, n, h, d, &[(0, 2)]).unwrap();
+        let want = flash_backward(&qkv, &full, &grad, &full_lse, n, h, d, &[(0, 2), (2, 2)]).unwrap();
+        assert_eq!(dqkv[..2 * 3 * dim], want[..2 * 3 * dim]);
+        assert!(dqkv[2 * 3 * dim..].iter().all(|&v| v == 0.0));
     }
 }

@@ -14,6 +14,8 @@
 //! Without AVX512-BF16 at run time the same bf16-rounded operands go through faer's f32 GEMM:
 //! identical numbers, no speed-up.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 const MR: usize = 12;
@@ -92,6 +94,65 @@ pub fn bf16_gemm(
         }
         return;
     }
+    // SAFETY: AVX512-F and AVX512-BF16 are present (checked by `available`) and k ≥ 1; `dst` is
+    // initialised, the kernel stores only f32 values into it (so it stays initialised), and what
+    // the accumulating passes read is its initialised contents.
+    unsafe { packed_gemm(super::as_uninit_mut(dst), m, n, k, a, trans_a, b, trans_b, accumulate) }
+}
+
+/// [`bf16_gemm`] without accumulation into uninitialised memory: writes every element of
+/// `dst[..m·n]` (the bits [`bf16_gemm`] gives). With AVX512-BF16 the packed kernel's first K
+/// block stores every element without reading it; without it (or for k = 0) `dst` is zeroed
+/// first and the product added, as [`bf16_gemm`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_gemm_uninit(
+    dst: &mut [MaybeUninit<f32>],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+) {
+    assert!(
+        dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "bf16_gemm_uninit: slices too small for {m}×{n}×{k}"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 || !available() {
+        // The fallback adds into dst (faer with `Add`): zero it first.
+        bf16_gemm(super::zero_fill(&mut dst[..m * n]), m, n, k, a, trans_a, b, trans_b, true);
+        return;
+    }
+    // SAFETY: AVX512-F and AVX512-BF16 are present (checked by `available`) and k ≥ 1; without
+    // accumulation the kernel reads only elements of `dst` that its first K block stored.
+    unsafe { packed_gemm(dst, m, n, k, a, trans_a, b, trans_b, false) }
+}
+
+/// The packed AVX512-BF16 GEMM of [`bf16_gemm`] on a destination that may be uninitialised.
+/// Without `accumulate` its first K block stores every element of `dst[..m·n]` without reading
+/// it (the row blocks cover 0..m, the 32-column panels 0..n, and the kernel stores each of its
+/// rows × cols); later K blocks read and add to what that block stored. With `accumulate` every
+/// block reads and adds.
+///
+/// # Safety
+/// AVX512-F and AVX512-BF16 must be available; m, n, k ≥ 1 and the slices as long as
+/// [`bf16_gemm`] asserts; with `accumulate`, `dst[..m·n]` must be initialised.
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_gemm(
+    dst: &mut [MaybeUninit<f32>],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    accumulate: bool,
+) {
     let n_panels = n.div_ceil(NR);
     // K blocks of equal, even length (at most KC): no short tail block.
     let kcb = (k.div_ceil(k.div_ceil(KC)) + 1) & !1;
@@ -101,7 +162,8 @@ pub fn bf16_gemm(
     for k0 in (0..k).step_by(kcb) {
         let kc = kcb.min(k - k0);
         // The first K block stores its sums over C (no zero fill, no read of C) unless the
-        // caller accumulates; later blocks add to C.
+        // caller accumulates; later blocks add to C. The row blocks of MC cover rows 0..m, the
+        // slivers of MR each block, the panels of NR columns 0..n: every element is stored.
         let overwrite = k0 == 0 && !accumulate;
         let kp = kc.div_ceil(2);
         // Pack B: panel jp holds, per k-pair q, 32 columns of (B[2q][j], B[2q+1][j]) words.
@@ -112,7 +174,8 @@ pub fn bf16_gemm(
                 // B[p][j] = b[j·k + p]: the pairs of column j are contiguous in row j of b.
                 let mut words = vec![0u32; kp];
                 for c in 0..cols {
-                    // SAFETY: AVX-512F is present (checked by `available`).
+                    // SAFETY: AVX-512F is present (this function's contract; callers check
+                    // `available`).
                     unsafe { pairs_row(&b[(j0 + c) * k + k0..(j0 + c) * k + k0 + kc], &mut words) };
                     for q in 0..kp {
                         panel[q * NR + c] = words[q];
@@ -156,6 +219,8 @@ pub fn bf16_gemm(
                         // SAFETY: the kernel reads A words r + q·MC (r < MR, q < kp) of
                         // `ap[sub..]`, below (kp − 1)·MC + MC − sub, and kp·NR words of `panel`;
                         // it writes rows < `rows`, columns < `cols` (row stride n) in `cblock`.
+                        // Without `overwrite` it reads them too: the first K block stored them,
+                        // or the caller accumulates and they were initialised on entry.
                         unsafe {
                             kernel(
                                 kp,
@@ -191,7 +256,8 @@ pub fn bf16_gemm(
                     let panel = &bp[jp * kp * NR..(jp + 1) * kp * NR];
                     // SAFETY: the kernel reads A words r·kp + q (r < MR, q < kp), all inside
                     // `ap`, and kp·NR words of `panel`; it writes rows < `rows`, columns
-                    // < `cols` (row stride n) inside `cblock`.
+                    // < `cols` (row stride n) inside `cblock`, and reads them only without
+                    // `overwrite`, when they are initialised (as above).
                     unsafe {
                         kernel(kp, &ap, kp, 1, panel, &mut cblock[sub * n + jp * NR..], n, rows, cols, overwrite)
                     };
@@ -316,7 +382,13 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 }
 
 /// The MR×32 micro-kernel: C[r][j] (+)= Σ_q A-pair(r, q) · B-pair(q, j), stored over C when
-/// `overwrite`, added to it otherwise.
+/// `overwrite` (C is then only written, by masked stores of rows < `rows`, columns < `cols`),
+/// added to it otherwise.
+///
+/// # Safety
+/// AVX512-F and AVX512-BF16 must be available; `a` and `b` must hold the words the strides
+/// address for kp pairs, `c` rows < `rows` of `cols` ≤ 32 columns at stride `ldc`; without
+/// `overwrite` those elements of `c` must be initialised.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -326,7 +398,7 @@ unsafe fn kernel(
     row_stride: usize,
     pair_stride: usize,
     b: &[u32],
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     rows: usize,
     cols: usize,
@@ -346,7 +418,7 @@ unsafe fn kernel(
         }
     }
     for (r, row) in acc.iter().enumerate().take(rows) {
-        let base = c.as_mut_ptr().add(r * ldc);
+        let base = c.as_mut_ptr().cast::<f32>().add(r * ldc);
         for (h, v) in row.iter().enumerate() {
             let lo = h * 16;
             if lo >= cols {
@@ -373,7 +445,7 @@ unsafe fn kernel(
     _rs: usize,
     _qs: usize,
     _b: &[u32],
-    _c: &mut [f32],
+    _c: &mut [MaybeUninit<f32>],
     _ldc: usize,
     _rows: usize,
     _cols: usize,

@@ -25,17 +25,6 @@ use super::matmul::Gemm;
 use super::{cpu_f32, with_f32};
 use crate::nn::rope::RopeRows;
 
-/// A vector whose every element the caller overwrites before reading (saves the memset of
-/// `vec![0.0; n]` on multi-megabyte buffers).
-#[allow(clippy::uninit_vec)]
-pub(crate) fn uninit(n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: f32 has no invalid bit patterns, and every caller writes all n elements (GEMM with
-    // `Replace`, or an explicit loop over the whole slice) before any read.
-    unsafe { v.set_len(n) };
-    v
-}
-
 fn rows_of(layout: &Layout, last: usize) -> Result<usize> {
     let dims = layout.dims();
     if dims.last() != Some(&last) {
@@ -56,18 +45,29 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (super::math::dot(row, row) / row.len() as f32 + eps).sqrt()
 }
 
-/// xn = x·r·g for every row; also returns r per row.
+/// xn = x·r·g for every row; also returns r per row. New buffers, written once (no zero fill).
 fn normalize(x: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = g.len();
     let rows = x.len() / d;
-    let mut xn = uninit(x.len());
-    let mut r = uninit(rows);
-    xn.par_chunks_mut(d).zip(x.par_chunks(d)).zip(r.par_iter_mut()).for_each(|((o, xr), ri)| {
-        *ri = inv_rms(xr, eps);
-        for j in 0..d {
-            o[j] = xr[j] * *ri * g[j];
-        }
-    });
+    assert_eq!(x.len(), rows * d, "normalize: {} values are not rows of {d}", x.len());
+    let (mut xn, mut r) = (Vec::<f32>::with_capacity(x.len()), Vec::<f32>::with_capacity(rows));
+    xn.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(r.spare_capacity_mut()[..rows].par_iter_mut())
+        .for_each(|((o, xr), ri)| {
+            let rr = *ri.write(inv_rms(xr, eps));
+            for j in 0..d {
+                o[j].write(xr[j] * rr * g[j]);
+            }
+        });
+    // SAFETY: x is exactly `rows` rows of d (asserted), so xn's first rows·d slots form `rows`
+    // chunks of d, zipped with the `rows` rows of x and the `rows` slots of r: the loop wrote
+    // r[i] and all d elements of row i of xn for every row.
+    unsafe {
+        xn.set_len(x.len());
+        r.set_len(rows);
+    }
     (xn, r)
 }
 
@@ -97,8 +97,7 @@ impl CustomOp3 for NormLinear {
         let n = rows_of(xl, d)?;
         let (x, g, w) = (cpu_f32(xs, xl, "x")?, cpu_f32(gs, gl, "norm weight")?, cpu_f32(ws, wl, "weight")?);
         let (xn, _) = normalize(x, g, self.eps);
-        let mut y = uninit(n * out);
-        self.gemm.run(&mut y, n, out, d, &xn, false, w, true, false);
+        let y = self.gemm.run_new(n, out, d, &xn, false, w, true);
         Ok((CpuStorage::F32(y), with_last(xl.dims(), out)))
     }
 
@@ -112,20 +111,18 @@ impl CustomOp3 for NormLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, d) = w.dims2()?;
         let n = x.elem_count() / d;
-        let mut dx = uninit(n * d);
-        let mut dw = uninit(out * d);
-        let mut dg_parts: Vec<Vec<f32>> = Vec::new();
-        with_f32(x, "x", |xv| {
+        let (dx, dw, dg_parts) = with_f32(x, "x", |xv| {
             with_f32(g, "norm weight", |gv| {
                 with_f32(w, "weight", |wv| {
                     with_f32(dy, "grad", |dyv| {
                         let (xn, r) = normalize(xv, gv, self.eps);
-                        self.gemm.run(&mut dw, out, d, n, dyv, true, &xn, false, false);
+                        let dw = self.gemm.run_new(out, d, n, dyv, true, &xn, false);
                         drop(xn);
-                        // dxn = dy·W, written into dx, then turned into dx in place.
-                        self.gemm.run(&mut dx, n, d, out, dyv, false, wv, false, false);
+                        // dxn = dy·W, a new buffer written whole by the GEMM, then turned into dx
+                        // in place.
+                        let mut dx = self.gemm.run_new(n, d, out, dyv, false, wv, false);
                         let chunk = (n / (4 * rayon::current_num_threads())).max(16);
-                        dg_parts = dx
+                        let dg_parts: Vec<Vec<f32>> = dx
                             .par_chunks_mut(d * chunk)
                             .zip(xv.par_chunks(d * chunk).zip(r.par_chunks(chunk)))
                             .map(|(dxc, (xc, rc))| {
@@ -145,7 +142,7 @@ impl CustomOp3 for NormLinear {
                                 dg
                             })
                             .collect();
-                        Ok(())
+                        Ok((dx, dw, dg_parts))
                     })
                 })
             })
@@ -302,8 +299,7 @@ impl CustomOp3 for LinearResidual {
             candle_core::bail!("linear_residual: residual {:?} does not match {n} rows × {out}", rl.dims());
         }
         let (x, w, r) = (cpu_f32(xs, xl, "x")?, cpu_f32(ws, wl, "weight")?, cpu_f32(rs, rl, "residual")?);
-        let mut y = uninit(n * out);
-        self.gemm.run(&mut y, n, out, k, x, false, w, true, false);
+        let mut y = self.gemm.run_new(n, out, k, x, false, w, true);
         apply_mask(&mut y, &self.mask);
         y.par_iter_mut().zip(r.par_iter()).for_each(|(a, b)| *a += b);
         Ok((CpuStorage::F32(y), rl.shape().clone()))
@@ -319,9 +315,7 @@ impl CustomOp3 for LinearResidual {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
         let n = x.elem_count() / k;
-        let mut dx = uninit(n * k);
-        let mut dw = uninit(out * k);
-        with_f32(dy, "grad", |g| {
+        let (dx, dw) = with_f32(dy, "grad", |g| {
             let masked;
             let g = match &self.mask {
                 Some(_) => {
@@ -332,14 +326,9 @@ impl CustomOp3 for LinearResidual {
                 }
                 None => g,
             };
-            with_f32(w, "weight", |wv| {
-                self.gemm.run(&mut dx, n, k, out, g, false, wv, false, false);
-                Ok(())
-            })?;
-            with_f32(x, "x", |xv| {
-                self.gemm.run(&mut dw, out, k, n, g, true, xv, false, false);
-                Ok(())
-            })
+            let dx = with_f32(w, "weight", |wv| Ok(self.gemm.run_new(n, k, out, g, false, wv, false)))?;
+            let dw = with_f32(x, "x", |xv| Ok(self.gemm.run_new(out, k, n, g, true, xv, false)))?;
+            Ok((dx, dw))
         })?;
         let dev = x.device();
         Ok((Some(Tensor::from_vec(dx, x.shape(), dev)?), Some(Tensor::from_vec(dw, (out, k), dev)?), Some(dy.clone())))
@@ -359,16 +348,20 @@ struct SwiGluLinearResidual {
     gemm: Gemm,
 }
 
-/// silu(a) ⊙ b for every row of [a | b].
+/// silu(a) ⊙ b for every row of [a | b]. A new buffer, written once (no zero fill).
 fn swiglu_rows(h: &[f32], f: usize) -> Vec<f32> {
     let rows = h.len() / (2 * f);
-    let mut s = uninit(rows * f);
-    s.par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each(|(o, hr)| {
+    assert_eq!(h.len(), rows * 2 * f, "swiglu: {} values are not rows of 2·{f}", h.len());
+    let mut s = Vec::<f32>::with_capacity(rows * f);
+    s.spare_capacity_mut()[..rows * f].par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each(|(o, hr)| {
         let (a, b) = hr.split_at(f);
         for j in 0..f {
-            o[j] = a[j] * super::math::sigmoid(a[j]) * b[j];
+            o[j].write(a[j] * super::math::sigmoid(a[j]) * b[j]);
         }
     });
+    // SAFETY: h is exactly `rows` rows of 2f (asserted), so the `rows` chunks of f slots are
+    // each zipped with a whole row of h and the loop wrote all f elements of every one.
+    unsafe { s.set_len(rows * f) };
     s
 }
 
@@ -393,8 +386,7 @@ impl CustomOp3 for SwiGluLinearResidual {
         }
         let (h, w, r) = (cpu_f32(hs, hl, "h")?, cpu_f32(ws, wl, "weight")?, cpu_f32(rs, rl, "residual")?);
         let s = swiglu_rows(h, f);
-        let mut y = uninit(n * out);
-        self.gemm.run(&mut y, n, out, f, &s, false, w, true, false);
+        let mut y = self.gemm.run_new(n, out, f, &s, false, w, true);
         apply_mask(&mut y, &self.mask);
         y.par_iter_mut().zip(r.par_iter()).for_each(|(a, b)| *a += b);
         Ok((CpuStorage::F32(y), rl.shape().clone()))
@@ -410,9 +402,8 @@ impl CustomOp3 for SwiGluLinearResidual {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, f) = w.dims2()?;
         let n = h.elem_count() / (2 * f);
-        let mut dh = uninit(n * 2 * f);
-        let mut dw = uninit(out * f);
-        with_f32(h, "h", |hv| {
+        let mut dh = Vec::<f32>::with_capacity(n * 2 * f);
+        let dw = with_f32(h, "h", |hv| {
             with_f32(w, "weight", |wv| {
                 with_f32(dy, "grad", |g| {
                     let masked;
@@ -426,24 +417,28 @@ impl CustomOp3 for SwiGluLinearResidual {
                         None => g,
                     };
                     let s = swiglu_rows(hv, f);
-                    self.gemm.run(&mut dw, out, f, n, g, true, &s, false, false);
+                    let dw = self.gemm.run_new(out, f, n, g, true, &s, false);
                     drop(s);
-                    let mut ds = uninit(n * f);
-                    self.gemm.run(&mut ds, n, f, out, g, false, wv, false, false);
-                    dh.par_chunks_mut(2 * f).zip(hv.par_chunks(2 * f).zip(ds.par_chunks(f))).for_each(
-                        |(dr, (hr, dsr))| {
+                    let ds = self.gemm.run_new(n, f, out, g, false, wv, false);
+                    dh.spare_capacity_mut()[..n * 2 * f]
+                        .par_chunks_mut(2 * f)
+                        .zip(hv.par_chunks(2 * f).zip(ds.par_chunks(f)))
+                        .for_each(|(dr, (hr, dsr))| {
                             for j in 0..f {
                                 let a = hr[j];
                                 let sg = super::math::sigmoid(a);
-                                dr[j] = dsr[j] * hr[f + j] * sg * (1.0 + a * (1.0 - sg));
-                                dr[f + j] = dsr[j] * a * sg;
+                                dr[j].write(dsr[j] * hr[f + j] * sg * (1.0 + a * (1.0 - sg)));
+                                dr[f + j].write(dsr[j] * a * sg);
                             }
-                        },
-                    );
-                    Ok(())
+                        });
+                    Ok(dw)
                 })
             })
         })?;
+        // SAFETY: dh's first n·2f slots form n chunks of 2f; ds has n rows of f and hv (all of h,
+        // n = its length / 2f) at least n rows of 2f, so the zip visited every chunk, and the
+        // loop wrote elements j and f + j of each for every j < f: all 2f.
+        unsafe { dh.set_len(n * 2 * f) };
         let dev = h.device();
         Ok((Some(Tensor::from_vec(dh, h.shape(), dev)?), Some(Tensor::from_vec(dw, (out, f), dev)?), Some(dy.clone())))
     }

@@ -247,18 +247,27 @@ impl CustomOp2 for CrossEntropy {
         let n = logits.elem_count() / v;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / n as f32;
         let t = targets.flatten_all()?.to_vec1::<u32>()?;
-        let mut d = super::block::uninit(n * v);
+        if t.len() != n {
+            candle_core::bail!("cross_entropy backward: {} targets for {n} rows", t.len());
+        }
+        let mut d = Vec::<f32>::with_capacity(n * v);
         with_f32(logits, "cross_entropy logits", |l| {
-            d.par_chunks_mut(v).zip(l.par_chunks(v)).zip(t.par_iter()).for_each(|((drow, row), &ti)| {
-                // softmax = exp(x − max)/Σ; written into drow, then scaled.
-                let m = super::math::max(row);
-                let total = super::math::exp_shifted(row, m, drow);
-                let scale = g / total;
-                drow.iter_mut().for_each(|o| *o *= scale);
-                drow[ti as usize] -= g;
-            });
+            d.spare_capacity_mut()[..n * v].par_chunks_mut(v).zip(l.par_chunks(v)).zip(t.par_iter()).for_each(
+                |((drow, row), &ti)| {
+                    // softmax = exp(x − max)/Σ; written into drow, then scaled.
+                    let m = super::math::max(row);
+                    let (drow, total) = super::math::exp_shifted_uninit(row, m, drow);
+                    let scale = g / total;
+                    drow.iter_mut().for_each(|o| *o *= scale);
+                    drow[ti as usize] -= g;
+                },
+            );
             Ok(())
         })?;
+        // SAFETY: l holds the n·v logits (n = their count / v) and t the n targets (checked), so
+        // the zip visited all n chunks of v slots of d, and `exp_shifted_uninit` wrote each whole
+        // (it asserts that the chunk is as long as its row of v logits).
+        unsafe { d.set_len(n * v) };
         Ok((Some(Tensor::from_vec(d, logits.shape(), logits.device())?), None))
     }
 }

@@ -92,6 +92,24 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     sum(&out[..x.len().min(out.len())])
 }
 
+/// [`exp_shifted`] into uninitialised `out`, which must be as long as `x`: writes every element
+/// and returns them, initialised, with their sum (the same bits as [`exp_shifted`]).
+#[inline]
+pub fn exp_shifted_uninit<'a>(
+    x: &[f32],
+    shift: f32,
+    out: &'a mut [std::mem::MaybeUninit<f32>],
+) -> (&'a mut [f32], f32) {
+    assert_eq!(out.len(), x.len(), "exp_shifted_uninit: output and input lengths differ");
+    for (o, &v) in out.iter_mut().zip(x) {
+        o.write(exp(v - shift));
+    }
+    // SAFETY: `out` is as long as `x`, so the loop wrote every element.
+    let out = unsafe { super::assume_init_mut(out) };
+    let total = sum(out);
+    (out, total)
+}
+
 /// log Σ exp(x), stable, using `scratch` (at least `x.len()` long) for the exponentials.
 #[inline]
 pub fn log_sum_exp(x: &[f32], scratch: &mut [f32]) -> f32 {

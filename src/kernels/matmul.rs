@@ -9,6 +9,7 @@
 //! x (N, in), w (out, in) → y (N, out)
 
 use std::cell::Cell;
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
@@ -47,6 +48,22 @@ pub fn faer_gemm(
 ) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "faer_gemm: slices too small for {m}×{n}×{k}");
     count(m, n, k);
+    let (a, b) = faer_operands(m, n, k, a, trans_a, b, trans_b);
+    let c = MatMut::from_row_major_slice_mut(&mut dst[..m * n], m, n);
+    let accum = if accumulate { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(c, accum, a, b, 1.0f32, Par::rayon(rayon::current_num_threads()));
+}
+
+/// `op(a)` (m×k) and `op(b)` (k×n) as faer views (see [`faer_gemm`]).
+fn faer_operands<'a>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &'a [f32],
+    trans_a: bool,
+    b: &'a [f32],
+    trans_b: bool,
+) -> (MatRef<'a, f32>, MatRef<'a, f32>) {
     let a = if trans_a {
         MatRef::from_row_major_slice(&a[..m * k], k, m).transpose()
     } else {
@@ -57,9 +74,50 @@ pub fn faer_gemm(
     } else {
         MatRef::from_row_major_slice(&b[..k * n], k, n)
     };
-    let c = MatMut::from_row_major_slice_mut(&mut dst[..m * n], m, n);
-    let accum = if accumulate { Accum::Add } else { Accum::Replace };
-    faer::linalg::matmul::matmul(c, accum, a, b, 1.0f32, Par::rayon(rayon::current_num_threads()));
+    (a, b)
+}
+
+/// [`faer_gemm`] without accumulation into uninitialised memory: writes every element of
+/// `dst[..m·n]` (the bits [`faer_gemm`] gives) and reads none before writing it.
+#[allow(clippy::too_many_arguments)]
+pub fn faer_gemm_uninit(
+    dst: &mut [MaybeUninit<f32>],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+) {
+    assert!(
+        dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "faer_gemm_uninit: slices too small for {m}×{n}×{k}"
+    );
+    let dst = &mut dst[..m * n];
+    if m < 2 || n < 2 || k < 2 {
+        // faer runs these shapes (matrix-vector products, rank-1 updates, an empty k) through
+        // code that forms references to destination elements or fills it through references:
+        // zero it first and run the initialised path (same bits: `Replace` ignores the zeros).
+        faer_gemm(super::zero_fill(dst), m, n, k, a, trans_a, b, trans_b, false);
+        return;
+    }
+    count(m, n, k);
+    let (a, b) = faer_operands(m, n, k, a, trans_a, b, trans_b);
+    // SAFETY: `MatMut::from_raw_parts_mut`'s conditions: the pointer comes from the exclusively
+    // borrowed `dst` (non-null, aligned, one allocation) and, with row stride n and column stride
+    // 1, the m×n view addresses exactly its m·n elements, each once; `a` and `b` are shared
+    // borrows, so nothing else touches these elements during the call. faer also requires that
+    // the values be initialised before they are read or referenced: with `Accum::Replace` and
+    // m, n, k ≥ 2, faer 0.22's `matmul` for f32 skips its matrix-vector and rank-1 paths and
+    // calls, by raw pointer only, nano-gemm (m·n·k ≤ 4096: dst scale 0, kernels store without
+    // loading), private-gemm-x86 (AVX2/AVX-512: the first K block runs without FLAGS_ACCUM and
+    // stores, later blocks add to what it stored) or `gemm::gemm` with `read_dst = false`. Each
+    // writes every element of the product and reads none before writing it (faer documents:
+    // with `Replace` "the preexisting values in acc are not read"), so when this returns every
+    // element of `dst` is initialised.
+    let c = unsafe { MatMut::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), m, n, n as isize, 1) };
+    faer::linalg::matmul::matmul(c, Accum::Replace, a, b, 1.0f32, Par::rayon(rayon::current_num_threads()));
 }
 
 /// The precision of a GEMM: f32, or bf16 operands with f32 accumulation.
@@ -123,6 +181,44 @@ pub fn small_m_gemm(
     accumulate: bool,
     bf16: bool,
 ) {
+    // SAFETY: the kernels write only f32 values through the view (so `dst` stays initialised),
+    // and what they read when accumulating is `dst`'s initialised contents.
+    unsafe { small_m_gemm_raw(super::as_uninit_mut(dst), m, n, k, a, packed, accumulate, bf16) }
+}
+
+/// [`small_m_gemm`] without accumulation into uninitialised memory: writes every element of
+/// `dst[..m·n]` (the bits [`small_m_gemm`] gives) and reads none of them.
+#[allow(clippy::too_many_arguments)]
+pub fn small_m_gemm_uninit(
+    dst: &mut [MaybeUninit<f32>],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    packed: &[f32],
+    bf16: bool,
+) {
+    // SAFETY: without accumulation nothing of `dst` is read.
+    unsafe { small_m_gemm_raw(dst, m, n, k, a, packed, false, bf16) }
+}
+
+/// [`small_m_gemm`] on a destination that may be uninitialised. It writes every element of
+/// `dst[..m·n]`, each in one store of its finished value (or of that value plus the old one when
+/// `accumulate`), and reads `dst` only when `accumulate`.
+///
+/// # Safety
+/// With `accumulate`, `dst[..m·n]` must be initialised.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_m_gemm_raw(
+    dst: &mut [MaybeUninit<f32>],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    packed: &[f32],
+    accumulate: bool,
+    bf16: bool,
+) {
     use rayon::prelude::*;
     let panels = n.div_ceil(NB);
     assert!(
@@ -152,16 +248,26 @@ pub fn small_m_gemm(
                 (n0, out)
             })
             .collect();
+        // The parts start at panels 0, per, 2·per, … and run to the next start (the last to n):
+        // together they cover every column of every row.
         for (n0, out) in parts {
             let cols = out.len() / m;
             for r in 0..m {
                 for (d, &v) in dst[r * n + n0..r * n + n0 + cols].iter_mut().zip(&out[r * cols..(r + 1) * cols]) {
-                    *d = if accumulate { *d + v } else { v };
+                    let old = if accumulate {
+                        // SAFETY: read only when accumulating, when the caller guarantees that
+                        // `dst` is initialised.
+                        unsafe { d.assume_init_read() }
+                    } else {
+                        0.0
+                    };
+                    d.write(if accumulate { old + v } else { v });
                 }
             }
         }
     } else {
-        panel_range(dst, n, m, k, a, packed, n, accumulate);
+        // SAFETY: with `accumulate`, `dst` is initialised (this function's contract).
+        unsafe { panel_range_on(Isa::detect(), dst, n, m, k, a, packed, n, accumulate) };
     }
 }
 
@@ -180,14 +286,21 @@ fn panel_range(
     cols: usize,
     accumulate: bool,
 ) {
-    panel_range_on(Isa::detect(), dst, ldd, m, k, a, packed, cols, accumulate)
+    // SAFETY: `dst` is initialised and the kernels store only f32 values into it.
+    unsafe { panel_range_on(Isa::detect(), super::as_uninit_mut(dst), ldd, m, k, a, packed, cols, accumulate) }
 }
 
-/// [`panel_range`] on a given instruction set (`isa` must be available on this CPU).
+/// [`panel_range`] on a given instruction set (`isa` must be available on this CPU), into a
+/// destination that may be uninitialised: rows 0..m, columns 0..cols (row stride `ldd`) are
+/// each written once, by a store of the finished value (plus the old one when `accumulate`);
+/// `dst` is read only when `accumulate`.
+///
+/// # Safety
+/// With `accumulate`, those elements of `dst` must be initialised.
 #[allow(clippy::too_many_arguments)]
-fn panel_range_on(
+unsafe fn panel_range_on(
     isa: Isa,
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     ldd: usize,
     m: usize,
     k: usize,
@@ -200,6 +313,8 @@ fn panel_range_on(
         Isa::Avx512 => MR_AVX512,
         _ => MR_AVX2,
     };
+    // Panels p = 0, 1, … cover columns p·NB .. p·NB + live (all of 0..cols), row blocks r0 = 0,
+    // mr, … cover rows r0 .. r0 + rows (all of 0..m): each block writes its rows × live.
     for (p, panel) in packed.chunks(NB * k).take(cols.div_ceil(NB)).enumerate() {
         let (j, live) = (p * NB, NB.min(cols - p * NB));
         for r0 in (0..m).step_by(mr) {
@@ -208,7 +323,7 @@ fn panel_range_on(
                 panel.len() >= NB * k && a.len() >= (r0 + rows) * k && dst.len() >= (r0 + rows - 1) * ldd + j + live
             );
             let blk = Block {
-                dst: dst[r0 * ldd + j..].as_mut_ptr(),
+                dst: dst[r0 * ldd + j..].as_mut_ptr().cast::<f32>(),
                 ldd,
                 a: a[r0 * k..].as_ptr(),
                 k,
@@ -217,8 +332,9 @@ fn panel_range_on(
                 accumulate,
             };
             // SAFETY: the assert above bounds every read (rows × k of a, k × NB of the panel)
-            // and write (rows rows of `live` columns at stride ldd); the ISA was detected at run
-            // time.
+            // and write (rows rows of `live` columns at stride ldd); the ISA is available (this
+            // function's contract), and with `accumulate` the block's elements are initialised
+            // (likewise).
             unsafe { blk.run(isa, rows) };
         }
     }
@@ -250,7 +366,8 @@ impl Isa {
 }
 
 /// One register block: `rows` rows of `a` (stride k) against one panel (k × NB), into `live`
-/// columns of `dst` (stride ldd).
+/// columns of `dst` (stride ldd). Each of those rows × live elements of `dst` gets one store of
+/// its finished value; `dst` is read (the old value added) only when `accumulate`.
 struct Block {
     dst: *mut f32,
     ldd: usize,
@@ -272,7 +389,9 @@ macro_rules! dispatch_rows {
 
 impl Block {
     /// # Safety
-    /// The pointers must cover the block (see [`panel_range`]) and `isa` must be this CPU's.
+    /// The pointers must cover the block (see [`panel_range_on`]), `isa` must be this CPU's, and
+    /// with `accumulate` the block's elements of `dst` must be initialised (`dst` may be
+    /// uninitialised otherwise: it is only written, through raw pointers).
     unsafe fn run(&self, isa: Isa, rows: usize) {
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -287,7 +406,7 @@ impl Block {
                             acc = (*self.a.add(r * self.k + kk)).mul_add(*self.panel.add(kk * NB + c), acc);
                         }
                         let d = self.dst.add(r * self.ldd + c);
-                        *d = if self.accumulate { *d + acc } else { acc };
+                        d.write(if self.accumulate { *d + acc } else { acc });
                     }
                 }
             }
@@ -333,15 +452,21 @@ impl Block {
             _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v[1]);
             for (c, &t) in tmp.iter().enumerate().take(self.live) {
                 let d = self.dst.add(r * self.ldd + c);
-                *d = if self.accumulate { *d + t } else { t };
+                d.write(if self.accumulate { *d + t } else { t });
             }
         }
     }
 }
 
 impl Gemm {
+    /// Whether [`Gemm::run`] sends `x·Wᵀ` to [`small_m_gemm`]: at most [`SMALL_M`] rows (and a
+    /// non-empty k, which the packing needs).
+    fn small_m(m: usize, k: usize, trans_a: bool, trans_b: bool) -> bool {
+        m <= SMALL_M && !trans_a && trans_b && m > 0 && k > 0
+    }
+
     /// `dst = [dst +] op(a)·op(b)` (see [`faer_gemm`]); `x·Wᵀ` with at most [`SMALL_M`] rows
-    /// runs as [`small_m_gemm`].
+    /// (and k ≥ 1) runs as [`small_m_gemm`].
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         self,
@@ -355,7 +480,7 @@ impl Gemm {
         trans_b: bool,
         accumulate: bool,
     ) {
-        if m <= SMALL_M && !trans_a && trans_b && m > 0 {
+        if Self::small_m(m, k, trans_a, trans_b) {
             let bf16 = self == Gemm::Bf16;
             return small_m_gemm(dst, m, n, k, a, &small_m_weights(b, n, k, bf16), accumulate, bf16);
         }
@@ -366,6 +491,51 @@ impl Gemm {
                 super::bf16::bf16_gemm(dst, m, n, k, a, trans_a, b, trans_b, accumulate)
             }
         }
+    }
+
+    /// `dst = op(a)·op(b)` (m×n) into uninitialised memory, by the kernels of [`Gemm::run`]
+    /// without accumulation (the same bits): writes every element of `dst[..m·n]`, reads none
+    /// before writing it, and returns them initialised.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_uninit<'d>(
+        self,
+        dst: &'d mut [MaybeUninit<f32>],
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        trans_a: bool,
+        b: &[f32],
+        trans_b: bool,
+    ) -> &'d mut [f32] {
+        assert!(dst.len() >= m * n, "Gemm::run_uninit: destination too small for {m}×{n}");
+        let dst = &mut dst[..m * n];
+        if Self::small_m(m, k, trans_a, trans_b) {
+            let bf16 = self == Gemm::Bf16;
+            small_m_gemm_uninit(dst, m, n, k, a, &small_m_weights(b, n, k, bf16), bf16);
+        } else {
+            match self {
+                Gemm::F32 => faer_gemm_uninit(dst, m, n, k, a, trans_a, b, trans_b),
+                Gemm::Bf16 => {
+                    count(m, n, k);
+                    super::bf16::bf16_gemm_uninit(dst, m, n, k, a, trans_a, b, trans_b)
+                }
+            }
+        }
+        // SAFETY: `small_m_gemm_uninit`, `faer_gemm_uninit` and `bf16_gemm_uninit` each write
+        // every element of the m·n slice they are given (or panic).
+        unsafe { super::assume_init_mut(dst) }
+    }
+
+    /// A new m×n vector `op(a)·op(b)`: [`Gemm::run_uninit`] into fresh memory (no zero fill).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_new(self, m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool) -> Vec<f32> {
+        let mut v = Vec::with_capacity(m * n);
+        self.run_uninit(&mut v.spare_capacity_mut()[..m * n], m, n, k, a, trans_a, b, trans_b);
+        // SAFETY: `run_uninit` wrote all m·n elements of the spare capacity it was given (the
+        // first m·n, within the capacity of m·n).
+        unsafe { v.set_len(m * n) };
+        v
     }
 }
 
@@ -385,25 +555,17 @@ impl CustomOp2 for LinearOp {
         }
         let x = cpu_f32(xs, xl, "linear input")?;
         let w = cpu_f32(ws, wl, "linear weight")?;
-        let mut y = super::block::uninit(n * out);
-        self.0.run(&mut y, n, out, k, x, false, w, true, false);
+        let y = self.0.run_new(n, out, k, x, false, w, true);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k) = x.dims2()?;
         let out = w.dim(0)?;
-        let mut dx = super::block::uninit(n * k);
-        let mut dw = super::block::uninit(out * k);
-        with_f32(grad, "linear grad", |g| {
-            with_f32(w, "linear weight", |wv| {
-                self.0.run(&mut dx, n, k, out, g, false, wv, false, false);
-                Ok(())
-            })?;
-            with_f32(x, "linear input", |xv| {
-                self.0.run(&mut dw, out, k, n, g, true, xv, false, false);
-                Ok(())
-            })
+        let (dx, dw) = with_f32(grad, "linear grad", |g| {
+            let dx = with_f32(w, "linear weight", |wv| Ok(self.0.run_new(n, k, out, g, false, wv, false)))?;
+            let dw = with_f32(x, "linear input", |xv| Ok(self.0.run_new(out, k, n, g, true, xv, false)))?;
+            Ok((dx, dw))
         })?;
         Ok((Some(Tensor::from_vec(dx, (n, k), x.device())?), Some(Tensor::from_vec(dw, (out, k), w.device())?)))
     }
@@ -450,7 +612,11 @@ mod tests {
                 .iter()
                 .map(|&isa| {
                     let mut out: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25).collect();
-                    panel_range_on(isa, &mut out, n, m, k, &a, &packed, n, true);
+                    // SAFETY: `out` is initialised (it is read: accumulate) and the kernels store
+                    // only f32 values.
+                    unsafe {
+                        panel_range_on(isa, crate::kernels::as_uninit_mut(&mut out), n, m, k, &a, &packed, n, true)
+                    };
                     out
                 })
                 .collect();
@@ -492,6 +658,89 @@ mod tests {
                 if k > 1 {
                     assert!(small16.iter().zip(&small).any(|(x, y)| x != y), "{m}×{n}×{k}: bf16 equals f32");
                 }
+            }
+        }
+    }
+
+    /// `Gemm::run_uninit` / `run_new` (fresh output, no zero fill) give the bits of `Gemm::run`
+    /// without accumulation, for f32 and bf16, on every dispatch path: small m (sequential and
+    /// panel-parallel), faer (nano-gemm sizes, large sizes, K past one block, every transpose),
+    /// faer's vector and rank-1 shapes (zero-filled first), the packed bf16 kernel (K past one
+    /// block), and k = 0. The "uninitialised" memory holds NaN, so a read before the write
+    /// would show; so does the destination of `run`, which must not read it either.
+    #[test]
+    fn fresh_output_gemms_equal_the_initialised_paths() {
+        let shapes: &[(usize, usize, usize)] = &[
+            (1, 1, 1),
+            (2, 37, 13),
+            (7, 33, 19),
+            (16, 512, 300),
+            (256, 17, 40),
+            (257, 45, 77),
+            (300, 70, 129),
+            (513, 33, 600),
+            (14, 40, 4099),
+            (1, 50, 30),
+            (40, 1, 30),
+            (40, 50, 1),
+            (5, 7, 0),
+            (300, 7, 0),
+            (0, 7, 5),
+            (5, 0, 7),
+        ];
+        for &(m, n, k) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|i| (((i * 7919) % 1009) as f32 / 1009.0 - 0.5) * 3.0).collect();
+            let b: Vec<f32> = (0..n * k).map(|i| (((i * 104729) % 997) as f32 / 997.0 - 0.5) * 2.0).collect();
+            for gemm in [Gemm::F32, Gemm::Bf16] {
+                for (ta, tb) in [(false, true), (false, false), (true, false), (true, true)] {
+                    let mut want = vec![f32::NAN; m * n];
+                    gemm.run(&mut want, m, n, k, &a, ta, &b, tb, false);
+                    let mut buf = vec![MaybeUninit::new(f32::NAN); m * n + 3];
+                    let got = gemm.run_uninit(&mut buf, m, n, k, &a, ta, &b, tb);
+                    assert_eq!(got.len(), m * n);
+                    let what = format!("{gemm:?} {m}×{n}×{k} ta {ta} tb {tb}");
+                    assert!(got.iter().all(|v| v.is_finite()), "{what}: NaN leaked");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(got), bits(&want), "{what}");
+                    // The slots past m·n are left alone. SAFETY: every slot was initialised (NaN).
+                    assert!(buf[m * n..].iter().all(|v| unsafe { v.assume_init() }.is_nan()), "{what}");
+                    assert_eq!(bits(&gemm.run_new(m, n, k, &a, ta, &b, tb)), bits(&want), "{what}: run_new");
+                    if k == 0 {
+                        assert!(want.iter().all(|&v| v == 0.0), "{what}: an empty product is zero");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fresh-output kernels one level down equal their initialised forms on odd shapes:
+    /// faer's GEMM (write-only only for m, n, k ≥ 2) and the small-m kernel, into NaN-filled
+    /// "uninitialised" memory.
+    #[test]
+    fn fresh_output_kernels_equal_their_initialised_forms() {
+        for &(m, n, k) in &[(2, 2, 2), (3, 5, 7), (16, 16, 16), (17, 16, 16), (33, 65, 513), (1, 9, 9), (9, 9, 1)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 23.0).collect();
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let mut want = vec![f32::NAN; m * n];
+                faer_gemm(&mut want, m, n, k, &a, ta, &b, tb, false);
+                let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+                faer_gemm_uninit(&mut got, m, n, k, &a, ta, &b, tb);
+                // SAFETY: every slot was initialised (NaN, then the product).
+                let got: Vec<u32> = got.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect();
+                let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "faer {m}×{n}×{k} ta {ta} tb {tb}");
+            }
+            for bf16 in [false, true] {
+                let packed = small_m_weights(&b, n, k, bf16);
+                let mut want = vec![f32::NAN; m * n];
+                small_m_gemm(&mut want, m, n, k, &a, &packed, false, bf16);
+                let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+                small_m_gemm_uninit(&mut got, m, n, k, &a, &packed, bf16);
+                // SAFETY: as above.
+                let got: Vec<u32> = got.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect();
+                let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "small m {m}×{n}×{k} bf16 {bf16}");
             }
         }
     }
