@@ -38,117 +38,121 @@ struct Flash {
     lse: Mutex<Vec<f32>>,
 }
 
-/// Forward of one (segment, head): output rows (len × d) and their log-sum-exp.
-fn forward_one(
-    qkv: &[f32],
-    dim: usize,
-    h: usize,
-    d: usize,
-    start: usize,
-    len: usize,
-    scale: f32,
-) -> (Vec<f32>, Vec<f32>) {
-    let ld = 3 * dim;
-    let mut out = vec![0f32; len * d];
-    let mut lse = vec![0f32; len];
-    let mut s = vec![0f32; BQ * BK];
-    for qb in (0..len).step_by(BQ) {
-        let qn = BQ.min(len - qb);
-        let mut m = vec![f32::NEG_INFINITY; qn];
-        let mut l = vec![0f32; qn];
-        let acc = &mut out[qb * d..(qb + qn) * d];
-        let q = &qkv[(start + qb) * ld + h * d..];
-        for kb in (0..qb + qn).step_by(BK) {
-            let kn = BK.min(qb + qn - kb);
-            let k = &qkv[(start + kb) * ld + dim + h * d..];
-            let v = &qkv[(start + kb) * ld + 2 * dim + h * d..];
-            sgemm_ld(&mut s, kn, q, ld, k, ld, qn, kn, d, false, true, false, scale);
-            for i in 0..qn {
-                let row = &mut s[i * kn..(i + 1) * kn];
-                // Causal: key kb + j is visible to query qb + i iff kb + j ≤ qb + i.
-                let visible = (qb + i + 1).saturating_sub(kb).min(kn);
-                row[visible..].fill(f32::NEG_INFINITY);
-                let block_max = super::math::max(&row[..visible]);
-                let new_m = m[i].max(block_max);
-                let correction = if m[i] == f32::NEG_INFINITY { 0.0 } else { super::math::exp(m[i] - new_m) };
-                for x in row.iter_mut() {
-                    *x = super::math::exp(*x - new_m);
+super::isa::multiversion! {
+    /// Forward of one (segment, head): output rows (len × d) and their log-sum-exp.
+    fn forward_one<const _FMA: bool>(
+        qkv: &[f32],
+        dim: usize,
+        h: usize,
+        d: usize,
+        start: usize,
+        len: usize,
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let ld = 3 * dim;
+        let mut out = vec![0f32; len * d];
+        let mut lse = vec![0f32; len];
+        let mut s = vec![0f32; BQ * BK];
+        for qb in (0..len).step_by(BQ) {
+            let qn = BQ.min(len - qb);
+            let mut m = vec![f32::NEG_INFINITY; qn];
+            let mut l = vec![0f32; qn];
+            let acc = &mut out[qb * d..(qb + qn) * d];
+            let q = &qkv[(start + qb) * ld + h * d..];
+            for kb in (0..qb + qn).step_by(BK) {
+                let kn = BK.min(qb + qn - kb);
+                let k = &qkv[(start + kb) * ld + dim + h * d..];
+                let v = &qkv[(start + kb) * ld + 2 * dim + h * d..];
+                sgemm_ld(&mut s, kn, q, ld, k, ld, qn, kn, d, false, true, false, scale);
+                for i in 0..qn {
+                    let row = &mut s[i * kn..(i + 1) * kn];
+                    // Causal: key kb + j is visible to query qb + i iff kb + j ≤ qb + i.
+                    let visible = (qb + i + 1).saturating_sub(kb).min(kn);
+                    row[visible..].fill(f32::NEG_INFINITY);
+                    let block_max = super::math::max(&row[..visible]);
+                    let new_m = m[i].max(block_max);
+                    let correction = if m[i] == f32::NEG_INFINITY { 0.0 } else { super::math::exp(m[i] - new_m) };
+                    for x in row.iter_mut() {
+                        *x = super::math::exp(*x - new_m);
+                    }
+                    let sum = super::math::sum(row);
+                    l[i] = l[i] * correction + sum;
+                    m[i] = new_m;
+                    acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= correction);
                 }
-                let sum = super::math::sum(row);
-                l[i] = l[i] * correction + sum;
-                m[i] = new_m;
-                acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= correction);
+                sgemm_ld(acc, d, &s, kn, v, ld, qn, d, kn, false, false, true, 1.0);
             }
-            sgemm_ld(acc, d, &s, kn, v, ld, qn, d, kn, false, false, true, 1.0);
+            for i in 0..qn {
+                let inv = 1.0 / l[i];
+                acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= inv);
+                lse[qb + i] = m[i] + l[i].ln();
+            }
         }
-        for i in 0..qn {
-            let inv = 1.0 / l[i];
-            acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= inv);
-            lse[qb + i] = m[i] + l[i].ln();
-        }
+        (out, lse)
     }
-    (out, lse)
 }
 
-/// Backward of one (segment, head): (dq, dk, dv) rows (len × d each).
-#[allow(clippy::too_many_arguments)]
-fn backward_one(
-    qkv: &[f32],
-    out: &[f32],
-    grad: &[f32],
-    lse: &[f32],
-    dim: usize,
-    h: usize,
-    d: usize,
-    start: usize,
-    len: usize,
-    scale: f32,
-) -> [Vec<f32>; 3] {
-    let ld = 3 * dim;
-    let (mut dq, mut dk, mut dv) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
-    // D_i = rowsum(dO_i ∘ O_i)
-    let delta: Vec<f32> = (0..len)
-        .map(|i| {
-            let r = (start + i) * dim + h * d;
-            super::math::dot(&grad[r..r + d], &out[r..r + d])
-        })
-        .collect();
-    let mut p = vec![0f32; BQ * BK];
-    let mut dp = vec![0f32; BQ * BK];
-    for kb in (0..len).step_by(BK) {
-        let kn = BK.min(len - kb);
-        let k = &qkv[(start + kb) * ld + dim + h * d..];
-        let v = &qkv[(start + kb) * ld + 2 * dim + h * d..];
-        for qb in ((kb / BQ) * BQ..len).step_by(BQ) {
-            let qn = BQ.min(len - qb);
-            let q = &qkv[(start + qb) * ld + h * d..];
-            let go = &grad[(start + qb) * dim + h * d..];
-            sgemm_ld(&mut p, kn, q, ld, k, ld, qn, kn, d, false, true, false, scale);
-            for i in 0..qn {
-                let visible = (qb + i + 1).saturating_sub(kb).min(kn);
-                let row = &mut p[i * kn..(i + 1) * kn];
-                let li = lse[qb + i];
-                for x in &mut row[..visible] {
-                    *x = super::math::exp(*x - li);
+super::isa::multiversion! {
+    /// Backward of one (segment, head): (dq, dk, dv) rows (len × d each).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_one<const _FMA: bool>(
+        qkv: &[f32],
+        out: &[f32],
+        grad: &[f32],
+        lse: &[f32],
+        dim: usize,
+        h: usize,
+        d: usize,
+        start: usize,
+        len: usize,
+        scale: f32,
+    ) -> [Vec<f32>; 3] {
+        let ld = 3 * dim;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; len * d], vec![0f32; len * d], vec![0f32; len * d]);
+        // D_i = rowsum(dO_i ∘ O_i)
+        let delta: Vec<f32> = (0..len)
+            .map(|i| {
+                let r = (start + i) * dim + h * d;
+                super::math::dot(&grad[r..r + d], &out[r..r + d])
+            })
+            .collect();
+        let mut p = vec![0f32; BQ * BK];
+        let mut dp = vec![0f32; BQ * BK];
+        for kb in (0..len).step_by(BK) {
+            let kn = BK.min(len - kb);
+            let k = &qkv[(start + kb) * ld + dim + h * d..];
+            let v = &qkv[(start + kb) * ld + 2 * dim + h * d..];
+            for qb in ((kb / BQ) * BQ..len).step_by(BQ) {
+                let qn = BQ.min(len - qb);
+                let q = &qkv[(start + qb) * ld + h * d..];
+                let go = &grad[(start + qb) * dim + h * d..];
+                sgemm_ld(&mut p, kn, q, ld, k, ld, qn, kn, d, false, true, false, scale);
+                for i in 0..qn {
+                    let visible = (qb + i + 1).saturating_sub(kb).min(kn);
+                    let row = &mut p[i * kn..(i + 1) * kn];
+                    let li = lse[qb + i];
+                    for x in &mut row[..visible] {
+                        *x = super::math::exp(*x - li);
+                    }
+                    row[visible..].fill(0.0);
                 }
-                row[visible..].fill(0.0);
-            }
-            // dV_j += Pᵀ dO_i
-            sgemm_ld(&mut dv[kb * d..], d, &p, kn, go, dim, kn, d, qn, true, false, true, 1.0);
-            // dP = dO_i V_jᵀ; dS = P ∘ (dP − D_i)·scale
-            sgemm_ld(&mut dp, kn, go, dim, v, ld, qn, kn, d, false, true, false, 1.0);
-            for i in 0..qn {
-                let di = delta[qb + i];
-                for j in 0..kn {
-                    dp[i * kn + j] = p[i * kn + j] * (dp[i * kn + j] - di) * scale;
+                // dV_j += Pᵀ dO_i
+                sgemm_ld(&mut dv[kb * d..], d, &p, kn, go, dim, kn, d, qn, true, false, true, 1.0);
+                // dP = dO_i V_jᵀ; dS = P ∘ (dP − D_i)·scale
+                sgemm_ld(&mut dp, kn, go, dim, v, ld, qn, kn, d, false, true, false, 1.0);
+                for i in 0..qn {
+                    let di = delta[qb + i];
+                    for j in 0..kn {
+                        dp[i * kn + j] = p[i * kn + j] * (dp[i * kn + j] - di) * scale;
+                    }
                 }
+                // dQ_i += dS K_j ; dK_j += dSᵀ Q_i
+                sgemm_ld(&mut dq[qb * d..], d, &dp, kn, k, ld, qn, d, kn, false, false, true, 1.0);
+                sgemm_ld(&mut dk[kb * d..], d, &dp, kn, q, ld, kn, d, qn, true, false, true, 1.0);
             }
-            // dQ_i += dS K_j ; dK_j += dSᵀ Q_i
-            sgemm_ld(&mut dq[qb * d..], d, &dp, kn, k, ld, qn, d, kn, false, false, true, 1.0);
-            sgemm_ld(&mut dk[kb * d..], d, &dp, kn, q, ld, kn, d, qn, true, false, true, 1.0);
         }
+        [dq, dk, dv]
     }
-    [dq, dk, dv]
 }
 
 /// Whether the segments cover the rows 0..n exactly once each (in any order; empty segments

@@ -45,11 +45,12 @@ pub fn round_slice(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| from_bf16(to_bf16(v))).collect()
 }
 
-/// Whether this CPU runs the bf16 kernel (AVX512-F and AVX512-BF16, detected at run time).
+/// Whether this CPU runs the bf16 kernel (AVX512-F and AVX512-BF16, detected at run time, and
+/// the level in force allows AVX-512: see [`super::isa`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        super::isa::level() == super::isa::Level::Avx512 && is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

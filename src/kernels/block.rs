@@ -45,6 +45,17 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (super::math::dot(row, row) / row.len() as f32 + eps).sqrt()
 }
 
+super::isa::multiversion! {
+    /// Writes every element of `o` = x·r·g for one row and returns r = 1/√(mean(x²) + ε).
+    fn norm_row<const _FMA: bool>(o: &mut [std::mem::MaybeUninit<f32>], xr: &[f32], g: &[f32], eps: f32) -> f32 {
+        let r = inv_rms(xr, eps);
+        for ((o, &x), &g) in o.iter_mut().zip(xr).zip(g) {
+            o.write(x * r * g);
+        }
+        r
+    }
+}
+
 /// xn = x·r·g for every row; also returns r per row. New buffers, written once (no zero fill).
 fn normalize(x: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = g.len();
@@ -56,10 +67,7 @@ fn normalize(x: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
         .zip(x.par_chunks(d))
         .zip(r.spare_capacity_mut()[..rows].par_iter_mut())
         .for_each(|((o, xr), ri)| {
-            let rr = *ri.write(inv_rms(xr, eps));
-            for j in 0..d {
-                o[j].write(xr[j] * rr * g[j]);
-            }
+            ri.write(norm_row(o, xr, g, eps));
         });
     // SAFETY: x is exactly `rows` rows of d (asserted), so xn's first rows·d slots form `rows`
     // chunks of d, zipped with the `rows` rows of x and the `rows` slots of r: the loop wrote
@@ -72,6 +80,27 @@ fn normalize(x: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 }
 
 // ---------------------------------------------------------------- RMSNorm + linear
+
+super::isa::multiversion! {
+    /// RMSNorm backward over a chunk of rows, in place: `dxc` holds dxn on entry and dx on exit;
+    /// returns this chunk's part of dg. xn = x·r·g: dg += dxn·x·r; dx = r·(dxn·g − x·r²·mean(dxn·g·x)).
+    fn norm_backward_rows<const _FMA: bool>(dxc: &mut [f32], xc: &[f32], rc: &[f32], gv: &[f32]) -> Vec<f32> {
+        let d = gv.len();
+        let mut dg = vec![0f32; d];
+        let mut tmp = vec![0f32; d];
+        for ((dxr, xr), &ri) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(rc) {
+            for j in 0..d {
+                dg[j] += dxr[j] * xr[j] * ri;
+                tmp[j] = dxr[j] * gv[j];
+            }
+            let k = ri * ri * super::math::dot(&tmp, xr) / d as f32;
+            for j in 0..d {
+                dxr[j] = ri * (tmp[j] - xr[j] * k);
+            }
+        }
+        dg
+    }
+}
 
 #[derive(Debug, Clone)]
 struct NormLinear {
@@ -125,22 +154,7 @@ impl CustomOp3 for NormLinear {
                         let dg_parts: Vec<Vec<f32>> = dx
                             .par_chunks_mut(d * chunk)
                             .zip(xv.par_chunks(d * chunk).zip(r.par_chunks(chunk)))
-                            .map(|(dxc, (xc, rc))| {
-                                let mut dg = vec![0f32; d];
-                                let mut tmp = vec![0f32; d];
-                                for ((dxr, xr), &ri) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(rc) {
-                                    // xn = x·r·g: dg += dxn·x·r; dx = r·(dxn·g − x·r²·mean(dxn·g·x))
-                                    for j in 0..d {
-                                        dg[j] += dxr[j] * xr[j] * ri;
-                                        tmp[j] = dxr[j] * gv[j];
-                                    }
-                                    let k = ri * ri * super::math::dot(&tmp, xr) / d as f32;
-                                    for j in 0..d {
-                                        dxr[j] = ri * (tmp[j] - xr[j] * k);
-                                    }
-                                }
-                                dg
-                            })
+                            .map(|(dxc, (xc, rc))| norm_backward_rows(dxc, xc, rc, gv))
                             .collect();
                         Ok((dx, dw, dg_parts))
                     })
@@ -182,7 +196,16 @@ fn rotate_qkv(qkv: &mut [f32], rows: &RopeRows, dim: usize, sign: f32) {
     qkv.par_chunks_mut(3 * dim).enumerate().for_each(|(tok, row)| {
         let r = tok % table;
         let (cos, sin) = (&rows.cos[r * half..(r + 1) * half], &rows.sin[r * half..(r + 1) * half]);
-        for head in row[..2 * dim].chunks_mut(2 * half) {
+        rotate_row(&mut row[..2 * dim], cos, sin, sign);
+    });
+}
+
+super::isa::multiversion! {
+    /// Rotates consecutive heads of `half` pairs each (the q and k of one token) by the angles
+    /// whose cosines and sines are `cos`, `sign`·`sin`.
+    fn rotate_row<const _FMA: bool>(qk: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+        let half = cos.len();
+        for head in qk.chunks_mut(2 * half) {
             for i in 0..half {
                 let (x0, x1) = (head[2 * i], head[2 * i + 1]);
                 let (c, s) = (cos[i], sign * sin[i]);
@@ -190,7 +213,7 @@ fn rotate_qkv(qkv: &mut [f32], rows: &RopeRows, dim: usize, sign: f32) {
                 head[2 * i + 1] = x1 * c + x0 * s;
             }
         }
-    });
+    }
 }
 
 impl CustomOp1 for RopeAttention {
@@ -348,17 +371,37 @@ struct SwiGluLinearResidual {
     gemm: Gemm,
 }
 
+super::isa::multiversion! {
+    /// Writes every element of `o` (f) = silu(a) ⊙ b for one row [a | b] of 2f.
+    fn swiglu_row<const _FMA: bool>(o: &mut [std::mem::MaybeUninit<f32>], hr: &[f32]) {
+        let (a, b) = hr.split_at(o.len());
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            o.write(a * super::math::sigmoid(a) * b);
+        }
+    }
+}
+
+super::isa::multiversion! {
+    /// Writes every element of `dr` (2f), the SwiGLU backward of one row [a | b] of `hr` for
+    /// the gradient `dsr` (f) of silu(a) ⊙ b.
+    fn swiglu_backward_row<const _FMA: bool>(dr: &mut [std::mem::MaybeUninit<f32>], hr: &[f32], dsr: &[f32]) {
+        let f = dsr.len();
+        let (da, db) = dr.split_at_mut(f);
+        for j in 0..f {
+            let a = hr[j];
+            let sg = super::math::sigmoid(a);
+            da[j].write(dsr[j] * hr[f + j] * sg * (1.0 + a * (1.0 - sg)));
+            db[j].write(dsr[j] * a * sg);
+        }
+    }
+}
+
 /// silu(a) ⊙ b for every row of [a | b]. A new buffer, written once (no zero fill).
 fn swiglu_rows(h: &[f32], f: usize) -> Vec<f32> {
     let rows = h.len() / (2 * f);
     assert_eq!(h.len(), rows * 2 * f, "swiglu: {} values are not rows of 2·{f}", h.len());
     let mut s = Vec::<f32>::with_capacity(rows * f);
-    s.spare_capacity_mut()[..rows * f].par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each(|(o, hr)| {
-        let (a, b) = hr.split_at(f);
-        for j in 0..f {
-            o[j].write(a[j] * super::math::sigmoid(a[j]) * b[j]);
-        }
-    });
+    s.spare_capacity_mut()[..rows * f].par_chunks_mut(f).zip(h.par_chunks(2 * f)).for_each(|(o, hr)| swiglu_row(o, hr));
     // SAFETY: h is exactly `rows` rows of 2f (asserted), so the `rows` chunks of f slots are
     // each zipped with a whole row of h and the loop wrote all f elements of every one.
     unsafe { s.set_len(rows * f) };
@@ -423,14 +466,7 @@ impl CustomOp3 for SwiGluLinearResidual {
                     dh.spare_capacity_mut()[..n * 2 * f]
                         .par_chunks_mut(2 * f)
                         .zip(hv.par_chunks(2 * f).zip(ds.par_chunks(f)))
-                        .for_each(|(dr, (hr, dsr))| {
-                            for j in 0..f {
-                                let a = hr[j];
-                                let sg = super::math::sigmoid(a);
-                                dr[j].write(dsr[j] * hr[f + j] * sg * (1.0 + a * (1.0 - sg)));
-                                dr[f + j].write(dsr[j] * a * sg);
-                            }
-                        });
+                        .for_each(|(dr, (hr, dsr))| swiglu_backward_row(dr, hr, dsr));
                     Ok(dw)
                 })
             })

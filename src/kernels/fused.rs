@@ -195,8 +195,10 @@ pub fn swiglu_reference(h: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct CrossEntropy;
 
-fn row_lse(row: &[f32], scratch: &mut [f32]) -> f32 {
-    super::math::log_sum_exp(row, scratch)
+super::isa::multiversion! {
+    fn row_lse<const _FMA: bool>(row: &[f32], scratch: &mut [f32]) -> f32 {
+        super::math::log_sum_exp(row, scratch)
+    }
 }
 
 impl CustomOp2 for CrossEntropy {

@@ -11,6 +11,7 @@ pub mod conv;
 pub mod fused;
 pub mod gemm;
 pub mod group_norm;
+pub mod isa;
 pub mod math;
 pub mod matmul;
 pub mod segment;

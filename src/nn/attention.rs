@@ -180,42 +180,53 @@ const ATTEND_PARALLEL_WORK: usize = 1 << 18;
 /// Head dims per register block of the decode output (head dims other than 16, 32, 64).
 const DB: usize = 16;
 
-/// One query over one (row, head) of the cache. Scores: one sequential pass over each of the d
-/// rows of the transposed keys `kt` (d × max_len), fused multiply-adds into the scores (which
-/// stay in L1), so the cache streams front to back. Softmax. Output: one pass over the values
-/// with the whole head's accumulator in registers (head dims 16, 32, 64; other sizes in blocks
-/// of 16). `out` (d) is overwritten; `scores` has the row's length.
-fn attend_one(q: &[f32], kt: &[f32], v: &[f32], max_len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    use crate::kernels::math;
-    let (d, len) = (q.len(), scores.len());
-    scores.fill(0.0);
-    for (j, &qj) in q.iter().enumerate() {
-        for (sc, &kv) in scores.iter_mut().zip(&kt[j * max_len..j * max_len + len]) {
-            *sc = qj.mul_add(kv, *sc);
+crate::kernels::isa::multiversion! {
+    /// One query over one (row, head) of the cache. Scores: one sequential pass over each of the d
+    /// rows of the transposed keys `kt` (d × max_len), fused multiply-adds into the scores (which
+    /// stay in L1), so the cache streams front to back. Softmax. Output: one pass over the values
+    /// with the whole head's accumulator in registers (head dims 16, 32, 64; other sizes in blocks
+    /// of 16). `out` (d) is overwritten; `scores` has the row's length.
+    fn attend_one<const FMA: bool>(
+        q: &[f32],
+        kt: &[f32],
+        v: &[f32],
+        max_len: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        use crate::kernels::isa::fmadd;
+        use crate::kernels::math;
+        let (d, len) = (q.len(), scores.len());
+        scores.fill(0.0);
+        for (j, &qj) in q.iter().enumerate() {
+            for (sc, &kv) in scores.iter_mut().zip(&kt[j * max_len..j * max_len + len]) {
+                *sc = fmadd::<FMA>(qj, kv, *sc);
+            }
         }
-    }
-    let m = math::max(scores) * scale;
-    for sc in scores.iter_mut() {
-        *sc = math::exp(*sc * scale - m);
-    }
-    let inv = 1.0 / math::sum(scores);
-    for sc in scores.iter_mut() {
-        *sc *= inv;
-    }
-    match d {
-        16 => values::<16>(scores, v, out),
-        32 => values::<32>(scores, v, out),
-        64 => values::<64>(scores, v, out),
-        _ => {
-            for d0 in (0..d).step_by(DB) {
-                let n = DB.min(d - d0);
-                let mut acc = [0f32; DB];
-                for (t, &w) in scores.iter().enumerate() {
-                    for (a, &x) in acc[..n].iter_mut().zip(&v[t * d + d0..t * d + d0 + n]) {
-                        *a = w.mul_add(x, *a);
+        let m = math::max(scores) * scale;
+        for sc in scores.iter_mut() {
+            *sc = math::exp(*sc * scale - m);
+        }
+        let inv = 1.0 / math::sum(scores);
+        for sc in scores.iter_mut() {
+            *sc *= inv;
+        }
+        match d {
+            16 => values::<FMA, 16>(scores, v, out),
+            32 => values::<FMA, 32>(scores, v, out),
+            64 => values::<FMA, 64>(scores, v, out),
+            _ => {
+                for d0 in (0..d).step_by(DB) {
+                    let n = DB.min(d - d0);
+                    let mut acc = [0f32; DB];
+                    for (t, &w) in scores.iter().enumerate() {
+                        for (a, &x) in acc[..n].iter_mut().zip(&v[t * d + d0..t * d + d0 + n]) {
+                            *a = fmadd::<FMA>(w, x, *a);
+                        }
                     }
+                    out[d0..d0 + n].copy_from_slice(&acc[..n]);
                 }
-                out[d0..d0 + n].copy_from_slice(&acc[..n]);
             }
         }
     }
@@ -223,12 +234,12 @@ fn attend_one(q: &[f32], kt: &[f32], v: &[f32], max_len: usize, scale: f32, scor
 
 /// Σ_t w_t·v_t for a head of D dims, the accumulator in registers.
 #[inline(always)]
-fn values<const D: usize>(w: &[f32], v: &[f32], out: &mut [f32]) {
+fn values<const FMA: bool, const D: usize>(w: &[f32], v: &[f32], out: &mut [f32]) {
     let mut acc = [0f32; D];
     for (t, &wt) in w.iter().enumerate() {
         let vr: &[f32; D] = v[t * D..(t + 1) * D].try_into().expect("D values");
         for (a, &x) in acc.iter_mut().zip(vr) {
-            *a = wt.mul_add(x, *a);
+            *a = crate::kernels::isa::fmadd::<FMA>(wt, x, *a);
         }
     }
     out[..D].copy_from_slice(&acc);
