@@ -25,6 +25,7 @@
 //!
 //! The specification followed is `shared/design/dpar-spec.md`; module docs cite its sections.
 
+pub mod batch;
 pub mod bench;
 pub mod data;
 pub mod dist;

@@ -173,13 +173,18 @@ pub fn choose_codes_host(
         .collect()
 }
 
-/// The labels fed to a guided batch: the requested classes, then the null class for each.
-fn guided_labels(labels: &[u32], null: u32, guided: bool, device: &Device) -> Result<Tensor> {
+/// The labels fed to a guided batch: the requested classes, then (with guidance) the null
+/// class for each.
+pub fn guided_label_list(labels: &[u32], null: u32, guided: bool) -> Vec<u32> {
     let mut all = labels.to_vec();
     if guided {
         all.extend(std::iter::repeat_n(null, labels.len()));
     }
-    Ok(Tensor::new(all, device)?)
+    all
+}
+
+fn guided_labels(labels: &[u32], null: u32, guided: bool, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::new(guided_label_list(labels, null, guided), device)?)
 }
 
 /// KV-cached generation with the GPT baseline: one cached step per code, CFG with both halves

@@ -63,13 +63,7 @@ pub(super) fn check(
     Ok(())
 }
 
-fn guided_labels(labels: &[u32], null: u32, guided: bool) -> Vec<u32> {
-    let mut all = labels.to_vec();
-    if guided {
-        all.extend(std::iter::repeat_n(null, labels.len()));
-    }
-    all
-}
+use crate::sample::guided_label_list as guided_labels;
 
 /// Rows (B, D) duplicated for the null half when guided.
 fn dup(x: &Tensor, guided: bool) -> Result<Tensor> {

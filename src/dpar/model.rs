@@ -18,7 +18,7 @@ use rand::Rng;
 
 use super::layout::PatchLayout;
 use super::{DparConfig, DparError, Result};
-use crate::gpt::TrainNoise;
+use crate::batch::TrainNoise;
 use crate::kernels::segment::{segment_attention, segment_max};
 use crate::nn::rope::{self, RopeRows};
 use crate::nn::{self, AttnMask, Block, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
@@ -237,13 +237,7 @@ impl Dpar {
         let mut noise = noise;
         let labels = match noise.as_mut() {
             Some(nz) if c.class_dropout > 0.0 => {
-                let null = c.num_classes as u32;
-                let v: Vec<u32> = labels
-                    .to_vec1::<u32>()?
-                    .into_iter()
-                    .map(|y| if nz.rng.random::<f64>() < c.class_dropout { null } else { y })
-                    .collect();
-                Tensor::new(v, labels.device())?
+                crate::batch::drop_classes(labels, c.class_dropout, c.num_classes as u32, nz)?
             }
             _ => labels.clone(),
         };

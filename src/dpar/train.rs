@@ -10,10 +10,9 @@ use candle_core::{Device, Tensor};
 
 use super::model::GlobalLayout;
 use super::{Dpar, DparConfig, DparError, Result};
+use crate::batch::{batch_tensors, check_flip, noise_rng, step_images, StepImages, TrainNoise};
 use crate::data::shards::CodeShard;
 use crate::entropy::ShardEntropies;
-use crate::gpt::train::{batch_tensors, check_flip, noise_rng, step_images, StepImages};
-use crate::gpt::TrainNoise;
 use crate::params::ParamStore;
 use crate::patching::patch_lengths;
 use crate::train::{BatchSampler, LoopConfig, Part, StepOutput, Task};

@@ -271,10 +271,7 @@ impl GptCache {
     }
 }
 
-/// Training randomness for one forward pass.
-pub struct TrainNoise<'a, R: Rng> {
-    pub rng: &'a mut R,
-}
+pub use crate::batch::TrainNoise;
 
 impl Gpt {
     pub fn new(config: &GptConfig, pb: &Pb) -> Result<Self> {
@@ -387,13 +384,7 @@ impl Gpt {
         let mut noise = noise;
         let labels = match (labels, noise.as_mut()) {
             (Some(y), Some(n)) if c.class_dropout > 0.0 && c.cls_token_num == 1 => {
-                let null = c.num_classes as u32;
-                let dropped: Vec<u32> = y
-                    .to_vec1::<u32>()?
-                    .into_iter()
-                    .map(|v| if n.rng.random::<f64>() < c.class_dropout { null } else { v })
-                    .collect();
-                Some(Tensor::new(dropped, y.device())?)
+                Some(crate::batch::drop_classes(y, c.class_dropout, c.num_classes as u32, n)?)
             }
             (y, _) => y.cloned(),
         };

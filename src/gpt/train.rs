@@ -4,8 +4,7 @@
 //! image) from `(seed, step)`; class dropout and dropout masks too. Validation is the mean
 //! next-code cross-entropy on held-out shards, without dropout.
 
-use candle_core::{Device, Tensor};
-use rand::Rng;
+use candle_core::Device;
 
 use super::{Gpt, GptConfig, GptError, Result, TrainNoise};
 use crate::data::shards::CodeShard;
@@ -60,65 +59,7 @@ pub fn check_shard_fits(shard: &CodeShard, model: &GptConfig, what: &str) -> Res
     Ok(())
 }
 
-/// A batch of codes (B, L) and labels (B) from a shard; `flips[i]` selects the flip copy.
-pub fn batch_tensors(
-    shard: &CodeShard,
-    indices: &[usize],
-    flips: &[bool],
-    device: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let l = shard.info.seq_len();
-    let mut codes = Vec::with_capacity(indices.len() * l);
-    for (&i, &flip) in indices.iter().zip(flips) {
-        codes.extend_from_slice(shard.codes_of(i, flip));
-    }
-    let labels: Vec<u32> = indices.iter().map(|&i| shard.labels[i]).collect();
-    Ok((Tensor::from_vec(codes, (indices.len(), l), device)?, Tensor::new(labels, device)?))
-}
-
-/// The images of one training step: dataset indices and, per image, whether its flip copy is
-/// used. A pure function of `(seed, step)`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepImages {
-    pub indices: Vec<usize>,
-    pub flips: Vec<bool>,
-}
-
-/// Draws step `step`'s images: the sampler's batch, and a flip choice per image when `use_flip`.
-pub fn step_images(sampler: &mut BatchSampler, shard: &CodeShard, use_flip: bool, seed: u64, step: u64) -> StepImages {
-    let indices = sampler.indices(step);
-    let flips = flip_choices(shard, use_flip, indices.len(), seed, step);
-    StepImages { indices, flips }
-}
-
-/// Refuses `use_flip` on shards that hold no flip copy (instead of silently training without).
-pub fn check_flip(shard: &CodeShard, use_flip: bool, what: &str) -> std::result::Result<(), String> {
-    if use_flip && shard.flip_codes.is_none() {
-        return Err(format!("{what}: flips were asked for (--flip / use_flip), but the shards hold no flip copy; tokenize with `dpar tokenize --flip`, or train without --flip"));
-    }
-    Ok(())
-}
-
-/// Per-image flip choices for a step (all `false` unless `use_flip` and the shards hold a copy).
-pub fn flip_choices(shard: &CodeShard, use_flip: bool, n: usize, seed: u64, step: u64) -> Vec<bool> {
-    if use_flip && shard.flip_codes.is_some() {
-        let mut rng = crate::util::rng_for(seed, "flip", step);
-        (0..n).map(|_| rng.random::<bool>()).collect()
-    } else {
-        vec![false; n]
-    }
-}
-
-/// The RNG of a step's dropout and class-dropout draws. One process uses one stream per step;
-/// each part of a split batch (ranks × micro-batches) has its own stream, so with dropout the
-/// split run is a statistically equivalent, not bit-identical, version of the single one.
-pub fn noise_rng(seed: u64, step: u64, part: Part) -> rand_chacha::ChaCha8Rng {
-    if part.count == 1 {
-        crate::util::rng_for(seed, "noise", step)
-    } else {
-        crate::util::rng_for(seed, &format!("noise-{}-of-{}", part.index, part.count), step)
-    }
-}
+pub use crate::batch::{batch_tensors, check_flip, flip_choices, noise_rng, step_images, StepImages};
 
 /// Mean next-code cross-entropy over the first `max_images` images of a shard (no dropout).
 pub fn eval_loss(model: &Gpt, shard: &CodeShard, max_images: usize, device: &Device) -> Result<f64> {

@@ -22,8 +22,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::matmul::Gemm;
+use super::rope_rows::RopeRows;
 use super::{cpu_f32, with_f32};
-use crate::nn::rope::RopeRows;
 
 fn rows_of(layout: &Layout, last: usize) -> Result<usize> {
     let dims = layout.dims();

@@ -14,6 +14,7 @@ pub mod group_norm;
 pub mod isa;
 pub mod math;
 pub mod matmul;
+pub mod rope_rows;
 pub mod segment;
 
 use std::mem::MaybeUninit;
