@@ -28,6 +28,41 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ms + eps).sqrt()
 }
 
+super::isa::multiversion! {
+    /// RMSNorm of whole rows: `o` = x·r·w per row of `xi`.
+    fn rms_rows<const _FMA: bool>(o: &mut [f32], xi: &[f32], w: &[f32], eps: f32) {
+        let d = w.len();
+        for (orow, xrow) in o.chunks_mut(d).zip(xi.chunks(d)) {
+            let r = inv_rms(xrow, eps);
+            for ((y, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
+                *y = v * r * g;
+            }
+        }
+    }
+}
+
+super::isa::multiversion! {
+    /// RMSNorm backward of whole rows: dx = r·(g∘w − x·r²·mean(g∘w∘x)) into `dxc`; returns this
+    /// chunk's dw = Σ g∘x·r.
+    fn rms_backward_rows<const _FMA: bool>(dxc: &mut [f32], xc: &[f32], gc: &[f32], wv: &[f32], eps: f32) -> Vec<f32> {
+        let d = wv.len();
+        let mut dw = vec![0f32; d];
+        let mut gw = vec![0f32; d];
+        for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+            let r = inv_rms(xr, eps);
+            for j in 0..d {
+                gw[j] = gr[j] * wv[j];
+            }
+            let k = r * r * super::math::dot(&gw, xr) / d as f32;
+            for j in 0..d {
+                dxr[j] = r * (gw[j] - xr[j] * k);
+                dw[j] += gr[j] * xr[j] * r;
+            }
+        }
+        dw
+    }
+}
+
 impl CustomOp2 for RmsNormOp {
     fn name(&self) -> &'static str {
         "dpar-rms-norm"
@@ -42,14 +77,9 @@ impl CustomOp2 for RmsNormOp {
         }
         let rows = x.len() / d;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d * chunk_rows(rows)).zip(x.par_chunks(d * chunk_rows(rows))).for_each(|(o, xi)| {
-            for (orow, xrow) in o.chunks_mut(d).zip(xi.chunks(d)) {
-                let r = inv_rms(xrow, self.eps);
-                for ((y, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
-                    *y = v * r * g;
-                }
-            }
-        });
+        out.par_chunks_mut(d * chunk_rows(rows))
+            .zip(x.par_chunks(d * chunk_rows(rows)))
+            .for_each(|(o, xi)| rms_rows(o, xi, w, self.eps));
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -65,23 +95,7 @@ impl CustomOp2 for RmsNormOp {
                     dw_parts = dx
                         .par_chunks_mut(d * chunk)
                         .zip(xv.par_chunks(d * chunk).zip(gv.par_chunks(d * chunk)))
-                        .map(|(dxc, (xc, gc))| {
-                            let mut dw = vec![0f32; d];
-                            let mut gw = vec![0f32; d];
-                            for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                                let r = inv_rms(xr, self.eps);
-                                // dx = r·(g∘w − x·r²·mean(g∘w∘x)); dw += g∘x·r
-                                for j in 0..d {
-                                    gw[j] = gr[j] * wv[j];
-                                }
-                                let k = r * r * super::math::dot(&gw, xr) / d as f32;
-                                for j in 0..d {
-                                    dxr[j] = r * (gw[j] - xr[j] * k);
-                                    dw[j] += gr[j] * xr[j] * r;
-                                }
-                            }
-                            dw
-                        })
+                        .map(|(dxc, (xc, gc))| rms_backward_rows(dxc, xc, gc, wv, self.eps))
                         .collect();
                     Ok(())
                 })
@@ -119,6 +133,31 @@ fn silu_parts(a: f32) -> (f32, f32) {
     (a * s, s * (1.0 + a * (1.0 - s)))
 }
 
+super::isa::multiversion! {
+    /// silu(gate) ⊙ up for whole rows [gate | up] of 2f.
+    fn swiglu_rows<const _FMA: bool>(o: &mut [f32], hc: &[f32], f: usize) {
+        for (orow, hrow) in o.chunks_mut(f).zip(hc.chunks(2 * f)) {
+            let (gate, up) = hrow.split_at(f);
+            for j in 0..f {
+                orow[j] = silu_parts(gate[j]).0 * up[j];
+            }
+        }
+    }
+}
+
+super::isa::multiversion! {
+    /// The SwiGLU backward of whole rows.
+    fn swiglu_backward_rows<const _FMA: bool>(dc: &mut [f32], hc: &[f32], gc: &[f32], f: usize) {
+        for ((drow, hrow), grow) in dc.chunks_mut(2 * f).zip(hc.chunks(2 * f)).zip(gc.chunks(f)) {
+            for j in 0..f {
+                let (silu, dsilu) = silu_parts(hrow[j]);
+                drow[j] = grow[j] * hrow[f + j] * dsilu;
+                drow[f + j] = grow[j] * silu;
+            }
+        }
+    }
+}
+
 impl CustomOp1 for SwiGlu {
     fn name(&self) -> &'static str {
         "dpar-swiglu"
@@ -135,14 +174,7 @@ impl CustomOp1 for SwiGlu {
         let rows = h.len() / two_f;
         let mut out = vec![0f32; rows * f];
         let chunk = chunk_rows(rows);
-        out.par_chunks_mut(f * chunk).zip(h.par_chunks(two_f * chunk)).for_each(|(o, hc)| {
-            for (orow, hrow) in o.chunks_mut(f).zip(hc.chunks(two_f)) {
-                let (gate, up) = hrow.split_at(f);
-                for j in 0..f {
-                    orow[j] = silu_parts(gate[j]).0 * up[j];
-                }
-            }
-        });
+        out.par_chunks_mut(f * chunk).zip(h.par_chunks(two_f * chunk)).for_each(|(o, hc)| swiglu_rows(o, hc, f));
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("checked non-empty") = f;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -158,15 +190,7 @@ impl CustomOp1 for SwiGlu {
             with_f32(grad, "swiglu grad", |g| {
                 dh.par_chunks_mut(two_f * chunk)
                     .zip(h.par_chunks(two_f * chunk).zip(g.par_chunks(f * chunk)))
-                    .for_each(|(dc, (hc, gc))| {
-                        for ((drow, hrow), grow) in dc.chunks_mut(two_f).zip(hc.chunks(two_f)).zip(gc.chunks(f)) {
-                            for j in 0..f {
-                                let (silu, dsilu) = silu_parts(hrow[j]);
-                                drow[j] = grow[j] * hrow[f + j] * dsilu;
-                                drow[f + j] = grow[j] * silu;
-                            }
-                        }
-                    });
+                    .for_each(|(dc, (hc, gc))| swiglu_backward_rows(dc, hc, gc, f));
                 Ok(())
             })
         })?;
@@ -254,16 +278,11 @@ impl CustomOp2 for CrossEntropy {
         }
         let mut d = Vec::<f32>::with_capacity(n * v);
         with_f32(logits, "cross_entropy logits", |l| {
-            d.spare_capacity_mut()[..n * v].par_chunks_mut(v).zip(l.par_chunks(v)).zip(t.par_iter()).for_each(
-                |((drow, row), &ti)| {
-                    // softmax = exp(x − max)/Σ; written into drow, then scaled.
-                    let m = super::math::max(row);
-                    let (drow, total) = super::math::exp_shifted_uninit(row, m, drow);
-                    let scale = g / total;
-                    drow.iter_mut().for_each(|o| *o *= scale);
-                    drow[ti as usize] -= g;
-                },
-            );
+            d.spare_capacity_mut()[..n * v]
+                .par_chunks_mut(v)
+                .zip(l.par_chunks(v))
+                .zip(t.par_iter())
+                .for_each(|((drow, row), &ti)| cross_entropy_grad_row(drow, row, ti as usize, g));
             Ok(())
         })?;
         // SAFETY: l holds the n·v logits (n = their count / v) and t the n targets (checked), so
@@ -271,6 +290,18 @@ impl CustomOp2 for CrossEntropy {
         // (it asserts that the chunk is as long as its row of v logits).
         unsafe { d.set_len(n * v) };
         Ok((Some(Tensor::from_vec(d, logits.shape(), logits.device())?), None))
+    }
+}
+
+super::isa::multiversion! {
+    /// Writes every element of `drow`: g·(softmax(row) − onehot(t)).
+    fn cross_entropy_grad_row<const _FMA: bool>(drow: &mut [std::mem::MaybeUninit<f32>], row: &[f32], t: usize, g: f32) {
+        // softmax = exp(x − max)/Σ; written into drow, then scaled.
+        let m = super::math::max(row);
+        let (drow, total) = super::math::exp_shifted_uninit(row, m, drow);
+        let scale = g / total;
+        drow.iter_mut().for_each(|o| *o *= scale);
+        drow[t] -= g;
     }
 }
 

@@ -372,6 +372,7 @@ struct Block {
     accumulate: bool,
 }
 
+#[cfg(target_arch = "x86_64")]
 macro_rules! dispatch_rows {
     ($self:ident, $f:ident, $rows:expr, [$($r:literal),*]) => {
         match $rows {
