@@ -90,6 +90,11 @@ fn every_config_in_models_parses_into_its_type() {
     assert_eq!(seen, 5, "expected the five shipped models in {}", dir.display());
 }
 
+/// H_1 … H_{L−1} of each image (rows of L − 1).
+fn flat_h(model: &dpar::gpt::Gpt, codes: &Tensor) -> Vec<Vec<f32>> {
+    model.entropies(codes).unwrap().to_vec2().unwrap()
+}
+
 /// Fixed codes (2 images × 256) that look nothing like a digit but exercise every code path.
 fn fixed_codes(vocab: u32, l: usize, device: &Device) -> Tensor {
     let codes: Vec<u32> = (0..2 * l as u32).map(|i| (i * 37 + 11 + (i / 16) * 5) % vocab).collect();
@@ -110,8 +115,18 @@ fn shipped_models_load_and_give_the_recorded_outputs() {
     let labels = Tensor::new(&[3u32, 7], &device).unwrap();
 
     let gpt_logits = gpt.forward::<rand_chacha::ChaCha8Rng>(&codes, Some(&labels), None).unwrap();
-    let h = entropy.entropies(&codes).unwrap(); // (2, L − 1): H_1 … H_{L−1}
-    let h: Vec<Vec<f32>> = h.to_vec2().unwrap();
+    // The shipped entropy model records bf16 kernels. Its entropies as shipped are compared
+    // loosely: without AVX512-BF16 (another x86 CPU, aarch64) the bf16 products are emulated
+    // and, since every GEMM input is rounded to 8 mantissa bits, a last-bit difference upstream
+    // moves an entropy by up to ~1e-2. The patches and DPAR's logits come from the same
+    // weights run with f32 kernels, which agree across CPUs to ~1e-6.
+    let h_shipped = flat_h(&entropy, &codes);
+    let file = models.join("entropy/model.safetensors");
+    let store = dpar::params::ParamStore::new(0, &device);
+    let f32_config = dpar::gpt::GptConfig { ops: dpar::nn::Ops::Fused, ..entropy.config().clone() };
+    let entropy_f32 = dpar::gpt::Gpt::new(&f32_config, &store.root()).unwrap();
+    store.load_model_file(&file, Some("model")).unwrap();
+    let h = flat_h(&entropy_f32, &codes);
     let lengths: Vec<Vec<usize>> = h
         .iter()
         .map(|row| {
@@ -128,6 +143,7 @@ fn shipped_models_load_and_give_the_recorded_outputs() {
     let got = json!({
         "gpt_logits": summary(&gpt_logits),
         "entropies": summary(&Tensor::new(h, &device).unwrap()),
+        "entropies_as_shipped_bf16": summary(&Tensor::new(h_shipped, &device).unwrap()),
         "patch_lengths": lengths,
         "dpar_logits": summary(&dpar_logits),
         "pixels": summary(&pixels),
@@ -142,7 +158,10 @@ fn shipped_models_load_and_give_the_recorded_outputs() {
     }
     let want: Value = serde_json::from_str(&std::fs::read_to_string(fixture()).unwrap()).unwrap();
     let mut diffs = Vec::new();
+    let (mut want, mut got) = (want, got);
+    let loose = (want["entropies_as_shipped_bf16"].take(), got["entropies_as_shipped_bf16"].take());
     differences(&want, &got, "outputs", 1e-4, &mut diffs);
+    differences(&loose.0, &loose.1, "outputs.entropies_as_shipped_bf16", 2e-2, &mut diffs);
     assert!(diffs.is_empty(), "the shipped models no longer compute what they did:\n{}", diffs.join("\n"));
 }
 
