@@ -21,7 +21,7 @@ use super::{DparConfig, DparError, Result};
 use crate::batch::TrainNoise;
 use crate::kernels::segment::{segment_attention, segment_max};
 use crate::nn::rope::{self, RopeRows};
-use crate::nn::{self, AttnMask, Block, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
+use crate::nn::{self, AttnMask, Block, BlockCache, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
 use crate::params::{Init, Pb};
 
 /// The patch encoder's cross-attention: each patch's max-pooled query attends to its own codes.
@@ -208,7 +208,7 @@ impl Dpar {
         let rows = self.rope_enc.narrow(0, t);
         let mut h = self.embed(inputs)?;
         for layer in &self.enc_layers {
-            h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, None, None)?;
+            h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, BlockCache::None, None)?;
         }
         Ok(h)
     }
@@ -300,12 +300,12 @@ impl Dpar {
                 x = nn::dropout(&x, c.token_dropout, nz.rng)?;
                 let mut ctx = DropoutCtx { rng: nz.rng, resid: c.resid_dropout, ffn: c.ffn_dropout };
                 for layer in &self.layers {
-                    x = layer.forward(&x, Some(&rope_rows), &mask, None, Some(&mut ctx))?;
+                    x = layer.forward(&x, Some(&rope_rows), &mask, BlockCache::None, Some(&mut ctx))?;
                 }
             }
             None => {
                 for layer in &self.layers {
-                    x = layer.forward::<R>(&x, Some(&rope_rows), &mask, None, None)?;
+                    x = layer.forward::<R>(&x, Some(&rope_rows), &mask, BlockCache::None, None)?;
                 }
             }
         }
@@ -324,7 +324,7 @@ impl Dpar {
         let rows_dec = self.rope_dec.narrow(0, n);
         for (layer, proj) in self.dec_layers.iter().zip(&self.dec_proj) {
             let injected = proj.wo.forward(&proj.norm.forward(&g)?)?.index_select(&gather, 0)?.reshape((b, n, dim))?;
-            y = layer.forward::<R>(&(y + injected)?, Some(&rows_dec), &AttnMask::Causal, None, None)?;
+            y = layer.forward::<R>(&(y + injected)?, Some(&rows_dec), &AttnMask::Causal, BlockCache::None, None)?;
         }
         // 6. Head.
         let logits = self.norm.then_linear(&y, &self.output)?;
@@ -379,7 +379,13 @@ impl Dpar {
         let mut h = self.embed(codes)?;
         let rows: Vec<usize> = (0..h.dim(0)?).collect();
         for ((layer, cache), w13) in self.enc_layers.iter().zip(caches.encoder.iter_mut()).zip(&caches.w13[0]) {
-            h = layer.forward_ragged(&h, &rope_rows, cache, &rows, Some(w13))?;
+            h = layer.forward::<rand_chacha::ChaCha8Rng>(
+                &h,
+                Some(&rope_rows),
+                &AttnMask::Causal,
+                BlockCache::Ragged { cache, rows: &rows, w13: Some(w13) },
+                None,
+            )?;
         }
         Ok(h.squeeze(1)?)
     }
@@ -396,7 +402,13 @@ impl Dpar {
         let (r, dim) = x.dims2()?;
         let mut h = x.reshape((r, 1, dim))?;
         for ((layer, cache), w13) in self.layers.iter().zip(caches.global.iter_mut()).zip(&caches.w13[1]) {
-            h = layer.forward_ragged(&h, rope_rows, cache, rows, Some(w13))?;
+            h = layer.forward::<rand_chacha::ChaCha8Rng>(
+                &h,
+                Some(rope_rows),
+                &AttnMask::Causal,
+                BlockCache::Ragged { cache, rows, w13: Some(w13) },
+                None,
+            )?;
         }
         Ok(h.reshape((r, dim))?)
     }
@@ -437,7 +449,13 @@ impl Dpar {
         for (((layer, cache), inj), w13) in
             self.dec_layers.iter().zip(caches.decoder.iter_mut()).zip(injections).zip(&caches.w13[2])
         {
-            y = layer.forward_ragged(&(y + inj.reshape((r, 1, dim))?)?, &rope_rows, cache, &rows, Some(w13))?;
+            y = layer.forward::<rand_chacha::ChaCha8Rng>(
+                &(y + inj.reshape((r, 1, dim))?)?,
+                Some(&rope_rows),
+                &AttnMask::Causal,
+                BlockCache::Ragged { cache, rows: &rows, w13: Some(w13) },
+                None,
+            )?;
         }
         Ok(self.norm.then_linear(&y, &self.output)?.squeeze(1)?)
     }

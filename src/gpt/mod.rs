@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
 
 use crate::nn::rope::{self, RopeRows};
-use crate::nn::{self, AttnMask, Block, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
+use crate::nn::{self, AttnMask, Block, BlockCache, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
 use crate::params::{Init, ParamStore, Pb};
 
 /// Errors of the GPT model.
@@ -365,7 +365,7 @@ impl Gpt {
         let t = h.dim(1)?;
         let rows = self.rope.narrow(0, t);
         for layer in &self.layers {
-            h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, None, None)?;
+            h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, BlockCache::None, None)?;
         }
         Ok(h)
     }
@@ -396,12 +396,12 @@ impl Gpt {
                 h = nn::dropout(&h, c.token_dropout, n.rng)?;
                 let mut ctx = DropoutCtx { rng: n.rng, resid: c.resid_dropout, ffn: c.ffn_dropout };
                 for layer in &self.layers {
-                    h = layer.forward(&h, Some(&rows), &AttnMask::Causal, None, Some(&mut ctx))?;
+                    h = layer.forward(&h, Some(&rows), &AttnMask::Causal, BlockCache::None, Some(&mut ctx))?;
                 }
             }
             None => {
                 for layer in &self.layers {
-                    h = layer.forward::<R>(&h, Some(&rows), &AttnMask::Causal, None, None)?;
+                    h = layer.forward::<R>(&h, Some(&rows), &AttnMask::Causal, BlockCache::None, None)?;
                 }
             }
         }
@@ -470,7 +470,13 @@ impl Gpt {
         let rows: Vec<usize> = (0..b).collect();
         let mut h = h;
         for ((layer, layer_cache), w13) in self.layers.iter().zip(cache.layers.iter_mut()).zip(&cache.w13) {
-            h = layer.forward_ragged(&h, &rope_rows, layer_cache, &rows, Some(w13))?;
+            h = layer.forward::<rand_chacha::ChaCha8Rng>(
+                &h,
+                Some(&rope_rows),
+                &AttnMask::Causal,
+                BlockCache::Ragged { cache: layer_cache, rows: &rows, w13: Some(w13) },
+                None,
+            )?;
         }
         let logits = self.norm.then_linear(&h, &self.output)?; // (B, 1, V)
         Ok(logits.squeeze(1)?)

@@ -229,16 +229,36 @@ impl Block {
         })
     }
 
+    /// The block's one forward; `cache` says what the attention runs against:
+    /// - [`BlockCache::None`]: the whole sequence at once under `mask` (training, teacher
+    ///   forcing; with fused ops on the CPU, five fused kernels);
+    /// - [`BlockCache::Kv`]: appends to a per-batch KV cache (the reference cached path);
+    /// - [`BlockCache::Ragged`]: one step of some rows over a ragged cache (generation; `mask`
+    ///   is unused, `rope` is required and holds one row per stepped row).
+    ///
+    /// `dropout_ctx` (training) applies residual and FFN dropout; not with a cache.
+    ///
     /// # Shapes
-    /// x (B, T, D) → (B, T, D)
+    /// x (B, T, D) → (B, T, D); with a ragged cache x (R, 1, D) → (R, 1, D)
     pub fn forward<R: Rng>(
         &self,
         x: &Tensor,
         rope: Option<&rope::RopeRows>,
         mask: &AttnMask,
-        cache: Option<&mut KvCache>,
+        cache: BlockCache<'_>,
         dropout_ctx: Option<&mut DropoutCtx<'_, R>>,
     ) -> Result<Tensor> {
+        let cache = match cache {
+            BlockCache::None => None,
+            BlockCache::Kv(c) => Some(c),
+            BlockCache::Ragged { cache, rows, w13 } => {
+                let rope = rope.ok_or_else(|| NnError::BadConfig("a ragged cache step needs RoPE rows".into()))?;
+                if dropout_ctx.is_some() {
+                    return Err(NnError::BadConfig("dropout applies to training, not to a cached step".into()));
+                }
+                return self.forward_ragged(x, rope, cache, rows, w13);
+            }
+        };
         if cache.is_none() && self.attention.ops.fused_for(x) {
             let (b, t, _) = x.dims3()?;
             let segments = match mask {
@@ -262,6 +282,17 @@ impl Block {
         }
         Ok((h + ffn)?)
     }
+}
+
+/// What a [`Block::forward`] runs its attention against.
+pub enum BlockCache<'a> {
+    /// No cache: the whole sequence at once.
+    None,
+    /// A per-batch KV cache the step appends to.
+    Kv(&'a mut KvCache),
+    /// One step of `rows` over a ragged cache; `w13` is [`Block::stacked_w13`], computed once
+    /// per generation (computed per call when `None`).
+    Ragged { cache: &'a mut RaggedKvCache, rows: &'a [usize], w13: Option<&'a Tensor> },
 }
 
 /// A dropout mask drawn exactly like [`dropout`] (same RNG draws in the same order).
@@ -316,7 +347,7 @@ impl Block {
     /// One inference step of a subset of rows over a ragged cache (see
     /// [`Attention::forward_ragged`]). With fused ops: norm+qkv, RoPE on the qkv rows, the cache
     /// kernel, wo+residual, norm+[w1;w3] (`w13`, see [`Block::stacked_w13`]) and SwiGLU+w2+residual.
-    pub fn forward_ragged(
+    fn forward_ragged(
         &self,
         x: &Tensor,
         rope: &rope::RopeRows,
@@ -400,6 +431,59 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// A block's one forward gives the same outputs whatever it runs against: the whole
+    /// sequence at once, step by step over a KV cache, or step by step over a ragged cache
+    /// (stock and fused ops).
+    #[test]
+    fn block_forward_is_the_same_with_every_kind_of_cache() {
+        let dev = Device::Cpu;
+        let (b, t, dim, heads) = (2, 7, 32, 2);
+        let table = rope::table_2d(3, dim / heads, 10000.0, 0);
+        let x = rand_var(&[b, t, dim], 11).as_tensor().to_dtype(DType::F32).unwrap();
+        for ops in [Ops::Stock, Ops::Fused] {
+            let store = ParamStore::new(7, &dev);
+            let block = Block::new(&store.root(), dim, heads, 48, 1e-5, ops).unwrap();
+            let full = block
+                .forward::<rand_chacha::ChaCha8Rng>(
+                    &x,
+                    Some(&table.narrow(0, t)),
+                    &AttnMask::Causal,
+                    BlockCache::None,
+                    None,
+                )
+                .unwrap();
+            let mut kv = KvCache::new(t);
+            let mut ragged = RaggedKvCache::new(b, heads, dim / heads, t);
+            let w13 = block.stacked_w13().unwrap();
+            for pos in 0..t {
+                let xt = x.narrow(1, pos, 1).unwrap();
+                let want = full.narrow(1, pos, 1).unwrap();
+                let by_kv = block
+                    .forward::<rand_chacha::ChaCha8Rng>(
+                        &xt,
+                        Some(&table.select(&[pos])),
+                        &AttnMask::None,
+                        BlockCache::Kv(&mut kv),
+                        None,
+                    )
+                    .unwrap();
+                let by_ragged = block
+                    .forward::<rand_chacha::ChaCha8Rng>(
+                        &xt,
+                        Some(&table.select(&[pos, pos])),
+                        &AttnMask::Causal,
+                        BlockCache::Ragged { cache: &mut ragged, rows: &[0, 1], w13: Some(&w13) },
+                        None,
+                    )
+                    .unwrap();
+                for (name, got) in [("kv", &by_kv), ("ragged", &by_ragged)] {
+                    let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(err < 1e-4, "{ops:?} {name} step {pos}: off by {err}");
+                }
+            }
+        }
     }
 
     /// RMSNorm's gradient (in f64) matches finite differences.
