@@ -165,12 +165,11 @@ pub fn dpar_speed(
     let bad = |e: crate::dpar::DparError| BenchError::Bad(e.to_string());
     let store = ParamStore::new(0, device);
     let model = Dpar::new(c, &store.root()).map_err(bad)?;
-    let gpt_like = GptConfig {
-        vocab_size: c.vocab_size,
-        num_classes: c.num_classes,
-        grid_size: c.grid_size,
-        ..GptConfig::mnist()
-    };
+    let gpt_like = GptConfig::mnist().with(|it| {
+        it.vocab_size = c.vocab_size;
+        it.num_classes = c.num_classes;
+        it.grid_size = c.grid_size;
+    });
     let (codes, labels) = random_batch(&gpt_like, batch, 1, device)?;
     let lengths = synthetic_lengths(c.grid_size, batch, 1.8, 2)?;
     let layout = model.layout(lengths, c.seq_len()).map_err(bad)?;
@@ -198,7 +197,10 @@ pub fn dpar_speed(
     })?;
     // Generation: a random entropy model and a θ at its median entropy give patches of ~2.
     let estore = ParamStore::new(1, device);
-    let ec = GptConfig { vocab_size: c.vocab_size, grid_size: c.grid_size, ..entropy.clone() };
+    let ec = entropy.clone().with(|it| {
+        it.vocab_size = c.vocab_size;
+        it.grid_size = c.grid_size;
+    });
     let emodel = Gpt::new(&ec, &estore.root())?;
     let out = estore.var("output.weight").ok_or_else(|| BenchError::Bad("entropy model without head".into()))?;
     out.set(&Tensor::randn(0f32, 1.0, out.shape(), device)?)?;

@@ -75,16 +75,15 @@ mod tests {
     #[test]
     fn flops_formula_matches_counted_shapes() {
         use candle_core::{Device, Tensor};
-        let c = GptConfig {
-            dim: 32,
-            n_layer: 2,
-            n_head: 2,
-            ffn_hidden: Some(48),
-            vocab_size: 11,
-            num_classes: 3,
-            grid_size: 4,
-            ..GptConfig::mnist()
-        };
+        let c = GptConfig::mnist().with(|it| {
+            it.dim = 32;
+            it.n_layer = 2;
+            it.n_head = 2;
+            it.ffn_hidden = Some(48);
+            it.vocab_size = 11;
+            it.num_classes = 3;
+            it.grid_size = 4;
+        });
         let store = crate::params::ParamStore::new(0, &Device::Cpu);
         let model = crate::gpt::Gpt::new(&c, &store.root()).unwrap();
         let codes =
@@ -95,18 +94,17 @@ mod tests {
         let counted = crate::kernels::matmul::take_flop_count() as f64;
         assert_eq!(counted, 3.0 * gpt_linear(&c));
 
-        let dc = crate::dpar::DparConfig {
-            dim: 32,
-            n_head: 2,
-            encoder_layers: 1,
-            global_layers: 2,
-            decoder_layers: 2,
-            ffn_hidden: Some(48),
-            vocab_size: 11,
-            num_classes: 3,
-            grid_size: 4,
-            ..crate::dpar::DparConfig::mnist()
-        };
+        let dc = crate::dpar::DparConfig::mnist().with(|it| {
+            it.dim = 32;
+            it.n_head = 2;
+            it.encoder_layers = 1;
+            it.global_layers = 2;
+            it.decoder_layers = 2;
+            it.ffn_hidden = Some(48);
+            it.vocab_size = 11;
+            it.num_classes = 3;
+            it.grid_size = 4;
+        });
         let dstore = crate::params::ParamStore::new(0, &Device::Cpu);
         let dmodel = crate::dpar::Dpar::new(&dc, &dstore.root()).unwrap();
         let lengths = vec![vec![1, 3, 1, 3, 3, 1, 3, 1], vec![1, 3, 4, 4, 2, 2], vec![1; 16]];
@@ -129,7 +127,10 @@ mod tests {
     /// The bench model of issue 6: "a training step is about 97 GFLOP" for 16 × 256 codes.
     #[test]
     fn bench_model_step_is_about_97_gflop() {
-        let c = GptConfig { cls_token_num: 0, grid_size: 16, ..GptConfig::bench() };
+        let c = GptConfig::bench().with(|it| {
+            it.cls_token_num = 0;
+            it.grid_size = 16;
+        });
         // The bench runs 256 positions per sequence.
         let fwd = blocks_forward(c.n_layer, c.dim, c.hidden(), 256) + 2.0 * 256.0 * 256.0 * 1024.0;
         let step = training(fwd) * 16.0 / 1e9;

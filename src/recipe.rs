@@ -269,41 +269,36 @@ impl Overrides {
         if self.flip {
             *run.use_flip = true;
         }
+        let m = run.model;
         if let Some(p) = self.dropout {
-            (*run.token_dropout, *run.resid_dropout, *run.ffn_dropout) = (p, p, p);
+            (m.token_dropout, m.resid_dropout, m.ffn_dropout) = (p, p, p);
         }
         if let Some(p) = self.class_dropout {
-            *run.class_dropout = p;
+            m.class_dropout = p;
         }
         if let Some(o) = self.ops {
-            *run.ops = o;
+            m.ops = o;
         }
-        *run.ops = resolve_ops(*run.ops);
+        m.ops = resolve_ops(m.ops);
         if let Some(d) = self.dim {
-            *run.dim = d;
+            m.dim = d;
         }
         if let Some(h) = self.heads {
-            *run.heads = h;
+            m.n_head = h;
         }
     }
 
     /// Applies every override that concerns a GPT run and validates the model.
     pub fn apply_gpt(&self, config: &mut GptTrainConfig) -> Result<()> {
         self.apply_loop(&mut config.train);
-        let m = &mut config.model;
         self.apply_common(RunFields {
             batch_size: &mut config.batch_size,
             seed: &mut config.seed,
             val_images: &mut config.val_images,
             use_flip: &mut config.use_flip,
-            token_dropout: &mut m.token_dropout,
-            resid_dropout: &mut m.resid_dropout,
-            ffn_dropout: &mut m.ffn_dropout,
-            class_dropout: &mut m.class_dropout,
-            ops: &mut m.ops,
-            dim: &mut m.dim,
-            heads: &mut m.n_head,
+            model: &mut config.model.core,
         });
+        let m = &mut config.model;
         if let Some(layers) = &self.layers {
             m.n_layer = layers.trim().parse().map_err(|_| RecipeError::Flag {
                 flag: "--layers",
@@ -316,20 +311,14 @@ impl Overrides {
     /// Applies every override that concerns a DPAR run (θ calibration is [`train`]'s).
     pub fn apply_dpar(&self, config: &mut DparTrainConfig) -> Result<()> {
         self.apply_loop(&mut config.train);
-        let m = &mut config.model;
         self.apply_common(RunFields {
             batch_size: &mut config.batch_size,
             seed: &mut config.seed,
             val_images: &mut config.val_images,
             use_flip: &mut config.use_flip,
-            token_dropout: &mut m.token_dropout,
-            resid_dropout: &mut m.resid_dropout,
-            ffn_dropout: &mut m.ffn_dropout,
-            class_dropout: &mut m.class_dropout,
-            ops: &mut m.ops,
-            dim: &mut m.dim,
-            heads: &mut m.n_head,
+            model: &mut config.model.core,
         });
+        let m = &mut config.model;
         if let Some(layers) = &self.layers {
             let parts: Vec<usize> =
                 layers.split('+').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().unwrap_or_default();
@@ -355,13 +344,8 @@ struct RunFields<'a> {
     seed: &'a mut u64,
     val_images: &'a mut usize,
     use_flip: &'a mut bool,
-    token_dropout: &'a mut f64,
-    resid_dropout: &'a mut f64,
-    ffn_dropout: &'a mut f64,
-    class_dropout: &'a mut f64,
-    ops: &'a mut Ops,
-    dim: &'a mut usize,
-    heads: &'a mut usize,
+    /// The model's shared transformer settings.
+    model: &'a mut crate::nn::TransformerConfig,
 }
 
 /// The loop of a fresh run before overrides: 2000 steps, a log line every 10, a checkpoint

@@ -324,17 +324,16 @@ mod tests {
     use crate::params::ParamStore;
 
     fn model(seed: u64) -> (Gpt, ParamStore) {
-        let c = GptConfig {
-            dim: 32,
-            n_layer: 2,
-            n_head: 2,
-            ffn_hidden: Some(48),
-            vocab_size: 13,
-            num_classes: 3,
-            cls_token_num: 1,
-            grid_size: 3,
-            ..GptConfig::mnist()
-        };
+        let c = GptConfig::mnist().with(|it| {
+            it.dim = 32;
+            it.n_layer = 2;
+            it.n_head = 2;
+            it.ffn_hidden = Some(48);
+            it.vocab_size = 13;
+            it.num_classes = 3;
+            it.cls_token_num = 1;
+            it.grid_size = 3;
+        });
         let store = ParamStore::new(seed, &Device::Cpu);
         let m = Gpt::new(&c, &store.root()).unwrap();
         // Give the zero-initialised head some weight so that the logits vary.

@@ -34,20 +34,19 @@ fn shard() -> CodeShard {
 fn config(batch: usize) -> GptTrainConfig {
     GptTrainConfig {
         kind: "gpt".into(),
-        model: GptConfig {
-            dim: 32,
-            n_layer: 2,
-            n_head: 2,
-            ffn_hidden: Some(48),
-            vocab_size: 8,
-            num_classes: 3,
-            grid_size: 4,
-            token_dropout: 0.0,
-            resid_dropout: 0.0,
-            ffn_dropout: 0.0,
-            class_dropout: 0.0,
-            ..GptConfig::mnist()
-        },
+        model: GptConfig::mnist().with(|it| {
+            it.dim = 32;
+            it.n_layer = 2;
+            it.n_head = 2;
+            it.ffn_hidden = Some(48);
+            it.vocab_size = 8;
+            it.num_classes = 3;
+            it.grid_size = 4;
+            it.token_dropout = 0.0;
+            it.resid_dropout = 0.0;
+            it.ffn_dropout = 0.0;
+            it.class_dropout = 0.0;
+        }),
         seed: 4,
         batch_size: batch,
         codes: "x".into(),

@@ -56,16 +56,15 @@ fn prepare(dir: &std::path::Path) {
     write_shard_set(&dir.join("codes/test"), &[synthetic(12, 2)], false).unwrap();
     let config = GptTrainConfig {
         kind: "entropy".into(),
-        model: GptConfig {
-            dim: 16,
-            n_layer: 1,
-            n_head: 1,
-            ffn_hidden: Some(32),
-            vocab_size: 6,
-            num_classes: 3,
-            grid_size: 4,
-            ..GptConfig::mnist_entropy()
-        },
+        model: GptConfig::mnist_entropy().with(|it| {
+            it.dim = 16;
+            it.n_layer = 1;
+            it.n_head = 1;
+            it.ffn_hidden = Some(32);
+            it.vocab_size = 6;
+            it.num_classes = 3;
+            it.grid_size = 4;
+        }),
         seed: 0,
         batch_size: 8,
         codes: "x".into(),
@@ -106,7 +105,7 @@ fn cli_trains_and_samples_dpar_and_refuses_bad_requests() {
     let exp = dir.path().join("exp.json");
     let config = serde_json::json!({
         "kind": "dpar",
-        "model": dpar::dpar::DparConfig { dim: 32, n_head: 2, encoder_layers: 1, global_layers: 1, decoder_layers: 1, ffn_hidden: Some(48), vocab_size: 6, num_classes: 3, grid_size: 4, ..dpar::dpar::DparConfig::mnist() },
+        "model": dpar::dpar::DparConfig::mnist().with(|it| { it.dim = 32; it.n_head = 2; it.encoder_layers = 1; it.global_layers = 1; it.decoder_layers = 1; it.ffn_hidden = Some(48); it.vocab_size = 6; it.num_classes = 3; it.grid_size = 4; }),
         "seed": 0, "batch_size": 8, "codes": "x", "val_codes": null, "val_images": 12, "use_flip": false,
         "tokenizer_id": "synthetic",
         "entropy_model_id": dpar::util::sha256_file(&dir.path().join("entropy/model.safetensors")).unwrap(),

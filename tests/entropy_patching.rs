@@ -30,17 +30,16 @@ fn shard(n: usize, seed: u64) -> CodeShard {
 
 /// Trains a tiny entropy model for a few steps into `dir` and returns its config.
 fn entropy_model(dir: &std::path::Path, data: &CodeShard) -> GptTrainConfig {
-    let model = GptConfig {
-        dim: 16,
-        n_layer: 1,
-        n_head: 1,
-        ffn_hidden: Some(32),
-        vocab_size: 8,
-        num_classes: 2,
-        grid_size: 4,
-        cls_token_num: 0,
-        ..GptConfig::mnist_entropy()
-    };
+    let model = GptConfig::mnist_entropy().with(|it| {
+        it.dim = 16;
+        it.n_layer = 1;
+        it.n_head = 1;
+        it.ffn_hidden = Some(32);
+        it.vocab_size = 8;
+        it.num_classes = 2;
+        it.grid_size = 4;
+        it.cls_token_num = 0;
+    });
     let config = GptTrainConfig {
         kind: "entropy".into(),
         model,
@@ -120,15 +119,14 @@ fn stored_entropies_equal_a_fresh_computation_and_mismatches_are_caught() {
     let (gpt, _s) = {
         let store = dpar::params::ParamStore::new(0, &Device::Cpu);
         let m = dpar::gpt::Gpt::new(
-            &GptConfig {
-                dim: 16,
-                n_layer: 1,
-                n_head: 1,
-                vocab_size: 8,
-                num_classes: 2,
-                grid_size: 4,
-                ..GptConfig::mnist()
-            },
+            &GptConfig::mnist().with(|it| {
+                it.dim = 16;
+                it.n_layer = 1;
+                it.n_head = 1;
+                it.vocab_size = 8;
+                it.num_classes = 2;
+                it.grid_size = 4;
+            }),
             &store.root(),
         )
         .unwrap();

@@ -36,16 +36,15 @@ fn shard(with_flip: bool) -> CodeShard {
 fn gpt_config(use_flip: bool) -> GptTrainConfig {
     GptTrainConfig {
         kind: "gpt".into(),
-        model: GptConfig {
-            dim: 16,
-            n_layer: 1,
-            n_head: 1,
-            ffn_hidden: Some(32),
-            vocab_size: 8,
-            num_classes: 2,
-            grid_size: 4,
-            ..GptConfig::mnist()
-        },
+        model: GptConfig::mnist().with(|it| {
+            it.dim = 16;
+            it.n_layer = 1;
+            it.n_head = 1;
+            it.ffn_hidden = Some(32);
+            it.vocab_size = 8;
+            it.num_classes = 2;
+            it.grid_size = 4;
+        }),
         seed: 11,
         batch_size: BATCH,
         codes: "synthetic".into(),
@@ -69,18 +68,17 @@ fn entropy_codes(with_flip: bool) -> EntropyCodes {
 }
 
 fn dpar_config(use_flip: bool) -> DparTrainConfig {
-    let mut model = DparConfig {
-        dim: 32,
-        n_head: 2,
-        encoder_layers: 1,
-        global_layers: 1,
-        decoder_layers: 1,
-        ffn_hidden: Some(48),
-        vocab_size: 8,
-        num_classes: 2,
-        grid_size: 4,
-        ..DparConfig::mnist()
-    };
+    let mut model = DparConfig::mnist().with(|it| {
+        it.dim = 32;
+        it.n_head = 2;
+        it.encoder_layers = 1;
+        it.global_layers = 1;
+        it.decoder_layers = 1;
+        it.ffn_hidden = Some(48);
+        it.vocab_size = 8;
+        it.num_classes = 2;
+        it.grid_size = 4;
+    });
     model.patch.threshold = 2.5;
     DparTrainConfig {
         kind: "dpar".into(),

@@ -26,20 +26,26 @@ fn shard() -> CodeShard {
 }
 
 fn losses(ops: Ops, kind: &str) -> Vec<f64> {
-    let model = GptConfig {
-        dim: 64,
-        n_layer: 2,
-        n_head: 4,
-        ffn_hidden: Some(96),
-        vocab_size: 16,
-        num_classes: 4,
-        grid_size: 8,
-        ops,
-        ..GptConfig::mnist()
-    };
+    let model = GptConfig::mnist().with(|it| {
+        it.dim = 64;
+        it.n_layer = 2;
+        it.n_head = 4;
+        it.ffn_hidden = Some(96);
+        it.vocab_size = 16;
+        it.num_classes = 4;
+        it.grid_size = 8;
+        it.ops = ops;
+    });
     let config = GptTrainConfig {
         kind: kind.into(),
-        model: if kind == "entropy" { GptConfig { cls_token_num: 0, class_dropout: 0.0, ..model } } else { model },
+        model: if kind == "entropy" {
+            model.with(|it| {
+                it.cls_token_num = 0;
+                it.class_dropout = 0.0;
+            })
+        } else {
+            model
+        },
         seed: 1,
         batch_size: 8,
         codes: "x".into(),

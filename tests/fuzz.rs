@@ -133,15 +133,14 @@ fn image_folder_reader_never_panics() {
 }
 
 fn tiny_gpt_file(dir: &Path) -> Vec<u8> {
-    let config = dpar::gpt::GptConfig {
-        dim: 16,
-        n_layer: 1,
-        n_head: 1,
-        vocab_size: 6,
-        num_classes: 3,
-        grid_size: 2,
-        ..dpar::gpt::GptConfig::mnist()
-    };
+    let config = dpar::gpt::GptConfig::mnist().with(|it| {
+        it.dim = 16;
+        it.n_layer = 1;
+        it.n_head = 1;
+        it.vocab_size = 6;
+        it.num_classes = 3;
+        it.grid_size = 2;
+    });
     let store = dpar::params::ParamStore::new(0, &Device::Cpu);
     dpar::gpt::Gpt::new(&config, &store.root()).unwrap();
     let meta =

@@ -40,16 +40,15 @@ fn synthetic(n: usize, grid: usize, vocab: u32, classes: u32, seed: u64) -> Code
 }
 
 fn config(steps: u64) -> GptTrainConfig {
-    let model = GptConfig {
-        dim: 32,
-        n_layer: 2,
-        n_head: 2,
-        ffn_hidden: Some(64),
-        vocab_size: 8,
-        num_classes: 4,
-        grid_size: 4,
-        ..GptConfig::mnist()
-    };
+    let model = GptConfig::mnist().with(|it| {
+        it.dim = 32;
+        it.n_layer = 2;
+        it.n_head = 2;
+        it.ffn_hidden = Some(64);
+        it.vocab_size = 8;
+        it.num_classes = 4;
+        it.grid_size = 4;
+    });
     GptTrainConfig {
         kind: "gpt".into(),
         model,

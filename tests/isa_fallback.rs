@@ -36,7 +36,9 @@ fn outputs() -> Vec<(String, Vec<f32>)> {
     for ops in [dpar::nn::Ops::Fused, dpar::nn::Ops::Bf16] {
         // The shipped weights under each kernel choice.
         let store = dpar::params::ParamStore::new(0, &device);
-        let config = dpar::gpt::GptConfig { ops, ..shipped.config().clone() };
+        let config = shipped.config().clone().with(|it| {
+            it.ops = ops;
+        });
         let gpt = dpar::gpt::Gpt::new(&config, &store.root()).unwrap();
         store.load_model_file(&file, Some("model")).unwrap();
         let logits = gpt.forward::<rand_chacha::ChaCha8Rng>(&codes, Some(&labels), None).unwrap();
@@ -97,16 +99,15 @@ fn lengths(images: usize, grid: usize) -> Vec<Vec<usize>> {
 
 fn gpt_grads() -> Vec<f32> {
     use dpar::train::Task;
-    let model = dpar::gpt::GptConfig {
-        dim: 64,
-        n_layer: 2,
-        n_head: 2,
-        vocab_size: 16,
-        num_classes: 4,
-        grid_size: 8,
-        class_dropout: 0.0,
-        ..dpar::gpt::GptConfig::mnist()
-    };
+    let model = dpar::gpt::GptConfig::mnist().with(|it| {
+        it.dim = 64;
+        it.n_layer = 2;
+        it.n_head = 2;
+        it.vocab_size = 16;
+        it.num_classes = 4;
+        it.grid_size = 8;
+        it.class_dropout = 0.0;
+    });
     let config = dpar::gpt::train::GptTrainConfig {
         kind: "gpt".into(),
         model,
@@ -143,18 +144,17 @@ fn gpt_grads() -> Vec<f32> {
 
 fn dpar_grads() -> Vec<f32> {
     let device = Device::Cpu;
-    let config = dpar::dpar::DparConfig {
-        dim: 64,
-        n_head: 4,
-        encoder_layers: 1,
-        global_layers: 1,
-        decoder_layers: 1,
-        vocab_size: 16,
-        num_classes: 4,
-        grid_size: 8,
-        class_dropout: 0.0,
-        ..dpar::dpar::DparConfig::mnist()
-    };
+    let config = dpar::dpar::DparConfig::mnist().with(|it| {
+        it.dim = 64;
+        it.n_head = 4;
+        it.encoder_layers = 1;
+        it.global_layers = 1;
+        it.decoder_layers = 1;
+        it.vocab_size = 16;
+        it.num_classes = 4;
+        it.grid_size = 8;
+        it.class_dropout = 0.0;
+    });
     let store = dpar::params::ParamStore::new(5, &device);
     let model = dpar::dpar::Dpar::new(&config, &store.root()).unwrap();
     let codes: Vec<u32> = (0..3 * 64u32).map(|k| (k * 5 + k / 64) % 16).collect();

@@ -33,7 +33,7 @@ fn two_mpi_ranks_match_one_process_with_the_double_batch() {
     write_shard_set(&dir.path().join("codes"), &[shard()], false).unwrap();
     let config = serde_json::json!({
         "kind": "gpt",
-        "model": dpar::gpt::GptConfig { dim: 32, n_layer: 2, n_head: 2, ffn_hidden: Some(48), vocab_size: 8, num_classes: 3, grid_size: 4, token_dropout: 0.0, resid_dropout: 0.0, ffn_dropout: 0.0, class_dropout: 0.0, ..dpar::gpt::GptConfig::mnist() },
+        "model": dpar::gpt::GptConfig::mnist().with(|it| { it.dim = 32; it.n_layer = 2; it.n_head = 2; it.ffn_hidden = Some(48); it.vocab_size = 8; it.num_classes = 3; it.grid_size = 4; it.token_dropout = 0.0; it.resid_dropout = 0.0; it.ffn_dropout = 0.0; it.class_dropout = 0.0; }),
         "seed": 2, "batch_size": 8, "codes": "x", "val_codes": null, "val_images": 8, "use_flip": false, "tokenizer_id": "t",
         "train": dpar::train::LoopConfig { steps: 5, log_every: 1, checkpoint_every: 5, ..Default::default() },
     });

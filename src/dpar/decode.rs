@@ -260,7 +260,10 @@ mod tests {
     #[test]
     fn lean_steps_equal_the_tensor_path_with_bf16_and_two_encoder_layers() {
         for ops in [crate::nn::Ops::Fused, crate::nn::Ops::Bf16] {
-            let config = super::super::DparConfig { encoder_layers: 2, ops, ..tiny() };
+            let config = tiny().with(|it| {
+                it.encoder_layers = 2;
+                it.ops = ops;
+            });
             let store = ParamStore::new(21, &Device::Cpu);
             let m = Dpar::new(&config, &store.root()).unwrap();
             for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
@@ -284,7 +287,9 @@ mod tests {
 
     #[test]
     fn a_stock_ops_model_is_refused_with_a_pointer_to_the_tensor_path() {
-        let config = super::super::DparConfig { ops: crate::nn::Ops::Stock, ..tiny() };
+        let config = tiny().with(|it| {
+            it.ops = crate::nn::Ops::Stock;
+        });
         let store = ParamStore::new(1, &Device::Cpu);
         let m = Dpar::new(&config, &store.root()).unwrap();
         let (e, _es) = entropy_model(2);

@@ -253,16 +253,15 @@ pub(crate) mod tests {
     use crate::params::ParamStore;
 
     pub(crate) fn entropy_model(seed: u64) -> (Gpt, ParamStore) {
-        let c = GptConfig {
-            dim: 16,
-            n_layer: 1,
-            n_head: 1,
-            ffn_hidden: Some(32),
-            vocab_size: 13,
-            grid_size: 4,
-            cls_token_num: 0,
-            ..GptConfig::mnist_entropy()
-        };
+        let c = GptConfig::mnist_entropy().with(|it| {
+            it.dim = 16;
+            it.n_layer = 1;
+            it.n_head = 1;
+            it.ffn_hidden = Some(32);
+            it.vocab_size = 13;
+            it.grid_size = 4;
+            it.cls_token_num = 0;
+        });
         let store = ParamStore::new(seed, &Device::Cpu);
         let m = Gpt::new(&c, &store.root()).unwrap();
         let out = store.var("output.weight").unwrap();

@@ -18,6 +18,7 @@ pub mod train;
 pub use model::Dpar;
 
 use crate::nn::rope::PatchRope;
+use crate::nn::TransformerConfig;
 use crate::patching::PatchConfig;
 
 /// Errors of the DPAR model.
@@ -52,60 +53,38 @@ pub enum DparError {
 
 pub type Result<T> = std::result::Result<T, DparError>;
 
-/// The DPAR architecture, its regularisation and its training patcher.
+/// The DPAR architecture, its regularisation and its training patcher: the shared
+/// [`TransformerConfig`] (reached through `Deref`: `config.dim`; its dropouts are the patch
+/// transformer's, the encoder and decoder have none) plus the three depths, the patch
+/// transformer's position encoding and the patcher. The file format is flat, as before.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DparConfig {
-    pub dim: usize,
-    pub n_head: usize,
+    #[serde(flatten)]
+    pub core: TransformerConfig,
     /// Layers of the patch encoder (self-attention blocks before the one cross-attention).
     pub encoder_layers: usize,
     /// Layers of the patch transformer.
     pub global_layers: usize,
     /// Layers of the patch decoder.
     pub decoder_layers: usize,
-    /// SwiGLU hidden size; `None` = round_up(⌊8D/3⌋, 256).
-    pub ffn_hidden: Option<usize>,
-    pub vocab_size: usize,
-    pub num_classes: usize,
-    pub grid_size: usize,
-    pub rope_base: f64,
-    pub norm_eps: f64,
-    /// Patch-transformer dropouts (the encoder and decoder have none).
-    pub token_dropout: f64,
-    pub resid_dropout: f64,
-    pub ffn_dropout: f64,
-    pub class_dropout: f64,
     /// Position encoding of the patch transformer (Table 9).
     pub patch_rope: PatchRope,
     /// The patcher used for training (θ, P, switches).
     pub patch: PatchConfig,
-    /// Fused CPU kernels or stock candle ops (same maths; see `nn::Ops`).
-    #[serde(default)]
-    pub ops: crate::nn::Ops,
 }
+
+crate::nn::config::embeds_transformer_config!(DparConfig);
 
 impl DparConfig {
     fn paper(dim: usize, n_head: usize, enc: usize, global: usize, dec: usize) -> Self {
         Self {
-            dim,
-            n_head,
+            core: TransformerConfig::llamagen(dim, n_head),
             encoder_layers: enc,
             global_layers: global,
             decoder_layers: dec,
-            ffn_hidden: None,
-            vocab_size: 16384,
-            num_classes: 1000,
-            grid_size: 16,
-            rope_base: 10000.0,
-            norm_eps: 1e-5,
-            token_dropout: 0.1,
-            resid_dropout: 0.1,
-            ffn_dropout: 0.1,
-            class_dropout: 0.1,
             patch_rope: PatchRope::Dynamic4d,
             // Paper defaults at 256 px with VQ-16 (spec §4).
             patch: PatchConfig::dpar(7.8, 4),
-            ops: crate::nn::Ops::Fused,
         }
     }
 
@@ -130,15 +109,11 @@ impl DparConfig {
     /// GPT baseline, 512 codes, 10 classes, no dropout (as the baseline). θ is set by
     /// calibration on the stored entropies.
     pub fn mnist() -> Self {
-        Self {
-            vocab_size: 512,
-            num_classes: 10,
-            patch: PatchConfig::dpar(f64::INFINITY, 4),
-            token_dropout: 0.0,
-            resid_dropout: 0.0,
-            ffn_dropout: 0.0,
-            ..Self::paper(128, 4, 1, 4, 1)
-        }
+        Self::paper(128, 4, 1, 4, 1).with(|c| {
+            (c.vocab_size, c.num_classes) = (512, 10);
+            c.patch = PatchConfig::dpar(f64::INFINITY, 4);
+            (c.token_dropout, c.resid_dropout, c.ffn_dropout) = (0.0, 0.0, 0.0);
+        })
     }
 
     /// A preset by name: `dpar-b`, `dpar-l`, `dpar-xl`, `dpar-xxl`, `mnist`, each optionally
@@ -174,18 +149,6 @@ impl DparConfig {
         Ok(c)
     }
 
-    pub fn head_dim(&self) -> usize {
-        self.dim / self.n_head.max(1)
-    }
-
-    pub fn hidden(&self) -> usize {
-        self.ffn_hidden.unwrap_or_else(|| crate::nn::ffn_hidden(self.dim, 256))
-    }
-
-    pub fn seq_len(&self) -> usize {
-        self.grid_size * self.grid_size
-    }
-
     /// Total depth (encoder + patch transformer + decoder).
     pub fn depth(&self) -> usize {
         self.encoder_layers + self.global_layers + self.decoder_layers
@@ -193,37 +156,12 @@ impl DparConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(DparError::BadConfig(m));
-        if self.dim == 0 || self.n_head == 0 || !self.dim.is_multiple_of(self.n_head) {
-            return bad(format!("width {} must be a positive multiple of the {} heads", self.dim, self.n_head));
-        }
-        if !self.head_dim().is_multiple_of(16) {
-            return bad(format!("Dynamic RoPE needs a head dim divisible by 16, got {}", self.head_dim()));
-        }
+        self.core.validate(16, "Dynamic RoPE").map_err(DparError::BadConfig)?;
         if self.encoder_layers == 0 || self.global_layers == 0 || self.decoder_layers == 0 {
             return bad("encoder, patch transformer and decoder need at least one layer each".into());
         }
-        if self.grid_size < 2 || self.vocab_size < 2 || self.num_classes == 0 {
-            return bad("grid_size and vocab_size must be ≥ 2 and num_classes > 0".into());
-        }
-        for (name, p) in [
-            ("token_dropout", self.token_dropout),
-            ("resid_dropout", self.resid_dropout),
-            ("ffn_dropout", self.ffn_dropout),
-            ("class_dropout", self.class_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return bad(format!("{name} must lie in [0, 1), got {p}"));
-            }
-        }
-        // Written so that NaN fails every comparison and is refused.
-        if !(self.rope_base.is_finite() && self.rope_base > 1.0 && self.norm_eps.is_finite() && self.norm_eps > 0.0) {
-            return bad(format!(
-                "rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}",
-                self.rope_base, self.norm_eps
-            ));
-        }
-        if self.grid_size > 4096 {
-            return bad(format!("grid_size must be ≤ 4096, got {}", self.grid_size));
+        if self.num_classes == 0 {
+            return bad("a DPAR model needs num_classes > 0".into());
         }
         let (d, v) = (self.dim as f64, self.vocab_size as f64);
         let ffn = self.ffn_hidden.unwrap_or(4 * self.dim) as f64;

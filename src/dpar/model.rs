@@ -473,18 +473,17 @@ pub(crate) mod tests {
     use candle_core::Device;
 
     pub(crate) fn tiny() -> DparConfig {
-        DparConfig {
-            dim: 32,
-            n_head: 2,
-            encoder_layers: 1,
-            global_layers: 2,
-            decoder_layers: 2,
-            ffn_hidden: Some(48),
-            vocab_size: 13,
-            num_classes: 3,
-            grid_size: 4,
-            ..DparConfig::mnist()
-        }
+        DparConfig::mnist().with(|it| {
+            it.dim = 32;
+            it.n_head = 2;
+            it.encoder_layers = 1;
+            it.global_layers = 2;
+            it.decoder_layers = 2;
+            it.ffn_hidden = Some(48);
+            it.vocab_size = 13;
+            it.num_classes = 3;
+            it.grid_size = 4;
+        })
     }
 
     /// A model with non-zero output head and embeddings, so that every path carries signal.

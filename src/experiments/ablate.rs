@@ -53,14 +53,20 @@ impl Scale {
     /// 10 minutes per model on one core, and at this point a DPAR model already follows its class
     /// label (58% class accuracy for the main run's seed-0 snapshot at 0.3 epochs).
     pub fn small(vocab: usize, classes: usize, grid: usize) -> Self {
-        let model = DparConfig { vocab_size: vocab, num_classes: classes, grid_size: grid, ..DparConfig::mnist() };
+        let model = DparConfig::mnist().with(|it| {
+            it.vocab_size = vocab;
+            it.num_classes = classes;
+            it.grid_size = grid;
+        });
         Self { model, steps: 1000, batch_size: 16, lr: 2e-3, warmup: 20, cosine: true, seeds: vec![0, 1] }
     }
 
     /// The training config of one ablation model: [`crate::recipe::new_dpar_config`] with
     /// this scale's budget as overrides (the same assembly as `dpar train`).
     pub fn config(&self, env: &Env, patch: PatchConfig, seed: u64) -> Result<DparTrainConfig> {
-        let model = DparConfig { patch, ..self.model.clone() };
+        let model = self.model.clone().with(|it| {
+            it.patch = patch;
+        });
         let val = Some(env.setup.test_codes.display().to_string());
         let mut config = crate::recipe::new_dpar_config(model, &env.train, &env.setup.train_codes, val);
         let budget = crate::recipe::Overrides {

@@ -15,7 +15,9 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::Rng;
 
 use crate::nn::rope::{self, RopeRows};
-use crate::nn::{self, AttnMask, Block, BlockCache, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
+use crate::nn::{
+    self, AttnMask, Block, BlockCache, DropoutCtx, Linear, RaggedKvCache, RmsNorm, TransformerConfig, INIT_STD,
+};
 use crate::params::{Init, ParamStore, Pb};
 
 /// Errors of the GPT model.
@@ -42,54 +44,23 @@ pub enum GptError {
 
 pub type Result<T> = std::result::Result<T, GptError>;
 
-/// The GPT architecture and its regularisation (LlamaGen's `ModelArgs`).
+/// The GPT architecture and its regularisation (LlamaGen's `ModelArgs`): the shared
+/// [`TransformerConfig`] (reached through `Deref`: `config.dim`) plus depth and the class slot.
+/// The file format is flat, as before: the shared fields sit beside `n_layer`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GptConfig {
-    pub dim: usize,
+    #[serde(flatten)]
+    pub core: TransformerConfig,
     pub n_layer: usize,
-    pub n_head: usize,
-    /// SwiGLU hidden size; `None` = round_up(⌊8D/3⌋, 256) as in LlamaGen.
-    pub ffn_hidden: Option<usize>,
-    pub vocab_size: usize,
-    pub num_classes: usize,
     /// 1: class-conditional; 0: unconditional (the entropy model).
     pub cls_token_num: usize,
-    /// Side G of the code grid (L = G²).
-    pub grid_size: usize,
-    pub rope_base: f64,
-    pub norm_eps: f64,
-    /// Dropout on the input sequence.
-    pub token_dropout: f64,
-    /// Dropout after `wo`.
-    pub resid_dropout: f64,
-    /// Dropout after w2.
-    pub ffn_dropout: f64,
-    /// Probability of replacing a label by the null class in training.
-    pub class_dropout: f64,
-    /// Fused CPU kernels or stock candle ops (same maths; see `nn::Ops`).
-    #[serde(default)]
-    pub ops: crate::nn::Ops,
 }
+
+crate::nn::config::embeds_transformer_config!(GptConfig);
 
 impl GptConfig {
     fn llamagen(dim: usize, n_layer: usize, n_head: usize) -> Self {
-        Self {
-            dim,
-            n_layer,
-            n_head,
-            ffn_hidden: None,
-            vocab_size: 16384,
-            num_classes: 1000,
-            cls_token_num: 1,
-            grid_size: 16,
-            rope_base: 10000.0,
-            norm_eps: 1e-5,
-            token_dropout: 0.1,
-            resid_dropout: 0.1,
-            ffn_dropout: 0.1,
-            class_dropout: 0.1,
-            ops: crate::nn::Ops::Fused,
-        }
+        Self { core: TransformerConfig::llamagen(dim, n_head), n_layer, cls_token_num: 1 }
     }
 
     /// LlamaGen GPT-B: 12 layers, 12 heads, width 768 (111M parameters).
@@ -115,36 +86,29 @@ impl GptConfig {
     /// "Choosing the configuration"). No dropout: at a few epochs the models underfit, and the
     /// sweep measured dropout 0.1 as a cost. Class dropout 0.1 stays, for guidance.
     pub fn mnist() -> Self {
-        Self {
-            vocab_size: 512,
-            num_classes: 10,
-            token_dropout: 0.0,
-            resid_dropout: 0.0,
-            ffn_dropout: 0.0,
-            ..Self::llamagen(128, 6, 4)
-        }
+        Self::llamagen(128, 6, 4).with(|c| {
+            (c.vocab_size, c.num_classes) = (512, 10);
+            (c.token_dropout, c.resid_dropout, c.ffn_dropout) = (0.0, 0.0, 0.0);
+        })
     }
 
     /// Our MNIST entropy model: unconditional, 4 layers, width 128, 2 heads. The paper uses a
     /// GPT-B-sized entropy model; a small one suffices to rank code entropies on digits.
     pub fn mnist_entropy() -> Self {
-        Self { cls_token_num: 0, class_dropout: 0.0, vocab_size: 512, num_classes: 10, ..Self::llamagen(128, 4, 2) }
+        Self::llamagen(128, 4, 2).with(|c| {
+            (c.cls_token_num, c.class_dropout) = (0, 0.0);
+            (c.vocab_size, c.num_classes) = (512, 10);
+        })
     }
 
     /// The speed bench model: 4 layers, width 256, 4 heads, SwiGLU 688, vocab 1024, and — like
     /// the PyTorch reference `shared/bench/torch_bench_model.py` — no dropout, so both do the
     /// same work.
     pub fn bench() -> Self {
-        Self {
-            ffn_hidden: Some(688),
-            vocab_size: 1024,
-            num_classes: 10,
-            token_dropout: 0.0,
-            resid_dropout: 0.0,
-            ffn_dropout: 0.0,
-            class_dropout: 0.0,
-            ..Self::llamagen(256, 4, 4)
-        }
+        Self::llamagen(256, 4, 4).with(|c| {
+            (c.ffn_hidden, c.vocab_size, c.num_classes) = (Some(688), 1024, 10);
+            (c.token_dropout, c.resid_dropout, c.ffn_dropout, c.class_dropout) = (0.0, 0.0, 0.0, 0.0);
+        })
     }
 
     /// A preset by name.
@@ -165,19 +129,6 @@ impl GptConfig {
         })
     }
 
-    pub fn head_dim(&self) -> usize {
-        self.dim / self.n_head.max(1)
-    }
-
-    pub fn hidden(&self) -> usize {
-        self.ffn_hidden.unwrap_or_else(|| nn::ffn_hidden(self.dim, 256))
-    }
-
-    /// Codes per image.
-    pub fn seq_len(&self) -> usize {
-        self.grid_size * self.grid_size
-    }
-
     /// Length of the training input sequence.
     pub fn input_len(&self) -> usize {
         self.seq_len() - 1 + self.cls_token_num
@@ -185,43 +136,15 @@ impl GptConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(GptError::BadConfig(m));
-        if self.dim == 0 || self.n_layer == 0 || self.n_head == 0 || !self.dim.is_multiple_of(self.n_head) {
-            return bad(format!(
-                "width {} must be a positive multiple of the {} heads (and layers > 0)",
-                self.dim, self.n_head
-            ));
+        if self.n_layer == 0 {
+            return bad("a GPT needs at least one layer".into());
         }
-        if !self.head_dim().is_multiple_of(4) {
-            return bad(format!("2D RoPE needs a head dim divisible by 4, got {}", self.head_dim()));
-        }
+        self.core.validate(4, "2D RoPE").map_err(GptError::BadConfig)?;
         if self.cls_token_num > 1 {
             return bad(format!("cls_token_num must be 0 or 1, got {}", self.cls_token_num));
         }
-        if self.grid_size < 2 || self.vocab_size < 2 || self.grid_size > 4096 {
-            return bad(format!(
-                "grid_size must lie in [2, 4096] and vocab_size be ≥ 2, got {} and {}",
-                self.grid_size, self.vocab_size
-            ));
-        }
         if self.cls_token_num == 1 && self.num_classes == 0 {
             return bad("a class-conditional model needs num_classes > 0".into());
-        }
-        for (name, p) in [
-            ("token_dropout", self.token_dropout),
-            ("resid_dropout", self.resid_dropout),
-            ("ffn_dropout", self.ffn_dropout),
-            ("class_dropout", self.class_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return bad(format!("{name} must lie in [0, 1), got {p}"));
-            }
-        }
-        // Written so that NaN fails every comparison and is refused.
-        if !(self.rope_base.is_finite() && self.rope_base > 1.0 && self.norm_eps.is_finite() && self.norm_eps > 0.0) {
-            return bad(format!(
-                "rope_base must be finite and > 1 and norm_eps finite and > 0, got {} and {}",
-                self.rope_base, self.norm_eps
-            ));
         }
         // Weights in f32, counted in f64 so that an absurd config cannot overflow.
         let (d, v) = (self.dim as f64, self.vocab_size as f64);
@@ -562,23 +485,14 @@ mod tests {
     use super::*;
 
     pub(crate) fn tiny(cls: usize) -> GptConfig {
-        GptConfig {
-            dim: 32,
-            n_layer: 2,
-            n_head: 2,
+        let core = TransformerConfig {
             ffn_hidden: Some(48),
             vocab_size: 11,
             num_classes: 3,
-            cls_token_num: cls,
             grid_size: 3,
-            rope_base: 10000.0,
-            norm_eps: 1e-5,
-            token_dropout: 0.1,
-            resid_dropout: 0.1,
-            ffn_dropout: 0.1,
-            class_dropout: 0.1,
-            ops: crate::nn::Ops::Fused,
-        }
+            ..TransformerConfig::llamagen(32, 2)
+        };
+        GptConfig { core, n_layer: 2, cls_token_num: cls }
     }
 
     pub(crate) fn codes(b: usize, l: usize, seed: u64) -> Tensor {

@@ -10,6 +10,7 @@
 //! B batch, T tokens, D width, H heads, d = D/H head dim.
 
 pub mod attention;
+pub mod config;
 pub mod lean;
 pub mod rope;
 
@@ -17,6 +18,7 @@ use candle_core::{Tensor, D};
 use rand::Rng;
 
 pub use attention::{Attention, AttnMask, KvCache, RaggedKvCache};
+pub use config::TransformerConfig;
 
 use crate::params::{Init, Pb};
 
