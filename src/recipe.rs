@@ -202,22 +202,13 @@ pub struct Overrides {
     pub target_mean_len: Option<f64>,
     /// DPAR: position encoding of the patch transformer.
     pub patch_rope: Option<PatchRope>,
-    /// Kernels (resolved against the CPU's features by [`resolve_ops`]).
+    /// Kernels requested (resolved against the device and the CPU by [`Ops::resolve`] when the
+    /// model is built; not saved in the run's config).
     pub ops: Option<Ops>,
 }
 
 /// The mean patch length θ is calibrated for by default (the paper's 256 px figure is 1.81).
 pub const DEFAULT_TARGET_MEAN_LEN: f64 = 1.8;
-
-/// `Ops::Bf16` on a CPU without AVX512-BF16 runs the f32 kernels: says so (a warning) and
-/// returns the kernels that will run.
-pub fn resolve_ops(ops: Ops) -> Ops {
-    if ops == Ops::Bf16 && !crate::kernels::bf16::available() {
-        tracing::warn!("this CPU has no AVX512-BF16; --ops bf16 falls back to the f32 kernels (--ops fused)");
-        return Ops::Fused;
-    }
-    ops
-}
 
 impl Overrides {
     /// Applies the loop settings (steps, optimiser, schedule, clipping, cadence).
@@ -279,7 +270,6 @@ impl Overrides {
         if let Some(o) = self.ops {
             m.ops = o;
         }
-        m.ops = resolve_ops(m.ops);
         if let Some(d) = self.dim {
             m.dim = d;
         }

@@ -76,10 +76,12 @@ fn every_config_in_models_parses_into_its_type() {
         let text = std::fs::read_to_string(&path).unwrap();
         let kind = serde_json::from_str::<Value>(&text).unwrap()["kind"].as_str().unwrap().to_string();
         // A model config written back gives the file it came from (the layout did not change
-        // when the shared transformer settings moved into `TransformerConfig`).
+        // when the shared transformer settings moved into `TransformerConfig`), less `ops`.
         fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(text: &str) -> serde_json::Result<()> {
             let parsed: T = serde_json::from_str(text)?;
-            let original: Value = serde_json::from_str(text)?;
+            let mut original: Value = serde_json::from_str(text)?;
+            // The kernel choice (`model.ops`) is read from older files but no longer written.
+            original["model"].as_object_mut().map(|m| m.remove("ops"));
             assert_eq!(serde_json::to_value(&parsed)?, original, "a config did not survive a round trip");
             Ok(())
         }

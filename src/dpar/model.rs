@@ -112,6 +112,7 @@ pub struct StepCaches {
 impl Dpar {
     pub fn new(config: &DparConfig, pb: &Pb) -> Result<Self> {
         config.validate()?;
+        let config = &config.clone().with(|c| c.ops = c.ops.resolve(pb.device()));
         let c = config;
         let block = |p: Pb, i: usize| Block::new(&p.pp(i), c.dim, c.n_head, c.hidden(), c.norm_eps, c.ops);
         let enc = pb.pp("local_encoder");

@@ -199,6 +199,7 @@ pub use crate::batch::TrainNoise;
 impl Gpt {
     pub fn new(config: &GptConfig, pb: &Pb) -> Result<Self> {
         config.validate()?;
+        let config = &config.clone().with(|c| c.ops = c.ops.resolve(pb.device()));
         let c = config;
         let cls_embedding = if c.cls_token_num == 1 {
             Some(pb.pp("cls_embedding").pp("embedding_table").get(

@@ -27,8 +27,11 @@ pub struct TransformerConfig {
     pub ffn_dropout: f64,
     /// Probability of replacing a label by the null class in training.
     pub class_dropout: f64,
-    /// Fused CPU kernels or stock candle ops (same maths; see [`Ops`]).
-    #[serde(default)]
+    /// The kernels requested: fused CPU kernels, bf16 GEMM operands, or stock candle ops (same
+    /// maths; see [`Ops`]). A run-time choice (`--ops`), resolved against the device and the
+    /// CPU by [`Ops::resolve`] when a model is built. Never written to a saved config; files of
+    /// earlier versions that record it are still read, and their value is the default request.
+    #[serde(default, skip_serializing)]
     pub ops: Ops,
 }
 

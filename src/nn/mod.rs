@@ -52,6 +52,24 @@ pub enum Ops {
 }
 
 impl Ops {
+    /// The kernels that run for a request of `self` on `device`: the one place where the choice
+    /// is made (models call it when they are built). Off the CPU, candle's ops (our kernels are
+    /// CPU code); `Bf16` on a CPU without AVX512-BF16 (or capped below AVX-512 by `DPAR_ISA`),
+    /// the f32 kernels, with a warning once per process; otherwise the request.
+    pub fn resolve(self, device: &candle_core::Device) -> Ops {
+        if !device.is_cpu() {
+            return Ops::Stock;
+        }
+        if self == Ops::Bf16 && !crate::kernels::bf16::available() {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("this CPU has no AVX512-BF16; --ops bf16 falls back to the f32 kernels (--ops fused)")
+            });
+            return Ops::Fused;
+        }
+        self
+    }
+
     /// Whether the fused kernels apply to `x` (CPU f32 only).
     pub fn fused_for(self, x: &Tensor) -> bool {
         self != Ops::Stock && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
