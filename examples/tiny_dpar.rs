@@ -9,12 +9,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (device, models) = (candle_core::Device::Cpu, Path::new("models/mnist"));
     let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "out/tiny-dpar".into()));
     // 1. Codes: digits through the shipped VQ tokenizer, then the entropy model's H_k beside them.
-    let tokenizer = dpar::tokenizer::train::Tokenizer::load(&models.join("tokenizer"), None, &device)?;
+    let tokenizer = dpar::models::tokenizer(&models.join("tokenizer"), None, &device)?;
     let (size, channels) = (tokenizer.config.image_size, tokenizer.config.in_channels);
     let digits = dpar::data::load(&dpar::data::resolve(Path::new("data/mnist"), "train")?, size, channels)?.take(1000);
     let codes = out.join("codes");
     tokenizer.tokenize_to_set(&digits, &codes, true, false, 1000, 100, &device, |_| {})?;
-    let (entropy_model, _weights) = dpar::gpt::load(&models.join("entropy"), None, &device)?;
+    let (entropy_model, _weights) = dpar::models::gpt(&models.join("entropy"), None, &device)?;
     dpar::entropy::store_for_set(&entropy_model, &models.join("entropy"), &codes, 100, false, &device, |_| {})?;
     // 2. A tiny DPAR (width 64, 1+1+1 blocks, θ calibrated for mean patch length 1.8): 150 steps.
     let mut request = TrainRequest::new(ModelKind::Dpar, &codes);
@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let trained = dpar::recipe::train(&request, &device)?;
     println!("trained: final loss {:.3} in {:.0} s", trained.report.final_loss, trained.report.seconds);
     // 3. Four samples of each digit, with their patches drawn.
-    let (model, _store, _config) = dpar::dpar::train::load(&trained.out, &device)?;
+    let (model, _store, _config) = dpar::models::dpar(&trained.out, &device)?;
     let (classes, sampling) = ((0..10).collect::<Vec<u32>>(), dpar::sample::SamplingConfig::default());
     let labels = class_labels(&classes, 4);
     let patch = model.config().patch;

@@ -18,6 +18,7 @@
 //! - [`gpt`]: the LlamaGen GPT baseline and its unconditional variant (the entropy model).
 //! - [`sample`]: classifier-free guidance, temperature/top-k/top-p, cached generation.
 //! - [`train`]: the one training loop (AdamW, clipping, checkpoints, exact resume).
+//! - [`models`]: one entry point for loading every kind of model file.
 //! - [`recipe`]: a run assembled from a preset or config file plus overrides, and launched on
 //!   one process, thread ranks, MPI or NCCL: everything `dpar train` does, as a call.
 //! - [`params`], [`optim`], [`tensor_io`]: seeded parameters, AdamW, safetensors/PyTorch IO.
@@ -36,6 +37,7 @@ pub mod experiments;
 pub mod flops;
 pub mod gpt;
 pub mod kernels;
+pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod params;

@@ -45,13 +45,6 @@ impl From<crate::dpar::DparError> for SampleSetError {
     }
 }
 
-/// The `kind` recorded in a checkpoint's config (`gpt`, `entropy`, `dpar`), if any.
-pub fn checkpoint_kind(path: &Path) -> Option<String> {
-    let meta = crate::tensor_io::read_safetensors_metadata(&crate::parts::weights_file(path)).ok()?;
-    let config: serde_json::Value = serde_json::from_str(meta.get("config")?).ok()?;
-    config.get("kind")?.as_str().map(str::to_string)
-}
-
 /// Parses `0,3,7`, `0-9` or a mix into class indices (every class when `None`), checking them
 /// against `num_classes`.
 pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>> {

@@ -219,8 +219,8 @@ fn speed(args: SpeedArgs) -> Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("--sampling-curve: `{b}` is not a batch size in 1..=4096"))
             })
             .collect::<Result<_>>()?;
-        let (gpt, _gs) = dpar::gpt::load(&args.gpt, None, &device)?;
-        let (model, _store, _) = dpar::dpar::train::load(&args.dpar, &device)?;
+        let (gpt, _gs) = dpar::models::gpt(&args.gpt, None, &device)?;
+        let (model, _store, _) = dpar::models::dpar(&args.dpar, &device)?;
         let recorded = dpar::parts::Recorded::of(&args.dpar);
         let part = dpar::parts::Part::EntropyModel;
         let owner = format!("the model {}", args.dpar.display());
@@ -232,7 +232,7 @@ fn speed(args: SpeedArgs) -> Result<()> {
             &owner,
             crate::common::allow_mismatch(),
         )?;
-        let (entropy, _es) = dpar::gpt::load(&entropy_path, None, &device)?;
+        let (entropy, _es) = dpar::models::gpt(&entropy_path, None, &device)?;
         let (gc, dc) = (gpt.config(), model.config());
         anyhow::ensure!(
             gc.seq_len() == dc.seq_len() && gc.num_classes == dc.num_classes,

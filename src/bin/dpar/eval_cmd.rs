@@ -123,7 +123,7 @@ fn train_classifier(args: TrainClassifierArgs) -> Result<()> {
 /// Loads the classifier and the reference features of `n` images of the split.
 pub fn reference(common: &Common, n: usize) -> Result<(classifier::Classifier, String, Vec<f32>, candle_core::Device)> {
     let device = common.device.device()?;
-    let (model, _store, hash) = classifier::load(&common.classifier, &device)?;
+    let (model, _store, hash) = dpar::models::classifier(&common.classifier, &device)?;
     let c = model.config().clone();
     let data = common.data.load(&common.split, c.image_size, c.in_channels)?.take(n);
     let idx: Vec<usize> = (0..data.len()).collect();
@@ -167,7 +167,7 @@ fn samples(args: SamplesArgs) -> Result<()> {
         &owner,
         crate::common::allow_mismatch(),
     )?;
-    let tok = dpar::tokenizer::train::Tokenizer::load(&tok_path, None, &device)?;
+    let tok = dpar::models::tokenizer(&tok_path, None, &device)?;
     let n = shard.len().min(args.n);
     let images = decode(&tok, &shard, n, &device)?;
     let report = dpar::eval::quality(&model, &hash, &images, Some(&shard.labels[..n]), &refs)?;

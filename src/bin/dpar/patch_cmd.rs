@@ -74,7 +74,7 @@ pub fn run_compute(args: ComputeArgs) -> Result<()> {
 
 fn compute(args: ComputeArgs) -> Result<()> {
     let device = args.device.device()?;
-    let (model, _store) = dpar::gpt::load(&args.model, None, &device)?;
+    let (model, _store) = dpar::models::gpt(&args.model, None, &device)?;
     let t = std::time::Instant::now();
     let mut images = 0;
     for set in &args.codes {
@@ -183,7 +183,7 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
             &owner,
             crate::common::allow_mismatch(),
         )?;
-        let tok = dpar::tokenizer::train::Tokenizer::load(&tok_path, None, &device)?;
+        let tok = dpar::models::tokenizer(&tok_path, None, &device)?;
         let n = n.min(shard.len());
         let codes = candle_core::Tensor::from_slice(&shard.codes[..n * l], (n, l), &device)?;
         let images = dpar::viz::tensor_to_images(&tok.decode(&codes)?)?;

@@ -8,7 +8,6 @@ use clap::Args;
 use dpar::parts::Part;
 use dpar::sample::SamplingConfig;
 use dpar::sample_set::SampleSet;
-use dpar::tokenizer::train::Tokenizer;
 
 use crate::common::DeviceArgs;
 
@@ -122,12 +121,12 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         );
     }
     check_writable(&args.out)?;
-    if dpar::sample_set::checkpoint_kind(&args.ckpt).as_deref() == Some("dpar") {
+    if dpar::models::kind_of(&args.ckpt) == Some(dpar::models::Kind::Dpar) {
         return sample_dpar(args, config, device);
     }
-    let (model, _store) = dpar::gpt::load(&args.ckpt, args.preset.as_deref(), &device)?;
+    let (model, _store) = dpar::models::gpt(&args.ckpt, args.preset.as_deref(), &device)?;
     let tokenizer_path = find_part(&args, Part::Tokenizer, args.tokenizer.as_deref())?;
-    let tokenizer = Tokenizer::load(&tokenizer_path, args.tokenizer_preset.as_deref(), &device)?;
+    let tokenizer = dpar::models::tokenizer(&tokenizer_path, args.tokenizer_preset.as_deref(), &device)?;
     let mc = model.config();
     if tokenizer.config.grid_size() != mc.grid_size || tokenizer.config.codebook_size > mc.vocab_size {
         bail!(
@@ -185,14 +184,14 @@ fn print_written(paths: Vec<PathBuf>) {
 }
 
 fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::Device) -> Result<()> {
-    let (model, _store, _train_config) = dpar::dpar::train::load(&args.ckpt, &device)?;
+    let (model, _store, _train_config) = dpar::models::dpar(&args.ckpt, &device)?;
     // The entropy model decides every patch boundary: another one (even the same model in
     // another precision) changes the patches the model was trained on, so it must be the one
     // recorded by hash.
     let entropy_path = find_part(&args, Part::EntropyModel, args.entropy_model.as_deref())?;
-    let (entropy_model, _es) = dpar::gpt::load(&entropy_path, None, &device)?;
+    let (entropy_model, _es) = dpar::models::gpt(&entropy_path, None, &device)?;
     let tokenizer_path = find_part(&args, Part::Tokenizer, args.tokenizer.as_deref())?;
-    let tokenizer = Tokenizer::load(&tokenizer_path, args.tokenizer_preset.as_deref(), &device)?;
+    let tokenizer = dpar::models::tokenizer(&tokenizer_path, args.tokenizer_preset.as_deref(), &device)?;
     let mc = model.config();
     if tokenizer.config.grid_size() != mc.grid_size || tokenizer.config.codebook_size > mc.vocab_size {
         bail!(

@@ -206,7 +206,7 @@ fn train(args: TrainArgs) -> Result<()> {
         args.out.display()
     );
     if let Some(val) = val {
-        let tok = Tokenizer::load(&args.out, None, &device)?;
+        let tok = dpar::models::tokenizer(&args.out, None, &device)?;
         let png = args.out.join("reconstruction.png");
         write_reconstruction(&tok, &val, 32, &png, &device)?;
         println!("wrote {}", png.display());
@@ -244,7 +244,7 @@ fn write_reconstruction(
 
 fn reconstruct(args: ReconstructArgs) -> Result<()> {
     let device = args.device.device()?;
-    let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
     let png = args.out.unwrap_or_else(|| tok.path.parent().unwrap_or(Path::new(".")).join("reconstruction.png"));
     write_reconstruction(&tok, &data, args.n, &png, &device)?;
@@ -259,7 +259,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         bail!("--max-images 0: there is nothing to evaluate; give at least 1");
     }
     let device = args.device.device()?;
-    let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
     let t = std::time::Instant::now();
     let stats = evaluate(&tok.model, &data, args.max_images, &device)?;
@@ -281,7 +281,7 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let device = args.device.device()?;
-    let tok = Tokenizer::load(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
+    let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     let mut data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
     if let Some(n) = args.max_images {
         data = data.take(n);
