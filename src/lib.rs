@@ -54,3 +54,4 @@ pub mod tokenizer;
 pub mod train;
 pub mod util;
 pub mod viz;
+pub mod zipfile;

@@ -131,6 +131,40 @@ pub fn sample_dpar(
     Ok(all)
 }
 
+/// Streams samples into a `.npz` for the ADM evaluator (`arr_0`, uint8 `[N, H, W, 3]`, as
+/// LlamaGen's `sample_ddp.py` writes it): `sample_batch(i, labels)` draws the codes of batch `i`
+/// (with seed `seed + i`, as [`sample_gpt`]/[`sample_dpar`] do), which are decoded and appended
+/// at once, so only one batch of images is ever in memory. Gray images are written as RGB.
+/// `progress` is called with the images done. Returns the image height and width.
+pub fn stream_npz(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    labels: &[u32],
+    batch: usize,
+    device: &Device,
+    mut sample_batch: impl FnMut(usize, &[u32]) -> Result<Vec<Vec<u32>>>,
+    mut progress: impl FnMut(usize),
+) -> Result<(usize, usize)> {
+    check_batch(batch)?;
+    let side = tokenizer.config.image_size;
+    let mut npz = crate::data::npz::ImageNpzWriter::create(path, labels.len(), side, side)?;
+    let l = tokenizer.config.seq_len();
+    for (i, chunk) in labels.chunks(batch).enumerate() {
+        let codes = sample_batch(i, chunk)?;
+        if codes.len() != chunk.len() || codes.iter().any(|c| c.len() != l) {
+            return Err(SampleSetError::BadInput(format!("batch {i}: the sampler returned codes of the wrong shape")));
+        }
+        let flat: Vec<u32> = codes.into_iter().flatten().collect();
+        let codes = Tensor::from_vec(flat, (chunk.len(), l), device)?;
+        for image in crate::viz::tensor_to_images(&tokenizer.decode(&codes)?)? {
+            npz.push(image.as_raw())?;
+        }
+        progress(chunk.len());
+    }
+    npz.finish()?;
+    Ok((side, side))
+}
+
 /// Generated samples of a few classes, `per_class` each (in [`class_labels`] order), ready to
 /// be written.
 pub struct SampleSet<'a> {

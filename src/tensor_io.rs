@@ -156,16 +156,36 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
     Ok(header.metadata().clone().unwrap_or_default())
 }
 
-/// Reads a PyTorch `.pt`/`.pth` checkpoint. `key` selects a nested state dict (LlamaGen stores
-/// its weights under `model`); when that key is absent the top level is tried.
+/// Reads a PyTorch `.pt`/`.pth` checkpoint (the ZIP format of `torch.save` since 1.6). `key`
+/// selects a nested state dict (LlamaGen stores its weights under `model`); when that key is
+/// absent the top level is tried.
+///
+/// The archive is read by [`crate::zipfile`] (which follows ZIP64 end records the way
+/// `torch.load` does, see there) and its `data.pkl` by candle's pickle machine. Each tensor's
+/// storage is read from its own entry, so a checkpoint is never loaded whole; views (storage
+/// offsets, transposes, any strides) are gathered from their storage as `torch.load` would.
 pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
-    // candle's pickle reader panics on some damaged files (found by tests/fuzz.rs: an index out
-    // of bounds on a one-byte change); such a panic becomes an error naming the file.
-    let attempt = |k: Option<&str>| {
+    let bad = |reason: String| TensorIoError::BadPickle { path: path.to_path_buf(), reason };
+    let head = {
+        let mut head = [0u8; 4];
+        let mut file =
+            std::fs::File::open(path).map_err(|source| TensorIoError::Io { path: path.to_path_buf(), source })?;
+        let n = std::io::Read::read(&mut file, &mut head).unwrap_or(0);
+        head[..n].to_vec()
+    };
+    if head.len() >= 2 && head[0] == 0x80 && head[..4] != *b"PK\x03\x04" {
+        return Err(bad("this is a legacy torch.save file (written with _use_new_zipfile_serialization=False or \
+             torch < 1.6), which is not supported; re-save it with a current torch: \
+             torch.save(torch.load(f), f2)"
+            .to_string()));
+    }
+    let mut zip = crate::zipfile::ZipReader::open(path).map_err(|e| bad(e.to_string()))?;
+    // candle's pickle machine panics on some damaged input (found by tests/fuzz.rs: an index
+    // out of bounds on a one-byte change); such a panic becomes an error naming the file.
+    let guarded = |f: &mut dyn FnMut() -> Result<HashMap<String, Tensor>>| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| candle_core::pickle::read_all_with_key(path, k)));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         std::panic::set_hook(previous);
         result.unwrap_or_else(|panic| {
             let what = panic
@@ -173,25 +193,141 @@ pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Te
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("a panic");
-            Err(candle_core::Error::Msg(format!(
-                "the pickle reader failed ({what}): the file is damaged or not a torch.save checkpoint"
-            )))
+            Err(bad(format!("the pickle reader failed ({what}): the file is damaged or not a torch.save checkpoint")))
         })
     };
-    let list = match attempt(key) {
-        Ok(list) if !list.is_empty() => list,
-        first => match (key, attempt(None)) {
-            (Some(_), Ok(list)) if !list.is_empty() => list,
-            _ => {
-                let reason = match first {
-                    Err(e) => e.to_string(),
-                    Ok(_) => "no tensors found".to_string(),
-                };
-                return Err(TensorIoError::BadPickle { path: path.to_path_buf(), reason });
+    let tensors = guarded(&mut || {
+        let found = match pytorch_tensor_infos(&mut zip, key).map_err(&bad)? {
+            infos if infos.is_empty() && key.is_some() => pytorch_tensor_infos(&mut zip, None).map_err(&bad)?,
+            infos => infos,
+        };
+        if found.is_empty() {
+            return Err(bad("no tensors found".to_string()));
+        }
+        let mut tensors = HashMap::with_capacity(found.len());
+        for info in found {
+            let tensor =
+                read_pytorch_tensor(&mut zip, &info).map_err(|e| bad(format!("tensor `{}`: {e}", info.name)))?;
+            tensors.insert(info.name, tensor);
+        }
+        Ok(tensors)
+    })?;
+    Ok(tensors)
+}
+
+/// The tensors a checkpoint's `*/data.pkl` describes (under `key` when given and present).
+fn pytorch_tensor_infos(
+    zip: &mut crate::zipfile::ZipReader,
+    key: Option<&str>,
+) -> std::result::Result<Vec<candle_core::pickle::TensorInfo>, String> {
+    use candle_core::pickle::{Object, Stack};
+    let pickles: Vec<String> =
+        zip.entries().iter().filter(|e| e.name.ends_with("data.pkl")).map(|e| e.name.clone()).collect();
+    if pickles.is_empty() {
+        return Err("no data.pkl in the archive: not a torch.save checkpoint".to_string());
+    }
+    let mut infos = Vec::new();
+    for name in pickles {
+        let bytes = zip.read(&name).map_err(|e| e.to_string())?;
+        let mut stack = Stack::empty();
+        stack.read_loop(&mut &bytes[..]).map_err(|e| format!("{name}: {e}"))?;
+        let object = stack.finalize().map_err(|e| format!("{name}: {e}"))?;
+        // A scripted module pickles as Build(Reduce(__torch__.Module, state)).
+        let object = match object {
+            Object::Build { callable, args } => match *callable {
+                Object::Reduce { callable, .. }
+                    if matches!(&*callable, Object::Class { module_name, class_name }
+                        if module_name == "__torch__" && class_name == "Module") =>
+                {
+                    *args
+                }
+                _ => continue,
+            },
+            other => other,
+        };
+        let object = match (key, object) {
+            (Some(key), Object::Dict(entries)) => {
+                match entries.into_iter().find(|(k, _)| *k == Object::Unicode(key.to_string())) {
+                    Some((_, value)) => value,
+                    None => continue,
+                }
             }
-        },
-    };
-    Ok(list.into_iter().collect())
+            (_, object) => object,
+        };
+        let Object::Dict(entries) = object else { continue };
+        let dir = std::path::PathBuf::from(name.trim_end_matches(".pkl"));
+        for (tensor_name, value) in entries {
+            if let Some(info) = value.into_tensor_info(tensor_name, &dir).map_err(|e| e.to_string())? {
+                infos.push(info);
+            }
+        }
+    }
+    Ok(infos)
+}
+
+/// `len` bytes of a storage entry from byte `skip` (stored entries are streamed, not loaded).
+fn read_storage(
+    zip: &mut crate::zipfile::ZipReader,
+    entry: &str,
+    skip: usize,
+    len: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut bytes = vec![0u8; len];
+    if zip.entry(entry).map_err(|e| e.to_string())?.method == 0 {
+        let mut reader = zip.stored_reader(entry, skip as u64).map_err(|e| e.to_string())?;
+        std::io::Read::read_exact(&mut reader, &mut bytes).map_err(|e| format!("{entry}: {e}"))?;
+    } else {
+        let all = zip.read(entry).map_err(|e| e.to_string())?;
+        bytes.copy_from_slice(all.get(skip..skip + len).ok_or_else(|| format!("{entry} is too short"))?);
+    }
+    Ok(bytes)
+}
+
+/// Reads one tensor: its storage entry, then the view (offset, shape, strides) over it.
+fn read_pytorch_tensor(
+    zip: &mut crate::zipfile::ZipReader,
+    info: &candle_core::pickle::TensorInfo,
+) -> std::result::Result<Tensor, String> {
+    let layout = &info.layout;
+    let elem = info.dtype.size_in_bytes();
+    let dims = layout.dims().to_vec();
+    let entry_size = zip.entry(&info.path).map_err(|e| e.to_string())?.size;
+    // candle records the storage offset in bytes. Sizes come from a file: checked arithmetic, so
+    // a damaged one is an error, not an overflow or a huge allocation.
+    let offset = layout.start_offset() / elem;
+    let too_big = || format!("its shape {dims:?} does not fit its storage of {entry_size} bytes");
+    let count = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(too_big)?;
+    let count_bytes = count.checked_mul(elem).ok_or_else(too_big)?;
+    if layout.is_contiguous() {
+        if (offset * elem).checked_add(count_bytes).is_none_or(|end| end as u64 > entry_size) {
+            return Err(too_big());
+        }
+        let bytes = read_storage(zip, &info.path, offset * elem, count_bytes)?;
+        return Tensor::from_raw_buffer(&bytes, info.dtype, &dims, &Device::Cpu).map_err(|e| e.to_string());
+    }
+    // A strided view: gather its elements from the whole storage (entry sizes bound the storage;
+    // a broadcast view may hold more elements than its storage, within reason).
+    let last = dims
+        .iter()
+        .zip(layout.stride())
+        .try_fold(offset, |acc, (d, s)| d.saturating_sub(1).checked_mul(*s).and_then(|x| acc.checked_add(x)))
+        .ok_or_else(too_big)?;
+    if (last + 1).saturating_mul(elem) as u64 > entry_size
+        || count_bytes as u64 > 4 * entry_size + (1 << 20)
+        || last > u32::MAX as usize
+    {
+        return Err(too_big());
+    }
+    let storage_len = (entry_size as usize) / elem;
+    let bytes = read_storage(zip, &info.path, 0, storage_len * elem)?;
+    let storage =
+        Tensor::from_raw_buffer(&bytes, info.dtype, &[storage_len], &Device::Cpu).map_err(|e| e.to_string())?;
+    let mut index = vec![offset as u32];
+    for (&d, &s) in dims.iter().zip(layout.stride()) {
+        index = index.iter().flat_map(|&base| (0..d).map(move |i| base + (i * s) as u32)).collect();
+    }
+    let index = Tensor::new(index, &Device::Cpu).map_err(|e| e.to_string())?;
+    storage.index_select(&index, 0).and_then(|t| t.reshape(dims)).map_err(|e| e.to_string())
 }
 
 /// Reads named tensors from `.safetensors`, `.pt`, `.pth` or `.bin` by extension.

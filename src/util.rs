@@ -54,7 +54,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The temporary file [`write_atomic`] uses for `path` in process `pid`: `.NAME.PID.tmp`.
-fn temp_path(path: &Path, pid: u32) -> PathBuf {
+pub(crate) fn temp_path(path: &Path, pid: u32) -> PathBuf {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{file_name}.{pid}.tmp"))
 }

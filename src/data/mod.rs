@@ -2,6 +2,7 @@
 //!
 //! - [`idx`]: the IDX format of MNIST and friends (raw or gzipped), read and written.
 //! - [`folder`]: a folder of class sub-folders of PNG/JPEG images (the ImageNet layout).
+//! - [`npz`]: NumPy `.npz` archives (sample sets for the ADM evaluator, its reference batches).
 //! - [`shards`]: the tokenised dataset: codes `[N, G·G]`, labels `[N]`, optional flip copy and
 //!   per-code entropies, in safetensors files.
 //!
@@ -10,6 +11,7 @@
 
 pub mod folder;
 pub mod idx;
+pub mod npz;
 pub mod shards;
 
 use std::path::{Path, PathBuf};

@@ -65,6 +65,12 @@ pub struct SampleArgs {
     /// DPAR: inference patcher overrides (θ and P may differ from training).
     #[command(flatten)]
     pub patch: crate::common::PatchArgs,
+    /// Write the images as one NumPy `.npz` here instead (uint8 `[N, H, W, 3]` under `arr_0`, as
+    /// LlamaGen's sample_ddp.py writes them for the ADM evaluator and `dpar eval fid`), streamed
+    /// batch by batch, in class-balanced order (--per-class of each class); the settings go to
+    /// the same name with `.json`. No PNG grid or codes file is written.
+    #[arg(long, value_name = "FILE")]
+    pub npz: Option<PathBuf>,
     /// DPAR: skip samples-patches.png (the samples with their patch boundaries drawn).
     #[arg(long)]
     pub no_patch_picture: bool,
@@ -100,6 +106,9 @@ fn check_total(args: &SampleArgs, classes: usize) -> Result<()> {
     Ok(())
 }
 
+// The --npz sampling closures return the library's SampleSetError, which clippy finds large;
+// it is built once per failed run, so its size does not matter.
+#[allow(clippy::result_large_err)]
 pub fn sample(args: SampleArgs) -> Result<()> {
     let device = args.device.device()?;
     let config = SamplingConfig {
@@ -120,7 +129,12 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             args.max_images
         );
     }
-    check_writable(&args.out)?;
+    match &args.npz {
+        Some(npz) => {
+            check_writable(npz.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")))?
+        }
+        None => check_writable(&args.out)?,
+    }
     if dpar::models::kind_of(&args.ckpt) == Some(dpar::models::Kind::Dpar) {
         return sample_dpar(args, config, device);
     }
@@ -143,6 +157,18 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), mc.num_classes)?;
     check_total(&args, classes.len())?;
     let labels = dpar::sample_set::class_labels(&classes, args.per_class);
+    if let Some(npz) = &args.npz {
+        let record = serde_json::json!({
+            "model": "gpt",
+            "checkpoint": args.ckpt.display().to_string(),
+            "tokenizer": tokenizer_path.display().to_string(),
+            "steps_per_image": mc.seq_len(),
+        });
+        return write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |i, chunk| {
+            let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
+            Ok(dpar::sample::generate_gpt(&model, chunk, &chunk_config, &device)?)
+        });
+    }
     let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
     let t = Instant::now();
     let codes =
@@ -177,12 +203,60 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--npz`: streams the samples into one `.npz` and writes the settings beside it.
+#[allow(clippy::too_many_arguments)]
+fn write_npz(
+    args: &SampleArgs,
+    npz: &std::path::Path,
+    tokenizer: &dpar::tokenizer::train::Tokenizer,
+    classes: &[u32],
+    labels: &[u32],
+    config: &SamplingConfig,
+    device: &candle_core::Device,
+    mut record: serde_json::Value,
+    sample_batch: impl FnMut(usize, &[u32]) -> dpar::sample_set::Result<Vec<Vec<u32>>>,
+) -> Result<()> {
+    let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
+    let t = Instant::now();
+    let (h, w) = dpar::sample_set::stream_npz(npz, tokenizer, labels, args.batch_size, device, sample_batch, |n| {
+        bar.inc(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    let n = labels.len();
+    println!(
+        "sampled {n} images ({} classes × {}) in {secs:.1}s: {:.2} images/s; wrote {} (arr_0: uint8 [{n}, {h}, {w}, 3])",
+        classes.len(),
+        args.per_class,
+        n as f64 / secs,
+        npz.display()
+    );
+    if let Some(fields) = record.as_object_mut() {
+        for (k, v) in [
+            ("npz", serde_json::json!(npz.display().to_string())),
+            ("sampling", serde_json::json!(config)),
+            ("classes", serde_json::json!(classes)),
+            ("per_class", serde_json::json!(args.per_class)),
+            ("batch_size", serde_json::json!(args.batch_size)),
+            ("seconds", serde_json::json!(secs)),
+            ("images_per_s", serde_json::json!(n as f64 / secs)),
+        ] {
+            fields.insert(k.to_string(), v);
+        }
+    }
+    let json = npz.with_extension("json");
+    dpar::util::write_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
+    println!("wrote {}", json.display());
+    Ok(())
+}
+
 fn print_written(paths: Vec<PathBuf>) {
     for p in paths {
         println!("wrote {}", p.display());
     }
 }
 
+#[allow(clippy::result_large_err)]
 fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::Device) -> Result<()> {
     let (model, _store, _train_config) = dpar::models::dpar(&args.ckpt, &device)?;
     // The entropy model decides every patch boundary: another one (even the same model in
@@ -206,6 +280,30 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), mc.num_classes)?;
     check_total(&args, classes.len())?;
     let labels = dpar::sample_set::class_labels(&classes, args.per_class);
+    if let Some(npz) = &args.npz {
+        let mut steps = 0usize;
+        let record = serde_json::json!({
+            "model": "dpar",
+            "checkpoint": args.ckpt.display().to_string(),
+            "entropy_model": entropy_path.display().to_string(),
+            "tokenizer": tokenizer_path.display().to_string(),
+            "patch": patch,
+        });
+        write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |i, chunk| {
+            let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
+            let out = dpar::dpar::generate::generate(&model, &entropy_model, chunk, &chunk_config, &patch, &device)
+                .map_err(dpar::sample_set::SampleSetError::from)?;
+            steps += out.lengths.iter().map(Vec::len).sum::<usize>();
+            Ok(out.codes)
+        })?;
+        println!(
+            "patcher {}: patch-transformer steps per image: mean {:.1} vs {} codes",
+            patch.label(),
+            steps as f64 / labels.len() as f64,
+            mc.seq_len()
+        );
+        return Ok(());
+    }
     let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
     let t = Instant::now();
     let dpar::dpar::generate::Generated { codes, lengths } = dpar::sample_set::sample_dpar(

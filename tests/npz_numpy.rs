@@ -1,0 +1,43 @@
+//! `.npz` files made by numpy (`scripts/make-npz-fixtures.py`, stored and compressed) read back
+//! with the values numpy wrote: issue 16.
+
+use std::path::Path;
+
+use dpar::data::npz::NpzReader;
+
+#[test]
+fn numpy_written_archives_read_back_exactly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/npz");
+    let images: Vec<u8> = (0..4 * 8 * 8 * 3).map(|i: usize| (i * 7 % 256) as u8).collect();
+    for file in ["ref.npz", "ref-compressed.npz"] {
+        let mut npz = NpzReader::open(&dir.join(file)).unwrap();
+        let mut names = npz.names();
+        names.sort();
+        assert_eq!(names, ["arr_0", "labels", "mu", "sigma"], "{file}");
+        let mut back = Vec::new();
+        let dims = npz
+            .for_each_image_batch("arr_0", 3, |bytes, _| {
+                back.extend_from_slice(bytes);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(dims, (4, 8, 8, 3), "{file}");
+        assert_eq!(back, images, "{file}");
+        let (shape, mu) = npz.read_f64("mu").unwrap();
+        assert_eq!(shape, [6]);
+        assert_eq!(mu, (0..6).map(|i| i as f64 / 3.0 - 0.5).collect::<Vec<_>>(), "{file}");
+        let (shape, labels) = npz.read_f64("labels").unwrap();
+        assert_eq!((shape, labels), (vec![4], vec![3.0, -1.0, 0.0, 999.0]), "{file}");
+        let (shape, sigma) = npz.read_f64("sigma").unwrap();
+        assert_eq!(shape, [6, 6]);
+        // sigma = A·Aᵀ with A[i][j] = (6i + j) / 10, in float32.
+        for i in 0..6 {
+            for j in 0..6 {
+                let want: f64 = (0..6).map(|k| ((6 * i + k) as f64 / 10.0) * ((6 * j + k) as f64 / 10.0)).sum();
+                assert!((sigma[i * 6 + j] - want).abs() < 1e-4 * want.max(1.0), "{file} sigma[{i}][{j}]");
+            }
+        }
+        let err = npz.read_f64("nope").unwrap_err().to_string();
+        assert!(err.contains(file) && err.contains("no array `nope`"), "{err}");
+    }
+}
