@@ -149,6 +149,36 @@ impl ImageDataset {
         })
     }
 
+    /// The five `size × size` crops of every image (top-left, top-right, bottom-left,
+    /// bottom-right, centre, as torchvision's `FiveCrop`), each a separate image with the
+    /// image's label: with a flip copy of each, the ten views of LlamaGen's `--ten-crop`.
+    pub fn five_crops(&self, size: usize) -> Result<ImageDataset> {
+        let (c, h, w) = (self.channels, self.height, self.width);
+        if size == 0 || size > h || size > w {
+            return Err(DataError::Invalid(format!("cannot take {size}×{size} crops of {h}×{w} images")));
+        }
+        // torchvision places the centre crop at int(round((side − size) / 2)): Python rounds
+        // halves to even.
+        let half = |d: usize| (d as f64 / 2.0).round_ties_even() as usize;
+        let centre = (half(h - size), half(w - size));
+        let corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), centre];
+        let mut images = Vec::with_capacity(self.len() * 5 * c * size * size);
+        let mut labels = Vec::with_capacity(self.len() * 5);
+        for i in 0..self.len() {
+            let image = self.image(i);
+            for &(top, left) in &corners {
+                for ch in 0..c {
+                    for y in top..top + size {
+                        let row = (ch * h + y) * w;
+                        images.extend_from_slice(&image[row + left..row + left + size]);
+                    }
+                }
+                labels.push(self.labels[i]);
+            }
+        }
+        Ok(ImageDataset { images, labels, height: size, width: size, ..self.clone() })
+    }
+
     /// A batch as a `(B, C, H, W)` f32 tensor scaled to [−1, 1] (LlamaGen's normalisation).
     /// With `flip`, every image is mirrored left-right.
     pub fn batch_tensor(&self, indices: &[usize], flip: bool, device: &Device) -> Result<Tensor> {
@@ -276,6 +306,30 @@ pub fn load(source: &DataSource, size: usize, channels: usize) -> Result<ImageDa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn five_crops_are_the_corners_and_the_centre() {
+        // One 1-channel 3×4 image with pixel value 10·y + x.
+        let data = ImageDataset {
+            images: (0..3).flat_map(|y| (0..4).map(move |x| 10 * y + x)).collect(),
+            labels: vec![7],
+            channels: 1,
+            height: 3,
+            width: 4,
+            class_names: vec![],
+            source: "t".into(),
+        };
+        let crops = data.five_crops(2).unwrap();
+        assert_eq!(crops.labels, [7; 5]);
+        let crop = |i: usize| crops.image(i).to_vec();
+        assert_eq!(crop(0), [0, 1, 10, 11]);
+        assert_eq!(crop(1), [2, 3, 12, 13]);
+        assert_eq!(crop(2), [10, 11, 20, 21]);
+        assert_eq!(crop(3), [12, 13, 22, 23]);
+        // Centre: corner (round(0.5), round(1.0)) = (0, 1), halves rounding to even as in Python.
+        assert_eq!(crop(4), [1, 2, 11, 12]);
+        assert!(data.five_crops(4).is_err());
+    }
 
     fn tiny() -> ImageDataset {
         // Two 2×3 grey images.

@@ -166,6 +166,28 @@ impl ImageNpzWriter {
     }
 }
 
+/// Writes float64 arrays (name, shape, row-major values) into a new `.npz`, as `np.savez` would.
+pub fn write_f64_arrays(path: &Path, arrays: &[(&str, &[usize], &[f64])]) -> Result<()> {
+    let mut zip = StoredZipWriter::create(path)?;
+    for (name, shape, values) in arrays {
+        if shape.iter().product::<usize>() != values.len() {
+            return Err(DataError::Invalid(format!(
+                "{}: array `{name}` of shape {shape:?} given {} values",
+                path.display(),
+                values.len()
+            )));
+        }
+        let header = NpyHeader { descr: "<f8".into(), fortran_order: false, shape: shape.to_vec() }.to_bytes();
+        zip.start_entry(&format!("{name}.npy"), (header.len() + 8 * values.len()) as u64)?;
+        zip.write(&header)?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        zip.write(&bytes)?;
+        zip.finish_entry()?;
+    }
+    zip.finish()?;
+    Ok(())
+}
+
 /// An open `.npz` archive.
 pub struct NpzReader {
     zip: ZipReader,
@@ -353,6 +375,18 @@ mod tests {
         let (shape, values) = reader.read_f64("arr_0").unwrap();
         assert_eq!(shape, [n, h, w, 3]);
         assert_eq!(values[5], images[0][5] as f64);
+    }
+
+    #[test]
+    fn float_arrays_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.npz");
+        let sigma = [1.0, 0.5, 0.5, 2.0];
+        write_f64_arrays(&path, &[("mu", &[2], &[0.25, -3.0]), ("sigma", &[2, 2], &sigma)]).unwrap();
+        let mut npz = NpzReader::open(&path).unwrap();
+        assert_eq!(npz.read_f64("mu").unwrap(), (vec![2], vec![0.25, -3.0]));
+        assert_eq!(npz.read_f64("sigma").unwrap(), (vec![2, 2], sigma.to_vec()));
+        assert!(write_f64_arrays(&path, &[("x", &[3], &[1.0])]).is_err());
     }
 
     #[test]

@@ -103,12 +103,23 @@ impl VqConfig {
         }
     }
 
-    /// A preset by name: `vq16` or `mnist`.
+    /// A preset by name (`vq16` or `mnist`), or a JSON file holding a whole config (for
+    /// checkpoints of another size, e.g. VQ-16's layout at fewer channels).
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "vq16" => Ok(Self::vq16()),
             "mnist" => Ok(Self::mnist()),
-            other => Err(TokenizerError::BadConfig(format!("unknown tokenizer preset `{other}` (known: vq16, mnist)"))),
+            file if file.ends_with(".json") => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| TokenizerError::BadConfig(format!("tokenizer config {file}: {e}")))?;
+                let config: Self = serde_json::from_str(&text)
+                    .map_err(|e| TokenizerError::BadConfig(format!("tokenizer config {file}: {e}")))?;
+                config.validate().map_err(|e| TokenizerError::BadConfig(format!("tokenizer config {file}: {e}")))?;
+                Ok(config)
+            }
+            other => Err(TokenizerError::BadConfig(format!(
+                "unknown tokenizer preset `{other}` (known: vq16, mnist, or a config FILE.json)"
+            ))),
         }
     }
 

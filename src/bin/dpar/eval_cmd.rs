@@ -1,6 +1,6 @@
 //! `dpar eval {train-classifier, samples, real}`: the frozen classifier and the quality metrics
 //! (FD in the classifier's features — not FID —, classifier IS, k = 3 precision/recall,
-//! class accuracy).
+//! class accuracy); `dpar eval fid`: FID with InceptionV3 for ImageNet-scale sample sets.
 
 use std::path::PathBuf;
 
@@ -18,6 +18,42 @@ pub enum EvalCmd {
     Samples(SamplesArgs),
     /// The floor: real train images against the test split.
     Real(RealArgs),
+    /// FID with InceptionV3 (pytorch-fid's FID weights, which you download) of a sample `.npz`
+    /// or image folder against a reference (ADM batch, statistics, `.npz` or folder).
+    Fid(FidArgs),
+}
+
+#[derive(Args)]
+pub struct FidArgs {
+    /// InceptionV3 weights by pytorch-fid's key names: its `pt_inception-2015-12-05-6726825d.pth`
+    /// (or a safetensors copy). With other weights the result is reported as an FD, not FID.
+    #[arg(long)]
+    inception: PathBuf,
+    /// Samples: a `.npz` with uint8 `arr_0` `[N, H, W, 3]` (`dpar sample --npz`, LlamaGen's
+    /// sample_ddp.py) or a folder of PNG/JPEG images (searched recursively).
+    #[arg(long)]
+    samples: PathBuf,
+    /// Reference: an ADM reference batch or any `.npz` with `mu` and `sigma` (statistics), a
+    /// `.npz` of pool activations `[N, 2048]`, a `.npz` of images, or an image folder.
+    #[arg(long = "ref")]
+    reference: PathBuf,
+    /// Images per InceptionV3 forward pass.
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Also the Inception Score from the logits (1008-way softmax, 10 splits).
+    #[arg(long)]
+    inception_score: bool,
+    /// Also k = 3 precision/recall in pool feature space (needs reference images or activations).
+    #[arg(long)]
+    precision_recall: bool,
+    /// Write the reference's statistics (`mu`, `sigma`) to this `.npz`, to reuse as --ref.
+    #[arg(long)]
+    save_ref_stats: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -62,7 +98,8 @@ pub struct Common {
 
 #[derive(Args)]
 pub struct SamplesArgs {
-    /// Codes written by `dpar sample` (codes.safetensors or its folder).
+    /// Codes written by `dpar sample` (codes.safetensors or its folder), or images in a `.npz`
+    /// (`dpar sample --npz`; labels come from the settings file beside it, when there is one).
     #[arg(long, default_value = "out/samples")]
     codes: PathBuf,
     /// Tokenizer to decode them. Default: the one the codes record (by hash), found beside the
@@ -90,6 +127,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         EvalCmd::TrainClassifier(args) => train_classifier(args),
         EvalCmd::Samples(args) => samples(args),
         EvalCmd::Real(args) => real(args),
+        EvalCmd::Fid(args) => fid(args),
     }
 }
 
@@ -155,6 +193,9 @@ fn print_report(what: &str, r: &dpar::eval::QualityReport) {
 }
 
 fn samples(args: SamplesArgs) -> Result<()> {
+    if args.codes.extension().is_some_and(|e| e == "npz") {
+        return npz_samples(args);
+    }
     let file = if args.codes.is_dir() { args.codes.join("codes.safetensors") } else { args.codes.clone() };
     let shard = dpar::data::shards::read_shard(&file).with_context(|| format!("reading samples {}", file.display()))?;
     let (model, hash, refs, device) = reference(&args.common, args.n)?;
@@ -172,6 +213,52 @@ fn samples(args: SamplesArgs) -> Result<()> {
     let images = decode(&tok, &shard, n, &device)?;
     let report = dpar::eval::quality(&model, &hash, &images, Some(&shard.labels[..n]), &refs)?;
     print_report(&format!("samples {}", file.display()), &report);
+    if let Some(path) = &args.common.json {
+        dpar::util::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `dpar eval samples --codes FILE.npz`: images from a `.npz`, fitted to the classifier's input.
+fn npz_samples(args: SamplesArgs) -> Result<()> {
+    let (model, hash, refs, device) = reference(&args.common, args.n)?;
+    let c = model.config().clone();
+    let mut data = dpar::data::ImageDataset {
+        images: Vec::new(),
+        labels: Vec::new(),
+        channels: 3,
+        height: 0,
+        width: 0,
+        class_names: Vec::new(),
+        source: args.codes.display().to_string(),
+    };
+    dpar::eval::fid::for_each_image_batch(&args.codes, 100, |bytes, n, h, w| {
+        // (n, H, W, 3) → (n, 3, H, W), the dataset's layout.
+        for image in bytes.chunks(h * w * 3).take(n) {
+            data.images.extend((0..3).flat_map(|ch| (0..h * w).map(move |p| image[p * 3 + ch])));
+        }
+        (data.height, data.width) = (h, w);
+        Ok(())
+    })
+    .with_context(|| format!("--codes {}", args.codes.display()))?;
+    let count = data.images.len() / (3 * data.height * data.width).max(1);
+    let n = count.min(args.n);
+    // The labels `dpar sample --npz` requested: classes × per_class, in order.
+    let settings = std::fs::read_to_string(args.codes.with_extension("json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let labels = settings.and_then(|v| {
+        let classes: Vec<u32> = serde_json::from_value(v["classes"].clone()).ok()?;
+        let per_class = v["per_class"].as_u64()? as usize;
+        Some(dpar::sample_set::class_labels(&classes, per_class)).filter(|l| l.len() == count)
+    });
+    data.labels = labels.clone().unwrap_or_else(|| vec![0; count]);
+    let data = data.take(n).prepare(c.image_size, c.in_channels)?;
+    let idx: Vec<usize> = (0..n).collect();
+    let images = data.batch_tensor(&idx, false, &device)?;
+    let report = dpar::eval::quality(&model, &hash, &images, labels.as_ref().map(|l| &l[..n]), &refs)?;
+    print_report(&format!("samples {}", args.codes.display()), &report);
     if let Some(path) = &args.common.json {
         dpar::util::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("wrote {}", path.display());
@@ -205,6 +292,57 @@ fn real(args: RealArgs) -> Result<()> {
     let report = dpar::eval::quality(&model, &hash, &images, Some(&train.labels), &refs)?;
     print_report("real train images (the floor)", &report);
     if let Some(path) = &args.common.json {
+        dpar::util::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn fid(args: FidArgs) -> Result<()> {
+    use dpar::eval::fid;
+    let device = args.device.device()?;
+    for (flag, path) in [("--inception", &args.inception), ("--samples", &args.samples), ("--ref", &args.reference)] {
+        if !path.exists() {
+            anyhow::bail!("{flag} {}: no such file or folder", path.display());
+        }
+    }
+    let model = dpar::eval::inception::InceptionV3::load(&args.inception, &device)
+        .with_context(|| format!("--inception {}", args.inception.display()))?;
+    let hash = dpar::util::sha256_file(&args.inception)?;
+    let bar = dpar::util::progress_bar(0, "reference features");
+    let reference = fid::reference(&args.reference, &model, args.batch, &device, |n| bar.inc(n as u64))
+        .with_context(|| format!("--ref {}", args.reference.display()))?;
+    bar.finish_and_clear();
+    if let (Some(path), fid::Reference::Features { features, .. }) = (&args.save_ref_stats, &reference) {
+        fid::save_stats(path, features)?;
+        println!("wrote {} (mu, sigma of {} reference images)", path.display(), features.len());
+    }
+    if let fid::Reference::Stats { .. } = &reference {
+        println!(
+            "reference statistics read from {} (ADM's reference batches hold TensorFlow-Inception statistics; \
+             see the README on how they relate to these features)",
+            args.reference.display()
+        );
+    }
+    let bar = dpar::util::progress_bar(0, "sample features");
+    let samples = fid::features(&model, &args.samples, args.batch, &device, |n| bar.inc(n as u64))
+        .with_context(|| format!("--samples {}", args.samples.display()))?;
+    bar.finish_and_clear();
+    let report = fid::report(&samples, &reference, &hash, args.inception_score, args.precision_recall)?;
+    println!(
+        "{}: {:.4} ({} samples vs {})",
+        report.metric,
+        report.value,
+        report.samples,
+        if report.reference_images > 0 { format!("{} reference images", report.reference_images) } else { "reference statistics".into() }
+    );
+    if let Some((mean, std)) = report.inception_score {
+        println!("  Inception Score {mean:.3} ± {std:.3}");
+    }
+    if let Some((p, r)) = report.precision_recall {
+        println!("  precision {p:.3}, recall {r:.3} (k = 3)");
+    }
+    if let Some(path) = &args.json {
         dpar::util::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("wrote {}", path.display());
     }

@@ -73,7 +73,8 @@ pub struct ReconstructArgs {
     /// Tokenizer run folder or weight file.
     #[arg(long, default_value = "models/mnist/tokenizer")]
     tokenizer: PathBuf,
-    /// Architecture preset, for weight files without an embedded config (LlamaGen `.pt`).
+    /// Architecture, for weight files without an embedded config (LlamaGen `.pt`): `vq16`, or a
+    /// JSON file with a whole tokenizer config.
     #[arg(long)]
     tokenizer_preset: Option<String>,
     #[command(flatten)]
@@ -95,7 +96,8 @@ pub struct EvalArgs {
     /// Tokenizer run folder or weight file.
     #[arg(long, default_value = "models/mnist/tokenizer")]
     tokenizer: PathBuf,
-    /// Architecture preset, for weight files without an embedded config (LlamaGen `.pt`).
+    /// Architecture, for weight files without an embedded config (LlamaGen `.pt`): `vq16`, or a
+    /// JSON file with a whole tokenizer config.
     #[arg(long)]
     tokenizer_preset: Option<String>,
     #[command(flatten)]
@@ -114,8 +116,8 @@ pub struct TokenizeArgs {
     /// other command).
     #[arg(long, default_value = "models/mnist/tokenizer")]
     tokenizer: PathBuf,
-    /// Architecture preset, for tokenizer weight files without an embedded config.
-    /// Architecture preset, for weight files without an embedded config (LlamaGen `.pt`).
+    /// Architecture, for weight files without an embedded config (LlamaGen `.pt`): `vq16`, or a
+    /// JSON file with a whole tokenizer config.
     #[arg(long)]
     tokenizer_preset: Option<String>,
     #[command(flatten)]
@@ -137,6 +139,15 @@ pub struct TokenizeArgs {
     /// digits, letters or anything else whose mirror image is a different thing. Off by default.
     #[arg(long)]
     flip: bool,
+    /// LlamaGen's ImageNet augmentation: centre-crop each image to --crop-range × the tokenizer's
+    /// size, then store its five crops (corners and centre) at the tokenizer's size, each with a
+    /// flip copy: the ten views of LlamaGen's `extract_codes_c2i.py --ten-crop`. (Each crop is a
+    /// separate entry of the shards, so an epoch sees each crop once, with a random flip.)
+    #[arg(long)]
+    ten_crop: bool,
+    /// With --ten-crop: the centre crop's size relative to the tokenizer's (LlamaGen: 1.1).
+    #[arg(long, default_value_t = 1.1, requires = "ten_crop")]
+    crop_range: f64,
     /// Images per shard file.
     #[arg(long, default_value_t = 65536)]
     shard_size: usize,
@@ -282,16 +293,30 @@ fn eval(args: EvalArgs) -> Result<()> {
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let device = args.device.device()?;
     let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
-    let mut data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
+    let size = tok.config.image_size;
+    let load_size = if args.ten_crop {
+        if !(1.0..=2.0).contains(&args.crop_range) {
+            bail!("--crop-range {}: must lie in [1, 2] (LlamaGen uses 1.1)", args.crop_range);
+        }
+        (size as f64 * args.crop_range) as usize
+    } else {
+        size
+    };
+    let mut data = args.data.load(&args.split, load_size, tok.config.in_channels)?;
     if let Some(n) = args.max_images {
         data = data.take(n);
     }
+    let flip = args.flip || args.ten_crop;
+    if args.ten_crop {
+        data = data.five_crops(size)?;
+        println!("--ten-crop: {} crops of {size}² from {load_size}² centre crops, each with a flip copy", data.len());
+    }
     let out = args.out.unwrap_or_else(|| PathBuf::from("data/codes").join(&args.split));
     let t = std::time::Instant::now();
-    let per_image = if args.flip { 2 } else { 1 };
+    let per_image = if flip { 2 } else { 1 };
     let bar = dpar::util::progress_bar((data.len() * per_image) as u64, "tokenize");
     let written = tok
-        .tokenize_to_set(&data, &out, args.overwrite, args.flip, args.shard_size, args.batch, &device, |n| {
+        .tokenize_to_set(&data, &out, args.overwrite, flip, args.shard_size, args.batch, &device, |n| {
             bar.inc(n as u64)
         })
         .with_context(|| format!("--out {}", out.display()))?;
@@ -304,7 +329,7 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
         g,
         g,
         g * g,
-        if args.flip { " (+ flip copy)" } else { "" },
+        if flip { " (+ flip copy)" } else { "" },
         t.elapsed().as_secs_f64(),
         (data.len() * per_image) as f64 / t.elapsed().as_secs_f64()
     );
