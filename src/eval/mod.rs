@@ -3,11 +3,14 @@
 //! FD, never FID.
 //!
 //! - [`classifier`]: the small CNN, its training and loading (with its weights' hash).
+//! - [`inception`]: pytorch-fid's InceptionV3 (pool3 features and logits) for FID and IS with
+//!   the standard weights, loaded by their key names.
 //! - [`metrics`]: FD (faer for the matrix square root), classifier Inception Score, k-NN
 //!   precision/recall, and their tests against worked cases.
 //! - [`quality`]: one call from images (and requested labels) to a [`QualityReport`].
 
 pub mod classifier;
+pub mod inception;
 pub mod metrics;
 
 use candle_core::Tensor;
@@ -18,6 +21,19 @@ pub enum EvalError {
     /// Bad input or settings.
     #[error("eval: {0}")]
     Bad(String),
+    /// A weight the network needs is absent.
+    #[error("weights: missing tensor `{key}`")]
+    MissingWeight { key: String },
+    /// A weight has another shape than the network needs.
+    #[error("weights: `{key}` has shape {got:?}, expected {want:?}")]
+    WeightShape { key: String, want: Vec<usize>, got: Vec<usize> },
+    /// A weights file does not fit the network.
+    #[error("{path}: {source}")]
+    WeightsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<EvalError>,
+    },
     #[error(transparent)]
     Params(#[from] crate::params::ParamError),
     #[error(transparent)]
