@@ -49,6 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..dpar::tokenizer::VqConfig::vq16()
     };
     std::fs::write(dir.join("vq16-tiny.json"), serde_json::to_string_pretty(&config)?)?;
-    println!("wrote {} classes × {per_class} images under {}/train, and {}/vq16-tiny.json", classes, dir.display(), dir.display());
+    println!(
+        "wrote {} classes × {per_class} images under {}/train, and {}/vq16-tiny.json",
+        classes,
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }

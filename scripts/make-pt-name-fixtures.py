@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/pt-names/: one torch.save checkpoint per inner archive-name length 1..40
-(name-NN.pt), their common safetensors twin (twin.safetensors), and a legacy-format file
-(legacy.pt).
+(name-NN.pt), their common safetensors twin (twin.safetensors), and the same state dict in
+the legacy format (legacy.pt, as torch < 1.6 wrote it).
 
 torch.save names the folder inside its ZIP archive after the file it writes (the file name
 without its extension), and the length of that name decides where the ZIP64 end records land.
@@ -48,7 +48,8 @@ with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, stem + ".pt")
         torch.save({"model": state, "epoch": 3}, path)
         os.replace(path, os.path.join(OUT, f"name-{n:02}.pt"))
-# A legacy (pre-1.6 format) checkpoint, which the reader must refuse with a clear message.
-torch.save({"model": {"w": state["tok_embeddings.weight"]}}, os.path.join(OUT, "legacy.pt"),
-           _use_new_zipfile_serialization=False)
+# The same state dict in the legacy (pre-1.6) format, with an optimizer-like entry outside
+# "model" whose storage comes first in the file.
+torch.save({"optim": {"m": torch.randn(3, dtype=torch.float64, generator=g)}, "model": state},
+           os.path.join(OUT, "legacy.pt"), _use_new_zipfile_serialization=False)
 print("wrote", OUT)

@@ -173,13 +173,7 @@ pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Te
         let n = std::io::Read::read(&mut file, &mut head).unwrap_or(0);
         head[..n].to_vec()
     };
-    if head.len() >= 2 && head[0] == 0x80 && head[..4] != *b"PK\x03\x04" {
-        return Err(bad("this is a legacy torch.save file (written with _use_new_zipfile_serialization=False or \
-             torch < 1.6), which is not supported; re-save it with a current torch: \
-             torch.save(torch.load(f), f2)"
-            .to_string()));
-    }
-    let mut zip = crate::zipfile::ZipReader::open(path).map_err(|e| bad(e.to_string()))?;
+    let legacy = head.len() >= 2 && head[0] == 0x80 && head[..] != *b"PK\x03\x04";
     // candle's pickle machine panics on some damaged input (found by tests/fuzz.rs: an index
     // out of bounds on a one-byte change); such a panic becomes an error naming the file.
     let guarded = |f: &mut dyn FnMut() -> Result<HashMap<String, Tensor>>| {
@@ -196,6 +190,10 @@ pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Te
             Err(bad(format!("the pickle reader failed ({what}): the file is damaged or not a torch.save checkpoint")))
         })
     };
+    if legacy {
+        return guarded(&mut || read_legacy_pytorch(path, key).map_err(&bad));
+    }
+    let mut zip = crate::zipfile::ZipReader::open(path).map_err(|e| bad(e.to_string()))?;
     let tensors = guarded(&mut || {
         let found = match pytorch_tensor_infos(&mut zip, key).map_err(&bad)? {
             infos if infos.is_empty() && key.is_some() => pytorch_tensor_infos(&mut zip, None).map_err(&bad)?,
@@ -213,6 +211,110 @@ pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Te
         Ok(tensors)
     })?;
     Ok(tensors)
+}
+
+/// Reads a legacy `torch.save` file (torch < 1.6, or `_use_new_zipfile_serialization=False`):
+/// pickles of the magic number, the protocol version and system info, then the object (whose
+/// tensors refer to storages by key), then the sorted storage keys, then each storage as an
+/// int64 element count and its raw little-endian bytes.
+fn read_legacy_pytorch(path: &Path, key: Option<&str>) -> std::result::Result<HashMap<String, Tensor>, String> {
+    use candle_core::pickle::{Object, Stack};
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    // The magic number 0x1950a86a20f9469cfc6c, pickled (protocol 2, LONG1 of 10 bytes).
+    const MAGIC: [u8; 15] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e];
+    let mut rest = bytes.strip_prefix(&MAGIC[..]).ok_or("not a torch.save file (no torch magic number)")?;
+    let mut next_pickle = |what: &str| -> std::result::Result<Object, String> {
+        let mut stack = Stack::empty();
+        stack.read_loop(&mut rest).map_err(|e| format!("{what}: {e}"))?;
+        stack.finalize().map_err(|e| format!("{what}: {e}"))
+    };
+    next_pickle("protocol version")?;
+    next_pickle("system info")?;
+    let object = next_pickle("the saved object")?;
+    let Object::List(keys) = next_pickle("storage keys")? else {
+        return Err("the storage key list is missing".to_string());
+    };
+    let keys: Vec<String> = keys.into_iter().filter_map(|k| k.unicode().ok()).collect();
+    // The storages follow in key order, each an int64 element count then the bytes; the element
+    // size comes from the storage type recorded wherever the storage is referenced.
+    let mut elem_of = HashMap::new();
+    storage_element_sizes(&object, &mut elem_of);
+    let mut storages: HashMap<String, &[u8]> = HashMap::new();
+    let mut infos = Vec::new();
+    let object = match (key, object) {
+        (Some(key), Object::Dict(entries)) if entries.iter().any(|(k, _)| *k == Object::Unicode(key.to_string())) => {
+            entries
+                .into_iter()
+                .find(|(k, _)| *k == Object::Unicode(key.to_string()))
+                .map(|(_, v)| v)
+                .unwrap_or(Object::None)
+        }
+        (_, object) => object,
+    };
+    if let Object::Dict(entries) = object {
+        for (name, value) in entries {
+            if let Some(info) = value.into_tensor_info(name, Path::new("")).map_err(|e| e.to_string())? {
+                infos.push(info);
+            }
+        }
+    }
+    for k in &keys {
+        let count = rest.get(..8).ok_or_else(|| format!("storage {k} is truncated"))?;
+        let count = u64::from_le_bytes(count.try_into().expect("8 bytes"));
+        let elem = *elem_of.get(k).ok_or_else(|| format!("storage {k}: unknown element type"))? as u64;
+        let len = count
+            .checked_mul(elem)
+            .filter(|&l| l <= (rest.len() - 8) as u64)
+            .ok_or_else(|| format!("storage {k} is truncated"))?;
+        storages.insert(k.clone(), &rest[8..8 + len as usize]);
+        rest = &rest[8 + len as usize..];
+    }
+    let mut tensors = HashMap::new();
+    for info in infos {
+        let storage_key = info.path.trim_start_matches('/');
+        let storage =
+            storages.get(storage_key).ok_or_else(|| format!("tensor `{}`: no storage {storage_key}", info.name))?;
+        let tensor = view_of_storage(storage, &info).map_err(|e| format!("tensor `{}`: {e}", info.name))?;
+        tensors.insert(info.name, tensor);
+    }
+    if tensors.is_empty() {
+        return Err("no tensors found".to_string());
+    }
+    Ok(tensors)
+}
+
+/// The element size of every storage a legacy pickle references, by storage key: persistent ids
+/// are `('storage', <torch.XStorage>, key, location, numel, …)`.
+fn storage_element_sizes(object: &candle_core::pickle::Object, out: &mut HashMap<String, usize>) {
+    use candle_core::pickle::Object;
+    match object {
+        Object::PersistentLoad(id) => {
+            if let Object::Tuple(parts) = &**id {
+                if let [Object::Unicode(tag), Object::Class { class_name, .. }, Object::Unicode(key), ..] = &parts[..] {
+                    let size = match class_name.as_str() {
+                        "DoubleStorage" | "LongStorage" | "ComplexFloatStorage" => 8,
+                        "FloatStorage" | "IntStorage" => 4,
+                        "HalfStorage" | "BFloat16Storage" | "ShortStorage" => 2,
+                        "ByteStorage" | "CharStorage" | "BoolStorage" => 1,
+                        _ => 0,
+                    };
+                    if tag == "storage" && size > 0 {
+                        out.insert(key.clone(), size);
+                    }
+                }
+            }
+        }
+        Object::Tuple(items) | Object::List(items) => items.iter().for_each(|o| storage_element_sizes(o, out)),
+        Object::Dict(entries) => entries.iter().for_each(|(k, v)| {
+            storage_element_sizes(k, out);
+            storage_element_sizes(v, out);
+        }),
+        Object::Reduce { callable, args } | Object::Build { callable, args } => {
+            storage_element_sizes(callable, out);
+            storage_element_sizes(args, out);
+        }
+        _ => {}
+    }
 }
 
 /// The tensors a checkpoint's `*/data.pkl` describes (under `key` when given and present).
@@ -305,23 +407,43 @@ fn read_pytorch_tensor(
         let bytes = read_storage(zip, &info.path, offset * elem, count_bytes)?;
         return Tensor::from_raw_buffer(&bytes, info.dtype, &dims, &Device::Cpu).map_err(|e| e.to_string());
     }
-    // A strided view: gather its elements from the whole storage (entry sizes bound the storage;
-    // a broadcast view may hold more elements than its storage, within reason).
+    let storage_len = (entry_size as usize) / elem;
+    let bytes = read_storage(zip, &info.path, 0, storage_len * elem)?;
+    view_of_storage(&bytes, info)
+}
+
+/// The tensor `info` describes (offset, shape, strides) over the whole storage `bytes`.
+fn view_of_storage(bytes: &[u8], info: &candle_core::pickle::TensorInfo) -> std::result::Result<Tensor, String> {
+    let layout = &info.layout;
+    let elem = info.dtype.size_in_bytes();
+    let dims = layout.dims().to_vec();
+    let offset = layout.start_offset() / elem;
+    let storage_len = bytes.len() / elem;
+    let too_big = || format!("its shape {dims:?} does not fit its storage of {} bytes", bytes.len());
+    let count = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(too_big)?;
+    if count == 0 {
+        return Tensor::zeros(dims, info.dtype, &Device::Cpu).map_err(|e| e.to_string());
+    }
+    // A broadcast view may hold more elements than its storage, within reason.
     let last = dims
         .iter()
         .zip(layout.stride())
         .try_fold(offset, |acc, (d, s)| d.saturating_sub(1).checked_mul(*s).and_then(|x| acc.checked_add(x)))
         .ok_or_else(too_big)?;
-    if (last + 1).saturating_mul(elem) as u64 > entry_size
-        || count_bytes as u64 > 4 * entry_size + (1 << 20)
-        || last > u32::MAX as usize
-    {
+    if last >= storage_len || count > 4 * storage_len + (1 << 20) || last > u32::MAX as usize {
         return Err(too_big());
     }
-    let storage_len = (entry_size as usize) / elem;
-    let bytes = read_storage(zip, &info.path, 0, storage_len * elem)?;
-    let storage =
-        Tensor::from_raw_buffer(&bytes, info.dtype, &[storage_len], &Device::Cpu).map_err(|e| e.to_string())?;
+    if layout.is_contiguous() {
+        return Tensor::from_raw_buffer(
+            &bytes[offset * elem..(offset + count) * elem],
+            info.dtype,
+            &dims,
+            &Device::Cpu,
+        )
+        .map_err(|e| e.to_string());
+    }
+    let storage = Tensor::from_raw_buffer(&bytes[..storage_len * elem], info.dtype, &[storage_len], &Device::Cpu)
+        .map_err(|e| e.to_string())?;
     let mut index = vec![offset as u32];
     for (&d, &s) in dims.iter().zip(layout.stride()) {
         index = index.iter().flat_map(|&base| (0..d).map(move |i| base + (i * s) as u32)).collect();

@@ -180,6 +180,12 @@ fn pytorch_files_never_panic() {
         write(&path, b);
         let _ = dpar::tensor_io::read_weights(&path, &Device::Cpu, Some("model"));
     });
+    // The legacy (pre-1.6, not zip) format has its own reader.
+    let legacy = std::fs::read(fixtures.join("pt-names/legacy.pt")).unwrap();
+    fuzz(".pt (legacy format)", &legacy, |b| {
+        write(&path, b);
+        let _ = dpar::tensor_io::read_weights(&path, &Device::Cpu, Some("model"));
+    });
 }
 
 /// What the long fuzz run found: one byte (0x80) at this place of the VQ-16 checkpoint made

@@ -38,8 +38,23 @@ fn checkpoints_with_every_inner_name_length_load_and_equal_their_twin() {
 }
 
 #[test]
-fn a_legacy_torch_file_gets_a_message_saying_how_to_convert_it() {
-    let path = fixtures().join("legacy.pt");
-    let err = dpar::tensor_io::read_pytorch(&path, Some("model")).unwrap_err().to_string();
-    assert!(err.contains("legacy.pt") && err.contains("legacy torch.save") && err.contains("re-save"), "{err}");
+fn a_legacy_torch_file_loads_and_equals_the_twin() {
+    let twin = dpar::tensor_io::read_safetensors(&fixtures().join("twin.safetensors"), &Device::Cpu).unwrap();
+    let tensors = dpar::tensor_io::read_pytorch(&fixtures().join("legacy.pt"), Some("model")).unwrap();
+    assert_eq!(tensors.len(), twin.tensors.len());
+    for (name, want) in &twin.tensors {
+        assert_eq!(flat(&tensors[name]), flat(want), "{name}");
+        assert_eq!(tensors[name].dims(), want.dims(), "{name}");
+    }
+    // A cut-off legacy file is an error naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.pt");
+    let bytes = std::fs::read(fixtures().join("legacy.pt")).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let err = dpar::tensor_io::read_pytorch(&cut, Some("model")).unwrap_err().to_string();
+    assert!(err.contains("cut.pt") && err.contains("truncated"), "{err}");
+}
+
+fn flat(t: &candle_core::Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
 }

@@ -241,7 +241,10 @@ pub fn report(
     let metric = if weights_sha256.starts_with(FID_WEIGHTS_SHA256_PREFIX) {
         "FID".to_string()
     } else {
-        format!("FD in InceptionV3 features of weights {} (not pytorch-fid's FID weights, so not FID)", &weights_sha256[..8.min(weights_sha256.len())])
+        format!(
+            "FD in InceptionV3 features of weights {} (not pytorch-fid's FID weights, so not FID)",
+            &weights_sha256[..8.min(weights_sha256.len())]
+        )
     };
     let inception_score = if inception_score {
         let n = samples.len();
@@ -258,7 +261,9 @@ pub fn report(
     };
     let precision_recall = match (precision_recall, reference) {
         (false, _) => None,
-        (true, Reference::Features { features, .. }) => Some(metrics::precision_recall(&features.pool, &samples.pool, f, 3)?),
+        (true, Reference::Features { features, .. }) => {
+            Some(metrics::precision_recall(&features.pool, &samples.pool, f, 3)?)
+        }
         (true, Reference::Stats { source, .. }) => {
             return Err(EvalError::Bad(format!(
                 "{source} holds statistics only; precision/recall need reference images or activations"

@@ -476,9 +476,8 @@ impl InceptionV3 {
     }
 
     /// The network from a weights file: pytorch-fid's `.pth` or a `.safetensors` with its keys.
-    /// A `.pth` must be in torch's zip format (torch ≥ 1.6; candle reads no other). A file in the
-    /// older format fails with "invalid Zip archive"; re-save it once with a current torch
-    /// (`torch.save(torch.load(old), new)`) or convert it to safetensors.
+    /// Both `torch.save` formats are read (the zip format of torch ≥ 1.6 and the legacy one; see
+    /// [`crate::tensor_io::read_pytorch`]).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let map = crate::tensor_io::read_weights(path, device, None)?;
         Self::from_tensors(&map, device)

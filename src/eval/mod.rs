@@ -1,15 +1,19 @@
 //! Evaluation (spec §8): a frozen classifier's feature space and the sample-quality metrics
-//! computed in it. The metric is a Fréchet distance in *this classifier's* features — call it
-//! FD, never FID.
+//! computed in it. For MNIST the metric is a Fréchet distance in *the small classifier's*
+//! features — FD, never FID. FID is the same distance in InceptionV3 pool features with
+//! pytorch-fid's FID weights ([`fid`]), and is named FID only with those weights.
 //!
 //! - [`classifier`]: the small CNN, its training and loading (with its weights' hash).
+//! - [`fid`]: FID (and IS, precision/recall) of `.npz` or image-folder sample sets against ADM
+//!   reference batches, statistics or images, for the ImageNet protocol.
 //! - [`inception`]: pytorch-fid's InceptionV3 (pool3 features and logits) for FID and IS with
 //!   the standard weights, loaded by their key names.
 //! - [`metrics`]: FD (faer for the matrix square root), classifier Inception Score, k-NN
 //!   precision/recall, and their tests against worked cases.
-//! - [`quality`]: one call from images (and requested labels) to a [`QualityReport`].
+//! - [`quality()`]: one call from images (and requested labels) to a [`QualityReport`].
 
 pub mod classifier;
+pub mod fid;
 pub mod inception;
 pub mod metrics;
 

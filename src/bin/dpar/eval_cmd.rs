@@ -334,7 +334,11 @@ fn fid(args: FidArgs) -> Result<()> {
         report.metric,
         report.value,
         report.samples,
-        if report.reference_images > 0 { format!("{} reference images", report.reference_images) } else { "reference statistics".into() }
+        if report.reference_images > 0 {
+            format!("{} reference images", report.reference_images)
+        } else {
+            "reference statistics".into()
+        }
     );
     if let Some((mean, std)) = report.inception_score {
         println!("  Inception Score {mean:.3} ± {std:.3}");

@@ -316,9 +316,7 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let per_image = if flip { 2 } else { 1 };
     let bar = dpar::util::progress_bar((data.len() * per_image) as u64, "tokenize");
     let written = tok
-        .tokenize_to_set(&data, &out, args.overwrite, flip, args.shard_size, args.batch, &device, |n| {
-            bar.inc(n as u64)
-        })
+        .tokenize_to_set(&data, &out, args.overwrite, flip, args.shard_size, args.batch, &device, |n| bar.inc(n as u64))
         .with_context(|| format!("--out {}", out.display()))?;
     bar.finish_and_clear();
     let g = tok.config.grid_size();
