@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use dpar::eval::inception::{InceptionV3, LOGITS, POOL_FEATURES};
+use dpar::eval::inception::{stand_in, InceptionV3, LOGITS, POOL_FEATURES};
 use dpar::tensor_io::{read_safetensors, write_safetensors, TensorFile};
 
 /// The inputs of the fixture: name → (B, 3, H, W).
@@ -21,8 +21,6 @@ const INPUTS: [(&str, [usize; 4]); 4] = [
     ("input.64", [1, 3, 64, 64]),
     ("input.200x341", [1, 3, 200, 341]),
 ];
-/// Gain on the He-uniform scale of the conv weights (the script's CONV_GAIN).
-const CONV_GAIN: f64 = 1.1;
 /// Largest accepted |ours − torch|, as a fraction of the largest |torch| of each output.
 const TOLERANCE: f32 = 1e-4;
 
@@ -31,43 +29,9 @@ fn expected() -> TensorFile {
     read_safetensors(&path, &Device::Cpu).unwrap()
 }
 
-fn fnv1a64(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// Output `i` of the splitmix64 stream of `seed`, mapped to [-1, 1) with 24 bits (exact in f32).
-fn uniform(seed: u64, i: u64) -> f64 {
-    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z >> 40) as f64 / (1u64 << 23) as f64 - 1.0
-}
-
-/// The formula tensor `name` (see the script's docstring for the per-kind scales).
+/// The stand-in formula tensor `name` (the library's, which the script mirrors).
 fn formula(name: &str, shape: &[usize]) -> Tensor {
-    let count: usize = shape.iter().product();
-    let seed = fnv1a64(name);
-    let fan_in: usize = shape.iter().skip(1).product();
-    let kind: Box<dyn Fn(f64) -> f64> = if name.starts_with("input.") {
-        Box::new(|u| (u + 1.0) / 2.0)
-    } else if name.ends_with("conv.weight") {
-        let scale = (6.0 / fan_in as f64).sqrt() * CONV_GAIN;
-        Box::new(move |u| u * scale)
-    } else if name.ends_with("bn.weight") {
-        Box::new(|u| 1.0 + 0.1 * u)
-    } else if name.ends_with("bn.running_var") {
-        Box::new(|u| 1.0 + 0.5 * u.abs())
-    } else if name.ends_with("bn.bias") || name.ends_with("bn.running_mean") || name.ends_with("fc.bias") {
-        Box::new(|u| 0.1 * u)
-    } else if name == "fc.weight" {
-        let scale = (3.0f64 / 2048.0).sqrt();
-        Box::new(move |u| u * scale)
-    } else {
-        panic!("no formula for {name}")
-    };
-    let values: Vec<f32> = (0..count as u64).map(|i| kind(uniform(seed, i)) as f32).collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    stand_in::tensor(name, shape, &Device::Cpu).unwrap_or_else(|| panic!("no formula for {name}")).unwrap()
 }
 
 fn formula_weights(expected: &TensorFile) -> HashMap<String, Tensor> {
@@ -75,8 +39,8 @@ fn formula_weights(expected: &TensorFile) -> HashMap<String, Tensor> {
     let elements: usize = shapes.iter().map(|(_, shape)| shape.iter().product::<usize>()).sum();
     assert_eq!(shapes.len(), expected.meta_parse::<usize>("weight_tensors").unwrap(), "weight count vs pytorch-fid");
     assert_eq!(elements, expected.meta_parse::<usize>("weight_elements").unwrap(), "weight elements vs pytorch-fid");
-    let weights: HashMap<String, Tensor> =
-        shapes.into_iter().map(|(name, shape)| (name.clone(), formula(&name, &shape))).collect();
+    let weights = stand_in::weights(&Device::Cpu).unwrap();
+    assert_eq!(weights.len(), shapes.len());
     // The formula itself agrees with the script's, value for value.
     for (key, probe) in &expected.tensors {
         let Some(name) = key.strip_prefix("probe.") else { continue };

@@ -106,6 +106,16 @@ pub fn for_each_image_batch(
     Ok(n)
 }
 
+/// The number of images in `source` (from the `.npz` header or the folder listing), for a
+/// progress bar.
+pub fn count_images(source: &Path) -> Result<usize> {
+    if source.is_dir() {
+        return Ok(image_files(source)?.len());
+    }
+    let (header, _) = NpzReader::open(source)?.header("arr_0")?;
+    Ok(header.shape.first().copied().unwrap_or(0))
+}
+
 /// Every PNG/JPEG file under `dir`, recursively, in sorted order.
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -272,7 +282,8 @@ pub fn report(
     };
     Ok(FidReport {
         metric,
-        value,
+        // The distance is ≥ 0; rounding can leave −1e−12 for a set against itself.
+        value: value.max(0.0),
         samples: samples.len(),
         reference_images,
         reference: source.clone(),

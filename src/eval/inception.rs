@@ -531,6 +531,72 @@ impl InceptionV3 {
     }
 }
 
+/// Deterministic stand-in weights and inputs, by formula: for tests and for dry runs of the FID
+/// pipeline where the real weights are not at hand. They are **not trained**: a distance in
+/// their features is an FD, never FID. `scripts/make-inception-fixture.py` computes the same
+/// formula in numpy (tensor values: FNV-1a of the name seeds a splitmix64 stream, 24-bit uniforms
+/// in [−1, 1), scaled per kind of tensor; `input.*` names give images in [0, 1]).
+pub mod stand_in {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, Tensor};
+
+    use super::{InceptionV3, Result};
+
+    /// Gain on the He-uniform scale of the conv weights: activations keep an O(1) scale.
+    pub const CONV_GAIN: f64 = 1.1;
+
+    fn fnv1a64(name: &str) -> u64 {
+        name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+    }
+
+    /// Output `i` of the splitmix64 stream of `seed`, mapped to [−1, 1) with 24 bits (exact in f32).
+    fn uniform(seed: u64, i: u64) -> f64 {
+        let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 40) as f64 / (1u64 << 23) as f64 - 1.0
+    }
+
+    /// The formula tensor `name` of `shape`; `None` for a name of no known kind.
+    pub fn tensor(name: &str, shape: &[usize], device: &Device) -> Option<Result<Tensor>> {
+        let count: usize = shape.iter().product();
+        let seed = fnv1a64(name);
+        let fan_in: usize = shape.iter().skip(1).product();
+        let conv_scale = (6.0 / fan_in.max(1) as f64).sqrt() * CONV_GAIN;
+        let fc_scale = (3.0f64 / 2048.0).sqrt();
+        let kind: Box<dyn Fn(f64) -> f64> = if name.starts_with("input.") {
+            Box::new(|u| (u + 1.0) / 2.0)
+        } else if name.ends_with("conv.weight") {
+            Box::new(move |u| u * conv_scale)
+        } else if name.ends_with("bn.weight") {
+            Box::new(|u| 1.0 + 0.1 * u)
+        } else if name.ends_with("bn.running_var") {
+            Box::new(|u| 1.0 + 0.5 * u.abs())
+        } else if name.ends_with("bn.bias") || name.ends_with("bn.running_mean") || name.ends_with("fc.bias") {
+            Box::new(|u| 0.1 * u)
+        } else if name == "fc.weight" {
+            Box::new(move |u| u * fc_scale)
+        } else {
+            return None;
+        };
+        let values: Vec<f32> = (0..count as u64).map(|i| kind(uniform(seed, i)) as f32).collect();
+        Some(Tensor::from_vec(values, shape, device).map_err(Into::into))
+    }
+
+    /// Every weight of the network, by pytorch-fid's key names.
+    pub fn weights(device: &Device) -> Result<HashMap<String, Tensor>> {
+        InceptionV3::weight_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = tensor(&name, &shape, device).expect("every network key has a formula kind")?;
+                Ok((name, t))
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

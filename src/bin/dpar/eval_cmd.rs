@@ -309,7 +309,7 @@ fn fid(args: FidArgs) -> Result<()> {
     let model = dpar::eval::inception::InceptionV3::load(&args.inception, &device)
         .with_context(|| format!("--inception {}", args.inception.display()))?;
     let hash = dpar::util::sha256_file(&args.inception)?;
-    let bar = dpar::util::progress_bar(0, "reference features");
+    let bar = dpar::util::progress_bar(fid::count_images(&args.reference).unwrap_or(0) as u64, "reference features");
     let reference = fid::reference(&args.reference, &model, args.batch, &device, |n| bar.inc(n as u64))
         .with_context(|| format!("--ref {}", args.reference.display()))?;
     bar.finish_and_clear();
@@ -324,7 +324,7 @@ fn fid(args: FidArgs) -> Result<()> {
             args.reference.display()
         );
     }
-    let bar = dpar::util::progress_bar(0, "sample features");
+    let bar = dpar::util::progress_bar(fid::count_images(&args.samples).unwrap_or(0) as u64, "sample features");
     let samples = fid::features(&model, &args.samples, args.batch, &device, |n| bar.inc(n as u64))
         .with_context(|| format!("--samples {}", args.samples.display()))?;
     bar.finish_and_clear();
