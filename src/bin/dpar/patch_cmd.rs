@@ -53,6 +53,10 @@ pub struct PatchifyArgs {
     /// found beside the codes' folder, in models/mnist/tokenizer or in runs/tokenizer.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Architecture, for tokenizer weight files without an embedded config (LlamaGen `.pt`):
+    /// `vq16`, or a JSON file with a whole tokenizer config.
+    #[arg(long)]
+    tokenizer_preset: Option<String>,
     /// Picture path for --show.
     #[arg(long, default_value = "out/patches.png")]
     out: PathBuf,
@@ -183,7 +187,7 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
             &owner,
             crate::common::allow_mismatch(),
         )?;
-        let tok = dpar::models::tokenizer(&tok_path, None, &device)?;
+        let tok = dpar::models::tokenizer(&tok_path, args.tokenizer_preset.as_deref(), &device)?;
         let n = n.min(shard.len());
         let codes = candle_core::Tensor::from_slice(&shard.codes[..n * l], (n, l), &device)?;
         let images = dpar::viz::tensor_to_images(&tok.decode(&codes)?)?;
