@@ -42,3 +42,40 @@ fn npz_samples_equal_the_decoded_codes_of_the_same_run() {
     assert_eq!(settings["per_class"], 3);
     assert_eq!(settings["sampling"]["seed"], 11);
 }
+
+/// `dpar eval samples` scores a `.npz` like the codes it was drawn from: the same images up to
+/// uint8 rounding, the same labels (read from the settings beside the `.npz`).
+#[test]
+fn eval_samples_reads_an_npz_like_the_codes() {
+    let mnist = common::mnist_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let npz = dir.path().join("s.npz");
+    let out = dir.path().join("png");
+    let base = ["sample", "--per-class", "4", "--seed", "5", "--batch-size", "40"];
+    assert!(common::run_dpar(&[&base[..], &["--npz", npz.to_str().unwrap()]].concat()).0);
+    assert!(common::run_dpar(&[&base[..], &["--out", out.to_str().unwrap()]].concat()).0);
+    let report = |codes: &std::path::Path, json: &str| {
+        let json = dir.path().join(json);
+        let (ok, text) = common::run_dpar(&[
+            "eval",
+            "samples",
+            "--codes",
+            codes.to_str().unwrap(),
+            "--n",
+            "40",
+            "--data",
+            mnist.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(json).unwrap()).unwrap()
+    };
+    let from_codes = report(&out.join("codes.safetensors"), "codes.json");
+    let from_npz = report(&npz, "npz.json");
+    assert_eq!(from_npz["samples"], 40);
+    let (a, b) = (from_codes["fd"].as_f64().unwrap(), from_npz["fd"].as_f64().unwrap());
+    assert!((a - b).abs() <= 0.02 * a.max(1.0), "FD from codes {a}, from the npz {b}");
+    let (a, b) = (from_codes["accuracy"].as_f64().unwrap(), from_npz["accuracy"].as_f64().unwrap());
+    assert!((a - b).abs() <= 0.05, "class accuracy from codes {a}, from the npz {b}");
+}
