@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/pt-names/: one torch.save checkpoint per inner archive-name length 1..40
 (name-NN.pt), their common safetensors twin (twin.safetensors), and the same state dict in
-the legacy format (legacy.pt, as torch < 1.6 wrote it).
+the legacy format (legacy.pt, as torch < 1.6 wrote it), and under a "module" key
+(module-key.pt, as DeepSpeed saves).
 
 torch.save names the folder inside its ZIP archive after the file it writes (the file name
 without its extension), and the length of that name decides where the ZIP64 end records land.
@@ -50,6 +51,9 @@ with tempfile.TemporaryDirectory() as tmp:
         os.replace(path, os.path.join(OUT, f"name-{n:02}.pt"))
 # The same state dict in the legacy (pre-1.6) format, with an optimizer-like entry outside
 # "model" whose storage comes first in the file.
+# (Its storage keys are object ids, so the bytes differ from run to run; the values do not.)
 torch.save({"optim": {"m": torch.randn(3, dtype=torch.float64, generator=g)}, "model": state},
            os.path.join(OUT, "legacy.pt"), _use_new_zipfile_serialization=False)
+# A DeepSpeed-style save keeps the state dict under "module" (some of LlamaGen's releases).
+torch.save({"module": state}, os.path.join(OUT, "module-key.pt"))
 print("wrote", OUT)

@@ -156,9 +156,10 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
     Ok(header.metadata().clone().unwrap_or_default())
 }
 
-/// Reads a PyTorch `.pt`/`.pth` checkpoint (the ZIP format of `torch.save` since 1.6). `key`
-/// selects a nested state dict (LlamaGen stores its weights under `model`); when that key is
-/// absent the top level is tried.
+/// Reads a PyTorch `.pt`/`.pth` checkpoint, in either `torch.save` format (the ZIP format of
+/// torch ≥ 1.6, or the legacy one). `key` selects a nested state dict (LlamaGen stores its
+/// weights under `model`); when that key is absent, `model`, `module` and `state_dict` are
+/// tried, then the top level.
 ///
 /// The archive is read by [`crate::zipfile`] (which follows ZIP64 end records the way
 /// `torch.load` does, see there) and its `data.pkl` by candle's pickle machine. Each tensor's
@@ -195,10 +196,13 @@ pub fn read_pytorch(path: &Path, key: Option<&str>) -> Result<HashMap<String, Te
     }
     let mut zip = crate::zipfile::ZipReader::open(path).map_err(|e| bad(e.to_string()))?;
     let tensors = guarded(&mut || {
-        let found = match pytorch_tensor_infos(&mut zip, key).map_err(&bad)? {
-            infos if infos.is_empty() && key.is_some() => pytorch_tensor_infos(&mut zip, None).map_err(&bad)?,
-            infos => infos,
-        };
+        let mut found = Vec::new();
+        for k in state_dict_keys(key) {
+            found = pytorch_tensor_infos(&mut zip, k).map_err(&bad)?;
+            if !found.is_empty() {
+                break;
+            }
+        }
         if found.is_empty() {
             return Err(bad("no tensors found".to_string()));
         }
@@ -241,14 +245,16 @@ fn read_legacy_pytorch(path: &Path, key: Option<&str>) -> std::result::Result<Ha
     storage_element_sizes(&object, &mut elem_of);
     let mut storages: HashMap<String, &[u8]> = HashMap::new();
     let mut infos = Vec::new();
-    let object = match (key, object) {
-        (Some(key), Object::Dict(entries)) if entries.iter().any(|(k, _)| *k == Object::Unicode(key.to_string())) => {
-            entries
-                .into_iter()
-                .find(|(k, _)| *k == Object::Unicode(key.to_string()))
-                .map(|(_, v)| v)
-                .unwrap_or(Object::None)
-        }
+    // The state dict: the first of the keys LlamaGen's loaders try that is present.
+    let present =
+        |k: &str| matches!(&object, Object::Dict(e) if e.iter().any(|(n, _)| *n == Object::Unicode(k.to_string())));
+    let chosen = state_dict_keys(key).into_iter().flatten().find(|k| present(k));
+    let object = match (chosen, object) {
+        (Some(k), Object::Dict(entries)) => entries
+            .into_iter()
+            .find(|(n, _)| *n == Object::Unicode(k.to_string()))
+            .map(|(_, v)| v)
+            .unwrap_or(Object::None),
         (_, object) => object,
     };
     if let Object::Dict(entries) = object {
@@ -315,6 +321,21 @@ fn storage_element_sizes(object: &candle_core::pickle::Object, out: &mut HashMap
         }
         _ => {}
     }
+}
+
+/// Where a checkpoint may keep its state dict, in the order tried: the key asked for, then the
+/// ones LlamaGen's scripts look under (`model`, `module` for DeepSpeed saves, `state_dict`),
+/// then the top level.
+fn state_dict_keys(key: Option<&str>) -> Vec<Option<&str>> {
+    let mut keys = vec![key];
+    for k in ["model", "module", "state_dict"] {
+        if key != Some(k) && key.is_some() {
+            keys.push(Some(k));
+        }
+    }
+    keys.push(None);
+    keys.dedup();
+    keys
 }
 
 /// The tensors a checkpoint's `*/data.pkl` describes (under `key` when given and present).

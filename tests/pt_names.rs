@@ -55,6 +55,14 @@ fn a_legacy_torch_file_loads_and_equals_the_twin() {
     assert!(err.contains("cut.pt") && err.contains("truncated"), "{err}");
 }
 
+#[test]
+fn a_state_dict_under_module_is_found_when_model_is_asked_for() {
+    let twin = dpar::tensor_io::read_safetensors(&fixtures().join("twin.safetensors"), &Device::Cpu).unwrap();
+    let tensors = dpar::tensor_io::read_pytorch(&fixtures().join("module-key.pt"), Some("model")).unwrap();
+    assert_eq!(tensors.len(), twin.tensors.len());
+    assert_eq!(flat(&tensors["sliced"]), flat(twin.tensor("sliced").unwrap()));
+}
+
 fn flat(t: &candle_core::Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()
 }
