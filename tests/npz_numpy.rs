@@ -41,3 +41,35 @@ fn numpy_written_archives_read_back_exactly() {
         assert!(err.contains(file) && err.contains("no array `nope`"), "{err}");
     }
 }
+
+/// An image `.npz` past 4 GiB (ZIP64 records): written and streamed back. Slow and 4.5 GB of
+/// disk, so ignored by default: `DPAR_BIG_NPZ=/path/big.npz cargo nextest run --release
+/// --run-ignored only --test npz_numpy` (keeps the file for a check with numpy:
+/// `np.load(path)["arr_0"].shape`).
+#[test]
+#[ignore]
+fn an_npz_past_four_gibibytes_round_trips() {
+    let keep = std::env::var_os("DPAR_BIG_NPZ").map(std::path::PathBuf::from);
+    let dir = tempfile::tempdir().unwrap();
+    let path = keep.unwrap_or_else(|| dir.path().join("big.npz"));
+    let (n, side) = (23_000usize, 256usize); // 23 000 × 196 608 bytes = 4.52 GB
+    let image = |i: usize| -> Vec<u8> { (0..side * side * 3).map(|j| ((i * 131 + j) % 251) as u8).collect() };
+    let mut writer = dpar::data::npz::ImageNpzWriter::create(&path, n, side, side).unwrap();
+    for i in 0..n {
+        writer.push(&image(i)).unwrap();
+    }
+    writer.finish().unwrap();
+    let mut npz = NpzReader::open(&path).unwrap();
+    let mut seen = 0usize;
+    npz.for_each_image_batch("arr_0", 1000, |bytes, k| {
+        for (j, got) in bytes.chunks(side * side * 3).enumerate().take(k) {
+            if (seen + j) % 997 == 0 || seen + j == n - 1 {
+                assert!(got == image(seen + j), "image {}", seen + j);
+            }
+        }
+        seen += k;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, n);
+}
