@@ -20,6 +20,9 @@ pub enum SampleError {
     /// A sampling setting is out of range.
     #[error("sampling: {0}")]
     BadConfig(String),
+    /// The observer of a generation asked it to stop (e.g. a closed browser tab).
+    #[error("generation cancelled")]
+    Cancelled,
     #[error(transparent)]
     Gpt(#[from] GptError),
     #[error(transparent)]
@@ -27,6 +30,25 @@ pub enum SampleError {
 }
 
 pub type Result<T> = std::result::Result<T, SampleError>;
+
+/// One code position of every image of a batch, as generation produces it: for watchers of a
+/// generation (`dpar serve` streams these to a web page).
+#[derive(Debug)]
+pub struct CodeStep<'a> {
+    /// The position k in raster order.
+    pub k: usize,
+    /// z_k of each image.
+    pub codes: &'a [u32],
+    /// Per image, the next-code entropy behind z_k in nats: the entropy model's H_k for DPAR
+    /// (+∞ for z_0), the conditional model's own for the baseline.
+    pub entropies: &'a [f32],
+    /// Per image, whether z_k opens a patch (DPAR; every code for the baseline).
+    pub opens_patch: &'a [bool],
+}
+
+/// Called after every code position; returning `false` stops the generation with
+/// [`SampleError::Cancelled`]. `None` watches nothing (and costs nothing).
+pub type Observer<'a, 'b> = Option<&'a mut (dyn FnMut(&CodeStep) -> bool + 'b)>;
 
 /// Sampling settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -192,11 +214,26 @@ fn guided_labels(labels: &[u32], null: u32, guided: bool, device: &Device) -> Re
 /// runs the lean decode step ([`generate_gpt_lean`]), elsewhere the tensor path
 /// ([`generate_gpt_cached`]); both draw the same codes.
 pub fn generate_gpt(model: &Gpt, labels: &[u32], config: &SamplingConfig, device: &Device) -> Result<Vec<Vec<u32>>> {
+    generate_gpt_observed(model, labels, config, device, None)
+}
+
+/// [`generate_gpt`], calling `observer` after every code position.
+pub fn generate_gpt_observed(
+    model: &Gpt,
+    labels: &[u32],
+    config: &SamplingConfig,
+    device: &Device,
+    observer: Observer,
+) -> Result<Vec<Vec<u32>>> {
     let c = model.config();
     if device.is_cpu() && c.ops != crate::nn::Ops::Stock && c.cls_token_num == 1 {
-        return generate_gpt_lean(model, labels, config);
+        return generate_gpt_lean_observed(model, labels, config, observer);
     }
-    generate_gpt_cached(model, labels, config, device)
+    config.validate()?;
+    let (b, l) = (labels.len(), c.seq_len());
+    let u = uniforms(config.seed, b, l);
+    let guided = config.uses_guidance() && c.cls_token_num == 1;
+    generate_gpt_with(model, labels, config, guided, &u, device, observer)
 }
 
 /// [`generate_gpt`] through the tensor path: one cached model step (a small tensor graph) per
@@ -212,7 +249,7 @@ pub fn generate_gpt_cached(
     let (b, l) = (labels.len(), c.seq_len());
     let u = uniforms(config.seed, b, l);
     let guided = config.uses_guidance() && c.cls_token_num == 1;
-    generate_gpt_with(model, labels, config, guided, &u, device)
+    generate_gpt_with(model, labels, config, guided, &u, device, None)
 }
 
 pub(crate) fn generate_gpt_with(
@@ -222,6 +259,7 @@ pub(crate) fn generate_gpt_with(
     guided: bool,
     u: &[f64],
     device: &Device,
+    mut observer: Observer,
 ) -> Result<Vec<Vec<u32>>> {
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
@@ -232,10 +270,18 @@ pub(crate) fn generate_gpt_with(
     let mut cache = model.new_cache(all_labels.dim(0)?)?;
     let mut logits = model.step(&mut cache, Some(&all_labels), None)?;
     let mut out = vec![Vec::with_capacity(l); b];
+    let opens = vec![true; b];
     for k in 0..l {
         let chosen = choose_codes(&logits, b, guided, config, u, k, l)?;
         for (i, &code) in chosen.iter().enumerate() {
             out[i].push(code);
+        }
+        if let Some(watch) = observer.as_mut() {
+            let host = logits.narrow(0, 0, b)?.flatten_all()?.to_vec1::<f32>()?;
+            let entropies = crate::gpt::entropy_rows(&host, c.vocab_size);
+            if !watch(&CodeStep { k, codes: &chosen, entropies: &entropies, opens_patch: &opens }) {
+                return Err(SampleError::Cancelled);
+            }
         }
         if k + 1 < l {
             let mut feed = chosen.clone();
@@ -252,6 +298,15 @@ pub(crate) fn generate_gpt_with(
 /// [`generate_gpt_cached`] through the lean decode step ([`crate::gpt::decode::LeanDecoder`]): the
 /// same codes for the same seed, without a tensor graph per step. CPU, fused or bf16 kernels.
 pub fn generate_gpt_lean(model: &Gpt, labels: &[u32], config: &SamplingConfig) -> Result<Vec<Vec<u32>>> {
+    generate_gpt_lean_observed(model, labels, config, None)
+}
+
+fn generate_gpt_lean_observed(
+    model: &Gpt,
+    labels: &[u32],
+    config: &SamplingConfig,
+    mut observer: Observer,
+) -> Result<Vec<Vec<u32>>> {
     config.validate()?;
     let c = model.config();
     if c.ops == crate::nn::Ops::Stock {
@@ -271,6 +326,7 @@ pub fn generate_gpt_lean(model: &Gpt, labels: &[u32], config: &SamplingConfig) -
     let mut out = vec![Vec::with_capacity(l); b];
     let mut feed = vec![0u32; all.len()];
     let mut logits = decoder.start(&all)?;
+    let opens = vec![true; b];
     for k in 0..l {
         for i in 0..b {
             let uncond = guided.then(|| &logits[(b + i) * v..(b + i + 1) * v]);
@@ -279,6 +335,12 @@ pub fn generate_gpt_lean(model: &Gpt, labels: &[u32], config: &SamplingConfig) -
             feed[i] = code;
             if guided {
                 feed[b + i] = code;
+            }
+        }
+        if let Some(watch) = observer.as_mut() {
+            let entropies = crate::gpt::entropy_rows(&logits[..b * v], v);
+            if !watch(&CodeStep { k, codes: &feed[..b], entropies: &entropies, opens_patch: &opens }) {
+                return Err(SampleError::Cancelled);
             }
         }
         if k + 1 < l {
@@ -359,6 +421,41 @@ mod tests {
 
     /// The lean decode step gives the cached path's logits (to f32 rounding: same arithmetic)
     /// and exactly its codes, with and without guidance, at several batch sizes.
+    /// The baseline's observer sees every code, with the same entropies on both paths, and can
+    /// stop the generation.
+    #[test]
+    fn gpt_observers_see_every_code_and_can_stop() {
+        let (m, _s) = model(4);
+        let labels = [1u32, 2];
+        let config = SamplingConfig { cfg_scale: 2.0, seed: 7, ..Default::default() };
+        let want = generate_gpt_cached(&m, &labels, &config, &Device::Cpu).unwrap();
+        let mut entropies = Vec::new();
+        for lean in [false, true] {
+            let mut seen = vec![Vec::new(); 2];
+            let mut h = Vec::new();
+            let mut watch = |step: &CodeStep| {
+                seen[0].push(step.codes[0]);
+                seen[1].push(step.codes[1]);
+                h.extend_from_slice(step.entropies);
+                assert!(step.opens_patch.iter().all(|&o| o));
+                true
+            };
+            let got = if lean {
+                generate_gpt_lean_observed(&m, &labels, &config, Some(&mut watch)).unwrap()
+            } else {
+                let u = uniforms(config.seed, 2, m.config().seq_len());
+                generate_gpt_with(&m, &labels, &config, true, &u, &Device::Cpu, Some(&mut watch)).unwrap()
+            };
+            assert_eq!((&got, &seen), (&want, &want), "lean: {lean}");
+            entropies.push(h);
+        }
+        for (a, b) in entropies[0].iter().zip(&entropies[1]) {
+            assert!((a - b).abs() < 1e-4 && *a > 0.0, "{a} vs {b}");
+        }
+        let err = generate_gpt_observed(&m, &labels, &config, &Device::Cpu, Some(&mut |s: &CodeStep| s.k < 3));
+        assert!(matches!(err, Err(SampleError::Cancelled)));
+    }
+
     #[test]
     fn the_lean_decode_step_draws_exactly_the_cached_paths_codes() {
         let (m, _s) = model(4);
@@ -405,8 +502,8 @@ mod tests {
         let config = SamplingConfig { cfg_scale: 1.0, seed: 3, ..Default::default() };
         let labels = [2u32, 0, 1];
         let u = uniforms(3, 3, 9);
-        let guided = generate_gpt_with(&m, &labels, &config, true, &u, &Device::Cpu).unwrap();
-        let plain = generate_gpt_with(&m, &labels, &config, false, &u, &Device::Cpu).unwrap();
+        let guided = generate_gpt_with(&m, &labels, &config, true, &u, &Device::Cpu, None).unwrap();
+        let plain = generate_gpt_with(&m, &labels, &config, false, &u, &Device::Cpu, None).unwrap();
         assert_eq!(guided, plain);
     }
 

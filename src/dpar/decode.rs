@@ -8,7 +8,7 @@
 //! # Shapes
 //! B images, R rows (2B with guidance), D width, H heads, d = D/H, V vocabulary, L codes.
 
-use super::generate::{check, Generated};
+use super::generate::{check, notify, Generated};
 use super::{Dpar, Result};
 use crate::gpt::decode::LeanDecoder;
 use crate::gpt::{entropy_rows, Gpt};
@@ -94,6 +94,18 @@ pub fn generate_lean(
     sampling: &SamplingConfig,
     patch: &PatchConfig,
 ) -> Result<Generated> {
+    generate_lean_observed(model, entropy_model, labels, sampling, patch, None)
+}
+
+/// [`generate_lean`], calling `observer` after every code position.
+pub(super) fn generate_lean_observed(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    mut observer: crate::sample::Observer,
+) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
     if c.ops == crate::nn::Ops::Stock {
@@ -176,6 +188,8 @@ pub fn generate_lean(
     output.run(&yn, rows, &mut logits);
     let mut codes: Vec<Vec<u32>> =
         choose_codes_host(&logits, v, b, guided, sampling, &u, 0, l).into_iter().map(|z| vec![z]).collect();
+    let z0: Vec<u32> = codes.iter().map(|z| z[0]).collect();
+    notify(&mut observer, 0, &z0, &vec![f32::INFINITY; b], &vec![true; b])?;
     let mut prev = vec![0u32; b];
     let mut h = vec![0f32; b * dim];
     for k in 1..l {
@@ -239,8 +253,13 @@ pub fn generate_lean(
         )?;
         norm.run(&y, &mut yn);
         output.run(&yn, rows, &mut logits);
-        for (i, z) in choose_codes_host(&logits, v, b, guided, sampling, &u, k, l).into_iter().enumerate() {
+        let chosen = choose_codes_host(&logits, v, b, guided, sampling, &u, k, l);
+        for (i, &z) in chosen.iter().enumerate() {
             codes[i].push(z);
+        }
+        if observer.is_some() {
+            let opens: Vec<bool> = (0..b).map(|i| closing.contains(&i)).collect();
+            notify(&mut observer, k, &chosen, &entropies, &opens)?;
         }
     }
     Ok(Generated { codes, lengths: patchers.iter().map(|p| p.lengths().to_vec()).collect() })

@@ -20,7 +20,7 @@ use super::model::GlobalLayout;
 use super::{Dpar, DparError, Result};
 use crate::gpt::{entropy_rows, Gpt};
 use crate::patching::{patch_lengths, OnlinePatcher, PatchConfig};
-use crate::sample::{choose_codes, uniforms, SamplingConfig};
+use crate::sample::{choose_codes, uniforms, CodeStep, Observer, SamplingConfig};
 
 /// What generation produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,13 +87,43 @@ pub fn generate(
     patch: &PatchConfig,
     device: &Device,
 ) -> Result<Generated> {
+    generate_observed(model, entropy_model, labels, sampling, patch, device, None)
+}
+
+/// [`generate`], calling `observer` after every code position (its entropies and patch
+/// openings); the observer may stop the generation ([`crate::sample::SampleError::Cancelled`]).
+pub fn generate_observed(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    device: &Device,
+    observer: Observer,
+) -> Result<Generated> {
     if device.is_cpu()
         && model.config().ops != crate::nn::Ops::Stock
         && entropy_model.config().ops != crate::nn::Ops::Stock
     {
-        return super::decode::generate_lean(model, entropy_model, labels, sampling, patch);
+        return super::decode::generate_lean_observed(model, entropy_model, labels, sampling, patch, observer);
     }
-    generate_cached(model, entropy_model, labels, sampling, patch, device)
+    generate_cached_observed(model, entropy_model, labels, sampling, patch, device, observer)
+}
+
+/// Tells `observer` about position `k`; an error when it asks to stop.
+pub(super) fn notify(
+    observer: &mut Observer,
+    k: usize,
+    codes: &[u32],
+    entropies: &[f32],
+    opens: &[bool],
+) -> Result<()> {
+    if let Some(watch) = observer.as_mut() {
+        if !watch(&CodeStep { k, codes, entropies, opens_patch: opens }) {
+            return Err(crate::sample::SampleError::Cancelled.into());
+        }
+    }
+    Ok(())
 }
 
 /// Incremental generation through the tensor path: cached model steps (small tensor graphs) in
@@ -105,6 +135,18 @@ pub fn generate_cached(
     sampling: &SamplingConfig,
     patch: &PatchConfig,
     device: &Device,
+) -> Result<Generated> {
+    generate_cached_observed(model, entropy_model, labels, sampling, patch, device, None)
+}
+
+fn generate_cached_observed(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    device: &Device,
+    mut observer: Observer,
 ) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
@@ -138,6 +180,8 @@ pub fn generate_cached(
     let logits = model.decoder_step(&mut caches, &model.start_vectors(rows)?, &injections, 0)?;
     let mut codes: Vec<Vec<u32>> =
         choose_codes(&logits, b, guided, sampling, &u, 0, l)?.into_iter().map(|z| vec![z]).collect();
+    let z0: Vec<u32> = codes.iter().map(|z| z[0]).collect();
+    notify(&mut observer, 0, &z0, &vec![f32::INFINITY; b], &vec![true; b])?;
     for k in 1..l {
         let prev = Tensor::from_vec(codes.iter().map(|z| z[k - 1]).collect::<Vec<_>>(), (b, 1), device)?;
         // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
@@ -185,8 +229,13 @@ pub fn generate_cached(
         }
         // 3. Decoder step at position k.
         let logits = model.decoder_step(&mut caches, &dup(&h, guided)?, &injections, k)?;
-        for (i, z) in choose_codes(&logits, b, guided, sampling, &u, k, l)?.into_iter().enumerate() {
+        let chosen = choose_codes(&logits, b, guided, sampling, &u, k, l)?;
+        for (i, &z) in chosen.iter().enumerate() {
             codes[i].push(z);
+        }
+        if observer.is_some() {
+            let opens: Vec<bool> = (0..b).map(|i| closing.contains(&i)).collect();
+            notify(&mut observer, k, &chosen, &entropies, &opens)?;
         }
     }
     Ok(Generated { codes, lengths: patchers.iter().map(|p| p.lengths().to_vec()).collect() })
@@ -288,6 +337,55 @@ pub(crate) mod tests {
             assert!(cached.lengths.iter().all(|l| l.iter().sum::<usize>() == 16));
             let steps = cached.global_steps();
             assert!(steps.iter().any(|&s| s > 1 && s < 16), "{steps:?}");
+        }
+    }
+
+    /// What an observer sees rebuilds the result: every code in order, a patch opening at each
+    /// patch start; and an observer that says stop stops both paths.
+    #[test]
+    fn observers_see_every_code_and_patch_opening_and_can_stop_generation() {
+        let (m, _s) = model(11);
+        let (e, _es) = entropy_model(12);
+        let labels = [0u32, 2];
+        let sampling = SamplingConfig { cfg_scale: 2.0, seed: 3, ..Default::default() };
+        let patch = PatchConfig::dpar(2.5, 3);
+        let want = generate_cached(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap();
+        for lean in [false, true] {
+            let mut seen = vec![Vec::new(); 2];
+            let mut opens = vec![Vec::new(); 2];
+            let mut watch = |step: &CodeStep| {
+                for i in 0..2 {
+                    seen[i].push(step.codes[i]);
+                    opens[i].push(step.opens_patch[i]);
+                    assert!(step.k == 0 || step.entropies[i].is_finite());
+                }
+                true
+            };
+            let got = if lean {
+                crate::dpar::decode::generate_lean_observed(&m, &e, &labels, &sampling, &patch, Some(&mut watch))
+            } else {
+                generate_cached_observed(&m, &e, &labels, &sampling, &patch, &Device::Cpu, Some(&mut watch))
+            }
+            .unwrap();
+            assert_eq!(got, want, "lean: {lean}");
+            assert_eq!(seen, want.codes, "lean: {lean}");
+            for i in 0..2 {
+                // z_0 is its own patch and z_1 opens the next; then a patch opens where one starts.
+                let mut starts = vec![0usize];
+                for len in &want.lengths[i] {
+                    starts.push(starts.last().unwrap() + len);
+                }
+                let opened: Vec<usize> = (0..16).filter(|&k| opens[i][k]).collect();
+                assert_eq!(opened, starts[..starts.len() - 1], "lean: {lean}, image {i}");
+            }
+            let mut stop_at_5 = |step: &CodeStep| step.k < 5;
+            let err = if lean {
+                crate::dpar::decode::generate_lean_observed(&m, &e, &labels, &sampling, &patch, Some(&mut stop_at_5))
+            } else {
+                generate_cached_observed(&m, &e, &labels, &sampling, &patch, &Device::Cpu, Some(&mut stop_at_5))
+            }
+            .unwrap_err();
+            assert!(err.to_string().contains("cancelled"), "{err}");
         }
     }
 
