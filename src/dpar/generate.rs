@@ -369,13 +369,13 @@ pub(crate) mod tests {
             .unwrap();
             assert_eq!(got, want, "lean: {lean}");
             assert_eq!(seen, want.codes, "lean: {lean}");
-            for i in 0..2 {
+            for (i, image_opens) in opens.iter().enumerate() {
                 // z_0 is its own patch and z_1 opens the next; then a patch opens where one starts.
                 let mut starts = vec![0usize];
                 for len in &want.lengths[i] {
                     starts.push(starts.last().unwrap() + len);
                 }
-                let opened: Vec<usize> = (0..16).filter(|&k| opens[i][k]).collect();
+                let opened: Vec<usize> = (0..16).filter(|&k| image_opens[k]).collect();
                 assert_eq!(opened, starts[..starts.len() - 1], "lean: {lean}, image {i}");
             }
             let mut stop_at_5 = |step: &CodeStep| step.k < 5;
