@@ -45,6 +45,52 @@ impl From<crate::dpar::DparError> for SampleSetError {
     }
 }
 
+/// Sampling settings as a file: what `dpar sample --config FILE.json` reads and what `dpar
+/// serve`'s page downloads. Every field is optional; a command-line flag given explicitly wins
+/// over the file.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleSettings {
+    /// `dpar` or `gpt`: the shipped model of that kind when no `--ckpt` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Classes as `--classes` takes them (`3`, `0,3,7`, `0-9`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfg: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// DPAR's inference patcher (θ, P and the rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<PatchConfig>,
+}
+
+impl SampleSettings {
+    /// Reads a settings file, naming it in every error.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SampleSetError::BadInput(format!("--config {}: {e}", path.display())))?;
+        let settings: Self = serde_json::from_str(&text)
+            .map_err(|e| SampleSetError::BadInput(format!("--config {}: {e}", path.display())))?;
+        if let Some(model) = settings.model.as_deref().filter(|m| !matches!(*m, "dpar" | "gpt")) {
+            return Err(SampleSetError::BadInput(format!(
+                "--config {}: model `{model}` is neither `dpar` nor `gpt`",
+                path.display()
+            )));
+        }
+        Ok(settings)
+    }
+}
+
 /// Parses `0,3,7`, `0-9` or a mix into class indices (every class when `None`), checking them
 /// against `num_classes`.
 pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>> {

@@ -81,7 +81,11 @@ struct BenchArgs {
 
 fn main() {
     dpar::util::tune_allocator();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let level = if cli.quiet {
         tracing::Level::WARN
     } else {
@@ -99,7 +103,10 @@ fn main() {
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
         Command::Tokenize(args) => tokenizer_cmd::tokenize(args),
         Command::Train(args) => train_cmd::train(args),
-        Command::Sample(args) => sample_cmd::sample(args),
+        Command::Sample(mut args) => {
+            let sub = matches.subcommand_matches("sample").expect("the sample subcommand was parsed");
+            args.apply_config(sub).and_then(|()| sample_cmd::sample(args))
+        }
         Command::Bench(BenchArgs { cmd: Some(cmd), .. }) => bench_cmd::run(cmd),
         Command::Bench(BenchArgs { cmd: None, side }) => experiment_cmd::side_by_side(side),
         Command::Ablate(cmd) => experiment_cmd::ablate(cmd),

@@ -74,8 +74,66 @@ pub struct SampleArgs {
     /// DPAR: skip samples-patches.png (the samples with their patch boundaries drawn).
     #[arg(long)]
     pub no_patch_picture: bool,
+    /// Settings file (JSON, as `dpar serve`'s page downloads it): model, classes, per_class,
+    /// seed, cfg, temperature, top_k, top_p and the patcher. Flags given explicitly win.
+    #[arg(long, value_name = "FILE.json")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+impl SampleArgs {
+    /// Fills every setting the command line did not give explicitly from `--config`.
+    pub fn apply_config(&mut self, matches: &clap::ArgMatches) -> Result<()> {
+        let Some(path) = self.config.clone() else { return Ok(()) };
+        let settings = dpar::sample_set::SampleSettings::read(&path)?;
+        let given = |id: &str| {
+            matches.try_get_raw(id).ok().flatten().is_some()
+                && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        };
+        if let Some(model) = &settings.model {
+            if !given("ckpt") {
+                self.ckpt = PathBuf::from(format!("models/mnist/{model}"));
+            }
+        }
+        if settings.classes.is_some() && !given("classes") {
+            self.classes = settings.classes.clone();
+        }
+        macro_rules! fill {
+            ($($field:ident),*) => {$(
+                if let Some(v) = settings.$field {
+                    if !given(stringify!($field)) {
+                        self.$field = v;
+                    }
+                }
+            )*};
+        }
+        fill!(per_class, seed, temperature, top_k, top_p);
+        if let Some(cfg) = settings.cfg {
+            if !given("cfg") {
+                self.cfg = cfg;
+            }
+        }
+        if let Some(patch) = settings.patch {
+            let p = &mut self.patch;
+            if !given("threshold") {
+                p.threshold = Some(patch.threshold);
+            }
+            if !given("max_patch_len") {
+                p.max_patch_len = Some(patch.max_patch_len);
+            }
+            if !given("no_entropy_gate") {
+                p.no_entropy_gate = !patch.entropy_gate;
+            }
+            if !given("no_max_len") {
+                p.no_max_len = !patch.max_len_rule;
+            }
+            if !given("no_row_reset") {
+                p.no_row_reset = !patch.row_reset;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Fails now, not after the sampling, when `out` cannot be created or written.
