@@ -8,6 +8,8 @@ mod eval_cmd;
 mod experiment_cmd;
 mod patch_cmd;
 mod sample_cmd;
+#[cfg(feature = "serve")]
+mod serve;
 mod tokenizer_cmd;
 mod train_cmd;
 
@@ -67,6 +69,9 @@ enum Command {
     PlotLogs(common::PlotLogsArgs),
     /// A markdown table of run folders: shape, budget, wall-clock, FLOPs, final validation loss.
     Summarize(common::SummarizeArgs),
+    /// A local web page: watch DPAR generate code by code, turn θ, compare with the baseline.
+    #[cfg(feature = "serve")]
+    Serve(serve::ServeArgs),
 }
 
 /// `dpar bench` alone runs the side-by-side comparison; `dpar bench speed` times the kernels.
@@ -120,6 +125,8 @@ fn main() {
         }
         Command::Entropy(patch_cmd::EntropyCmd::Compute(args)) => patch_cmd::run_compute(args),
         Command::Patchify(args) => patch_cmd::run_patchify(args),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => serve::serve(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
