@@ -185,9 +185,11 @@ fn bad_parameters_get_400_and_paths_outside_the_page_get_404() {
         assert_eq!(reply.status, 400, "{query}: {}", reply.body);
         assert!(reply.body.contains(says), "{query}: {}", reply.body);
     }
-    for (query, says) in
-        [("class=3&thetas=1", "give 2 to 6"), ("class=3&thetas=1,2,3,4,5,6,7", "give 2 to 6"), ("class=3&thetas=1,NaN", "NaN")]
-    {
+    for (query, says) in [
+        ("class=3&thetas=1", "give 2 to 6"),
+        ("class=3&thetas=1,2,3,4,5,6,7", "give 2 to 6"),
+        ("class=3&thetas=1,NaN", "NaN"),
+    ] {
         let reply = get(&server.addr, &format!("/api/sweep?{query}"));
         assert_eq!(reply.status, 400, "{query}: {}", reply.body);
         assert!(reply.body.contains(says), "{query}: {}", reply.body);
@@ -293,14 +295,19 @@ fn a_closed_stream_frees_its_slot() {
 
 /// The browser the test drives: `DPAR_CHROMIUM`, else `chromium` or `chromium-browser`.
 fn chromium() -> Option<String> {
-    let candidates = std::env::var("DPAR_CHROMIUM").ok().into_iter().chain(["chromium".into(), "chromium-browser".into()]);
-    candidates.into_iter().find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+    let candidates =
+        std::env::var("DPAR_CHROMIUM").ok().into_iter().chain(["chromium".into(), "chromium-browser".into()]);
+    candidates
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 #[test]
 fn headless_chromium_draws_a_generation_with_patch_outlines() {
     let Some(browser) = chromium() else {
-        panic!("this test drives a real browser: install Chromium (Debian: apt-get install chromium) or set DPAR_CHROMIUM")
+        panic!(
+            "this test drives a real browser: install Chromium (Debian: apt-get install chromium) or set DPAR_CHROMIUM"
+        )
     };
     let server = Server::start(1, 4);
     let dir = tempfile::Builder::new().prefix("dpar-serve-screenshot").tempdir().unwrap().keep();

@@ -76,15 +76,15 @@ impl Models {
             dpar::models::dpar(&dpar_dir, device).with_context(|| format!("--models {}", dir.display()))?;
         let recorded = dpar::parts::Recorded::of(&dpar_dir);
         let owner = format!("the model {}", dpar_dir.display());
-        let resolve = |part, sub: &str| {
-            dpar::parts::resolve(
+        let resolve = |part, sub: &str| -> Result<PathBuf> {
+            Ok(dpar::parts::resolve(
                 part,
                 Some(&dir.join(sub)),
                 recorded.id(part),
                 &dpar_dir,
                 &owner,
                 crate::common::allow_mismatch(),
-            )
+            )?)
         };
         let entropy_path = resolve(dpar::parts::Part::EntropyModel, "entropy")?;
         let (entropy, entropy_store) = dpar::models::gpt(&entropy_path, None, device)?;
@@ -218,8 +218,8 @@ fn bad_request(message: String) -> Response {
 }
 
 fn busy() -> Response {
-    let mut response = (StatusCode::SERVICE_UNAVAILABLE, "busy: every worker and queue slot is taken; retry soon\n")
-        .into_response();
+    let mut response =
+        (StatusCode::SERVICE_UNAVAILABLE, "busy: every worker and queue slot is taken; retry soon\n").into_response();
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
     response
 }
@@ -324,13 +324,17 @@ async fn generate(State(state): State<AppState>, Query(pairs): Pairs) -> Respons
         Ok::<_, std::convert::Infallible>(match progress {
             Progress::Code { k, code, entropy, opens } => {
                 let h = if entropy.is_finite() { serde_json::json!(entropy) } else { serde_json::Value::Null };
-                Event::default().event("code").data(serde_json::json!({"k": k, "z": code, "h": h, "open": opens}).to_string())
+                Event::default()
+                    .event("code")
+                    .data(serde_json::json!({"k": k, "z": code, "h": h, "open": opens}).to_string())
             }
             Progress::Frame { k, png } => {
                 Event::default().event("frame").data(serde_json::json!({"k": k, "png": png}).to_string())
             }
             Progress::Done(done) => Event::default().event("done").data(done.to_string()),
-            Progress::Error(message) => Event::default().event("error").data(serde_json::json!({"message": message}).to_string()),
+            Progress::Error(message) => {
+                Event::default().event("error").data(serde_json::json!({"message": message}).to_string())
+            }
         })
     });
     // A keep-alive comment every second also finds a closed tab quickly (the write fails), which
@@ -370,11 +374,12 @@ fn run_one(
         }
         first_code_ms.get_or_insert_with(|| (start.elapsed() - paused - framing).as_secs_f64() * 1e3);
         partial[step.k] = step.codes[0];
-        let code = Progress::Code { k: step.k, code: step.codes[0], entropy: step.entropies[0], opens: step.opens_patch[0] };
+        let code =
+            Progress::Code { k: step.k, code: step.codes[0], entropy: step.entropies[0], opens: step.opens_patch[0] };
         if tx.blocking_send(code).is_err() {
             return false;
         }
-        if (step.k + 1) % grid == 0 && step.k + 1 < l && last_frame.elapsed().as_millis() >= 60 {
+        if (step.k + 1).is_multiple_of(grid) && step.k + 1 < l && last_frame.elapsed().as_millis() >= 60 {
             last_frame = Instant::now();
             let png = png_of(&models.tokenizer, &partial);
             framing += last_frame.elapsed();
@@ -401,7 +406,8 @@ fn run_one(
         }
         ModelChoice::Gpt => {
             let gpt = models.gpt.as_ref().context("this server has no baseline (no gpt/ in --models)")?;
-            let codes = dpar::sample::generate_gpt_observed(gpt, &labels, &req.sampling, &Device::Cpu, Some(&mut watch))?;
+            let codes =
+                dpar::sample::generate_gpt_observed(gpt, &labels, &req.sampling, &Device::Cpu, Some(&mut watch))?;
             (codes.into_iter().next(), Some(vec![1; l]))
         }
     };
@@ -505,7 +511,7 @@ async fn sweep(State(state): State<AppState>, Query(pairs): Pairs) -> Response {
                     }));
                 }
                 Err(e) => {
-                    outcome = Err(e);
+                    outcome = Err(anyhow::Error::from(e));
                     break;
                 }
             }
@@ -526,7 +532,9 @@ async fn sweep(State(state): State<AppState>, Query(pairs): Pairs) -> Response {
 mod tests {
     #[test]
     fn base64_matches_the_rfc_4648_examples() {
-        for (input, want) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("foobar", "Zm9vYmFy")] {
+        for (input, want) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("foobar", "Zm9vYmFy")]
+        {
             assert_eq!(super::base64(input.as_bytes()), want);
         }
     }
