@@ -19,7 +19,7 @@ use rand::Rng;
 use super::layout::PatchLayout;
 use super::{DparConfig, DparError, Result};
 use crate::batch::TrainNoise;
-use crate::kernels::segment::{segment_attention, segment_max};
+use crate::kernels::segment::{segment_attention_with, segment_max_with};
 use crate::nn::rope::{self, RopeRows};
 use crate::nn::{self, AttnMask, Block, BlockCache, DropoutCtx, Linear, RaggedKvCache, RmsNorm, INIT_STD};
 use crate::params::{Init, Pb};
@@ -33,6 +33,8 @@ pub(super) struct EncoderCross {
     pub(super) wv: Linear,
     pub(super) wo: Linear,
     pub(super) n_head: usize,
+    /// `Stock`: the padded-batch (device-native) segment ops instead of the CPU kernels.
+    pub(super) ops: crate::nn::Ops,
 }
 
 impl EncoderCross {
@@ -46,6 +48,7 @@ impl EncoderCross {
             wv: lin("wv")?,
             wo: lin("wo")?,
             n_head,
+            ops,
         })
     }
 
@@ -56,12 +59,13 @@ impl EncoderCross {
         let (t, dim) = states.dims2()?;
         let m = segments.len();
         let d = dim / self.n_head;
-        let queries = segment_max(states, segments)?; // (M, D)
+        let cpu_kernels = self.ops != crate::nn::Ops::Stock;
+        let queries = segment_max_with(states, segments, cpu_kernels)?; // (M, D)
         let q = self.wq.forward(&self.norm_q.forward(&queries)?)?.reshape((m, self.n_head, d))?;
         let kv = self.norm_kv.forward(states)?;
         let k = self.wk.forward(&kv)?.reshape((t, self.n_head, d))?;
         let v = self.wv.forward(&kv)?.reshape((t, self.n_head, d))?;
-        let attn = segment_attention(&q, &k, &v, segments)?.reshape((m, dim))?;
+        let attn = segment_attention_with(&q, &k, &v, segments, cpu_kernels)?.reshape((m, dim))?;
         Ok((queries + self.wo.forward(&attn)?)?)
     }
 }
@@ -579,6 +583,43 @@ pub(crate) mod tests {
             assert_eq!(unchanged, 0.0, "perturbing z_{k} changed a logit at a position ≤ {k}");
             assert!(max_diff(&y0.narrow(1, k + 1, 15 - k).unwrap(), &y1.narrow(1, k + 1, 15 - k).unwrap()) > 0.0);
         }
+    }
+
+    /// The device-native path (stock ops: padded batches of candle ops, no CPU kernels, forced
+    /// here on the CPU) gives the fused CPU path's loss, every gradient, and generated codes.
+    #[test]
+    fn the_device_native_path_equals_the_fused_cpu_path() {
+        let (fused, fused_store) = model(7);
+        let stock_store = ParamStore::new(7, &Device::Cpu);
+        let stock = Dpar::new(&tiny().with(|it| it.ops = crate::nn::Ops::Stock), &stock_store.root()).unwrap();
+        for (name, var) in fused_store.vars() {
+            stock_store.var(&name).unwrap().set(var.as_tensor()).unwrap();
+        }
+        assert_eq!(fused.config().ops, crate::nn::Ops::Fused);
+        let layout = fused.layout(lengths(), 16).unwrap();
+        let labels = Tensor::new(&[1u32, 0, 2], &Device::Cpu).unwrap();
+        let codes = codes(3, 16, 8);
+        let loss = |m: &Dpar| m.loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None);
+        let (lf, ls) = (loss(&fused).unwrap(), loss(&stock).unwrap());
+        let (a, b) = (lf.to_scalar::<f32>().unwrap(), ls.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-5, "loss: fused {a}, device-native {b}");
+        let (gf, gs) = (lf.backward().unwrap(), ls.backward().unwrap());
+        let mut worst = 0f32;
+        for (name, var) in fused_store.vars() {
+            let want = gf.get(var.as_tensor()).unwrap();
+            let got = gs.get(stock_store.var(&name).unwrap().as_tensor()).unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+            let rel = max_diff(want, got) / scale;
+            assert!(rel < 1e-3, "{name}: gradients differ by {rel} of their scale");
+            worst = worst.max(rel);
+        }
+        eprintln!("device-native vs fused: loss {a} vs {b}, worst gradient difference {worst:.1e} of scale");
+        let (e, _es) = crate::dpar::generate::tests::entropy_model(9);
+        let sampling = crate::sample::SamplingConfig { cfg_scale: 2.0, seed: 4, ..Default::default() };
+        let patch = crate::patching::PatchConfig::dpar(2.5, 3);
+        let gen =
+            |m: &Dpar| crate::dpar::generate::generate(m, &e, &[0, 2, 1], &sampling, &patch, &Device::Cpu).unwrap();
+        assert_eq!(gen(&stock), gen(&fused), "generated codes and patches");
     }
 
     #[test]

@@ -87,10 +87,58 @@ impl CustomOp1 for SegmentMax {
 
 /// Element-wise maximum over each segment's rows: (T, D) → (M, D).
 pub fn segment_max(x: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    segment_max_with(x, segments, true)
+}
+
+/// [`segment_max`] with the CPU kernel allowed or not: without it (other devices, or the
+/// device-native path forced on the CPU), the padded batch [`segment_max_padded`].
+pub fn segment_max_with(x: &Tensor, segments: &[(usize, usize)], cpu_kernel: bool) -> Result<Tensor> {
+    if cpu_kernel && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
         return x.contiguous()?.apply_op1(SegmentMax { segments: Arc::new(segments.to_vec()) });
     }
-    segment_max_reference(x, segments)
+    segment_max_padded(x, segments)
+}
+
+/// Segments laid out as a padded batch `(S, L_max)`: for every slot, the row it reads (padding
+/// reads the segment's first row) and an additive bias (0, or −∞ for padding). Built on the host
+/// once per call; the batch ops then run on the tensors' device, a fixed number of them however
+/// many segments there are.
+pub struct PaddedSegments {
+    pub max_len: usize,
+    /// Row of each slot, (S·L_max) u32.
+    pub gather: Tensor,
+    /// 0 for a real slot, −∞ for padding, (S, L_max) f32.
+    pub bias: Tensor,
+}
+
+impl PaddedSegments {
+    pub fn new(segments: &[(usize, usize)], device: &candle_core::Device) -> Result<Self> {
+        let max_len = segments.iter().map(|s| s.1).max().unwrap_or(0).max(1);
+        if let Some(&(start, _)) = segments.iter().find(|s| s.1 == 0) {
+            candle_core::bail!("an empty segment at row {start}");
+        }
+        let mut gather = Vec::with_capacity(segments.len() * max_len);
+        let mut bias = Vec::with_capacity(segments.len() * max_len);
+        for &(start, len) in segments {
+            for j in 0..max_len {
+                gather.push((start + if j < len { j } else { 0 }) as u32);
+                bias.push(if j < len { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        Ok(Self {
+            max_len,
+            gather: Tensor::from_vec(gather, segments.len() * max_len, device)?,
+            bias: Tensor::from_vec(bias, (segments.len(), max_len), device)?,
+        })
+    }
+}
+
+/// [`segment_max`] as a padded batch: gather (S, L_max, D), −∞ on padding, max over the slots.
+pub fn segment_max_padded(x: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
+    let (s, dim) = (segments.len(), x.dim(1)?);
+    let p = PaddedSegments::new(segments, x.device())?;
+    let rows = x.index_select(&p.gather, 0)?.reshape((s, p.max_len, dim))?; // (S, L, D)
+    rows.broadcast_add(&p.bias.to_dtype(x.dtype())?.unsqueeze(2)?)?.max(1)
 }
 
 /// Composed reference: one narrow + max per segment.
@@ -231,16 +279,47 @@ impl CustomOp3 for SegmentAttention {
 /// Attention of each segment's query over its own rows: q (M, H, d), k and v (T, H, d) → (M, H, d),
 /// scaled by 1/√d, no mask beyond the segment.
 pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
+    segment_attention_with(q, k, v, segments, true)
+}
+
+/// [`segment_attention`] with the CPU kernel allowed or not: without it, the padded batch
+/// [`segment_attention_padded`].
+pub fn segment_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[(usize, usize)],
+    cpu_kernel: bool,
+) -> Result<Tensor> {
     let d = q.dim(2)?;
     let scale = 1.0 / (d as f32).sqrt();
-    if q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
-        return q.contiguous()?.apply_op3(
-            &k.contiguous()?,
-            &v.contiguous()?,
-            SegmentAttention { segments: Arc::new(segments.to_vec()), scale },
-        );
+    if !cpu_kernel || !q.device().is_cpu() || q.dtype() != candle_core::DType::F32 {
+        return segment_attention_padded(q, k, v, segments);
     }
-    segment_attention_reference(q, k, v, segments)
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        SegmentAttention { segments: Arc::new(segments.to_vec()), scale },
+    )
+}
+
+/// [`segment_attention`] as one padded batch of differentiable candle ops (any device): k and v
+/// gathered to (M, H, L_max, d), the padding masked with −∞, one query per segment.
+/// # Shapes
+/// q (M, H, d), k and v (T, H, d) → (M, H, d)
+pub fn segment_attention_padded(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
+    let (m, h, d) = q.dims3()?;
+    let p = PaddedSegments::new(segments, q.device())?;
+    let slots = |x: &Tensor| -> Result<Tensor> {
+        // (T, H, d) → (M·L, H, d) → (M, L, H, d) → (M, H, L, d)
+        x.index_select(&p.gather, 0)?.reshape((m, p.max_len, h, d))?.transpose(1, 2)?.contiguous()
+    };
+    let (ks, vs) = (slots(k)?, slots(v)?);
+    let qm = q.unsqueeze(2)?.contiguous()?; // (M, H, 1, d)
+    let scores = (qm.matmul(&ks.t()?)? * (1.0 / (d as f64).sqrt()))?; // (M, H, 1, L)
+    let bias = p.bias.to_dtype(scores.dtype())?.reshape((m, 1, 1, p.max_len))?;
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, 3)?;
+    probs.matmul(&vs)?.squeeze(2) // (M, H, d)
 }
 
 /// Composed reference: one small softmax attention per segment.
@@ -277,6 +356,32 @@ mod tests {
 
     // Segments of lengths 1 (one-code patches), 3, 4, with rows 8..9 uncovered.
     const SEGS: [(usize, usize); 4] = [(0, 1), (1, 3), (4, 4), (9, 2)];
+
+    /// The padded batches (the device-native path) equal the per-segment references, values and
+    /// gradients, including one-row segments and uncovered rows.
+    #[test]
+    fn padded_segment_ops_match_the_references_with_gradients() {
+        let x = rand_var(&[11, 5], 1);
+        let probe = rand_var(&[4, 5], 2);
+        let (a, b) = (segment_max_padded(&x, &SEGS).unwrap(), segment_max_reference(&x, &SEGS).unwrap());
+        assert_eq!(max_diff(&a, &b), 0.0);
+        let g1 = (&a * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&b * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-6);
+
+        let (q, k, v) = (rand_var(&[4, 2, 3], 3), rand_var(&[11, 2, 3], 4), rand_var(&[11, 2, 3], 5));
+        let probe = rand_var(&[4, 2, 3], 6);
+        let a = segment_attention_padded(&q, &k, &v, &SEGS).unwrap();
+        let b = segment_attention_reference(&q, &k, &v, &SEGS).unwrap();
+        assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
+        let g1 = (&a * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&b * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&q, &k, &v] {
+            let (ga, gb) = (g1.get(var.as_tensor()).unwrap(), g2.get(var.as_tensor()).unwrap());
+            assert!(max_diff(ga, gb) < 1e-5, "{}", max_diff(ga, gb));
+        }
+        assert!(segment_max_padded(&x, &[(0, 2), (2, 0)]).is_err(), "an empty segment is an error");
+    }
 
     #[test]
     fn segment_max_matches_the_composed_reference_with_gradients() {

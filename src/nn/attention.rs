@@ -265,6 +265,31 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 
+/// Causal attention within each segment of one packed sequence, as one padded batch of
+/// differentiable candle ops (the device-native path: a fixed number of ops, however many
+/// segments): rows gathered to (S, H, L_max, d), a causal mask plus −∞ on padded keys, and the
+/// real rows gathered back.
+/// # Shapes
+/// q, k, v (1, H, T, d) with segments tiling T → (1, H, T, d)
+pub fn segment_causal_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
+    let (_, h, t, d) = q.dims4()?;
+    let s = segments.len();
+    let padded = crate::kernels::segment::PaddedSegments::new(segments, q.device())?;
+    let l = padded.max_len;
+    let slots = |x: &Tensor| -> Result<Tensor> {
+        // (1, H, T, d) → (H, S·L, d) → (H, S, L, d) → (S, H, L, d)
+        Ok(x.squeeze(0)?.index_select(&padded.gather, 1)?.reshape((h, s, l, d))?.transpose(0, 1)?.contiguous()?)
+    };
+    let mask = causal_mask(l, l, 0, q.device())?.broadcast_add(&padded.bias.reshape((s, 1, l))?)?; // (S, L, L)
+    let out = sdpa(&slots(q)?, &slots(k)?, &slots(v)?, Some(&mask.unsqueeze(1)?))?; // (S, H, L, d)
+                                                                                    // Back to the packed rows: slot (i, j) of segment i holds row start_i + j.
+    let back: Vec<u32> =
+        segments.iter().enumerate().flat_map(|(i, &(_, len))| (0..len).map(move |j| (i * l + j) as u32)).collect();
+    let back = Tensor::from_vec(back, t, q.device())?;
+    let out = out.transpose(0, 1)?.contiguous()?.reshape((h, s * l, d))?.index_select(&back, 1)?; // (H, T, d)
+    Ok(out.unsqueeze(0)?)
+}
+
 /// Multi-head self-attention with LlamaGen's parameter names (`wqkv`, `wo`).
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -382,7 +407,6 @@ impl Attention {
                         "segment masks need one packed sequence (B = 1) and no cache".into(),
                     ));
                 }
-                let mut outs = Vec::with_capacity(segments.len());
                 let mut expected = 0;
                 for &(start, len) in segments {
                     if start != expected {
@@ -391,14 +415,11 @@ impl Attention {
                         )));
                     }
                     expected = start + len;
-                    let (qs, ks, vs) = (q.narrow(2, start, len)?, k.narrow(2, start, len)?, v.narrow(2, start, len)?);
-                    let m = causal_mask(len, len, 0, x.device())?;
-                    outs.push(sdpa(&qs.contiguous()?, &ks.contiguous()?, &vs, Some(&m))?);
                 }
                 if expected != t {
                     return Err(NnError::BadConfig(format!("segments cover {expected} of {t} positions")));
                 }
-                Tensor::cat(&outs, 2)?
+                segment_causal_sdpa(&q, &k, &v, segments)?
             }
         };
         // (B, H, T, d) → (B, T, H·d)
