@@ -421,6 +421,28 @@ mod tests {
 
     /// The lean decode step gives the cached path's logits (to f32 rounding: same arithmetic)
     /// and exactly its codes, with and without guidance, at several batch sizes.
+    /// The device-native path (stock ops: device-tensor KV caches, candle's ops; forced on the
+    /// CPU) draws the fused lean path's codes.
+    #[test]
+    fn the_device_native_gpt_path_draws_the_fused_codes() {
+        let (fused, fused_store) = model(5);
+        let stock_store = ParamStore::new(5, &Device::Cpu);
+        let stock =
+            Gpt::new(&fused.config().clone().with(|it| it.ops = crate::nn::Ops::Stock), &stock_store.root()).unwrap();
+        for (name, var) in fused_store.vars() {
+            stock_store.var(&name).unwrap().set(var.as_tensor()).unwrap();
+        }
+        for cfg_scale in [1.0, 2.0] {
+            let config = SamplingConfig { cfg_scale, seed: 3, ..Default::default() };
+            let labels = [2u32, 0, 1];
+            assert_eq!(
+                generate_gpt(&stock, &labels, &config, &Device::Cpu).unwrap(),
+                generate_gpt(&fused, &labels, &config, &Device::Cpu).unwrap(),
+                "cfg {cfg_scale}"
+            );
+        }
+    }
+
     /// The baseline's observer sees every code, with the same entropies on both paths, and can
     /// stop the generation.
     #[test]

@@ -368,12 +368,13 @@ impl Dpar {
     pub fn new_caches(&self, images: usize, rows: usize) -> Result<StepCaches> {
         let c = &self.config;
         let l = c.seq_len();
-        let cache = |n: usize| RaggedKvCache::new(n, c.n_head, c.head_dim(), l + 1);
+        let device = self.tok_embeddings.device();
+        let cache = |n: usize| RaggedKvCache::for_ops(n, c.n_head, c.head_dim(), l + 1, c.ops, device);
         let stack = |layers: &[Block]| layers.iter().map(|b| b.stacked_w13()).collect::<nn::Result<Vec<_>>>();
         Ok(StepCaches {
-            encoder: (0..c.encoder_layers).map(|_| cache(images)).collect(),
-            global: (0..c.global_layers).map(|_| cache(rows)).collect(),
-            decoder: (0..c.decoder_layers).map(|_| cache(rows)).collect(),
+            encoder: (0..c.encoder_layers).map(|_| cache(images)).collect::<nn::Result<_>>()?,
+            global: (0..c.global_layers).map(|_| cache(rows)).collect::<nn::Result<_>>()?,
+            decoder: (0..c.decoder_layers).map(|_| cache(rows)).collect::<nn::Result<_>>()?,
             w13: [stack(&self.enc_layers)?, stack(&self.layers)?, stack(&self.dec_layers)?],
         })
     }

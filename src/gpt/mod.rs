@@ -358,8 +358,17 @@ impl Gpt {
         let c = &self.config;
         Ok(GptCache {
             layers: (0..self.layers.len())
-                .map(|_| RaggedKvCache::new(batch, c.n_head, c.head_dim(), c.input_len()))
-                .collect(),
+                .map(|_| {
+                    RaggedKvCache::for_ops(
+                        batch,
+                        c.n_head,
+                        c.head_dim(),
+                        c.input_len(),
+                        c.ops,
+                        self.tok_embeddings.device(),
+                    )
+                })
+                .collect::<nn::Result<_>>()?,
             w13: self.layers.iter().map(|l| l.stacked_w13()).collect::<nn::Result<_>>()?,
             batch,
         })

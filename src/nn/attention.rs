@@ -61,6 +61,10 @@ impl KvCache {
 /// attention reads each row's own prefix. Keys are stored transposed (per row and head,
 /// d × max_len), so the scores of a query against every cached key are d contiguous
 /// multiply-adds over positions, with no horizontal sums. Inference only (no gradients).
+///
+/// [`RaggedKvCache::on_device`] keeps the keys and values in device tensors instead (the
+/// device-native path: written in place with `scatter_set`, read with a fixed number of batch
+/// ops per step); [`RaggedKvCache::step_tensors`] serves both.
 #[derive(Debug, Clone)]
 pub struct RaggedKvCache {
     heads: usize,
@@ -71,12 +75,104 @@ pub struct RaggedKvCache {
     /// (row, head, max_len, d).
     v: Vec<f32>,
     lens: Vec<usize>,
+    /// Device keys and values, each (row·max_len, H·d), when the cache lives on the device.
+    device: Option<(Tensor, Tensor)>,
 }
 
 impl RaggedKvCache {
     pub fn new(batch: usize, heads: usize, head_dim: usize, max_len: usize) -> Self {
         let n = batch * heads * max_len * head_dim;
-        Self { heads, head_dim, max_len, kt: vec![0.0; n], v: vec![0.0; n], lens: vec![0; batch] }
+        Self { heads, head_dim, max_len, kt: vec![0.0; n], v: vec![0.0; n], lens: vec![0; batch], device: None }
+    }
+
+    /// A cache whose keys and values are tensors on `device` (f32).
+    pub fn on_device(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        max_len: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let zeros = || Tensor::zeros((batch * max_len, heads * head_dim), candle_core::DType::F32, device);
+        Ok(Self {
+            heads,
+            head_dim,
+            max_len,
+            kt: Vec::new(),
+            v: Vec::new(),
+            lens: vec![0; batch],
+            device: Some((zeros()?, zeros()?)),
+        })
+    }
+
+    /// The cache a model with kernels `ops` on `device` uses: host memory for the CPU kernels,
+    /// device tensors for candle's ops (any device, and the CPU with `Ops::Stock`).
+    pub fn for_ops(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        max_len: usize,
+        ops: super::Ops,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        match ops {
+            super::Ops::Stock => Self::on_device(batch, heads, head_dim, max_len, device),
+            _ => Ok(Self::new(batch, heads, head_dim, max_len)),
+        }
+    }
+
+    /// One step for the listed rows from tensors q, k, v (R, H, 1, d): appends k and v at each
+    /// row's next position and returns the attention output (R, 1, H·d) over each row's prefix.
+    pub fn step_tensors(&mut self, rows: &[usize], q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (r, h, _, d) = q.dims4()?;
+        let (dim, dtype) = (h * d, q.dtype());
+        let Some((kc, vc)) = self.device.clone() else {
+            let host = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let out = self.step(rows, &host(q)?, &host(k)?, &host(v)?, dim)?;
+            return Ok(Tensor::from_vec(out, (r, 1, dim), q.device())?.to_dtype(q.dtype())?);
+        };
+        let mut slots = Vec::with_capacity(r);
+        for &row in rows {
+            if row >= self.lens.len() {
+                return Err(NnError::BadConfig(format!("ragged cache has no row {row}")));
+            }
+            let pos = self.lens[row];
+            if pos >= self.max_len {
+                return Err(NnError::BadConfig(format!("ragged cache row {row} is full ({} positions)", self.max_len)));
+            }
+            slots.push((row * self.max_len + pos) as u32);
+            self.lens[row] = pos + 1;
+        }
+        let dev = q.device();
+        // Write in place: cache[slot_i][j] = new_i[j].
+        let index = Tensor::from_vec(slots.iter().flat_map(|&s| std::iter::repeat_n(s, dim)).collect(), (r, dim), dev)?;
+        let flat = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(candle_core::DType::F32)?.transpose(1, 2)?.contiguous()?.reshape((r, dim))?)
+        };
+        kc.scatter_set(&index, &flat(k)?, 0)?;
+        vc.scatter_set(&index, &flat(v)?, 0)?;
+        // Each row's whole cache (R, H, max_len, d), padding beyond its length masked with −∞.
+        let rows_t = Tensor::from_vec(rows.iter().map(|&x| x as u32).collect::<Vec<_>>(), r, dev)?;
+        let gather = |c: &Tensor| -> Result<Tensor> {
+            Ok(c.reshape((self.lens.len(), self.max_len, h, d))?
+                .index_select(&rows_t, 0)?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (ks, vs) = (gather(&kc)?, gather(&vc)?);
+        let (max_len, lens) = (self.max_len, &self.lens);
+        let bias: Vec<f32> = rows
+            .iter()
+            .flat_map(|&row| (0..max_len).map(move |p| if p < lens[row] { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let bias = Tensor::from_vec(bias, (r, 1, 1, self.max_len), dev)?;
+        let q = q.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let scores = (q.matmul(&ks.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&bias)?; // (R, H, 1, L)
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&vs)?; // (R, H, 1, d)
+        Ok(out.transpose(1, 2)?.contiguous()?.reshape((r, 1, dim))?.to_dtype(dtype)?)
     }
 
     /// Cached positions of batch row `row`.
@@ -110,6 +206,9 @@ impl RaggedKvCache {
         out: &mut [f32],
     ) -> Result<()> {
         let (h, d) = (self.heads, self.head_dim);
+        if self.device.is_some() {
+            return Err(NnError::BadConfig("a device ragged cache steps through step_tensors".into()));
+        }
         if out.len() != rows.len() * h * d {
             return Err(NnError::BadConfig(format!(
                 "ragged cache step: output of {} values for {} rows × {}",
@@ -354,11 +453,8 @@ impl Attention {
             )));
         }
         let (q, k, v) = self.qkv(x, Some(rope_rows))?; // (R, H, 1, d)
-        let host = |t: Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
-        let out = cache.step(rows, &host(q)?, &host(k)?, &host(v)?, dim)?;
-        let out = Tensor::from_vec(out, (r, 1, dim), x.device())?.to_dtype(x.dtype())?;
+        let out = cache.step_tensors(rows, &q, &k, &v)?.to_dtype(x.dtype())?; // (R, 1, H·d)
+        let _ = dim;
         self.wo.forward(&out)
     }
 
@@ -536,40 +632,49 @@ mod tests {
         let table = rope::table_2d(2, 4, 10000.0, 1);
         let ya = att.forward(&a, Some(&table.narrow(0, 3)), &AttnMask::Causal, None).unwrap();
         let yb = att.forward(&b, Some(&table.narrow(0, 3)), &AttnMask::Causal, None).unwrap();
-        let mut cache = RaggedKvCache::new(2, 2, 4, 4);
-        // Schedule: a0 b0 | a1 | a2 b1 | b2
-        let mut got_a = Vec::new();
-        let mut got_b = Vec::new();
-        for (ia, ib) in [(Some(0), Some(0)), (Some(1), None), (Some(2), Some(1)), (None, Some(2))] {
-            let mut rows = Vec::new();
-            let mut xs = Vec::new();
-            let mut rope_rows = Vec::new();
-            if let Some(i) = ia {
-                rows.push(0);
-                xs.push(a.narrow(1, i, 1).unwrap());
-                rope_rows.push(i);
-            }
-            if let Some(i) = ib {
-                rows.push(1);
-                xs.push(b.narrow(1, i, 1).unwrap());
-                rope_rows.push(i);
-            }
-            let y = att
-                .forward_ragged(&Tensor::cat(&xs, 0).unwrap(), &table.select(&rope_rows), &mut cache, &rows)
-                .unwrap();
-            for (j, &r) in rows.iter().enumerate() {
-                let yj = y.narrow(0, j, 1).unwrap();
-                if r == 0 {
-                    got_a.push(yj)
-                } else {
-                    got_b.push(yj)
+        // The host cache and the device-tensor cache (the device-native path) alike.
+        for mut cache in [RaggedKvCache::new(2, 2, 4, 4), RaggedKvCache::on_device(2, 2, 4, 4, &Device::Cpu).unwrap()] {
+            // Schedule: a0 b0 | a1 | a2 b1 | b2
+            let mut got_a = Vec::new();
+            let mut got_b = Vec::new();
+            for (ia, ib) in [(Some(0), Some(0)), (Some(1), None), (Some(2), Some(1)), (None, Some(2))] {
+                let mut rows = Vec::new();
+                let mut xs = Vec::new();
+                let mut rope_rows = Vec::new();
+                if let Some(i) = ia {
+                    rows.push(0);
+                    xs.push(a.narrow(1, i, 1).unwrap());
+                    rope_rows.push(i);
+                }
+                if let Some(i) = ib {
+                    rows.push(1);
+                    xs.push(b.narrow(1, i, 1).unwrap());
+                    rope_rows.push(i);
+                }
+                let y = att
+                    .forward_ragged(&Tensor::cat(&xs, 0).unwrap(), &table.select(&rope_rows), &mut cache, &rows)
+                    .unwrap();
+                for (j, &r) in rows.iter().enumerate() {
+                    let yj = y.narrow(0, j, 1).unwrap();
+                    if r == 0 {
+                        got_a.push(yj)
+                    } else {
+                        got_b.push(yj)
+                    }
                 }
             }
+            let diff = |g: &[Tensor], want: &Tensor| {
+                (Tensor::cat(g, 1).unwrap() - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(diff(&got_a, &ya) < 1e-5 && diff(&got_b, &yb) < 1e-5);
+            assert_eq!((cache.len_of(0), cache.len_of(1)), (3, 3));
         }
-        let diff = |g: &[Tensor], want: &Tensor| {
-            (Tensor::cat(g, 1).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-        };
-        assert!(diff(&got_a, &ya) < 1e-5 && diff(&got_b, &yb) < 1e-5);
-        assert_eq!((cache.len_of(0), cache.len_of(1)), (3, 3));
     }
 }
