@@ -124,6 +124,12 @@ pub fn class_labels(classes: &[u32], per_class: usize) -> Vec<u32> {
     classes.iter().flat_map(|&c| std::iter::repeat_n(c, per_class)).collect()
 }
 
+/// The sampling settings of batch `i` of a run: seed `seed + i` (every sampler of a run draws
+/// batch by batch this way, so a run's images do not depend on how they are written out).
+pub fn batch_sampling(config: &SamplingConfig, i: usize) -> SamplingConfig {
+    SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() }
+}
+
 fn check_batch(batch: usize) -> Result<()> {
     if batch == 0 {
         return Err(SampleSetError::BadInput("--batch-size must be > 0".into()));
@@ -144,8 +150,7 @@ pub fn sample_gpt(
     check_batch(batch)?;
     let mut codes = Vec::with_capacity(labels.len());
     for (i, chunk) in labels.chunks(batch).enumerate() {
-        let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
-        codes.extend(crate::sample::generate_gpt(model, chunk, &chunk_config, device)?);
+        codes.extend(crate::sample::generate_gpt(model, chunk, &batch_sampling(config, i), device)?);
         progress(chunk.len());
     }
     Ok(codes)
@@ -168,8 +173,8 @@ pub fn sample_dpar(
     patch.validate().map_err(|e| SampleSetError::BadInput(format!("patcher: {e}")))?;
     let mut all = Generated { codes: Vec::with_capacity(labels.len()), lengths: Vec::with_capacity(labels.len()) };
     for (i, chunk) in labels.chunks(batch).enumerate() {
-        let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
-        let out = crate::dpar::generate::generate(model, entropy_model, chunk, &chunk_config, patch, device)?;
+        let out =
+            crate::dpar::generate::generate(model, entropy_model, chunk, &batch_sampling(config, i), patch, device)?;
         all.codes.extend(out.codes);
         all.lengths.extend(out.lengths);
         progress(chunk.len());

@@ -444,7 +444,7 @@ impl Attention {
         cache: &mut RaggedKvCache,
         rows: &[usize],
     ) -> Result<Tensor> {
-        let (r, t, dim) = x.dims3()?;
+        let (r, t, _) = x.dims3()?;
         if t != 1 || r != rows.len() {
             return Err(NnError::BadConfig(format!(
                 "ragged step takes one token for each of {} rows, got {:?}",
@@ -454,7 +454,6 @@ impl Attention {
         }
         let (q, k, v) = self.qkv(x, Some(rope_rows))?; // (R, H, 1, d)
         let out = cache.step_tensors(rows, &q, &k, &v)?.to_dtype(x.dtype())?; // (R, 1, H·d)
-        let _ = dim;
         self.wo.forward(&out)
     }
 

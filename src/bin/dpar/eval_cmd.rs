@@ -236,7 +236,10 @@ fn npz_samples(args: SamplesArgs) -> Result<()> {
     dpar::eval::fid::for_each_image_batch(&args.codes, 100, |bytes, n, h, w| {
         // (n, H, W, 3) → (n, 3, H, W), the dataset's layout.
         for image in bytes.chunks(h * w * 3).take(n) {
-            data.images.extend((0..3).flat_map(|ch| (0..h * w).map(move |p| image[p * 3 + ch])));
+            let rgb = image::RgbImage::from_raw(w as u32, h as u32, image.to_vec()).ok_or_else(|| {
+                dpar::eval::EvalError::Bad(format!("an image of {} bytes is not {h}×{w}×3", image.len()))
+            })?;
+            data.images.extend(dpar::data::from_rgb_image(&rgb, 3));
         }
         (data.height, data.width) = (h, w);
         Ok(())

@@ -223,8 +223,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             "steps_per_image": mc.seq_len(),
         });
         return write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |i, chunk| {
-            let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
-            Ok(dpar::sample::generate_gpt(&model, chunk, &chunk_config, &device)?)
+            let batch_config = dpar::sample_set::batch_sampling(&config, i);
+            Ok(dpar::sample::generate_gpt(&model, chunk, &batch_config, &device)?)
         });
     }
     let bar = dpar::util::progress_bar(labels.len() as u64, "sample");
@@ -348,8 +348,8 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
             "patch": patch,
         });
         write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |i, chunk| {
-            let chunk_config = SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() };
-            let out = dpar::dpar::generate::generate(&model, &entropy_model, chunk, &chunk_config, &patch, &device)
+            let batch_config = dpar::sample_set::batch_sampling(&config, i);
+            let out = dpar::dpar::generate::generate(&model, &entropy_model, chunk, &batch_config, &patch, &device)
                 .map_err(dpar::sample_set::SampleSetError::from)?;
             steps += out.lengths.iter().map(Vec::len).sum::<usize>();
             Ok(out.codes)
