@@ -8,10 +8,13 @@
 //! - `MpiCollective` (feature `mpi`): OpenMPI through the `mpi` crate, ranks launched by
 //!   `mpirun`, all-reduce of gradient buckets on the host;
 //! - `NcclCollective` (feature `nccl`): NCCL through cudarc, one process per GPU, the NCCL id
-//!   exchanged through a file every rank sees.
+//!   exchanged through a file every rank sees; gradients are averaged in GPU memory, on candle's
+//!   own stream.
 //!
-//! Gradients travel as flat f32 buffers; the loop splits them into buckets of at most
-//! [`BUCKET_FLOATS`] values so large models reduce in bounded messages.
+//! The loop hands over one flat f32 gradient tensor per step ([`all_reduce_mean_tensor`]). A
+//! backend that can reduce device buffers does so in place of the host path
+//! ([`Collective::all_reduce_mean_device`]); the host path splits the values into buckets of at
+//! most [`BUCKET_FLOATS`] so large models reduce in bounded messages.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -47,6 +50,24 @@ pub trait Collective {
     fn barrier(&self) -> Result<()>;
     /// Backend name for logs.
     fn name(&self) -> &'static str;
+    /// The mean of `t` over the ranks computed where `t` lives, or `None` when this backend
+    /// reduces host buffers only (then [`all_reduce_mean_tensor`] goes through host memory).
+    fn all_reduce_mean_device(&self, _t: &candle_core::Tensor) -> Option<Result<candle_core::Tensor>> {
+        None
+    }
+}
+
+/// The mean of the f32 tensor `t` over the ranks, on `t`'s device: in device memory when the
+/// backend can (NCCL on a GPU), else through a host buffer reduced bucket by bucket (threads,
+/// MPI, and every backend on the CPU).
+pub fn all_reduce_mean_tensor(c: &dyn Collective, t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    if let Some(out) = c.all_reduce_mean_device(t) {
+        return out;
+    }
+    let bad = |e: candle_core::Error| DistError::Bad(format!("gradient buffer: {e}"));
+    let mut host = t.flatten_all().and_then(|f| f.to_vec1::<f32>()).map_err(bad)?;
+    all_reduce_mean_bucketed(c, &mut host)?;
+    candle_core::Tensor::from_vec(host, t.shape(), t.device()).map_err(bad)
 }
 
 /// All-reduces a buffer bucket by bucket.
@@ -257,17 +278,22 @@ mod nccl_backend {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaStream};
+    use candle_core::cuda_backend::cudarc::driver::CudaStream;
     use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
     use super::{Collective, DistError, Result};
 
     /// NCCL between GPUs, one process per GPU (launched by `mpirun`, `torchrun`-style launchers
     /// or Slurm; see [`super::launcher_rank`]). Rank 0 creates the NCCL id and hands it to the
     /// others through a file on a filesystem every rank sees; it removes the file once every rank
-    /// has joined (a file left by a crashed launch must be deleted before the next one). Gradients arrive as host buffers (the loop's interface), travel to this rank's
-    /// GPU, are averaged there by `ncclAllReduce(avg)` and come back. Used on the thread that made
-    /// it; `Send`/`Sync` only as far as cudarc's types are.
+    /// has joined (a file left by a crashed launch must be deleted before the next one). The
+    /// communicator runs on the stream of this rank's candle device, so the all-reduce of the
+    /// step's gradient tensor (`ncclAllReduce(avg)` from one GPU buffer into a new one) is
+    /// ordered after the backward kernels that wrote it and before the optimiser's, with no copy
+    /// to the host. Used on the thread that made it; `Send`/`Sync` only as far as cudarc's types
+    /// are.
     pub struct NcclCollective {
         comm: Comm,
         stream: Arc<CudaStream>,
@@ -280,12 +306,21 @@ mod nccl_backend {
     }
 
     impl NcclCollective {
-        /// Joins the group as `rank` of `world_size` on GPU `device`, exchanging the NCCL id
-        /// through `id_file`; other ranks wait for the file at most `timeout`.
-        pub fn init(rank: usize, world_size: usize, device: usize, id_file: &Path, timeout: Duration) -> Result<Self> {
+        /// Joins the group as `rank` of `world_size` on the CUDA `device` (its stream carries
+        /// the collectives), exchanging the NCCL id through `id_file`; other ranks wait for the
+        /// file at most `timeout`.
+        pub fn init(
+            rank: usize,
+            world_size: usize,
+            device: &candle_core::Device,
+            id_file: &Path,
+            timeout: Duration,
+        ) -> Result<Self> {
             let e = err(rank);
-            let ctx = CudaContext::new(device).map_err(|x| e(format!("GPU {device}: {x:?}")))?;
-            let stream = ctx.default_stream();
+            let candle_core::Device::Cuda(cuda) = device else {
+                return Err(DistError::Bad(format!("NCCL needs a CUDA device, got {device:?}")));
+            };
+            let stream = cuda.cuda_stream();
             let id = if rank == 0 {
                 let id = Id::new().map_err(|x| e(format!("creating the NCCL id: {x:?}")))?;
                 let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
@@ -362,6 +397,45 @@ mod nccl_backend {
 
         fn name(&self) -> &'static str {
             "nccl"
+        }
+
+        fn all_reduce_mean_device(&self, t: &Tensor) -> Option<Result<Tensor>> {
+            if !t.device().is_cuda() {
+                return None;
+            }
+            let e = err(self.rank);
+            Some(
+                t.contiguous()
+                    .and_then(|t| t.apply_op1_no_bwd(&AvgOp { comm: &self.comm }))
+                    .map_err(|x| e(format!("ncclAllReduce on the GPU: {x}"))),
+            )
+        }
+    }
+
+    /// `ncclAllReduce(avg)` of an f32 CUDA tensor into a new buffer, as a candle op (so the
+    /// result is an ordinary tensor on the same device and stream).
+    struct AvgOp<'a> {
+        comm: &'a Comm,
+    }
+
+    impl candle_core::CustomOp1 for AvgOp<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-avg"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the NCCL all-reduce takes CUDA tensors only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (start, end) =
+                l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("non-contiguous gradients".into()))?;
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+            let mut dst = s.device.alloc_zeros::<f32>(end - start)?;
+            self.comm
+                .all_reduce(&src, &mut dst, &ReduceOp::Avg)
+                .map_err(|x| candle_core::Error::Msg(format!("ncclAllReduce: {x:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, s.device.clone()), l.shape().clone()))
         }
     }
 }

@@ -205,6 +205,8 @@ pub struct Overrides {
     /// Kernels requested (resolved against the device and the CPU by [`Ops::resolve`] when the
     /// model is built; not saved in the run's config).
     pub ops: Option<Ops>,
+    /// Arithmetic of the training forward (`--dtype`; not saved in the run's config).
+    pub precision: Option<crate::nn::Precision>,
 }
 
 /// The mean patch length θ is calibrated for by default (the paper's 256 px figure is 1.81).
@@ -269,6 +271,9 @@ impl Overrides {
         }
         if let Some(o) = self.ops {
             m.ops = o;
+        }
+        if let Some(p) = self.precision {
+            m.precision = p;
         }
         if let Some(d) = self.dim {
             m.dim = d;
@@ -468,10 +473,10 @@ pub fn run_ranks<T: Task>(
     }
     #[cfg(feature = "nccl")]
     if device.is_cuda() {
-        if let Some((rank, world, local)) = crate::dist::launcher_rank() {
+        if let Some((rank, world, _local)) = crate::dist::launcher_rank() {
             let id_file =
                 launch.nccl_id_file.clone().unwrap_or_else(|| crate::dist::NcclCollective::default_id_file(out));
-            let collective = crate::dist::NcclCollective::init(rank, world, local, &id_file, launch.rank_timeout)?;
+            let collective = crate::dist::NcclCollective::init(rank, world, device, &id_file, launch.rank_timeout)?;
             let mut task = make()?;
             return Ok(crate::train::run_parallel(&mut task, config, out, start, &collective, launch.grad_accum)?);
         }

@@ -448,7 +448,11 @@ fn parallel_gradients(
     accum: usize,
 ) -> Result<(candle_core::backprop::GradStore, f64, Vec<(String, f64)>, usize, f64)> {
     let parts = collective.world_size() * accum;
-    let mut flat: Vec<f32> = Vec::new();
+    // The step's gradients as one flat f32 tensor on the model's device (summed over the
+    // micro-batches there), then averaged over the ranks where they live: in GPU memory under
+    // NCCL, through a host buffer for threads and MPI.
+    let device = vars.first().map(|v| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    let mut flat: Option<Tensor> = None;
     let mut loss_sum = 0f64;
     let mut metrics = Vec::new();
     let mut tokens = 0;
@@ -458,32 +462,36 @@ fn parallel_gradients(
         let out = task.part_loss(step, part).map_err(TrainError::Task)?;
         loss_sum += out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let grads = (out.loss / accum as f64)?.backward()?;
-        let mut offset = 0;
-        for var in vars {
-            let n = var.elem_count();
-            if flat.len() < offset + n {
-                flat.resize(offset + n, 0.0);
-            }
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                flat[offset..offset + n].iter_mut().zip(g).for_each(|(a, b)| *a += b);
-            }
-            offset += n;
-        }
+        let pieces = vars
+            .iter()
+            .map(|var| match grads.get(var.as_tensor()) {
+                Some(g) => g.to_dtype(candle_core::DType::F32)?.flatten_all(),
+                None => Tensor::zeros(var.elem_count(), candle_core::DType::F32, &device),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let this = Tensor::cat(&pieces, 0)?;
+        flat = Some(match flat {
+            Some(sum) => (sum + this)?,
+            None => this,
+        });
         metrics = out.metrics;
         tokens += out.tokens;
         flops += out.flops;
     }
     // The step's mean loss travels with the gradients (last value).
-    flat.push((loss_sum / accum as f64) as f32);
-    crate::dist::all_reduce_mean_bucketed(collective, &mut flat)?;
-    let loss = flat.pop().unwrap_or(f32::NAN) as f64;
+    let loss_value = Tensor::new(&[(loss_sum / accum as f64) as f32], &device)?;
+    let flat = match flat {
+        Some(g) => Tensor::cat(&[g, loss_value], 0)?,
+        None => loss_value,
+    };
+    let flat = crate::dist::all_reduce_mean_tensor(collective, &flat)?;
+    let total: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let loss = flat.narrow(0, total, 1)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0];
     let mut store = candle_core::backprop::GradStore::default();
     let mut offset = 0;
     for var in vars {
         let n = var.elem_count();
-        let g = candle_core::Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
-            .to_dtype(var.dtype())?;
+        let g = flat.narrow(0, offset, n)?.reshape(var.shape())?.to_dtype(var.dtype())?;
         store.insert(var.as_tensor(), g);
         offset += n;
     }

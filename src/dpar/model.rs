@@ -116,7 +116,7 @@ pub struct StepCaches {
 impl Dpar {
     pub fn new(config: &DparConfig, pb: &Pb) -> Result<Self> {
         config.validate()?;
-        let config = &config.clone().with(|c| c.ops = c.ops.resolve(pb.device()));
+        let config = &config.clone().with(|c| c.ops = c.precision.kernels(c.ops).resolve(pb.device()));
         let c = config;
         let block = |p: Pb, i: usize| Block::new(&p.pp(i), c.dim, c.n_head, c.hidden(), c.norm_eps, c.ops);
         let enc = pb.pp("local_encoder");
@@ -196,6 +196,11 @@ impl Dpar {
         Ok(())
     }
 
+    /// The dtype of the training forward's activations (bf16 under mixed precision).
+    fn activations(&self) -> DType {
+        self.config.precision.activations(self.config.ops)
+    }
+
     /// Token embeddings of codes (B, t) → (B, t, D).
     pub fn embed(&self, codes: &Tensor) -> Result<Tensor> {
         let (b, t) = codes.dims2()?;
@@ -211,7 +216,7 @@ impl Dpar {
     fn encode(&self, inputs: &Tensor) -> Result<Tensor> {
         let t = inputs.dim(1)?;
         let rows = self.rope_enc.narrow(0, t);
-        let mut h = self.embed(inputs)?;
+        let mut h = self.embed(inputs)?.to_dtype(self.activations())?;
         for layer in &self.enc_layers {
             h = layer.forward::<rand_chacha::ChaCha8Rng>(&h, Some(&rows), &AttnMask::Causal, BlockCache::None, None)?;
         }
@@ -250,7 +255,7 @@ impl Dpar {
         let h = if n > 1 { Some(self.encode(&codes.narrow(1, 0, n - 1)?)?) } else { None };
         // 3. Patch vectors of patches 0 … N_b − 2.
         let m = layout.enc_segments.len();
-        let cls = self.class_embeddings(&labels)?; // (B, D)
+        let cls = self.class_embeddings(&labels)?.to_dtype(self.activations())?; // (B, D)
         let pool = match (&h, m) {
             (Some(h), m) if m > 0 => {
                 Tensor::cat(&[cls, self.patch_vectors(&h.reshape((b * (n - 1), dim))?, &layout.enc_segments)?], 0)?
@@ -316,7 +321,8 @@ impl Dpar {
         }
         let g = x.reshape((rows, dim))?;
         // 5. Decoder over [start, h_0, …, h_{n−2}].
-        let start = self.start.reshape((1, 1, dim))?.broadcast_as((b, 1, dim))?.contiguous()?;
+        let start =
+            self.start.to_dtype(self.activations())?.reshape((1, 1, dim))?.broadcast_as((b, 1, dim))?.contiguous()?;
         let mut y = match h {
             Some(h) => Tensor::cat(&[start, h], 1)?,
             None => start,
@@ -621,6 +627,59 @@ pub(crate) mod tests {
         let gen =
             |m: &Dpar| crate::dpar::generate::generate(m, &e, &[0, 2, 1], &sampling, &patch, &Device::Cpu).unwrap();
         assert_eq!(gen(&stock), gen(&fused), "generated codes and patches");
+    }
+
+    /// Mixed precision on the device-native path (bf16 activations, f32 master weights; forced
+    /// here on the CPU with stock ops): the loss is the f32 loss within bf16's rounding, every
+    /// master weight gets an f32 gradient pointing the f32 gradient's way, and on the fused CPU
+    /// path `--dtype bf16` means the bf16 GEMM kernels instead.
+    #[test]
+    fn mixed_precision_keeps_f32_masters_and_follows_the_f32_path() {
+        let (f32_model, store) = model(7);
+        let stock = |p: crate::nn::Precision| {
+            let cfg = tiny().with(|it| {
+                it.ops = crate::nn::Ops::Stock;
+                it.precision = p;
+            });
+            Dpar::new(&cfg, &store.root()).unwrap()
+        };
+        let (reference, mixed) = (stock(crate::nn::Precision::F32), stock(crate::nn::Precision::Bf16));
+        assert_eq!(mixed.activations(), DType::BF16);
+        assert_eq!(reference.activations(), DType::F32);
+        let fused_bf16 =
+            Dpar::new(&tiny().with(|it| it.precision = crate::nn::Precision::Bf16), &store.root()).unwrap();
+        assert_eq!(fused_bf16.activations(), DType::F32, "the fused CPU path keeps f32 activations");
+        if crate::kernels::bf16::available() {
+            assert_eq!(fused_bf16.config().ops, crate::nn::Ops::Bf16);
+        }
+        drop(f32_model);
+        let layout = mixed.layout(lengths(), 16).unwrap();
+        let labels = Tensor::new(&[1u32, 0, 2], &Device::Cpu).unwrap();
+        let codes = codes(3, 16, 8);
+        let loss = |m: &Dpar| m.loss::<rand_chacha::ChaCha8Rng>(&codes, &labels, &layout, GlobalLayout::Packed, None);
+        let (l32, l16) = (loss(&reference).unwrap(), loss(&mixed).unwrap());
+        assert_eq!(l16.dtype(), DType::F32, "the loss is computed in f32");
+        let (a, b) = (l32.to_scalar::<f32>().unwrap(), l16.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 2e-2 * a.abs(), "loss: f32 {a}, bf16 {b}");
+        assert_ne!(a, b, "bf16 arithmetic shows in the loss");
+        let (g32, g16) = (l32.backward().unwrap(), l16.backward().unwrap());
+        let mut worst = 1f64;
+        for (name, var) in store.vars() {
+            let want = g32.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no f32 gradient"));
+            let got = g16.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient under bf16"));
+            assert_eq!(got.dtype(), DType::F32, "{name}: the master's gradient is f32");
+            let (w, g) = (
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(g.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+            let dot: f64 = w.iter().zip(&g).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (norm(&w) * norm(&g)).max(1e-30);
+            assert!(cos > 0.95, "{name}: bf16 gradient at cosine {cos} from the f32 one");
+            worst = worst.min(cos);
+        }
+        eprintln!("mixed precision vs f32: loss {b} vs {a}, lowest gradient cosine {worst:.4}");
     }
 
     #[test]

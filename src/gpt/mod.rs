@@ -199,7 +199,7 @@ pub use crate::batch::TrainNoise;
 impl Gpt {
     pub fn new(config: &GptConfig, pb: &Pb) -> Result<Self> {
         config.validate()?;
-        let config = &config.clone().with(|c| c.ops = c.ops.resolve(pb.device()));
+        let config = &config.clone().with(|c| c.ops = c.precision.kernels(c.ops).resolve(pb.device()));
         let c = config;
         let cls_embedding = if c.cls_token_num == 1 {
             Some(pb.pp("cls_embedding").pp("embedding_table").get(
@@ -273,12 +273,14 @@ impl Gpt {
         self.check_codes(codes, seq_len)?;
         let inputs = if l == seq_len { codes.narrow(1, 0, seq_len - 1)? } else { codes.clone() };
         let tokens = self.embed_codes(&inputs)?;
-        if self.config.cls_token_num == 1 {
+        let seq = if self.config.cls_token_num == 1 {
             let labels = labels.ok_or_else(|| GptError::BadInput("a class-conditional model needs labels".into()))?;
-            Ok(Tensor::cat(&[&self.class_embeddings(labels)?, &tokens], 1)?)
+            Tensor::cat(&[&self.class_embeddings(labels)?, &tokens], 1)?
         } else {
-            Ok(tokens)
-        }
+            tokens
+        };
+        // The activations' dtype (bf16 under mixed precision), set once at the input.
+        Ok(seq.to_dtype(self.config.precision.activations(self.config.ops))?)
     }
 
     /// Final hidden states (after the last block, before the final norm), for linear probes.
@@ -523,6 +525,54 @@ mod tests {
         assert!((millions(&GptConfig::gpt_l()) - 343.0).abs() < 3.0, "{}", millions(&GptConfig::gpt_l()));
         assert!((millions(&GptConfig::gpt_xl()) - 775.0).abs() < 5.0, "{}", millions(&GptConfig::gpt_xl()));
         assert!((millions(&GptConfig::gpt_xxl()) - 1400.0).abs() < 20.0, "{}", millions(&GptConfig::gpt_xxl()));
+    }
+
+    /// The device-native path (candle's ops, forced here on the CPU) gives the fused path's
+    /// loss and gradients; under mixed precision (bf16 activations, f32 masters) the loss stays
+    /// within bf16 rounding and every master gets an f32 gradient along the f32 one.
+    #[test]
+    fn device_native_and_mixed_precision_paths_follow_the_fused_path() {
+        let store = ParamStore::new(3, &Device::Cpu);
+        let build = |ops: crate::nn::Ops, precision: crate::nn::Precision| {
+            Gpt::new(
+                &tiny(1).with(|it| {
+                    it.ops = ops;
+                    it.precision = precision;
+                }),
+                &store.root(),
+            )
+            .unwrap()
+        };
+        let fused = build(crate::nn::Ops::Fused, crate::nn::Precision::F32);
+        let out = store.var("output.weight").unwrap();
+        out.set(&Tensor::randn(0f32, 0.5, out.shape(), &Device::Cpu).unwrap()).unwrap();
+        let stock = build(crate::nn::Ops::Stock, crate::nn::Precision::F32);
+        let mixed = build(crate::nn::Ops::Stock, crate::nn::Precision::Bf16);
+        let labels = Tensor::new(&[0u32, 2, 1, 3], &Device::Cpu).unwrap();
+        let codes = codes(4, 9, 1);
+        let run = |m: &Gpt| {
+            let loss = m.loss::<rand_chacha::ChaCha8Rng>(&codes, Some(&labels), None).unwrap();
+            (loss.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
+        };
+        let ((lf, gf), (ls, gs), (lm, gm)) = (run(&fused), run(&stock), run(&mixed));
+        assert!((lf - ls).abs() < 1e-5, "loss: fused {lf}, device-native {ls}");
+        assert!((lf - lm).abs() < 2e-2 * lf, "loss: f32 {lf}, bf16 {lm}");
+        assert_ne!(lf, lm, "bf16 arithmetic shows in the loss");
+        for (name, var) in store.vars() {
+            let get = |g: &candle_core::backprop::GradStore| {
+                let t = g.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+                assert_eq!(t.dtype(), DType::F32, "{name}: f32 gradient");
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let (f, s, m) = (get(&gf), get(&gs), get(&gm));
+            let scale = f.iter().fold(1e-6f32, |a, x| a.max(x.abs()));
+            let rel = f.iter().zip(&s).fold(0f32, |a, (x, y)| a.max((x - y).abs())) / scale;
+            assert!(rel < 1e-3, "{name}: device-native gradient off by {rel} of its scale");
+            let dot: f64 = f.iter().zip(&m).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let cos = dot / (norm(&f) * norm(&m)).max(1e-30);
+            assert!(cos > 0.95, "{name}: bf16 gradient at cosine {cos} from the f32 one");
+        }
     }
 
     #[test]

@@ -318,7 +318,8 @@ pub fn segment_attention_padded(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[
     let qm = q.unsqueeze(2)?.contiguous()?; // (M, H, 1, d)
     let scores = (qm.matmul(&ks.t()?)? * (1.0 / (d as f64).sqrt()))?; // (M, H, 1, L)
     let bias = p.bias.to_dtype(scores.dtype())?.reshape((m, 1, 1, p.max_len))?;
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, 3)?;
+    // Half-precision scores (bf16 under mixed precision) go through the softmax in f32.
+    let probs = candle_nn::ops::softmax(&crate::nn::widen(&scores.broadcast_add(&bias)?)?, 3)?.to_dtype(v.dtype())?;
     probs.matmul(&vs)?.squeeze(2) // (M, H, d)
 }
 

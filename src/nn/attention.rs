@@ -360,7 +360,8 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    // Half-precision scores (bf16 under mixed precision) go through the softmax in f32.
+    let probs = candle_nn::ops::softmax(&crate::nn::widen(&scores)?, D::Minus1)?.to_dtype(v.dtype())?;
     Ok(probs.matmul(&v.contiguous()?)?)
 }
 

@@ -4,7 +4,7 @@
 //! their files keep the flat layout of earlier versions) and reach its fields through `Deref`,
 //! and both validate these fields with [`TransformerConfig::validate`].
 
-use super::Ops;
+use super::{Ops, Precision};
 
 /// The shared transformer settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -33,6 +33,10 @@ pub struct TransformerConfig {
     /// earlier versions that record it are still read, and their value is the default request.
     #[serde(default, skip_serializing)]
     pub ops: Ops,
+    /// The training forward's arithmetic (`--dtype`): f32, or bf16 activations with f32
+    /// master weights (see [`Precision`]). A run-time choice like `ops`, never saved.
+    #[serde(default, skip_serializing)]
+    pub precision: Precision,
 }
 
 impl TransformerConfig {
@@ -53,6 +57,7 @@ impl TransformerConfig {
             ffn_dropout: 0.1,
             class_dropout: 0.1,
             ops: Ops::Fused,
+            precision: Precision::F32,
         }
     }
 

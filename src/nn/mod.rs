@@ -85,6 +85,50 @@ impl Ops {
     }
 }
 
+/// The arithmetic of the training forward (`--dtype`), a run-time choice like [`Ops`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Mixed precision: bf16 activations and matmul operands, f32 master weights (cast to bf16
+    /// where they are used, so their gradients and the optimiser's moments stay f32), f32
+    /// softmax, norms and loss.
+    Bf16,
+}
+
+impl Precision {
+    /// The kernels to request for `ops` under this precision: on the CPU's fused kernels bf16
+    /// means their bf16 GEMM operands (`--ops bf16`, the existing CPU path); other requests are
+    /// kept.
+    pub fn kernels(self, ops: Ops) -> Ops {
+        if self == Precision::Bf16 && ops == Ops::Fused {
+            Ops::Bf16
+        } else {
+            ops
+        }
+    }
+
+    /// The dtype of the activations of a training forward run by `ops` (already resolved):
+    /// bf16 only on candle's ops (every GPU, or `--ops stock` on the CPU), f32 otherwise.
+    pub fn activations(self, ops: Ops) -> candle_core::DType {
+        if self == Precision::Bf16 && ops == Ops::Stock {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        }
+    }
+}
+
+/// `x` in f32 when it is half precision (bf16, f16), else `x` itself: where mixed precision
+/// keeps its sensitive arithmetic (softmax, norms, loss).
+pub fn widen(x: &Tensor) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        candle_core::DType::BF16 | candle_core::DType::F16 => x.to_dtype(candle_core::DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
 /// A bias-free linear layer, weight stored `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -114,7 +158,9 @@ impl Linear {
         let y = if self.ops.fused_for(&x2) && self.weight.dtype() == candle_core::DType::F32 {
             crate::kernels::matmul::linear(&x2, &self.weight, self.ops.gemm())?
         } else {
-            x2.matmul(&self.weight.t()?)?
+            // Mixed precision: the f32 master weight meets bf16 activations as a bf16 copy (a
+            // differentiable cast; a no-op when the dtypes agree).
+            x2.matmul(&self.weight.to_dtype(x2.dtype())?.t()?)?
         };
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("x has at least one dim") = self.weight.dim(0)?;
@@ -155,9 +201,13 @@ impl RmsNorm {
         if self.ops.fused_for(x) {
             return Ok(crate::kernels::fused::rms_norm(x, &self.weight, self.eps)?);
         }
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        // Half-precision activations are normalised in f32 (as LlamaGen's
+        // `_norm(x.float()).type_as(x)`); f32 and f64 as they are.
+        let dtype = x.dtype();
+        let x32 = widen(x)?;
+        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+        Ok(x32.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)?)
     }
 }
 
@@ -204,6 +254,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ops: Ops) -> Result<Tens
         return Ok(crate::kernels::fused::cross_entropy(logits, targets)?);
     }
     let v = logits.dim(D::Minus1)?;
+    // Half-precision logits in f32.
+    let logits = widen(logits)?;
     Ok(candle_nn::loss::cross_entropy(&logits.reshape(((), v))?, &targets.flatten_all()?)?)
 }
 

@@ -400,6 +400,12 @@ pub struct TrainArgs {
     /// f32 accumulation) or `stock` (candle's composed ops, the reference).
     #[arg(long, value_enum)]
     pub ops: Option<OpsArg>,
+    /// Arithmetic of the training forward: `f32`, or `bf16`: on a GPU (and with `--ops stock`
+    /// on the CPU) bf16 activations and matmuls with f32 master weights and optimiser state
+    /// (f32 softmax, norms and loss); with the CPU's fused kernels, their bf16 GEMM operands
+    /// (the same as `--ops bf16`). Checkpoints hold f32 weights either way.
+    #[arg(long, value_enum)]
+    pub dtype: Option<PrecisionArg>,
     /// Data parallelism in this process: N ranks as threads, each with a 1/N share of every
     /// batch. Under `mpirun` (a build with `--features mpi`) the ranks are MPI processes instead.
     #[arg(long, default_value_t = 1)]
@@ -433,6 +439,21 @@ impl From<OpsArg> for dpar::nn::Ops {
             OpsArg::Fused => Self::Fused,
             OpsArg::Bf16 => Self::Bf16,
             OpsArg::Stock => Self::Stock,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+impl From<PrecisionArg> for dpar::nn::Precision {
+    fn from(a: PrecisionArg) -> Self {
+        match a {
+            PrecisionArg::F32 => Self::F32,
+            PrecisionArg::Bf16 => Self::Bf16,
         }
     }
 }
@@ -491,6 +512,7 @@ impl TrainArgs {
             target_mean_len: Some(self.target_mean_len),
             patch_rope: self.patch_rope.map(Into::into),
             ops: self.ops.map(Into::into),
+            precision: self.dtype.map(Into::into),
         };
         dpar::recipe::TrainRequest {
             kind: self.model.into(),
