@@ -77,6 +77,19 @@ pub fn gpt_speed(
     reps: usize,
     device: &Device,
 ) -> Result<SpeedRow> {
+    gpt_speed_opts(name, c, batch, warmup, reps, device, true)
+}
+
+/// [`gpt_speed`], timing the generation only when `sample` (else its fields are NaN).
+pub fn gpt_speed_opts(
+    name: &str,
+    c: &GptConfig,
+    batch: usize,
+    warmup: usize,
+    reps: usize,
+    device: &Device,
+    sample: bool,
+) -> Result<SpeedRow> {
     let store = ParamStore::new(0, device);
     let model = Gpt::new(c, &store.root())?;
     let (codes, labels) = random_batch(c, batch, 1, device)?;
@@ -91,6 +104,8 @@ pub fn gpt_speed(
         let mut grads = loss.backward()?;
         clip_grad_norm(&mut grads, vars.iter(), 1.0)?;
         opt.step(&grads)?;
+        // A GPU runs ahead of the host: wait for the step's kernels.
+        device.synchronize()?;
         Ok(())
     })?;
     let forward_ms = time_ms(warmup, reps, || {
@@ -107,12 +122,12 @@ pub fn gpt_speed(
             Ok(ms / c.seq_len() as f64)
         };
     let conditional = c.cls_token_num == 1;
-    let sample_step_ms = if conditional {
+    let sample_step_ms = if conditional && sample {
         per_code(&|| crate::sample::generate_gpt_cached(&model, &labels_v, &sampling, device))?
     } else {
         f64::NAN
     };
-    let lean_sample_step_ms = if conditional && device.is_cpu() && c.ops != crate::nn::Ops::Stock {
+    let lean_sample_step_ms = if sample && conditional && device.is_cpu() && c.ops != crate::nn::Ops::Stock {
         per_code(&|| crate::sample::generate_gpt_lean(&model, &labels_v, &sampling))?
     } else {
         f64::NAN
@@ -160,6 +175,21 @@ pub fn dpar_speed(
     reps: usize,
     device: &Device,
 ) -> Result<SpeedRow> {
+    dpar_speed_opts(name, c, entropy, batch, warmup, reps, device, true)
+}
+
+/// [`dpar_speed`], timing the generation only when `sample` (else its fields are NaN).
+#[allow(clippy::too_many_arguments)]
+pub fn dpar_speed_opts(
+    name: &str,
+    c: &crate::dpar::DparConfig,
+    entropy: &GptConfig,
+    batch: usize,
+    warmup: usize,
+    reps: usize,
+    device: &Device,
+    sample: bool,
+) -> Result<SpeedRow> {
     use crate::dpar::model::GlobalLayout;
     use crate::dpar::Dpar;
     let bad = |e: crate::dpar::DparError| BenchError::Bad(e.to_string());
@@ -186,6 +216,8 @@ pub fn dpar_speed(
         let mut grads = loss.backward()?;
         clip_grad_norm(&mut grads, vars.iter(), 1.0)?;
         opt.step(&grads)?;
+        // A GPU runs ahead of the host: wait for the step's kernels.
+        device.synchronize()?;
         Ok(())
     })?;
     let forward_ms = time_ms(warmup, reps, || {
@@ -208,11 +240,16 @@ pub fn dpar_speed(
     let labels_v: Vec<u32> = labels.to_vec1::<u32>()?;
     let sampling = crate::sample::SamplingConfig { cfg_scale: 1.0, ..Default::default() };
     let patch = crate::patching::PatchConfig::dpar(theta, 4);
-    let gen_ms = time_ms(0, 1, || {
-        crate::dpar::generate::generate_cached(&model, &emodel, &labels_v, &sampling, &patch, device).map_err(bad)?;
-        Ok(())
-    })?;
-    let lean_ms = if device.is_cpu() && c.ops != crate::nn::Ops::Stock {
+    let gen_ms = if sample {
+        time_ms(0, 1, || {
+            crate::dpar::generate::generate_cached(&model, &emodel, &labels_v, &sampling, &patch, device)
+                .map_err(bad)?;
+            Ok(())
+        })?
+    } else {
+        f64::NAN
+    };
+    let lean_ms = if sample && device.is_cpu() && c.ops != crate::nn::Ops::Stock {
         time_ms(0, 1, || {
             crate::dpar::decode::generate_lean(&model, &emodel, &labels_v, &sampling, &patch).map_err(bad)?;
             Ok(())

@@ -29,6 +29,7 @@
 pub mod batch;
 pub mod bench;
 pub mod data;
+pub mod device_check;
 pub mod dist;
 pub mod dpar;
 pub mod entropy;

@@ -1,6 +1,6 @@
 //! `dpar bench speed`: training, forward and cached-sampling speed of the models.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use crate::common::DeviceArgs;
@@ -9,6 +9,46 @@ use crate::common::DeviceArgs;
 pub enum BenchCmd {
     /// Medians over repeated steps after warm-up, with GFLOP/s.
     Speed(SpeedArgs),
+    /// The checks of a GPU machine (run by scripts/gpu-check): smoke tests of both models on the
+    /// device against the CPU (loss, gradients, generated codes; f32 and bf16), training
+    /// throughput of gpt-b and dpar-b (f32, bf16), sampling images/s with guidance; writes
+    /// report.json and report.md. Under a multi-process launcher (RANK/WORLD_SIZE, mpirun):
+    /// the all-reduce check of the ranks alone.
+    Device(DeviceCheckArgs),
+}
+
+#[derive(Args)]
+pub struct DeviceCheckArgs {
+    /// Folder for report.json and report.md (and nccl.json from the multi-rank check).
+    #[arg(long, default_value = "out/device-check")]
+    out: std::path::PathBuf,
+    /// Small presets (MNIST sizes), batch 4, one timed repetition: a dry run of the whole
+    /// report on any machine.
+    #[arg(long)]
+    quick: bool,
+    /// Images per training step and per generation.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Untimed training steps before timing.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed training steps (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Guidance scale of the sampling row.
+    #[arg(long, default_value_t = 2.0)]
+    cfg: f64,
+    /// Only the smoke tests.
+    #[arg(long)]
+    smoke_only: bool,
+    /// A multi-rank check's result (nccl.json) to include in the report.
+    #[arg(long)]
+    nccl_result: Option<std::path::PathBuf>,
+    /// How the report names the device (scripts/gpu-check passes the GPU, driver and date).
+    #[arg(long)]
+    label: Option<String>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -80,7 +120,103 @@ const TORCH_SCRIPTS: [&str; 4] =
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Speed(a) => speed(a),
+        BenchCmd::Device(a) => device_check(a),
     }
+}
+
+fn device_check(args: DeviceCheckArgs) -> Result<()> {
+    use dpar::device_check as dc;
+    let device = args.device.device()?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
+    let name = match (&args.label, device.is_cpu()) {
+        (Some(label), true) => format!("{label} (candle's ops against the fused kernels)"),
+        (Some(label), false) => label.clone(),
+        (None, true) => "cpu (candle's ops against the fused kernels)".to_string(),
+        (None, false) => args.device.device.clone(),
+    };
+    if let Some((rank, world, _)) = dpar::dist::launcher_rank().filter(|&(_, w, _)| w > 1) {
+        let row = multi_rank_check(&device, rank, world, &args.out)?;
+        if rank == 0 {
+            let path = args.out.join("nccl.json");
+            dpar::util::write_atomic(&path, serde_json::to_string_pretty(&row)?.as_bytes())?;
+            println!(
+                "{} ranks: all-reduce max error {:.1e}, bus bandwidth {:.1} GB/s: {}",
+                row.world_size,
+                row.max_error,
+                row.bus_gb_per_s,
+                if row.pass { "pass" } else { "FAIL" }
+            );
+            println!("wrote {}", path.display());
+        }
+        anyhow::ensure!(row.pass, "rank {rank}: the all-reduce gave wrong values (max error {:e})", row.max_error);
+        return Ok(());
+    }
+    let start = std::time::Instant::now();
+    let quick = args.quick;
+    let batch = if quick { args.batch_size.min(4) } else { args.batch_size };
+    let reps = if quick { 1 } else { args.reps };
+    let warmup = if quick { 1 } else { args.warmup };
+    let mut report = dc::Report {
+        device: name,
+        quick,
+        smoke: Vec::new(),
+        throughput: Vec::new(),
+        sampling: Vec::new(),
+        nccl: None,
+        seconds: 0.0,
+    };
+    let write = |report: &mut dc::Report| -> Result<()> {
+        report.seconds = start.elapsed().as_secs_f64();
+        dpar::util::write_atomic(&args.out.join("report.json"), serde_json::to_string_pretty(&*report)?.as_bytes())?;
+        dpar::util::write_atomic(&args.out.join("report.md"), dc::markdown(report).as_bytes())?;
+        Ok(())
+    };
+    if let Some(path) = &args.nccl_result {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--nccl-result {}", path.display()))?;
+        report.nccl = Some(serde_json::from_str(&text).with_context(|| format!("--nccl-result {}", path.display()))?);
+    }
+    eprintln!("smoke tests: small GPT and DPAR on {} against the CPU", report.device);
+    report.smoke = dc::smoke(&device)?;
+    write(&mut report)?;
+    if !args.smoke_only {
+        eprintln!("training throughput: batch {batch}, f32 and bf16");
+        report.throughput = dc::throughput(&device, batch, warmup, reps, quick)?;
+        write(&mut report)?;
+        eprintln!("sampling: batch {batch}, cfg {}", args.cfg);
+        report.sampling = vec![dc::sampling(&device, batch, args.cfg, quick)?];
+    }
+    write(&mut report)?;
+    print!("{}", dc::markdown(&report));
+    println!("wrote {}/report.json and report.md", args.out.display());
+    let failed: Vec<String> =
+        report.smoke.iter().filter(|r| !r.pass).map(|r| format!("{} {}", r.model, r.precision)).collect();
+    anyhow::ensure!(failed.is_empty(), "smoke tests failed: {}", failed.join(", "));
+    Ok(())
+}
+
+/// The all-reduce check as one rank of a launcher's group: NCCL on CUDA (`--features nccl`),
+/// MPI on the CPU (`--features mpi`).
+fn multi_rank_check(
+    device: &candle_core::Device,
+    rank: usize,
+    world: usize,
+    out: &std::path::Path,
+) -> Result<dpar::device_check::NcclRow> {
+    let _ = (rank, world, out);
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        let id = out.join(".nccl-id");
+        let c = dpar::dist::NcclCollective::init(rank, world, device, &id, std::time::Duration::from_secs(120))?;
+        return Ok(dpar::device_check::all_reduce_check(&c, device, 64 << 20)?);
+    }
+    #[cfg(feature = "mpi")]
+    if dpar::dist::launched_by_mpi() {
+        let c = dpar::dist::MpiCollective::init()?;
+        return Ok(dpar::device_check::all_reduce_check(&c, device, 1 << 22)?);
+    }
+    anyhow::bail!(
+        "started as rank {rank} of {world}, but this binary has no backend for {device:?} (build with --features nccl for GPUs, --features mpi under mpirun)"
+    )
 }
 
 fn speed(args: SpeedArgs) -> Result<()> {
