@@ -162,6 +162,21 @@ fn compare_grads(
     Ok((worst, min_cos))
 }
 
+fn log_row(row: Option<&SmokeRow>) {
+    if let Some(r) = row {
+        tracing::info!(
+            "smoke {} {}: loss {:.6} vs {:.6}, worst gradient {:.1e} of scale, lowest cosine {:.5}: {}",
+            r.model,
+            r.precision,
+            r.device_loss,
+            r.reference_loss,
+            r.worst_grad_rel,
+            r.min_grad_cosine,
+            if r.pass { "pass" } else { "FAIL" }
+        );
+    }
+}
+
 fn share_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> f64 {
     let total: usize = a.iter().map(|r| r.len()).sum();
     let same: usize = a.iter().zip(b).map(|(x, y)| x.iter().zip(y).filter(|(p, q)| p == q).count()).sum();
@@ -236,7 +251,7 @@ pub fn smoke(device: &Device) -> Result<Vec<SmokeRow>> {
             None
         };
         rows.push(smoke_row("gpt (small)", precision, ref_store.num_params(), losses, grads, codes));
-        tracing::info!("smoke: {:?}", rows.last());
+        log_row(rows.last());
     }
 
     // DPAR, with a small random entropy model for its generation.
@@ -278,7 +293,7 @@ pub fn smoke(device: &Device) -> Result<Vec<SmokeRow>> {
             None
         };
         rows.push(smoke_row("dpar (small)", precision, ref_store.num_params(), losses, grads, codes));
-        tracing::info!("smoke: {:?}", rows.last());
+        log_row(rows.last());
     }
     Ok(rows)
 }

@@ -97,7 +97,14 @@ impl DeviceArgs {
                 if !candle_core::utils::cuda_is_available() {
                     bail!("--device {d}: this binary was built without CUDA (rebuild with `--features cuda`)");
                 }
-                Ok(candle_core::Device::new_cuda(ordinal)?)
+                candle_core::Device::new_cuda(ordinal).map_err(|e| {
+                    // candle's message may carry a backtrace; its first line is the driver's error.
+                    let e = e.to_string();
+                    anyhow::anyhow!(
+                        "--device {d}: cannot open GPU {ordinal}: {}. Is this a machine with an NVIDIA GPU and driver (`nvidia-smi` lists them)?",
+                        e.lines().next().unwrap_or("unknown error")
+                    )
+                })
             }
             other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
         }
