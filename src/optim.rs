@@ -278,10 +278,24 @@ pub fn clip_grad_norm<'a>(
     vars: impl Iterator<Item = &'a Var> + Clone,
     max_norm: f64,
 ) -> Result<f64> {
+    let on_cpu = vars.clone().next().is_none_or(|v| v.device().is_cpu());
     let mut total = 0f64;
-    for var in vars.clone() {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    if on_cpu {
+        for var in vars.clone() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            }
+        }
+    } else {
+        // On a GPU: every parameter's sum of squares stays on the device, one transfer in all
+        // (not one wait for the device per parameter).
+        let sums = vars
+            .clone()
+            .filter_map(|var| grads.get(var.as_tensor()))
+            .map(|g| g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?.reshape(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if !sums.is_empty() {
+            total = Tensor::cat(&sums, 0)?.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();
