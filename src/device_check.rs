@@ -198,11 +198,7 @@ fn smoke_row(
     };
     SmokeRow {
         model: model.to_string(),
-        precision: match precision {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
-        .into(),
+        precision: precision.name().into(),
         params,
         reference_loss,
         device_loss,
@@ -308,6 +304,18 @@ fn throughput_models(quick: bool) -> Result<(GptConfig, DparConfig)> {
     }
 }
 
+fn throughput_row(model: &str, precision: &str, r: &crate::bench::SpeedRow) -> ThroughputRow {
+    ThroughputRow {
+        model: model.into(),
+        precision: precision.into(),
+        batch: r.batch,
+        train_ms: r.train_ms,
+        images_per_s: r.batch as f64 / r.train_ms * 1e3,
+        train_gflops: r.train_gflops,
+        forward_ms: r.forward_ms,
+    }
+}
+
 /// Training throughput rows (f32 and bf16 for both models); candle's ops on every device.
 pub fn throughput(
     device: &Device,
@@ -320,25 +328,14 @@ pub fn throughput(
     let entropy = GptConfig::mnist_entropy();
     let mut rows = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
-        let name = match precision {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        };
+        let name = precision.name();
         let g = gpt.clone().with(|c| {
             c.ops = Ops::Stock;
             c.precision = precision;
         });
         tracing::info!("timing the baseline ({} layers, width {}), {name}, batch {batch}", g.n_layer, g.dim);
         let r = crate::bench::gpt_speed_opts(&format!("gpt ({name})"), &g, batch, warmup, reps, device, false)?;
-        rows.push(ThroughputRow {
-            model: if quick { "gpt-mnist".into() } else { "gpt-b".into() },
-            precision: name.into(),
-            batch,
-            train_ms: r.train_ms,
-            images_per_s: batch as f64 / r.train_ms * 1e3,
-            train_gflops: r.train_gflops,
-            forward_ms: r.forward_ms,
-        });
+        rows.push(throughput_row(if quick { "gpt-mnist" } else { "gpt-b" }, name, &r));
         let d = dpar.clone().with(|c| {
             c.ops = Ops::Stock;
             c.precision = precision;
@@ -352,15 +349,7 @@ pub fn throughput(
         );
         let r =
             crate::bench::dpar_speed_opts(&format!("dpar ({name})"), &d, &entropy, batch, warmup, reps, device, false)?;
-        rows.push(ThroughputRow {
-            model: if quick { "dpar-mnist".into() } else { "dpar-b".into() },
-            precision: name.into(),
-            batch,
-            train_ms: r.train_ms,
-            images_per_s: batch as f64 / r.train_ms * 1e3,
-            train_gflops: r.train_gflops,
-            forward_ms: r.forward_ms,
-        });
+        rows.push(throughput_row(if quick { "dpar-mnist" } else { "dpar-b" }, name, &r));
     }
     Ok(rows)
 }

@@ -98,6 +98,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// `f32` or `bf16`, as the flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
     /// The kernels to request for `ops` under this precision: on the CPU's fused kernels bf16
     /// means their bf16 GEMM operands (`--ops bf16`, the existing CPU path); other requests are
     /// kept.
