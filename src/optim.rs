@@ -279,25 +279,7 @@ pub fn clip_grad_norm<'a>(
     max_norm: f64,
 ) -> Result<f64> {
     let on_cpu = vars.clone().next().is_none_or(|v| v.device().is_cpu());
-    let mut total = 0f64;
-    if on_cpu {
-        for var in vars.clone() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            }
-        }
-    } else {
-        // On a GPU: every parameter's sum of squares stays on the device, one transfer in all
-        // (not one wait for the device per parameter).
-        let sums = vars
-            .clone()
-            .filter_map(|var| grads.get(var.as_tensor()))
-            .map(|g| g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?.reshape(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        if !sums.is_empty() {
-            total = Tensor::cat(&sums, 0)?.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        }
-    }
+    let total = if on_cpu { squares_per_param(grads, vars.clone())? } else { squares_on_device(grads, vars.clone())? };
     let norm = total.sqrt();
     if !norm.is_finite() || max_norm <= 0.0 {
         return Ok(norm);
@@ -311,6 +293,30 @@ pub fn clip_grad_norm<'a>(
         }
     }
     Ok(norm)
+}
+
+/// Σ g² over every gradient, each parameter's sum read back and added in f64 (the CPU path).
+fn squares_per_param<'a>(grads: &GradStore, vars: impl Iterator<Item = &'a Var>) -> Result<f64> {
+    let mut total = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    Ok(total)
+}
+
+/// Σ g² with every parameter's sum kept on the device and one transfer in all (a GPU would
+/// otherwise wait once per parameter).
+fn squares_on_device<'a>(grads: &GradStore, vars: impl Iterator<Item = &'a Var>) -> Result<f64> {
+    let sums = vars
+        .filter_map(|var| grads.get(var.as_tensor()))
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.reshape(1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::cat(&sums, 0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
 }
 
 /// Learning-rate schedule: optional linear warm-up, then constant (default) or cosine decay to
@@ -411,6 +417,22 @@ mod tests {
         assert!((norm - 5.0).abs() < 1e-9);
         let g = grads.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5, "{g:?}");
+    }
+
+    /// The one-transfer sum of squares (the GPU path, run here on the CPU) equals the
+    /// per-parameter one.
+    #[test]
+    fn both_gradient_norm_paths_agree() {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> =
+            (0..5).map(|i| Var::from_tensor(&Tensor::randn(0f32, 1.0, (3 + i, 7), &dev).unwrap()).unwrap()).collect();
+        let loss = vars.iter().fold(Tensor::zeros((), DType::F32, &dev).unwrap(), |acc, v| {
+            (acc + v.as_tensor().sqr().unwrap().sum_all().unwrap()).unwrap()
+        });
+        let grads = loss.backward().unwrap();
+        let (a, b) = (squares_per_param(&grads, vars.iter()).unwrap(), squares_on_device(&grads, vars.iter()).unwrap());
+        assert!(a > 0.0 && (a - b).abs() < 1e-6 * a, "{a} vs {b}");
+        assert_eq!(squares_on_device(&GradStore::default(), vars.iter()).unwrap(), 0.0);
     }
 
     #[test]
