@@ -12,6 +12,7 @@
 pub mod folder;
 pub mod idx;
 pub mod npz;
+pub mod resample;
 pub mod shards;
 
 use std::path::{Path, PathBuf};
@@ -233,7 +234,10 @@ pub fn from_rgb_image(img: &image::RgbImage, channels: usize) -> Vec<u8> {
     out
 }
 
-/// Pads (centred, black) or resizes + centre-crops an image to `size × size`.
+/// Fits an image to `size × size`: one that fits inside is padded (centred, black; so small
+/// images such as MNIST's keep their pixels), a larger one goes through LlamaGen's
+/// preprocessing, ADM's `center_crop_arr` as Pillow computes it (BOX halving, BICUBIC resize,
+/// centre crop; [`resample::center_crop_arr`]).
 pub fn fit_square(img: &image::RgbImage, size: usize) -> image::RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w <= size && h <= size {
@@ -242,12 +246,7 @@ pub fn fit_square(img: &image::RgbImage, size: usize) -> image::RgbImage {
         image::imageops::overlay(&mut out, img, ox as i64, oy as i64);
         return out;
     }
-    let scale = size as f64 / w.min(h) as f64;
-    let nw = ((w as f64 * scale).round() as u32).max(size as u32);
-    let nh = ((h as f64 * scale).round() as u32).max(size as u32);
-    let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle);
-    let (ox, oy) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
-    image::imageops::crop_imm(&resized, ox, oy, size as u32, size as u32).to_image()
+    resample::center_crop_arr(img, size)
 }
 
 /// Where a split of a dataset lives.
