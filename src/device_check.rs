@@ -421,6 +421,16 @@ pub fn markdown(r: &Report) -> String {
                 t.model, t.precision, t.batch, t.train_ms, t.images_per_s, t.train_gflops, t.forward_ms
             );
         }
+        // DPAR's training speed over the baseline's, per precision (rows come in pairs).
+        let ratios: Vec<String> = r
+            .throughput
+            .chunks(2)
+            .filter(|p| p.len() == 2)
+            .map(|p| format!("{:.2}× ({})", p[1].images_per_s / p[0].images_per_s, p[0].precision))
+            .collect();
+        if !ratios.is_empty() {
+            s += &format!("\nDPAR's training images/s over the baseline's: {}.\n", ratios.join(", "));
+        }
     }
     if !r.sampling.is_empty() {
         s += "\n## Sampling (whole generations, f32, random weights)\n\n| batch | cfg | baseline images/s | DPAR images/s | DPAR ÷ baseline | DPAR patch steps per image |\n|---|---|---|---|---|---|\n";

@@ -22,6 +22,7 @@ fn the_gpu_check_script_runs_dry_on_the_cpu_and_writes_both_reports() {
         assert!(md.contains(want), "report.md lacks {want}:\n{md}");
     }
     assert!(!md.contains("FAIL"), "{md}");
+    assert!(md.contains("DPAR's training images/s over the baseline's: ") && md.contains("× (bf16)"), "{md}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap()).unwrap();
     assert_eq!(json["smoke"].as_array().unwrap().len(), 4);
