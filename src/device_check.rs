@@ -7,7 +7,7 @@
 //! 2. **training throughput** of `gpt-b` and `dpar-b` (batch 64, 256² images: 16×16 codes), f32
 //!    and bf16, in images/s and GFLOP/s (the analytic counts of [`crate::flops`]);
 //! 3. **sampling throughput** of both with classifier-free guidance, images/s;
-//! 4. with the `nccl` feature and several ranks, an all-reduce check ([`nccl_check`]).
+//! 4. with the `nccl` feature and several ranks, an all-reduce check ([`all_reduce_check`]).
 //!
 //! On `--device cpu` the same code runs with candle's ops forced on the "device" side, so the
 //! script and its report are tested without a GPU (with small presets under `quick`).
