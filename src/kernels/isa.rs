@@ -3,7 +3,7 @@
 //! The default build targets baseline x86-64 (SSE2), so the binary runs on any x86-64 CPU. The
 //! GEMMs (faer, the `gemm` crate, our small-m and bf16 kernels) pick AVX2/AVX-512 at run time
 //! themselves; the plain loops (attention over a cache, flash-attention tiles, RMSNorm, SwiGLU,
-//! RoPE, cross-entropy rows) are written once and compiled three times by [`multiversion!`]:
+//! RoPE, cross-entropy rows) are written once and compiled three times by `multiversion!`:
 //! for AVX-512F, for AVX2 + FMA, and for the baseline. [`level`] picks one per call from what
 //! the CPU reports (`is_x86_feature_detected!`, checked once), so a kernel costs one relaxed
 //! load and a branch more than a statically compiled one.

@@ -2,7 +2,7 @@
 //! copied out of their tensors once, with KV caches and every scratch buffer allocated once, so
 //! that a decode step runs on plain slices (no tensor graph, no allocation per step).
 //!
-//! A step is the fused path's [`Block::forward_ragged`], operation by operation: RMSNorm + qkv
+//! A step is the fused path's `Block::forward_ragged`, operation by operation: RMSNorm + qkv
 //! (one GEMM), RoPE on q and k, the ragged cache's attention, wo + residual, RMSNorm + [w1; w3],
 //! SwiGLU + w2 + residual. Same GEMM, same shapes, same order of every sum, so the outputs are
 //! bit for bit those of the tensor path. The GPT's decoder ([`crate::gpt::decode`]) and every

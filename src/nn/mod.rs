@@ -419,7 +419,7 @@ impl Block {
 
     /// `[w1; w3]` stacked, for the fused feed-forward. Inference loops compute it once per
     /// generation (weights do not change while sampling) and pass it to
-    /// [`Block::forward_ragged`].
+    /// `Block::forward_ragged`.
     pub fn stacked_w13(&self) -> Result<Tensor> {
         Ok(Tensor::cat(&[&self.feed_forward.w1.weight, &self.feed_forward.w3.weight], 0)?)
     }

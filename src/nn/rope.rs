@@ -197,7 +197,7 @@ impl CustomOp1 for RopeQkvOp {
     }
 }
 
-/// Rotates q and k inside a fused `qkv` (N, 3·H·d) (see [`RopeQkvOp`]); CPU f32 only, other
+/// Rotates q and k inside a fused `qkv` (N, 3·H·d) (see `RopeQkvOp`); CPU f32 only, other
 /// devices go through the (B, H, T, d) path.
 pub fn apply_qkv(qkv: &Tensor, rows: &RopeRows, heads: usize) -> Result<Tensor> {
     qkv.contiguous()?.apply_op1(RopeQkvOp { rows: rows.clone(), heads, inverse: false })
