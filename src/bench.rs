@@ -67,21 +67,9 @@ fn random_batch(c: &GptConfig, batch: usize, seed: u64, device: &Device) -> Resu
     Ok((Tensor::from_vec(codes, (batch, c.seq_len()), device)?, Tensor::new(labels, device)?))
 }
 
-/// Times a GPT: training step (forward, backward, clip, AdamW), forward alone, and one cached
-/// sampling step at mid-sequence.
+/// Times a GPT: training step (forward, backward, clip, AdamW), forward alone, and, when
+/// `sample`, one cached sampling step at mid-sequence (else those fields are NaN).
 pub fn gpt_speed(
-    name: &str,
-    c: &GptConfig,
-    batch: usize,
-    warmup: usize,
-    reps: usize,
-    device: &Device,
-) -> Result<SpeedRow> {
-    gpt_speed_opts(name, c, batch, warmup, reps, device, true)
-}
-
-/// [`gpt_speed`], timing the generation only when `sample` (else its fields are NaN).
-pub fn gpt_speed_opts(
     name: &str,
     c: &GptConfig,
     batch: usize,
@@ -164,23 +152,11 @@ pub fn synthetic_lengths(grid: usize, batch: usize, target: f64, seed: u64) -> R
         .collect()
 }
 
-/// Times DPAR: packed training step, forward, and cached generation (per code, the whole
-/// incremental algorithm of spec §6 including the entropy model) with mean patch length ≈ 1.8.
-pub fn dpar_speed(
-    name: &str,
-    c: &crate::dpar::DparConfig,
-    entropy: &GptConfig,
-    batch: usize,
-    warmup: usize,
-    reps: usize,
-    device: &Device,
-) -> Result<SpeedRow> {
-    dpar_speed_opts(name, c, entropy, batch, warmup, reps, device, true)
-}
-
-/// [`dpar_speed`], timing the generation only when `sample` (else its fields are NaN).
+/// Times DPAR: packed training step, forward, and, when `sample`, cached generation (per code,
+/// the whole incremental algorithm of spec §6 including the entropy model; else those fields are
+/// NaN) with mean patch length ≈ 1.8.
 #[allow(clippy::too_many_arguments)]
-pub fn dpar_speed_opts(
+pub fn dpar_speed(
     name: &str,
     c: &crate::dpar::DparConfig,
     entropy: &GptConfig,

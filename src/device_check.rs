@@ -129,15 +129,15 @@ fn randomise_heads(store: &ParamStore, std: f32) -> Result<()> {
     Ok(())
 }
 
-/// Compares the gradients of `loss_ref` (over `reference`'s parameters) and `loss_dev` (over
-/// `device`'s, same names): (worst relative max difference, lowest cosine).
+/// Compares the reference gradients `g_ref` (of `reference`'s parameters) with those of
+/// `loss_dev` (over `device`'s, same names): (worst relative max difference, lowest cosine).
 fn compare_grads(
     reference: &ParamStore,
-    loss_ref: &Tensor,
+    g_ref: &candle_core::backprop::GradStore,
     device: &ParamStore,
     loss_dev: &Tensor,
 ) -> Result<(f64, f64)> {
-    let (g_ref, g_dev) = (loss_ref.backward()?, loss_dev.backward()?);
+    let g_dev = loss_dev.backward()?;
     let mut worst = 0f64;
     let mut min_cos = 1f64;
     for (name, var) in reference.vars() {
@@ -228,6 +228,8 @@ pub fn smoke(device: &Device) -> Result<Vec<SmokeRow>> {
     let reference = Gpt::new(&small_gpt(1), &ref_store.root())?;
     randomise_heads(&ref_store, 0.5)?;
     let ref_codes = crate::sample::generate_gpt(&reference, &labels_v, &sampling, &cpu).map_err(bad)?;
+    let lr = reference.loss::<rand_chacha::ChaCha8Rng>(&codes_cpu, Some(&labels_cpu), None)?;
+    let (ref_loss, g_ref) = (lr.to_scalar::<f32>()? as f64, lr.backward()?);
     for precision in [Precision::F32, Precision::Bf16] {
         let store = ParamStore::new(3, device);
         let config = small_gpt(1).with(|c| {
@@ -236,10 +238,9 @@ pub fn smoke(device: &Device) -> Result<Vec<SmokeRow>> {
         });
         let model = Gpt::new(&config, &store.root())?;
         randomise_heads(&store, 0.5)?;
-        let lr = reference.loss::<rand_chacha::ChaCha8Rng>(&codes_cpu, Some(&labels_cpu), None)?;
         let ld = model.loss::<rand_chacha::ChaCha8Rng>(&codes_dev, Some(&labels_dev), None)?;
-        let losses = (lr.to_scalar::<f32>()? as f64, ld.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
-        let grads = compare_grads(&ref_store, &lr, &store, &ld)?;
+        let losses = (ref_loss, ld.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
+        let grads = compare_grads(&ref_store, &g_ref, &store, &ld)?;
         let codes = if precision == Precision::F32 {
             let got = crate::sample::generate_gpt(&model, &labels_v, &sampling, device).map_err(bad)?;
             Some(share_equal(&ref_codes, &got))
@@ -265,6 +266,9 @@ pub fn smoke(device: &Device) -> Result<Vec<SmokeRow>> {
     let layout = reference.layout(lengths.clone(), 64).map_err(bad)?;
     let ref_gen =
         crate::dpar::generate::generate(&reference, &ent_ref, &labels_v, &sampling, &patch, &cpu).map_err(bad)?;
+    let mode = crate::dpar::model::GlobalLayout::Packed;
+    let lr = reference.loss::<rand_chacha::ChaCha8Rng>(&codes_cpu, &labels_cpu, &layout, mode, None).map_err(bad)?;
+    let (ref_loss, g_ref) = (lr.to_scalar::<f32>()? as f64, lr.backward()?);
     for precision in [Precision::F32, Precision::Bf16] {
         let store = ParamStore::new(5, device);
         let config = small_dpar().with(|c| {
@@ -274,13 +278,10 @@ pub fn smoke(device: &Device) -> Result<Vec<SmokeRow>> {
         let model = Dpar::new(&config, &store.root()).map_err(bad)?;
         randomise_heads(&store, 0.5)?;
         let layout_dev = model.layout(lengths.clone(), 64).map_err(bad)?;
-        let mode = crate::dpar::model::GlobalLayout::Packed;
-        let lr =
-            reference.loss::<rand_chacha::ChaCha8Rng>(&codes_cpu, &labels_cpu, &layout, mode, None).map_err(bad)?;
         let ld =
             model.loss::<rand_chacha::ChaCha8Rng>(&codes_dev, &labels_dev, &layout_dev, mode, None).map_err(bad)?;
-        let losses = (lr.to_scalar::<f32>()? as f64, ld.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
-        let grads = compare_grads(&ref_store, &lr, &store, &ld)?;
+        let losses = (ref_loss, ld.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64);
+        let grads = compare_grads(&ref_store, &g_ref, &store, &ld)?;
         let codes = if precision == Precision::F32 {
             let got =
                 crate::dpar::generate::generate(&model, &ent, &labels_v, &sampling, &patch, device).map_err(bad)?;
@@ -296,11 +297,11 @@ pub fn smoke(device: &Device) -> Result<Vec<SmokeRow>> {
 
 /// The models of the throughput table: `gpt-b` and `dpar-b` at 256² (16×16 codes, vocabulary
 /// 16384, 1000 classes), or the MNIST presets under `quick`.
-fn throughput_models(quick: bool) -> Result<(GptConfig, DparConfig)> {
+fn throughput_models(quick: bool) -> (GptConfig, DparConfig) {
     if quick {
-        Ok((GptConfig::mnist(), DparConfig::mnist()))
+        (GptConfig::mnist(), DparConfig::mnist())
     } else {
-        Ok((GptConfig::gpt_b(), DparConfig::dpar_b()))
+        (GptConfig::gpt_b(), DparConfig::dpar_b())
     }
 }
 
@@ -324,7 +325,7 @@ pub fn throughput(
     reps: usize,
     quick: bool,
 ) -> Result<Vec<ThroughputRow>> {
-    let (gpt, dpar) = throughput_models(quick)?;
+    let (gpt, dpar) = throughput_models(quick);
     let entropy = GptConfig::mnist_entropy();
     let mut rows = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
@@ -334,7 +335,7 @@ pub fn throughput(
             c.precision = precision;
         });
         tracing::info!("timing the baseline ({} layers, width {}), {name}, batch {batch}", g.n_layer, g.dim);
-        let r = crate::bench::gpt_speed_opts(&format!("gpt ({name})"), &g, batch, warmup, reps, device, false)?;
+        let r = crate::bench::gpt_speed(&format!("gpt ({name})"), &g, batch, warmup, reps, device, false)?;
         rows.push(throughput_row(if quick { "gpt-mnist" } else { "gpt-b" }, name, &r));
         let d = dpar.clone().with(|c| {
             c.ops = Ops::Stock;
@@ -347,8 +348,7 @@ pub fn throughput(
             d.decoder_layers,
             d.dim
         );
-        let r =
-            crate::bench::dpar_speed_opts(&format!("dpar ({name})"), &d, &entropy, batch, warmup, reps, device, false)?;
+        let r = crate::bench::dpar_speed(&format!("dpar ({name})"), &d, &entropy, batch, warmup, reps, device, false)?;
         rows.push(throughput_row(if quick { "dpar-mnist" } else { "dpar-b" }, name, &r));
     }
     Ok(rows)
@@ -357,7 +357,7 @@ pub fn throughput(
 /// Sampling images/s of both models (random weights; a random entropy model with θ near its
 /// typical entropy, so patches of about two codes) with guidance `cfg`, f32.
 pub fn sampling(device: &Device, batch: usize, cfg: f64, quick: bool) -> Result<SamplingRow> {
-    let (gpt, dpar) = throughput_models(quick)?;
+    let (gpt, dpar) = throughput_models(quick);
     let stock = |c: &mut crate::nn::TransformerConfig| c.ops = Ops::Stock;
     let gstore = ParamStore::new(0, device);
     let g = Gpt::new(&gpt.clone().with(|c| stock(c)), &gstore.root())?;

@@ -288,12 +288,21 @@ fn speed(args: SpeedArgs) -> Result<()> {
                     args.warmup,
                     args.reps,
                     &device,
+                    true,
                 )?);
             } else {
                 let mut config = dpar::gpt::GptConfig::preset(name)?;
                 config.ops = kind;
                 tracing::info!("timing {name} with {ops} ops ({} layers, width {})", config.n_layer, config.dim);
-                rows.push(dpar::bench::gpt_speed(&label, &config, args.batch_size, args.warmup, args.reps, &device)?);
+                rows.push(dpar::bench::gpt_speed(
+                    &label,
+                    &config,
+                    args.batch_size,
+                    args.warmup,
+                    args.reps,
+                    &device,
+                    true,
+                )?);
             }
         }
     }
