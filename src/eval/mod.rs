@@ -1,4 +1,4 @@
-//! Evaluation (spec §8): a frozen classifier's feature space and the sample-quality metrics
+//! Evaluation (design §8): a frozen classifier's feature space and the sample-quality metrics
 //! computed in it. For MNIST the metric is a Fréchet distance in *the small classifier's*
 //! features — FD, never FID. FID is the same distance in InceptionV3 pool features with
 //! pytorch-fid's FID weights ([`fid`]), and is named FID only with those weights.

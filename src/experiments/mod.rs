@@ -1,4 +1,4 @@
-//! The paper's claims as experiments (spec §8), at small MNIST scale: train (or load) models
+//! The paper's claims as experiments (design §8), at small MNIST scale: train (or load) models
 //! through the shared loop, sample them with the cached generators, and measure quality with the
 //! frozen classifier. Every table is printed in markdown and saved as JSON with the scale used.
 //!
@@ -516,7 +516,7 @@ fn quality_spread_cells(reports: &[&QualityReport]) -> Vec<String> {
     ]
 }
 
-const QUALITY_HEADER: [&str; 5] = ["FD ↓", "IS ↑", "precision ↑", "recall ↑", "class acc ↑"];
+const QUALITY_HEADER: [&str; 5] = ["FD ↓", "classifier IS ↑", "precision ↑", "recall ↑", "class acc ↑"];
 
 #[cfg(test)]
 mod tests {
