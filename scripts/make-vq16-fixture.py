@@ -6,7 +6,7 @@ blocks per level, attention at the lowest level, mid = res/attn/res), but 4 base
 GroupNorm groups, z_channels 8 and a 16-entry codebook, so the files are a few hundred KB.
 The state dict is saved both as a PyTorch checkpoint ({"model": state_dict}, like LlamaGen's
 released .pt) and as safetensors. An independent torch.nn.functional forward pass, written from
-the architecture description in the DPAR spec §2, gives the expected codes and decoded pixels for
+the architecture description in the DPAR design §2, gives the expected codes and decoded pixels for
 a fixed input, which the Rust test compares against.
 
 Needs torch (and the `safetensors` package): python3 -m venv /tmp/torch && /tmp/torch/bin/pip install torch safetensors
@@ -86,7 +86,7 @@ sd["quantize.embedding.weight"] = torch.randn(V, CD)
 sd["quantize.codebook_used"] = torch.zeros(64)  # a buffer LlamaGen saves; loaders must skip it
 
 
-# Independent functional forward (spec §2).
+# Independent functional forward (design §2).
 def gn(x, name, silu):
     y = F.group_norm(x, GROUPS, sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-6)
     return y * torch.sigmoid(y) if silu else y

@@ -153,7 +153,7 @@ pub fn synthetic_lengths(grid: usize, batch: usize, target: f64, seed: u64) -> R
 }
 
 /// Times DPAR: packed training step, forward, and, when `sample`, cached generation (per code,
-/// the whole incremental algorithm of spec §6 including the entropy model; else those fields are
+/// the whole incremental algorithm of design §6 including the entropy model; else those fields are
 /// NaN) with mean patch length ≈ 1.8.
 #[allow(clippy::too_many_arguments)]
 pub fn dpar_speed(

@@ -1,4 +1,4 @@
-//! Per-code entropies (spec §4): the frozen unconditional GPT runs once over every shard (and
+//! Per-code entropies (design §4): the frozen unconditional GPT runs once over every shard (and
 //! every flip copy) and its next-code entropies H_k (natural log) are stored beside the codes.
 //!
 //! Storage: a sidecar `<shard>.entropy.safetensors` next to each shard file, with

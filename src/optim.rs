@@ -38,7 +38,7 @@ pub struct AdamWConfig {
 }
 
 impl Default for AdamWConfig {
-    /// The paper's recipe (spec §7): lr 1e-4, betas (0.9, 0.95), weight decay 0.05.
+    /// The paper's recipe (design §7): lr 1e-4, betas (0.9, 0.95), weight decay 0.05.
     fn default() -> Self {
         Self { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.05 }
     }

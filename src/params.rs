@@ -315,7 +315,7 @@ mod tests {
         assert_eq!(a.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4.0);
     }
 
-    /// Issue 13, item 9: weights with NaN/Inf, or stored as integers, loaded silently.
+    /// Weights with NaN/Inf, or stored as integers, must not load silently.
     #[test]
     fn loading_refuses_non_finite_and_non_float_weights() {
         let store = ParamStore::new(0, &Device::Cpu);

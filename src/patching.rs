@@ -1,4 +1,4 @@
-//! The patcher (spec §4): per-code entropies → patch lengths. A pure function, in two forms:
+//! The patcher (design §4): per-code entropies → patch lengths. A pure function, in two forms:
 //!
 //! - [`patch_lengths`], the batch form: first the *forced* boundaries (z_0, z_1, row starts,
 //!   H_k > θ), then every segment between forced boundaries cut into runs of at most P codes;

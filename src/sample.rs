@@ -1,4 +1,4 @@
-//! Sampling (spec §6): classifier-free guidance on raw logits, temperature, top-k, top-p, and
+//! Sampling (design §6): classifier-free guidance on raw logits, temperature, top-k, top-p, and
 //! the KV-cached generation loop of the LlamaGen baseline (DPAR's own loop lives in
 //! `dpar::generate` and uses the same logit processing).
 //!
@@ -93,7 +93,7 @@ impl SamplingConfig {
     }
 }
 
-/// Guidance, temperature, top-k and top-p applied to one row of logits (spec §6). Returns the
+/// Guidance, temperature, top-k and top-p applied to one row of logits (design §6). Returns the
 /// filtered logits, −∞ where removed.
 pub fn process_logits(cond: &[f32], uncond: Option<&[f32]>, config: &SamplingConfig) -> Vec<f32> {
     let s = config.cfg_scale as f32;

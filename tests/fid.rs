@@ -1,7 +1,7 @@
 //! `dpar eval fid`'s pipeline on stand-in InceptionV3 weights: the same images from a `.npz` and
 //! from a folder give the same features; a set against itself is at distance ≈ 0; statistics
 //! saved and read back give the same distance as the features; the result is not called FID with
-//! weights other than pytorch-fid's (issue 16).
+//! weights other than pytorch-fid's.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Fuzzing every loader (issue 13): random bytes and mutations of valid files (bytes
+//! Fuzzing every loader: random bytes and mutations of valid files (bytes
 //! overwritten, files cut short) fed to the IDX reader (raw and gzipped), image folders,
 //! safetensors weights, PyTorch `.pt` files, configs, code shards, their manifests and entropy
 //! sidecars. Each must return Ok or a typed error, never panic or abort.

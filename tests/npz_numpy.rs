@@ -1,5 +1,5 @@
 //! `.npz` files made by numpy (`scripts/make-npz-fixtures.py`, stored and compressed) read back
-//! with the values numpy wrote: issue 16.
+//! with the values numpy wrote.
 
 use std::path::Path;
 

@@ -1,5 +1,5 @@
 //! `dpar sample --npz` writes the same images as the PNG path would decode from its codes (same
-//! seed, same batches), in class-balanced order, readable as `[N, H, W, 3]` uint8: issue 16.
+//! seed, same batches), in class-balanced order, readable as `[N, H, W, 3]` uint8.
 
 mod common;
 

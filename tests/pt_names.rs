@@ -1,5 +1,5 @@
 //! `torch.save` checkpoints load whatever their inner archive name, and equal their safetensors
-//! twins: issue 16. The fixtures come from `scripts/make-pt-name-fixtures.py`.
+//! twins. The fixtures come from `scripts/make-pt-name-fixtures.py`.
 
 use std::path::{Path, PathBuf};
 

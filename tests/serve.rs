@@ -1,4 +1,4 @@
-//! `dpar serve` over HTTP on an ephemeral loopback port (issue 17): a stream ends with a PNG, a
+//! `dpar serve` over HTTP on an ephemeral loopback port: a stream ends with a PNG, a
 //! fixed seed gives the codes of `dpar sample`, bad parameters get 400, paths outside the page
 //! get 404, a burst gets only 200 or 503, a closed stream frees its slot; and a real browser
 //! (headless Chromium) draws a generation.

@@ -1,6 +1,6 @@
-//! Trustworthy runs (issue 13): a run folder is never lost or mixed silently, mismatched parts
+//! Trustworthy runs: a run folder is never lost or mixed silently, mismatched parts
 //! are refused, and bad input gives an error naming the file or flag instead of a panic. Each
-//! test names the numbered problem of the issue it guards against.
+//! test is named after the problem it guards against.
 
 mod common;
 

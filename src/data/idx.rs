@@ -268,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_header_whose_size_overflows_is_an_error_not_a_panic() {
-        // Issue 13, item 10: 2^16 × 2^24 × 2^24 bytes declared in a 16-byte file.
+        // A header that declares 2^16 × 2^24 × 2^24 bytes in a 16-byte file.
         let mut bytes = vec![0u8, 0, 0x08, 3];
         for d in [1u32 << 16, 1 << 24, 1 << 24] {
             bytes.extend(d.to_be_bytes());

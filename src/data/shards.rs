@@ -498,7 +498,7 @@ mod tests {
         assert!(write_shard(&dir.path().join("c.safetensors"), &bad).unwrap_err().to_string().contains("code 10"));
     }
 
-    /// Issue 13, item 4: a set that a killed tokenize left without its manifest is refused, and
+    /// A set that a killed tokenize left without its manifest is refused, and
     /// so is writing a new set over an old one, unless asked to replace it.
     #[test]
     fn a_set_without_manifest_or_over_stale_shards_is_refused() {

@@ -1,4 +1,4 @@
-//! DPAR generation through lean steps on the CPU (issue 14): the algorithm of
+//! DPAR generation through lean steps on the CPU: the algorithm of
 //! [`super::generate::generate_cached`] with every stage (entropy model, encoder, patch
 //! transformer, decoder) a [`LeanStack`] and the patch vectors, the decoder injections and the
 //! head on plain slices. Weights are copied once per generation; caches and buffers are

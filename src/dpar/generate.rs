@@ -1,4 +1,4 @@
-//! DPAR generation (spec §6): the incremental algorithm with a KV cache in every stage, and the
+//! DPAR generation (design §6): the incremental algorithm with a KV cache in every stage, and the
 //! full-recompute reference it must match code for code.
 //!
 //! Per batch of B images (2B rows with guidance: `[cond; null]`, sharing every code and every

@@ -1,5 +1,5 @@
 //! From per-image patch lengths to the indices every stage of the forward pass needs
-//! (spec §5, "Follow the spec's indexing exactly").
+//! (design §5, indexed exactly as written there).
 //!
 //! For an image of `n` predicted positions (n = L in training) with patch lengths covering all
 //! n codes (N patches, patch 0 = {z_0}):
@@ -138,7 +138,7 @@ mod tests {
 
     /// A 2×2 grid (n = 4): image 0 = [1, 3] (z_0; z_1..z_3), image 1 = [1, 1, 2].
     #[test]
-    fn indices_follow_the_spec() {
+    fn indices_follow_the_design() {
         let l = PatchLayout::new(vec![vec![1, 3], vec![1, 1, 2]], 4, 2, 16, 10000.0, PatchRope::Dynamic4d).unwrap();
         assert_eq!(l.patch_counts, vec![2, 3]);
         // Encoder rows: image 0 rows 0..3, image 1 rows 3..6. Patches 0..N−2 only.

@@ -1,11 +1,11 @@
-//! The DPAR model (spec §5): patch encoder → patch transformer → patch decoder.
+//! The DPAR model (design §5): patch encoder → patch transformer → patch decoder.
 //!
 //! - [`DparConfig`]: widths, depths (encoder + global + decoder), patch RoPE mode, patcher.
 //! - [`layout::PatchLayout`]: a batch's patch lengths turned into segments, RoPE rows and the
 //!   decoder's g-index (`pid`) for the packed and padded forwards.
 //! - [`model::Dpar`]: the parameters (authors' key layout) and the training forward, packed
 //!   (one flat sequence per stage, block-diagonal masks) or padded (for tests).
-//! - [`generate`]: the incremental, fully cached generation of spec §6, and its full-recompute
+//! - [`generate`]: the incremental, fully cached generation of design §6, and its full-recompute
 //!   reference.
 //! - [`train`]: the training task for the shared loop.
 
@@ -83,7 +83,7 @@ impl DparConfig {
             global_layers: global,
             decoder_layers: dec,
             patch_rope: PatchRope::Dynamic4d,
-            // Paper defaults at 256 px with VQ-16 (spec §4).
+            // Paper defaults at 256 px with VQ-16 (design §4).
             patch: PatchConfig::dpar(7.8, 4),
         }
     }

@@ -1,4 +1,4 @@
-//! DPAR's parameters and forward pass (spec §5).
+//! DPAR's parameters and forward pass (design §5).
 //!
 //! Parameter names follow the authors' layout: `cls_embedding.embedding_table`,
 //! `tok_embeddings`, `local_encoder.layers.{i}` + `local_encoder.cross_attn_layers.0.{…}`,
@@ -367,7 +367,7 @@ impl Dpar {
         Ok(nn::cross_entropy(&logits, codes, self.config.ops)?)
     }
 
-    // ---- Incremental steps for generation (spec §6) ----
+    // ---- Incremental steps for generation (design §6) ----
 
     /// Empty caches: the encoder's for one stream per image, the patch transformer's and the
     /// decoder's for `rows` sequences (2 per image with guidance).

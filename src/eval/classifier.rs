@@ -1,5 +1,5 @@
 //! The frozen feature extractor of our quality metrics: a small CNN trained on the dataset's own
-//! train split (InceptionV3 weights cannot be had here; spec §8).
+//! train split (InceptionV3 weights cannot be had here; design §8).
 //!
 //! conv(1→32) → ReLU → max-pool ×3 stages (32, 64, 64 channels, 32 → 4 px), then fc 1024 → 128
 //! → ReLU (the 128-d *features*) → fc 128 → classes. Inputs are the tokenizer's images:

@@ -1,4 +1,4 @@
-//! InceptionV3 pool3 features and logits, as pytorch-fid computes them for FID (spec §8).
+//! InceptionV3 pool3 features and logits, as pytorch-fid computes them for FID (design §8).
 //!
 //! The network is pytorch-fid's `InceptionV3([3], resize_input=True, normalize_input=True,
 //! use_fid_inception=True)`, the PyTorch port of the TensorFlow FID graph, plus its final fully

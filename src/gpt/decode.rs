@@ -1,4 +1,4 @@
-//! A lean cached decode step for the GPT on the CPU (issue 14): the blocks run as a
+//! A lean cached decode step for the GPT on the CPU: the blocks run as a
 //! [`LeanStack`] (weights copied out of the tensors once per generation, caches and buffers
 //! allocated once, no tensor graph per step), followed by the final norm and the head. The
 //! arithmetic is the fused path's, operation by operation, so it draws exactly the codes of the

@@ -1,5 +1,5 @@
-//! LlamaGen's GPT (spec §3): the class-conditional baseline (`cls_token_num` 1) and its
-//! unconditional variant (`cls_token_num` 0), which is DPAR's entropy model (spec §4).
+//! LlamaGen's GPT (design §3): the class-conditional baseline (`cls_token_num` 1) and its
+//! unconditional variant (`cls_token_num` 0), which is DPAR's entropy model (design §4).
 //!
 //! Input sequence: `[class_emb, e(z_0), …, e(z_{L−2})]`; position p predicts z_p. Without the
 //! class slot: `[e(z_0), …, e(z_{L−2})]`, position k−1 predicts z_k. Parameter names equal
@@ -102,7 +102,7 @@ impl GptConfig {
     }
 
     /// The speed bench model: 4 layers, width 256, 4 heads, SwiGLU 688, vocab 1024, and — like
-    /// the PyTorch reference `shared/bench/torch_bench_model.py` — no dropout, so both do the
+    /// the PyTorch reference `bench/torch_bench_model.py` — no dropout, so both do the
     /// same work.
     pub fn bench() -> Self {
         Self::llamagen(256, 4, 4).with(|c| {
@@ -418,7 +418,7 @@ impl Gpt {
     }
 
     /// Per-code next-code entropies H_k (natural log) of codes (B, L), k = 1 … L−1, for the
-    /// unconditional model (spec §4). Returns (B, L−1): entry k−1 holds H_k.
+    /// unconditional model (design §4). Returns (B, L−1): entry k−1 holds H_k.
     pub fn entropies(&self, codes: &Tensor) -> Result<Tensor> {
         if self.config.cls_token_num != 0 {
             return Err(GptError::BadInput("entropies come from the unconditional model (cls_token_num 0)".into()));

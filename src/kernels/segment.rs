@@ -1,6 +1,6 @@
 //! Per-patch operations over contiguous row segments of a packed token matrix, with backward
 //! passes: DPAR's patch encoder max-pools each patch's code states into a query and lets that
-//! query attend to its own codes only (spec §5, step 2).
+//! query attend to its own codes only (design §5, step 2).
 //!
 //! A segment is `(start, len)`: rows `start .. start + len` of the token matrix. Segments must
 //! be non-empty and may not overlap (patches are disjoint); they need not cover every row.

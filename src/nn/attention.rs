@@ -1,4 +1,4 @@
-//! Multi-head attention (spec §3): fused bias-free `wqkv` (rows q|k|v), RoPE on q and k,
+//! Multi-head attention (design §3): fused bias-free `wqkv` (rows q|k|v), RoPE on q and k,
 //! softmax(qkᵀ/√d) with a mask, bias-free `wo`; a KV cache for incremental decoding.
 //!
 //! Masks ([`AttnMask`]): causal over the whole sequence, none (a cached decode step sees every

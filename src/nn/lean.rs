@@ -1,4 +1,4 @@
-//! Lean inference steps on the CPU (issue 14): a stack of LlamaGen blocks whose weights are
+//! Lean inference steps on the CPU: a stack of LlamaGen blocks whose weights are
 //! copied out of their tensors once, with KV caches and every scratch buffer allocated once, so
 //! that a decode step runs on plain slices (no tensor graph, no allocation per step).
 //!

@@ -1,4 +1,4 @@
-//! Shared transformer layers (spec §3), every one with a working backward pass:
+//! Shared transformer layers (design §3), every one with a working backward pass:
 //! [`Linear`], [`RmsNorm`], SwiGLU [`FeedForward`], [`attention`] with masks and a KV cache,
 //! [`rope`] (2D and dynamic), the LlamaGen [`Block`] and seeded [`dropout`].
 //!
@@ -176,7 +176,7 @@ impl Linear {
     }
 }
 
-/// RMSNorm: x·rsqrt(mean(x²) + eps)·w (spec §3), composed from differentiable ops.
+/// RMSNorm: x·rsqrt(mean(x²) + eps)·w (design §3), composed from differentiable ops.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,

@@ -1,5 +1,5 @@
-//! Rotary position embeddings: LlamaGen's 2D RoPE (spec §3.1) and DPAR's Dynamic RoPE
-//! (spec §3.2), applied by one CPU kernel with a backward pass.
+//! Rotary position embeddings: LlamaGen's 2D RoPE (design §3.1) and DPAR's Dynamic RoPE
+//! (design §3.2), applied by one CPU kernel with a backward pass.
 //!
 //! Layout: `d/2` rotation pairs, *interleaved* (elements 2i and 2i+1 of a head vector, not the
 //! half-split layout). A table holds, per sequence position, `d/2` angles as cos and sin.
@@ -43,7 +43,7 @@ pub fn table_2d(grid: usize, head_dim: usize, base: f64, cls_token_num: usize) -
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PatchRope {
-    /// `dynamic_4d` (spec §3.2): row, then start/end/end/start column groups.
+    /// `dynamic_4d` (design §3.2): row, then start/end/end/start column groups.
     Dynamic4d,
     /// Dynamic RoPE without the repeated groups: row, then start and end columns once each.
     Dynamic2d,

@@ -1,4 +1,4 @@
-//! The VQ image tokenizer (spec §2): LlamaGen's VQ-VAE architecture, configurable from the
+//! The VQ image tokenizer (design §2): LlamaGen's VQ-VAE architecture, configurable from the
 //! released VQ-16 down to a small CPU preset for 28×28 digits.
 //!
 //! - [`VqConfig`]: the architecture, with presets [`VqConfig::vq16`] and [`VqConfig::mnist`].

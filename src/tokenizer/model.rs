@@ -1,8 +1,8 @@
-//! LlamaGen's VQ-VAE in candle (spec §2).
+//! LlamaGen's VQ-VAE in candle (design §2).
 //!
 //! Parameter names are LlamaGen's checkpoint keys (`encoder.conv_blocks.{i}.res.{j}.conv1.weight`,
 //! `quantize.embedding.weight`, `quant_conv.weight`, …) so that released VQ-16 weights load by
-//! name. Differences from the reference: no LPIPS/GAN losses (optional in the spec), and the
+//! name. Differences from the reference: no LPIPS/GAN losses (optional in LlamaGen too; design §2), and the
 //! L2 normalisation adds 1e-12 under the square root instead of clamping the norm (both only
 //! matter for an all-zero latent).
 //!

@@ -1,4 +1,4 @@
-//! Tokenizer training (spec §2) as a [`crate::train::Task`], plus loading, evaluation and
+//! Tokenizer training (design §2) as a [`crate::train::Task`], plus loading, evaluation and
 //! tokenisation of a trained tokenizer.
 //!
 //! Loss = MSE(reconstruction, image) + mean(z_q − sg(z))² + β·mean(sg(z_q) − z)², with the
