@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let samples = sample_dpar(&model, &entropy_model, &labels, 40, &sampling, &patch, &device, |_| {})?;
     let set = SampleSet {
         tokenizer: &tokenizer,
+        class_names: &model.config().class_names,
         classes: &classes,
         per_class: 4,
         codes: &samples.codes,

@@ -18,13 +18,15 @@
 //! - [`gpt`]: the LlamaGen GPT baseline and its unconditional variant (the entropy model).
 //! - [`sample`]: classifier-free guidance, temperature/top-k/top-p, cached generation.
 //! - [`train`]: the one training loop (AdamW, clipping, checkpoints, exact resume).
-//! - [`models`]: one entry point for loading every kind of model file.
+//! - [`models`]: one entry point for loading every kind of model file; [`home`]: where the
+//!   shipped models are found from any working directory.
 //! - [`recipe`]: a run assembled from a preset or config file plus overrides, and launched on
 //!   one process, thread ranks, MPI or NCCL: everything `dpar train` does, as a call.
 //! - [`params`], [`optim`], [`tensor_io`]: seeded parameters, AdamW, safetensors/PyTorch IO.
 //! - [`viz`], [`plot`]: PNG grids and curves.
 //!
-//! The specification followed is `shared/design/dpar-spec.md`; module docs cite its sections.
+//! The rules implemented are written down in `docs/design.md`; module docs cite its sections
+//! as "design §N".
 
 pub mod batch;
 pub mod bench;
@@ -37,6 +39,7 @@ pub mod eval;
 pub mod experiments;
 pub mod flops;
 pub mod gpt;
+pub mod home;
 pub mod kernels;
 pub mod models;
 pub mod nn;

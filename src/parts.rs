@@ -133,14 +133,17 @@ pub fn check(part: Part, path: &Path, expected: &str, owner: &str, allow_mismatc
 
 /// The usual places of a part for something stored at `near` (a run folder, weight file or
 /// shard folder): the part's folder beside it (`models/mnist/dpar` → `models/mnist/tokenizer`,
-/// `runs/dpar-s0` → `runs/tokenizer`), then `models/mnist/<folder>`, then `runs/<folder>`.
+/// `runs/dpar-s0` → `runs/tokenizer`), then the shipped `models/mnist/<folder>` (found as
+/// [`crate::home::locate`] finds it), then `runs/<folder>`.
 pub fn candidates(part: Part, near: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let near = if near.is_dir() { near.to_path_buf() } else { near.parent().unwrap_or(Path::new(".")).to_path_buf() };
     if let Some(parent) = near.parent() {
         out.push(parent.join(part.folder()));
     }
-    for p in [Path::new("models/mnist").join(part.folder()), Path::new("runs").join(part.folder())] {
+    let shipped = Path::new(crate::home::SHIPPED).join(part.folder());
+    let shipped = crate::home::locate(&shipped).unwrap_or(shipped);
+    for p in [shipped, Path::new("runs").join(part.folder())] {
         if !out.contains(&p) {
             out.push(p);
         }

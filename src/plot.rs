@@ -73,6 +73,37 @@ fn register_font() -> Result<()> {
     }
 }
 
+/// A copy of `grid` (rows of cells `cell_h` pixels high, `pad` apart, as [`crate::viz::grid`]
+/// lays them out) with a column on the left that names each row: the class names of a sample
+/// grid. Names longer than 24 characters are cut.
+pub fn label_rows(grid: &image::RgbImage, labels: &[String], cell_h: u32, pad: u32) -> Result<image::RgbImage> {
+    register_font()?;
+    let font_px = (cell_h as f64 * 0.3).clamp(11.0, 22.0);
+    let texts: Vec<String> = labels.iter().map(|l| l.chars().take(24).collect()).collect();
+    let widest = texts.iter().map(|t| t.chars().count()).max().unwrap_or(1).max(1);
+    let label_w = (widest as f64 * font_px * 0.62).ceil() as u32 + 2 * pad + 4;
+    let (w, h) = (grid.width() + label_w, grid.height());
+    let mut buffer = vec![96u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        let style = TextStyle::from(("sans-serif", font_px).into_font()).color(&WHITE).pos(
+            plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Left,
+                plotters::style::text_anchor::VPos::Center,
+            ),
+        );
+        for (r, text) in texts.iter().enumerate() {
+            let y = pad + r as u32 * (cell_h + pad) + cell_h / 2;
+            root.draw_text(text, &style, (pad as i32 + 2, y as i32)).map_err(|e| PlotError::Draw(e.to_string()))?;
+        }
+        root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
+    }
+    let mut out = image::RgbImage::from_raw(w, h, buffer)
+        .ok_or_else(|| PlotError::Draw("label column: buffer of the wrong size".into()))?;
+    image::imageops::overlay(&mut out, grid, label_w as i64, 0);
+    Ok(out)
+}
+
 /// Draws several charts side by side into one PNG at `path` (800 × 500 pixels each).
 pub fn panels_plot(path: &Path, panels: &[Panel]) -> Result<()> {
     register_font()?;

@@ -177,8 +177,8 @@ pub struct Overrides {
     pub lr: Option<f64>,
     pub weight_decay: Option<f64>,
     pub warmup: Option<u64>,
-    /// Cosine decay to `min_lr` after the warm-up.
-    pub cosine: bool,
+    /// `Some(true)`: cosine decay to `min_lr` after the warm-up; `Some(false)`: a constant rate.
+    pub cosine: Option<bool>,
     pub min_lr: Option<f64>,
     pub grad_clip: Option<f64>,
     pub seed: Option<u64>,
@@ -227,8 +227,8 @@ impl Overrides {
         if let Some(v) = self.warmup {
             t.schedule.warmup_steps = v;
         }
-        if self.cosine {
-            t.schedule.cosine = true;
+        if let Some(cosine) = self.cosine {
+            t.schedule.cosine = cosine;
         }
         if let Some(v) = self.min_lr {
             t.schedule.min_lr = v;
@@ -344,28 +344,82 @@ struct RunFields<'a> {
 }
 
 /// The loop of a fresh run before overrides: 2000 steps, a log line every 10, a checkpoint
-/// every 250, AdamW at the paper's lr 1e-4.
+/// every 250, AdamW at the paper's lr 1e-4 with a constant rate (design §7).
 pub fn default_loop() -> LoopConfig {
     LoopConfig { steps: 2000, log_every: 10, checkpoint_every: 250, ..Default::default() }
 }
 
-/// The entropy model's recipe (README "Entropy model and patches", `scripts/train-mnist`):
-/// batch 32, 2400 steps, lr 1e-3 with 100 warm-up steps and cosine decay, no dropout,
-/// validation every 400 steps. Overrides still apply on top.
-pub fn entropy_recipe(config: &mut GptTrainConfig) {
-    config.batch_size = 32;
-    config.model.token_dropout = 0.0;
-    config.model.resid_dropout = 0.0;
-    config.model.ffn_dropout = 0.0;
-    config.train.steps = 2400;
-    config.train.eval_every = 400;
-    config.train.adamw.lr = 1e-3;
-    config.train.schedule = crate::optim::LrSchedule { warmup_steps: 100, cosine: true, min_lr: 0.0 };
+/// The training settings a preset ships with, applied to a fresh run built from that preset
+/// (a config file or a resumed run keeps its own). The small presets carry the settings of the
+/// shipped models in `models/mnist`, so `dpar train --model gpt --preset mnist` and `dpar
+/// entropy train` reproduce them; every other preset (the paper's sizes) keeps the paper's
+/// recipe of [`default_loop`]: lr 1e-4, constant, no warm-up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PresetRecipe {
+    pub batch_size: usize,
+    /// Optimiser steps; `None`: `epochs` passes over the training set.
+    pub steps: Option<u64>,
+    pub epochs: u64,
+    pub lr: f64,
+    /// Warm-up as a share of the steps.
+    pub warmup_share: f64,
+    pub cosine: bool,
+    /// Validations (with weight snapshots) per run.
+    pub evals: u64,
+    pub checkpoint_every: u64,
 }
 
-/// A fresh GPT (or entropy model) config: `model` fitted to the shards (vocabulary, classes,
-/// grid), batch 16, seed 0, 1000 validation images, [`default_loop`] (the entropy recipe for
-/// [`ModelKind::Entropy`], which also drops the class token).
+impl PresetRecipe {
+    /// The recipe of a preset, if it has one of its own.
+    pub fn of(kind: ModelKind, preset: &str) -> Option<Self> {
+        match (kind, preset) {
+            // The shipped baseline and DPAR: 3 epochs at batch 16 (11,250 steps on MNIST's
+            // 60,000 images), lr 2e-3 with 2 % warm-up and cosine decay, no dropout (the preset's).
+            (ModelKind::Gpt | ModelKind::Dpar, "mnist") => Some(Self {
+                batch_size: 16,
+                steps: None,
+                epochs: 3,
+                lr: 2e-3,
+                warmup_share: 0.02,
+                cosine: true,
+                evals: 10,
+                checkpoint_every: 100,
+            }),
+            // The shipped entropy model: 2400 steps at batch 32, lr 1e-3, 100 warm-up steps and
+            // cosine decay, validation every 400 steps.
+            (ModelKind::Entropy, "mnist-entropy") => Some(Self {
+                batch_size: 32,
+                steps: Some(2400),
+                epochs: 0,
+                lr: 1e-3,
+                warmup_share: 100.0 / 2400.0,
+                cosine: true,
+                evals: 6,
+                checkpoint_every: 100,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Sets batch, steps, learning rate, schedule and cadence for a training set of `images`.
+    pub fn apply(&self, images: usize, batch_size: &mut usize, train: &mut LoopConfig) {
+        *batch_size = self.batch_size;
+        let steps = self.steps.unwrap_or_else(|| (self.epochs * images as u64).div_ceil(self.batch_size as u64).max(1));
+        train.steps = steps;
+        train.adamw.lr = self.lr;
+        train.schedule = crate::optim::LrSchedule {
+            warmup_steps: (steps as f64 * self.warmup_share).round() as u64,
+            cosine: self.cosine,
+            min_lr: 0.0,
+        };
+        train.eval_every = (steps / self.evals.max(1)).max(1);
+        train.checkpoint_every = self.checkpoint_every;
+    }
+}
+
+/// A fresh GPT (or entropy model) config: `model` fitted to the shards (vocabulary, classes and
+/// their names, grid), batch 16, seed 0, 1000 validation images, [`default_loop`]. An entropy
+/// model drops the class token.
 pub fn new_gpt_config(
     kind: ModelKind,
     mut model: GptConfig,
@@ -373,14 +427,16 @@ pub fn new_gpt_config(
     codes: &Path,
     val_codes: Option<String>,
 ) -> GptTrainConfig {
-    if kind == ModelKind::Entropy {
-        model.cls_token_num = 0;
-        model.class_dropout = 0.0;
-    }
     model.vocab_size = train.info.codebook_size;
     model.num_classes = train.info.num_classes;
     model.grid_size = train.info.grid_size;
-    let mut config = GptTrainConfig {
+    if kind == ModelKind::Entropy {
+        model.cls_token_num = 0;
+        model.class_dropout = 0.0;
+    } else {
+        model.class_names = train.info.class_names.clone();
+    }
+    GptTrainConfig {
         kind: kind.name().into(),
         model,
         seed: 0,
@@ -391,15 +447,11 @@ pub fn new_gpt_config(
         use_flip: false,
         tokenizer_id: train.info.tokenizer_id.clone(),
         train: default_loop(),
-    };
-    if kind == ModelKind::Entropy {
-        entropy_recipe(&mut config);
     }
-    config
 }
 
-/// A fresh DPAR config: `model` fitted to the shards, with the tokenizer and entropy model they
-/// record, batch 16, seed 0, 1000 validation images and [`default_loop`].
+/// A fresh DPAR config: `model` fitted to the shards (vocabulary, classes and their names,
+/// grid), with the tokenizer and entropy model they record, batch 16, seed 0, 1000 validation images and [`default_loop`].
 pub fn new_dpar_config(
     mut model: DparConfig,
     train: &EntropyCodes,
@@ -409,6 +461,7 @@ pub fn new_dpar_config(
     model.vocab_size = train.shard.info.codebook_size;
     model.num_classes = train.shard.info.num_classes;
     model.grid_size = train.shard.info.grid_size;
+    model.class_names = train.shard.info.class_names.clone();
     DparTrainConfig {
         kind: "dpar".into(),
         model,
@@ -665,7 +718,11 @@ pub fn prepare_gpt(req: &TrainRequest) -> Result<GptRun> {
         None => {
             let preset = req.preset.clone().unwrap_or_else(|| req.kind.default_preset().into());
             let model = GptConfig::preset(&preset).map_err(stage("--preset"))?;
-            new_gpt_config(req.kind, model, &train, &req.codes, val.as_ref().and(val_codes.clone()))
+            let mut config = new_gpt_config(req.kind, model, &train, &req.codes, val.as_ref().and(val_codes.clone()));
+            if let Some(recipe) = PresetRecipe::of(req.kind, &preset) {
+                recipe.apply(train.len(), &mut config.batch_size, &mut config.train);
+            }
+            config
         }
     };
     if config.kind != kind {
@@ -708,9 +765,13 @@ pub fn prepare_dpar(req: &TrainRequest) -> Result<DparRun> {
     let mut config: DparTrainConfig = match &file {
         Some(path) => read_config(path)?,
         None => {
-            let model = DparConfig::preset(req.preset.as_deref().unwrap_or(req.kind.default_preset()))
-                .map_err(stage("--preset"))?;
-            new_dpar_config(model, &train, &req.codes, val.as_ref().and(val_codes.clone()))
+            let preset = req.preset.as_deref().unwrap_or(req.kind.default_preset());
+            let model = DparConfig::preset(preset).map_err(stage("--preset"))?;
+            let mut config = new_dpar_config(model, &train, &req.codes, val.as_ref().and(val_codes.clone()));
+            if let Some(recipe) = PresetRecipe::of(req.kind, preset) {
+                recipe.apply(train.shard.len(), &mut config.batch_size, &mut config.train);
+            }
+            config
         }
     };
     if config.kind != "dpar" {
@@ -795,7 +856,8 @@ mod tests {
         let mut t = default_loop();
         Overrides::default().apply_loop(&mut t);
         assert_eq!(t, default_loop());
-        let o = Overrides { steps: Some(7), lr: Some(3e-3), cosine: true, log_every: Some(2), ..Default::default() };
+        let o =
+            Overrides { steps: Some(7), lr: Some(3e-3), cosine: Some(true), log_every: Some(2), ..Default::default() };
         o.apply_loop(&mut t);
         assert_eq!((t.steps, t.adamw.lr, t.schedule.cosine, t.log_every), (7, 3e-3, true, 2));
         assert_eq!(t.checkpoint_every, default_loop().checkpoint_every);

@@ -30,6 +30,8 @@ pub enum SampleSetError {
     #[error(transparent)]
     Viz(#[from] crate::viz::VizError),
     #[error(transparent)]
+    Plot(#[from] crate::plot::PlotError),
+    #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
     Util(#[from] crate::util::UtilError),
@@ -91,13 +93,21 @@ impl SampleSettings {
     }
 }
 
-/// Parses `0,3,7`, `0-9` or a mix into class indices (every class when `None`), checking them
-/// against `num_classes`.
-pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>> {
+/// Parses `0,3,7`, `0-9`, class names (`cat,dog`, when the model records names) or a mix into
+/// class indices (every class when `None`), checking them against `num_classes`.
+pub fn parse_classes(spec: Option<&str>, class_names: &[String], num_classes: usize) -> Result<Vec<u32>> {
     let Some(spec) = spec else { return Ok((0..num_classes as u32).collect()) };
-    let bad = |part: &str| SampleSetError::BadInput(format!("--classes: `{part}` is not a class number"));
+    let bad = |part: &str| {
+        let known =
+            if class_names.is_empty() { String::new() } else { format!(" or a class name ({})", preview(class_names)) };
+        SampleSetError::BadInput(format!("--classes: `{part}` is not a class number{known}"))
+    };
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some(i) = class_names.iter().position(|n| n == part) {
+            out.push(i as u32);
+            continue;
+        }
         let (lo, hi) = match part.split_once('-') {
             Some((a, b)) => (a.trim().parse::<u32>(), b.trim().parse::<u32>()),
             None => (part.parse::<u32>(), part.parse::<u32>()),
@@ -117,6 +127,13 @@ pub fn parse_classes(spec: Option<&str>, num_classes: usize) -> Result<Vec<u32>>
         return Err(SampleSetError::BadInput("--classes: no classes given".into()));
     }
     Ok(out)
+}
+
+/// The first few names of a list, for messages.
+fn preview(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let more = if names.len() > 5 { format!(", … {} in all", names.len()) } else { String::new() };
+    format!("{}{more}", shown.join(", "))
 }
 
 /// `per_class` labels of each class in turn (the grid's rows).
@@ -220,6 +237,8 @@ pub fn stream_npz(
 /// be written.
 pub struct SampleSet<'a> {
     pub tokenizer: &'a Tokenizer,
+    /// The model's class names (label i is `class_names[i]`; empty: classes go by number).
+    pub class_names: &'a [String],
     pub classes: &'a [u32],
     pub per_class: usize,
     pub codes: &'a [Vec<u32>],
@@ -252,12 +271,18 @@ impl SampleSet<'_> {
         Ok(images)
     }
 
-    /// A grid with one row per class; `decorate` may draw on each image (index, image).
+    /// The name of class `label`: the model's name for it, else its number.
+    fn name(&self, label: u32) -> String {
+        self.class_names.get(label as usize).cloned().unwrap_or_else(|| label.to_string())
+    }
+
+    /// A grid with one row per class, each row labelled with the class's name; `decorate` may
+    /// draw on each image (index, image).
     fn grid(
         &self,
         images: &[image::RgbImage],
         decorate: &dyn Fn(usize, image::RgbImage) -> image::RgbImage,
-    ) -> image::RgbImage {
+    ) -> Result<image::RgbImage> {
         let rows: Vec<Vec<image::RgbImage>> = (0..self.classes.len())
             .map(|r| {
                 (0..self.per_class)
@@ -265,7 +290,10 @@ impl SampleSet<'_> {
                     .collect()
             })
             .collect();
-        crate::viz::grid(&rows, 4)
+        let pad = 4;
+        let cell_h = rows.iter().flatten().map(|i| i.height()).max().unwrap_or(1);
+        let names: Vec<String> = self.classes.iter().map(|&c| self.name(c)).collect();
+        Ok(crate::plot::label_rows(&crate::viz::grid(&rows, pad), &names, cell_h, pad)?)
     }
 
     /// Writes `samples.png`, `codes.safetensors` and `sample.json` into `out` (created if
@@ -285,23 +313,24 @@ impl SampleSet<'_> {
         })?;
         let images = self.images(device)?;
         let png = out.join("samples.png");
-        crate::viz::save_png(&self.grid(&images, &|_, img| img), &png)?;
+        crate::viz::save_png(&self.grid(&images, &|_, img| img)?, &png)?;
         let mut written = vec![png];
         if let Some((grid, lengths)) = patches {
             let path = out.join("samples-patches.png");
             // Twice the size of samples.png, so that single-code patches stay visible.
             let picture = self
-                .grid(&images, &|i, img| crate::viz::patch_overlay(&crate::viz::upscale(&img, 2), grid, &lengths[i]));
+                .grid(&images, &|i, img| crate::viz::patch_overlay(&crate::viz::upscale(&img, 2), grid, &lengths[i]))?;
             crate::viz::save_png(&picture, &path)?;
             written.push(path);
         }
-        let max_class = self.classes.iter().copied().max().unwrap_or(0);
+        let max_class = self.classes.iter().copied().max().unwrap_or(0) as usize;
+        let num_classes = self.class_names.len().max(max_class + 1);
         let shard = crate::data::shards::CodeShard {
             info: crate::data::shards::ShardInfo {
                 grid_size: self.tokenizer.config.grid_size(),
                 codebook_size: self.tokenizer.config.codebook_size,
-                num_classes: max_class as usize + 1,
-                class_names: (0..=max_class).map(|c| c.to_string()).collect(),
+                num_classes,
+                class_names: (0..num_classes as u32).map(|c| self.name(c)).collect(),
                 tokenizer_id: self.tokenizer.id.clone(),
             },
             codes: self.codes.iter().flatten().copied().collect(),
@@ -311,7 +340,12 @@ impl SampleSet<'_> {
         let codes_path = out.join("codes.safetensors");
         crate::data::shards::write_shard(&codes_path, &shard)?;
         let json = out.join("sample.json");
-        let text = serde_json::to_string_pretty(&self.record).unwrap_or_default();
+        let mut record = self.record.clone();
+        if let Some(fields) = record.as_object_mut() {
+            let names: Vec<String> = self.classes.iter().map(|&c| self.name(c)).collect();
+            fields.insert("class_names".into(), serde_json::json!(names));
+        }
+        let text = serde_json::to_string_pretty(&record).unwrap_or_default();
         crate::util::write_atomic(&json, text.as_bytes())?;
         written.extend([codes_path, json]);
         Ok(written)
@@ -324,12 +358,16 @@ mod tests {
 
     #[test]
     fn classes_parse_as_lists_and_ranges_and_unknown_ones_are_named() {
-        assert_eq!(parse_classes(Some("0,3-5, 9"), 10).unwrap(), vec![0, 3, 4, 5, 9]);
-        assert_eq!(parse_classes(None, 3).unwrap(), vec![0, 1, 2]);
-        let err = parse_classes(Some("10"), 10).unwrap_err().to_string();
+        assert_eq!(parse_classes(Some("0,3-5, 9"), &[], 10).unwrap(), vec![0, 3, 4, 5, 9]);
+        assert_eq!(parse_classes(None, &[], 3).unwrap(), vec![0, 1, 2]);
+        let names: Vec<String> = ["cat", "dog", "eel"].map(String::from).into();
+        assert_eq!(parse_classes(Some("eel, 0,dog"), &names, 3).unwrap(), vec![2, 0, 1]);
+        let err = parse_classes(Some("cow"), &names, 3).unwrap_err().to_string();
+        assert!(err.contains("`cow`") && err.contains("cat, dog, eel"), "{err}");
+        let err = parse_classes(Some("10"), &[], 10).unwrap_err().to_string();
         assert!(err.contains("unknown class 10") && err.contains("0-9"), "{err}");
-        assert!(parse_classes(Some("x"), 10).unwrap_err().to_string().contains("`x`"));
-        assert!(parse_classes(Some(","), 10).is_err());
+        assert!(parse_classes(Some("x"), &[], 10).unwrap_err().to_string().contains("`x`"));
+        assert!(parse_classes(Some(","), &[], 10).is_err());
     }
 
     #[test]

@@ -687,7 +687,17 @@ pub fn run_parallel(
             if interactive {
                 bar.set_message(msg);
             } else {
-                tracing::info!("{} step {done}/{}: {msg}", task.name(), config.steps);
+                // Logs that go to a file get what the bar shows: position, elapsed time and ETA.
+                let elapsed = t0.elapsed().as_secs_f64();
+                let eta = elapsed / (done - start) as f64 * (config.steps - done) as f64;
+                tracing::info!(
+                    "{} step {done}/{} ({:.1}%, {} elapsed, ETA {}): {msg}",
+                    task.name(),
+                    config.steps,
+                    100.0 * done as f64 / config.steps as f64,
+                    crate::util::human_duration(elapsed),
+                    crate::util::human_duration(eta)
+                );
             }
         }
         if leader && eval_step {

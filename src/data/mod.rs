@@ -258,6 +258,17 @@ pub enum DataSource {
     Folder { root: PathBuf },
 }
 
+impl std::fmt::Display for DataSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataSource::Idx { images, labels } => {
+                write!(f, "IDX files {} and {}", images.display(), labels.display())
+            }
+            DataSource::Folder { root } => write!(f, "class folders under {}", root.display()),
+        }
+    }
+}
+
 /// Finds the `split` (`train` or `test`) of the dataset in `dir`: IDX files named
 /// `{split}-images-idx3-ubyte[.gz]` / `{split}-labels-idx1-ubyte[.gz]` (`test` also matches
 /// MNIST's `t10k`), or a class-folder tree at `dir/{split}/` or `dir/` itself.

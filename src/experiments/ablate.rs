@@ -74,7 +74,7 @@ impl Scale {
             batch_size: Some(self.batch_size),
             lr: Some(self.lr),
             warmup: Some(self.warmup),
-            cosine: self.cosine,
+            cosine: Some(self.cosine),
             seed: Some(seed),
             val_images: Some(500),
             log_every: Some(20),

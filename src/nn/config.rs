@@ -27,6 +27,12 @@ pub struct TransformerConfig {
     pub ffn_dropout: f64,
     /// Probability of replacing a label by the null class in training.
     pub class_dropout: f64,
+    /// The dataset's class names (label i is `class_names[i]`), carried from the code shards
+    /// into the model so that sample grids, `sample.json` and `dpar serve` can name the
+    /// classes. Empty for unconditional models and for configs of earlier versions: classes are
+    /// then named by their number ([`TransformerConfig::class_name`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_names: Vec<String>,
     /// The kernels requested: fused CPU kernels, bf16 GEMM operands, or stock candle ops (same
     /// maths; see [`Ops`]). A run-time choice (`--ops`), resolved against the device and the
     /// CPU by [`Ops::resolve`] when a model is built. Never written to a saved config; files of
@@ -56,6 +62,7 @@ impl TransformerConfig {
             resid_dropout: 0.1,
             ffn_dropout: 0.1,
             class_dropout: 0.1,
+            class_names: Vec::new(),
             ops: Ops::Fused,
             precision: Precision::F32,
         }
@@ -68,6 +75,11 @@ impl TransformerConfig {
     /// The SwiGLU hidden size.
     pub fn hidden(&self) -> usize {
         self.ffn_hidden.unwrap_or_else(|| super::ffn_hidden(self.dim, 256))
+    }
+
+    /// The name of class `label`: its recorded name, else its number.
+    pub fn class_name(&self, label: u32) -> String {
+        self.class_names.get(label as usize).cloned().unwrap_or_else(|| label.to_string())
     }
 
     /// Codes per image.
@@ -100,6 +112,9 @@ impl TransformerConfig {
             if !(0.0..1.0).contains(&p) {
                 return Err(format!("{name} must lie in [0, 1), got {p}"));
             }
+        }
+        if !self.class_names.is_empty() && self.class_names.len() != self.num_classes {
+            return Err(format!("class_names lists {} names for {} classes", self.class_names.len(), self.num_classes));
         }
         // Written so that NaN fails every comparison and is refused.
         if !(self.rope_base.is_finite() && self.rope_base > 1.0 && self.norm_eps.is_finite() && self.norm_eps > 0.0) {

@@ -97,11 +97,15 @@ pub struct SpeedArgs {
     #[arg(long, value_name = "BATCHES")]
     sampling_curve: Option<String>,
     /// The baseline of the sampling curve (run folder or weight file).
-    #[arg(long, default_value = "models/mnist/gpt")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/gpt", value_parser = crate::common::model_path)]
     gpt: std::path::PathBuf,
     /// The DPAR model of the sampling curve; its entropy model is found by the hash it records
     /// (or given with --entropy-model).
-    #[arg(long, default_value = "models/mnist/dpar")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/dpar", value_parser = crate::common::model_path)]
     dpar: std::path::PathBuf,
     /// The entropy model of the sampling curve's DPAR model.
     #[arg(long)]

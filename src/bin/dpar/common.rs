@@ -67,6 +67,12 @@ impl DataArgs {
     }
 }
 
+/// A model path flag: paths under `models/` are found from any working directory
+/// ([`dpar::home::locate`]); other paths are taken as given.
+pub fn model_path(value: &str) -> std::result::Result<PathBuf, String> {
+    dpar::home::locate(std::path::Path::new(value)).map_err(|e| e.to_string())
+}
+
 /// How a training command treats its run folder (`--resume`, `--overwrite`, neither).
 pub fn start(resume: bool, overwrite: bool) -> dpar::train::Start {
     match (resume, overwrite) {
@@ -140,11 +146,17 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
             for &y in &set.labels {
                 counts[y as usize] += 1;
             }
-            println!("source   {:?}", source);
-            println!("images   {} of {}×{}×{}", set.len(), set.channels, set.height, set.width);
-            println!("classes  {}", set.num_classes());
+            let kind = match set.channels {
+                1 => "grey".to_string(),
+                3 => "RGB".to_string(),
+                n => format!("{n}-channel"),
+            };
+            println!("{split} split: {} images, {}×{} {kind}", set.len(), set.width, set.height);
+            println!("from {source}");
+            println!("{} classes (name: images):", set.num_classes());
+            let width = set.class_names.iter().map(|n| n.chars().count()).max().unwrap_or(1).min(24);
             for (name, n) in set.class_names.iter().zip(&counts) {
-                println!("  {name:>12}: {n}");
+                println!("  {name:>width$}: {n}");
             }
             Ok(())
         }
@@ -298,51 +310,104 @@ pub fn export(args: ExportArgs) -> Result<()> {
 pub enum ModelKind {
     /// The LlamaGen baseline (class-conditional GPT).
     Gpt,
-    /// The unconditional GPT that supplies DPAR's entropies.
+    /// The unconditional GPT that supplies DPAR's entropies (`dpar entropy train` is the
+    /// command for it).
+    #[value(hide = true)]
     Entropy,
     /// DPAR: patch encoder, patch transformer, patch decoder (needs stored entropies).
     Dpar,
 }
 
+/// `dpar train`: the baseline or DPAR.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Which model to train.
     #[arg(long, value_enum, default_value = "gpt")]
     pub model: ModelKind,
-    /// Architecture preset (gpt-b, gpt-l, gpt-xl, gpt-xxl, mnist, mnist-entropy, bench).
-    #[arg(long)]
+    /// Architecture preset: mnist (the default; it also sets the shipped models' training
+    /// recipe), gpt-b, gpt-l, gpt-xl, gpt-xxl, bench for the baseline; mnist, dpar-b, dpar-l,
+    /// dpar-xl, dpar-xxl (and splits such as dpar-l-e2d3) for DPAR. The paper's sizes train with
+    /// the paper's recipe (lr 1e-4, constant).
+    #[arg(long, conflicts_with = "config")]
     pub preset: Option<String>,
+    /// Depth (overrides the preset): `N` blocks for the baseline, `E+G+D` (encoder + patch
+    /// transformer + decoder blocks, e.g. `1+4+1`) for DPAR.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Probability of replacing the class by the null class (for guidance) [default: the preset's, 0.1].
+    #[arg(long)]
+    pub class_dropout: Option<f64>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// DPAR: patcher switches (θ, P, rules) for training.
+    #[command(flatten)]
+    pub patch: PatchArgs,
+    /// DPAR: find θ by bisection on the training entropies so that the mean patch length is
+    /// this (used when --threshold is not given; the paper's 256 px figure is 1.81).
+    #[arg(long, default_value_t = dpar::recipe::DEFAULT_TARGET_MEAN_LEN)]
+    pub target_mean_len: f64,
+    /// DPAR: position encoding of the patch transformer (paper Table 9).
+    #[arg(long, value_enum)]
+    pub patch_rope: Option<PatchRopeArg>,
+}
+
+/// `dpar entropy train`: the unconditional entropy model.
+#[derive(Args, Debug)]
+pub struct EntropyTrainArgs {
+    /// Architecture preset: mnist-entropy (the default: 4 layers, width 128; it also sets the
+    /// shipped entropy model's training recipe), or gpt-b, gpt-l, gpt-xl, gpt-xxl without their
+    /// class slot (trained with the paper's recipe: lr 1e-4, constant).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// Depth: the number of blocks (overrides the preset).
+    #[arg(long)]
+    pub layers: Option<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The flags every training command shares: data, run folder, budget, optimiser, shape,
+/// kernels and ranks.
+#[derive(Args, Debug)]
+pub struct RunArgs {
     /// A full experiment config (JSON or TOML, e.g. a run's config.json); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Training code shards (folder or file).
+    /// Training code shards (folder or file), relative to the working directory.
     #[arg(long, default_value = "data/codes/train")]
     pub codes: PathBuf,
     /// Validation code shards (`none` trains without validation). Default: the `test` folder
     /// beside a --codes folder named `train` (data/codes/train → data/codes/test), if it exists.
     #[arg(long)]
     pub val_codes: Option<String>,
-    /// Run folder [default: runs/gpt, runs/entropy or runs/dpar].
+    /// Run folder [default: runs/gpt, runs/entropy or runs/dpar, in the working directory].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Optimiser steps [default: 2000; entropy model 2400].
+    /// Optimiser steps [default: the preset's recipe: mnist 3 epochs (11,250 steps on MNIST),
+    /// mnist-entropy 2400; other presets 2000].
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Images per step [default: 16; entropy model 32].
+    /// Images per step [default: the preset's recipe: mnist 16, mnist-entropy 32; other presets 16].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Peak learning rate of AdamW [default: 1e-4, the paper's; entropy model 1e-3].
+    /// Peak learning rate of AdamW [default: the preset's recipe: mnist 2e-3, mnist-entropy 1e-3;
+    /// other presets the paper's 1e-4].
     #[arg(long)]
     pub lr: Option<f64>,
     /// AdamW weight decay on ≥ 2-D weights [default: 0.05].
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Linear warm-up steps [default: 0; entropy model 100].
+    /// Linear warm-up steps [default: the preset's recipe: mnist 2% of the steps, mnist-entropy
+    /// 100; other presets 0].
     #[arg(long)]
     pub warmup: Option<u64>,
-    /// Cosine decay to --min-lr after warm-up (default: constant, as in the paper; the entropy
-    /// model decays by default).
-    #[arg(long)]
+    /// Learning-rate schedule after the warm-up: `constant`, or `cosine` decay to --min-lr
+    /// [default: the preset's recipe: cosine for mnist and mnist-entropy; constant, as in the
+    /// paper, for the other presets].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
+    /// The same as `--schedule cosine` (kept for earlier scripts).
+    #[arg(long, hide = true, conflicts_with = "schedule")]
     pub cosine: bool,
     /// The learning rate the cosine decay ends at (0 ≤ min-lr ≤ lr; default 0).
     #[arg(long, allow_negative_numbers = true)]
@@ -359,28 +424,23 @@ pub struct TrainArgs {
     /// Attention heads (overrides the preset).
     #[arg(long)]
     pub heads: Option<usize>,
-    /// Depth (overrides the preset): `N` blocks for a GPT, `E+G+D` (encoder + patch transformer +
-    /// decoder blocks, e.g. `1+4+1`) for DPAR.
-    #[arg(long)]
-    pub layers: Option<String>,
-    /// Sets token, residual and FFN dropout together.
+    /// Sets token, residual and FFN dropout together [default: the preset's].
     #[arg(long)]
     pub dropout: Option<f64>,
-    /// Probability of replacing the class by the null class (for guidance) [default: the preset's, 0.1].
-    #[arg(long)]
-    pub class_dropout: Option<f64>,
     /// Train on the horizontally flipped copy of each image half of the time (the shards must be
     /// tokenized with `--flip`). Right for photos of natural scenes; wrong for digits, letters
     /// and anything else with a handedness, which is why it is off by default.
     #[arg(long)]
     pub flip: bool,
-    /// Save the checkpoint every N steps [default: 250].
+    /// Save the checkpoint every N steps [default: the preset's recipe: 100 for mnist and
+    /// mnist-entropy; 250 otherwise].
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Log a line to log.jsonl every N steps [default: 10].
     #[arg(long)]
     pub log_every: Option<u64>,
-    /// Validate and keep a weight snapshot every N steps (0: only at the end) [default: 0; entropy model 400].
+    /// Validate and keep a weight snapshot every N steps (0: only at the end) [default: the
+    /// preset's recipe: a tenth of the steps for mnist, 400 for mnist-entropy; 0 otherwise].
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// Validation images (from --val-codes) [default: 1000].
@@ -393,16 +453,6 @@ pub struct TrainArgs {
     /// --resume or --overwrite, a folder that holds a run is refused.
     #[arg(long)]
     pub overwrite: bool,
-    /// DPAR: patcher switches (θ, P, rules) for training.
-    #[command(flatten)]
-    pub patch: PatchArgs,
-    /// DPAR: find θ by bisection on the training entropies so that the mean patch length is
-    /// this (used when --threshold is not given; the paper's 256 px figure is 1.81).
-    #[arg(long, default_value_t = dpar::recipe::DEFAULT_TARGET_MEAN_LEN)]
-    pub target_mean_len: f64,
-    /// DPAR: position encoding of the patch transformer (paper Table 9).
-    #[arg(long, value_enum)]
-    pub patch_rope: Option<PatchRopeArg>,
     /// Kernels: `fused` (our CPU kernels, default), `bf16` (fused with bf16 matmul operands and
     /// f32 accumulation) or `stock` (candle's composed ops, the reference).
     #[arg(long, value_enum)]
@@ -431,6 +481,12 @@ pub struct TrainArgs {
     pub nccl_id_file: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+pub enum ScheduleArg {
+    Constant,
+    Cosine,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -492,38 +548,41 @@ impl From<ModelKind> for dpar::recipe::ModelKind {
     }
 }
 
-impl TrainArgs {
-    /// The library's description of the run these flags ask for.
-    pub fn request(&self) -> dpar::recipe::TrainRequest {
-        let overrides = dpar::recipe::Overrides {
-            steps: self.steps,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            warmup: self.warmup,
-            cosine: self.cosine,
-            min_lr: self.min_lr,
-            grad_clip: self.grad_clip,
-            seed: self.seed,
-            dim: self.dim,
-            heads: self.heads,
-            layers: self.layers.clone(),
-            dropout: self.dropout,
-            class_dropout: self.class_dropout,
-            flip: self.flip,
-            checkpoint_every: self.checkpoint_every,
-            log_every: self.log_every,
-            eval_every: self.eval_every,
-            val_images: self.val_images,
-            patch: self.patch.overrides(),
-            target_mean_len: Some(self.target_mean_len),
-            patch_rope: self.patch_rope.map(Into::into),
-            ops: self.ops.map(Into::into),
-            precision: self.dtype.map(Into::into),
+impl RunArgs {
+    /// The library's description of a run of `kind` with these flags; `overrides` holds the
+    /// model-specific ones already.
+    fn request(
+        &self,
+        kind: dpar::recipe::ModelKind,
+        preset: Option<String>,
+        mut overrides: dpar::recipe::Overrides,
+    ) -> dpar::recipe::TrainRequest {
+        overrides.steps = self.steps;
+        overrides.batch_size = self.batch_size;
+        overrides.lr = self.lr;
+        overrides.weight_decay = self.weight_decay;
+        overrides.warmup = self.warmup;
+        overrides.cosine = match (self.schedule, self.cosine) {
+            (Some(s), _) => Some(s == ScheduleArg::Cosine),
+            (None, true) => Some(true),
+            (None, false) => None,
         };
+        overrides.min_lr = self.min_lr;
+        overrides.grad_clip = self.grad_clip;
+        overrides.seed = self.seed;
+        overrides.dim = self.dim;
+        overrides.heads = self.heads;
+        overrides.dropout = self.dropout;
+        overrides.flip = self.flip;
+        overrides.checkpoint_every = self.checkpoint_every;
+        overrides.log_every = self.log_every;
+        overrides.eval_every = self.eval_every;
+        overrides.val_images = self.val_images;
+        overrides.ops = self.ops.map(Into::into);
+        overrides.precision = self.dtype.map(Into::into);
         dpar::recipe::TrainRequest {
-            kind: self.model.into(),
-            preset: self.preset.clone(),
+            kind,
+            preset,
             config: self.config.clone(),
             codes: self.codes.clone(),
             val_codes: self.val_codes.clone(),
@@ -538,6 +597,29 @@ impl TrainArgs {
             },
             allow_mismatch: allow_mismatch(),
         }
+    }
+}
+
+impl TrainArgs {
+    /// The library's description of the run these flags ask for.
+    pub fn request(&self) -> dpar::recipe::TrainRequest {
+        let overrides = dpar::recipe::Overrides {
+            layers: self.layers.clone(),
+            class_dropout: self.class_dropout,
+            patch: self.patch.overrides(),
+            target_mean_len: Some(self.target_mean_len),
+            patch_rope: self.patch_rope.map(Into::into),
+            ..Default::default()
+        };
+        self.run.request(self.model.into(), self.preset.clone(), overrides)
+    }
+}
+
+impl EntropyTrainArgs {
+    /// The library's description of the run these flags ask for.
+    pub fn request(&self) -> dpar::recipe::TrainRequest {
+        let overrides = dpar::recipe::Overrides { layers: self.layers.clone(), ..Default::default() };
+        self.run.request(dpar::recipe::ModelKind::Entropy, self.preset.clone(), overrides)
     }
 }
 

@@ -82,7 +82,9 @@ pub struct TrainClassifierArgs {
 #[derive(Args)]
 pub struct Common {
     /// The classifier (run folder or weights).
-    #[arg(long, default_value = "models/mnist/classifier")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/classifier", value_parser = crate::common::model_path)]
     pub classifier: PathBuf,
     #[command(flatten)]
     pub data: DataArgs,

@@ -26,7 +26,9 @@ pub struct ExperimentArgs {
     #[arg(long)]
     pub entropy_model: Option<PathBuf>,
     /// Classifier whose features the metrics use; --data must be its dataset.
-    #[arg(long, default_value = "models/mnist/classifier")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/classifier", value_parser = crate::common::model_path)]
     pub classifier: PathBuf,
     /// Dataset folder (for the reference test images).
     #[arg(long, default_value = "data/mnist")]

@@ -119,10 +119,7 @@ fn main() {
         Command::Summarize(args) => common::summarize(args),
         Command::Export(args) => common::export(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
-        Command::Entropy(patch_cmd::EntropyCmd::Train(mut args)) => {
-            args.model = common::ModelKind::Entropy;
-            train_cmd::train(args)
-        }
+        Command::Entropy(patch_cmd::EntropyCmd::Train(args)) => train_cmd::train_entropy(args),
         Command::Entropy(patch_cmd::EntropyCmd::Compute(args)) => patch_cmd::run_compute(args),
         Command::Patchify(args) => patch_cmd::run_patchify(args),
         #[cfg(feature = "serve")]

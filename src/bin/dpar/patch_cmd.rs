@@ -6,13 +6,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dpar::patching::{self, PatchConfig, PatchStats};
 
-use crate::common::{DeviceArgs, PatchArgs, TrainArgs};
+use crate::common::{DeviceArgs, EntropyTrainArgs, PatchArgs};
 
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum EntropyCmd {
-    /// Train the unconditional entropy model (`dpar train --model entropy`).
-    Train(TrainArgs),
+    /// Train the unconditional entropy model.
+    Train(EntropyTrainArgs),
     /// Run the entropy model once over shards and store H_k beside the codes.
     Compute(ComputeArgs),
 }

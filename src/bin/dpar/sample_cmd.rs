@@ -15,7 +15,9 @@ use crate::common::DeviceArgs;
 pub struct SampleArgs {
     /// Model run folder or weight file (a DPAR or a LlamaGen/GPT model; the kind is read from
     /// its config). The default is the small DPAR model shipped with the repository.
-    #[arg(long, default_value = "models/mnist/dpar")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/dpar", value_parser = crate::common::model_path)]
     pub ckpt: PathBuf,
     /// Architecture preset, for LlamaGen weight files without an embedded config.
     #[arg(long)]
@@ -28,7 +30,8 @@ pub struct SampleArgs {
     /// Architecture preset, for tokenizer weight files without an embedded config.
     #[arg(long)]
     pub tokenizer_preset: Option<String>,
-    /// Classes to draw, e.g. `0,3,7` or `0-9` (default: every class).
+    /// Classes to draw, by number or by the names the model records: `0,3,7`, `0-9`, `cat,dog`
+    /// (default: every class).
     #[arg(long)]
     pub classes: Option<String>,
     /// Images per class (one grid row per class).
@@ -93,7 +96,7 @@ impl SampleArgs {
         };
         if let Some(model) = &settings.model {
             if !given("ckpt") {
-                self.ckpt = PathBuf::from(format!("models/mnist/{model}"));
+                self.ckpt = dpar::home::shipped(model)?;
             }
         }
         if settings.classes.is_some() && !given("classes") {
@@ -212,7 +215,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             mc.vocab_size
         );
     }
-    let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), &mc.class_names, mc.num_classes)?;
     check_total(&args, classes.len())?;
     let labels = dpar::sample_set::class_labels(&classes, args.per_class);
     if let Some(npz) = &args.npz {
@@ -256,7 +259,14 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         "codes_per_s": tokens_per_s,
         "steps_per_image": mc.seq_len(),
     });
-    let set = SampleSet { tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record };
+    let set = SampleSet {
+        tokenizer: &tokenizer,
+        class_names: &mc.class_names,
+        classes: &classes,
+        per_class: args.per_class,
+        codes: &codes,
+        record,
+    };
     print_written(set.write(&args.out, &device, None)?);
     Ok(())
 }
@@ -335,7 +345,7 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     }
     let patch = args.patch.apply(mc.patch);
     patch.validate()?;
-    let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), mc.num_classes)?;
+    let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), &mc.class_names, mc.num_classes)?;
     check_total(&args, classes.len())?;
     let labels = dpar::sample_set::class_labels(&classes, args.per_class);
     if let Some(npz) = &args.npz {
@@ -409,7 +419,14 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
         "patch_steps_per_image": mean_steps,
         "patch_lengths": lengths,
     });
-    let set = SampleSet { tokenizer: &tokenizer, classes: &classes, per_class: args.per_class, codes: &codes, record };
+    let set = SampleSet {
+        tokenizer: &tokenizer,
+        class_names: &mc.class_names,
+        classes: &classes,
+        per_class: args.per_class,
+        codes: &codes,
+        record,
+    };
     let patches = (!args.no_patch_picture).then_some((mc.grid_size, lengths.as_slice()));
     print_written(set.write(&args.out, &device, patches)?);
     Ok(())

@@ -34,14 +34,19 @@ pub struct TrainArgs {
     /// Run folder for checkpoints, logs and pictures.
     #[arg(long, default_value = "runs/tokenizer")]
     out: PathBuf,
-    #[arg(long, default_value_t = 3000)]
+    /// Optimiser steps (the default is the shipped MNIST tokenizer's recipe).
+    #[arg(long, default_value_t = 1500)]
     steps: u64,
+    /// Images per step.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// AdamW learning rate (constant).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// AdamW weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
+    /// The seed every random choice flows from.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use only the first N training images.
@@ -50,12 +55,14 @@ pub struct TrainArgs {
     /// Restart unused codes every N steps (0: never).
     #[arg(long, default_value_t = 100)]
     restart_every: u64,
-    #[arg(long, default_value_t = 500)]
+    /// Save the checkpoint every N steps.
+    #[arg(long, default_value_t = 250)]
     checkpoint_every: u64,
+    /// Log a line to log.jsonl every N steps.
     #[arg(long, default_value_t = 10)]
     log_every: u64,
     /// Validation (test split) every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 500)]
     eval_every: u64,
     /// Test images used for validation.
     #[arg(long, default_value_t = 2000)]
@@ -71,7 +78,9 @@ pub struct TrainArgs {
 #[derive(Args)]
 pub struct ReconstructArgs {
     /// Tokenizer run folder or weight file.
-    #[arg(long, default_value = "models/mnist/tokenizer")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/tokenizer", value_parser = crate::common::model_path)]
     tokenizer: PathBuf,
     /// Architecture, for weight files without an embedded config (LlamaGen `.pt`): `vq16`, or a
     /// JSON file with a whole tokenizer config.
@@ -94,7 +103,9 @@ pub struct ReconstructArgs {
 #[derive(Args)]
 pub struct EvalArgs {
     /// Tokenizer run folder or weight file.
-    #[arg(long, default_value = "models/mnist/tokenizer")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/tokenizer", value_parser = crate::common::model_path)]
     tokenizer: PathBuf,
     /// Architecture, for weight files without an embedded config (LlamaGen `.pt`): `vq16`, or a
     /// JSON file with a whole tokenizer config.
@@ -114,7 +125,9 @@ pub struct EvalArgs {
 pub struct TokenizeArgs {
     /// Tokenizer run folder or weight file (the shipped MNIST tokenizer by default, like every
     /// other command).
-    #[arg(long, default_value = "models/mnist/tokenizer")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist/tokenizer", value_parser = crate::common::model_path)]
     tokenizer: PathBuf,
     /// Architecture, for weight files without an embedded config (LlamaGen `.pt`): `vq16`, or a
     /// JSON file with a whole tokenizer config.

@@ -2,18 +2,17 @@
 
 use anyhow::Result;
 
-use crate::common::TrainArgs;
+use crate::common::{DeviceArgs, EntropyTrainArgs, TrainArgs};
 
 /// Adds to a divergence error the command that continues from the last good checkpoint with a
 /// tenth of the learning rate.
-fn recovery_hint(err: dpar::recipe::RecipeError, args: &TrainArgs) -> anyhow::Error {
+fn recovery_hint(err: dpar::recipe::RecipeError, request: &dpar::recipe::TrainRequest) -> anyhow::Error {
     if !err.diverged() {
         return err.into();
     }
-    let request = args.request();
     let out = request.out();
     // The learning rate the run used: the flag, else its saved config.
-    let lr = args.lr.or_else(|| {
+    let lr = request.overrides.lr.or_else(|| {
         let saved: serde_json::Value = dpar::recipe::read_config(&out.join("config.json")).ok()?;
         saved["train"]["adamw"]["lr"].as_f64()
     });
@@ -26,10 +25,19 @@ fn recovery_hint(err: dpar::recipe::RecipeError, args: &TrainArgs) -> anyhow::Er
     )
 }
 
+/// `dpar train`.
 pub fn train(args: TrainArgs) -> Result<()> {
-    let device = args.device.device()?;
-    let request = args.request();
-    let trained = dpar::recipe::train(&request, &device).map_err(|e| recovery_hint(e, &args))?;
+    run(args.request(), &args.run.device)
+}
+
+/// `dpar entropy train`.
+pub fn train_entropy(args: EntropyTrainArgs) -> Result<()> {
+    run(args.request(), &args.run.device)
+}
+
+fn run(request: dpar::recipe::TrainRequest, device: &DeviceArgs) -> Result<()> {
+    let device = device.device()?;
+    let trained = dpar::recipe::train(&request, &device).map_err(|e| recovery_hint(e, &request))?;
     let report = &trained.report;
     let patches = match trained.kind {
         dpar::recipe::ModelKind::Dpar => {

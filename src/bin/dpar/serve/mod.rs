@@ -1,5 +1,5 @@
 //! `dpar serve`: a local web page to watch DPAR generate code by code, turn θ, and compare with
-//! the baseline (issue 17).
+//! the baseline.
 //!
 //! - HTTP on axum/tokio; generation runs on blocking threads, never on the async ones.
 //! - `GET /api/generate?…` streams one image as server-sent events: `start`, one `code` per code
@@ -44,7 +44,9 @@ const STYLE_CSS: &str = include_str!("style.css");
 pub struct ServeArgs {
     /// Folder of the models to serve, laid out as models/mnist: `dpar/`, `gpt/` (optional: the
     /// baseline), `entropy/`, `tokenizer/`. Only this folder is read, once, at start.
-    #[arg(long, default_value = "models/mnist")]
+    /// Under models/, looked up in the working directory, then $DPAR_HOME, beside the executable
+    /// and in the source tree the binary was built from.
+    #[arg(long, default_value = "models/mnist", value_parser = crate::common::model_path)]
     models: PathBuf,
     /// Address to listen on. Loopback by default; `0.0.0.0:7860` opens the page to the network.
     #[arg(long, default_value = "127.0.0.1:7860")]
@@ -105,7 +107,7 @@ impl Models {
                 anyhow::bail!("--models {}: the baseline in gpt/ does not fit the DPAR model", dir.display());
             }
         }
-        let class_names = (0..c.num_classes).map(|i| i.to_string()).collect();
+        let class_names = (0..c.num_classes as u32).map(|i| c.class_name(i)).collect();
         Ok(Models { patch: c.patch, dpar, entropy, gpt, tokenizer, class_names, _stores: stores })
     }
 
