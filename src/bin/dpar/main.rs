@@ -84,9 +84,19 @@ struct BenchArgs {
     side: experiment_cmd::SideBySideArgs,
 }
 
+/// Where default paths point, shown under every command's `--help`.
+const PATHS_NOTE: &str = "Default paths: those under models/ (the shipped models) are looked up in the working \
+directory, then $DPAR_HOME, beside the executable and in the source tree the binary was built from; every other \
+relative path (data/, runs/, out/) means the working directory.";
+
+/// `cmd` and all its subcommands with [`PATHS_NOTE`] under their help.
+fn with_paths_note(cmd: clap::Command) -> clap::Command {
+    cmd.after_help(PATHS_NOTE).mut_subcommands(with_paths_note)
+}
+
 fn main() {
     dpar::util::tune_allocator();
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = with_paths_note(<Cli as clap::CommandFactory>::command()).get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
