@@ -367,6 +367,8 @@ pub struct PresetRecipe {
     /// Validations (with weight snapshots) per run.
     pub evals: u64,
     pub checkpoint_every: u64,
+    /// Token, residual and FFN dropout, when the recipe sets them.
+    pub dropout: Option<f64>,
 }
 
 impl PresetRecipe {
@@ -384,9 +386,10 @@ impl PresetRecipe {
                 cosine: true,
                 evals: 10,
                 checkpoint_every: 100,
+                dropout: None,
             }),
             // The shipped entropy model: 2400 steps at batch 32, lr 1e-3, 100 warm-up steps and
-            // cosine decay, validation every 400 steps.
+            // cosine decay, validation every 400 steps, no dropout.
             (ModelKind::Entropy, "mnist-entropy") => Some(Self {
                 batch_size: 32,
                 steps: Some(2400),
@@ -396,14 +399,25 @@ impl PresetRecipe {
                 cosine: true,
                 evals: 6,
                 checkpoint_every: 100,
+                dropout: Some(0.0),
             }),
             _ => None,
         }
     }
 
-    /// Sets batch, steps, learning rate, schedule and cadence for a training set of `images`.
-    pub fn apply(&self, images: usize, batch_size: &mut usize, train: &mut LoopConfig) {
+    /// Sets batch, steps, learning rate, schedule, cadence and dropout for a training set of
+    /// `images`.
+    pub fn apply(
+        &self,
+        images: usize,
+        batch_size: &mut usize,
+        train: &mut LoopConfig,
+        model: &mut crate::nn::TransformerConfig,
+    ) {
         *batch_size = self.batch_size;
+        if let Some(p) = self.dropout {
+            (model.token_dropout, model.resid_dropout, model.ffn_dropout) = (p, p, p);
+        }
         let steps = self.steps.unwrap_or_else(|| (self.epochs * images as u64).div_ceil(self.batch_size as u64).max(1));
         train.steps = steps;
         train.adamw.lr = self.lr;
@@ -720,7 +734,7 @@ pub fn prepare_gpt(req: &TrainRequest) -> Result<GptRun> {
             let model = GptConfig::preset(&preset).map_err(stage("--preset"))?;
             let mut config = new_gpt_config(req.kind, model, &train, &req.codes, val.as_ref().and(val_codes.clone()));
             if let Some(recipe) = PresetRecipe::of(req.kind, &preset) {
-                recipe.apply(train.len(), &mut config.batch_size, &mut config.train);
+                recipe.apply(train.len(), &mut config.batch_size, &mut config.train, &mut config.model.core);
             }
             config
         }
@@ -769,7 +783,7 @@ pub fn prepare_dpar(req: &TrainRequest) -> Result<DparRun> {
             let model = DparConfig::preset(preset).map_err(stage("--preset"))?;
             let mut config = new_dpar_config(model, &train, &req.codes, val.as_ref().and(val_codes.clone()));
             if let Some(recipe) = PresetRecipe::of(req.kind, preset) {
-                recipe.apply(train.shard.len(), &mut config.batch_size, &mut config.train);
+                recipe.apply(train.shard.len(), &mut config.batch_size, &mut config.train, &mut config.model.core);
             }
             config
         }
@@ -885,6 +899,48 @@ mod tests {
         let bad = Overrides { layers: Some("6".into()), ..Default::default() };
         let err = bad.apply_dpar(&mut c).unwrap_err().to_string();
         assert!(err.starts_with("--layers: 6:"), "{err}");
+    }
+
+    /// The `mnist` presets' recipes are those the shipped models were trained with (their
+    /// `config.json`), so the README's pipeline commands rebuild them.
+    #[test]
+    fn the_mnist_presets_carry_the_shipped_models_recipes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mnist");
+        for (kind, preset, folder) in [
+            (ModelKind::Gpt, "mnist", "gpt"),
+            (ModelKind::Dpar, "mnist", "dpar"),
+            (ModelKind::Entropy, "mnist-entropy", "entropy"),
+        ] {
+            let shipped: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(root.join(folder).join("config.json")).unwrap()).unwrap();
+            let recipe = PresetRecipe::of(kind, preset).unwrap();
+            let (mut batch, mut train) = (0, default_loop());
+            let mut model =
+                GptConfig::preset(if kind == ModelKind::Entropy { "mnist-entropy" } else { "mnist" }).unwrap().core;
+            recipe.apply(60_000, &mut batch, &mut train, &mut model);
+            let want = &shipped["train"];
+            assert_eq!(batch as u64, shipped["batch_size"].as_u64().unwrap(), "{folder}");
+            assert_eq!(train.steps, want["steps"].as_u64().unwrap(), "{folder}");
+            assert_eq!(train.adamw.lr, want["adamw"]["lr"].as_f64().unwrap(), "{folder}");
+            assert_eq!(train.schedule.warmup_steps, want["schedule"]["warmup_steps"].as_u64().unwrap(), "{folder}");
+            assert_eq!(train.schedule.cosine, want["schedule"]["cosine"].as_bool().unwrap(), "{folder}");
+            assert_eq!(train.eval_every, want["eval_every"].as_u64().unwrap(), "{folder}");
+            assert_eq!(train.checkpoint_every, want["checkpoint_every"].as_u64().unwrap(), "{folder}");
+            let dropout = shipped["model"]["resid_dropout"].as_f64().unwrap();
+            if kind == ModelKind::Entropy {
+                assert_eq!(model.resid_dropout, dropout, "{folder}");
+            } else {
+                let preset_dropout = if kind == ModelKind::Gpt {
+                    GptConfig::mnist().resid_dropout
+                } else {
+                    DparConfig::mnist().resid_dropout
+                };
+                assert_eq!(preset_dropout, dropout, "{folder}");
+            }
+        }
+        // The paper's presets keep the paper's recipe.
+        assert_eq!(PresetRecipe::of(ModelKind::Entropy, "gpt-b"), None);
+        assert_eq!(PresetRecipe::of(ModelKind::Dpar, "dpar-b"), None);
     }
 
     #[test]
