@@ -141,6 +141,27 @@ pub fn class_labels(classes: &[u32], per_class: usize) -> Vec<u32> {
     classes.iter().flat_map(|&c| std::iter::repeat_n(c, per_class)).collect()
 }
 
+/// The labels of a `--npz` run: every class once, then every class again, `per_class` rounds.
+/// Any contiguous part of the file then holds the classes equally, which evaluators that split
+/// a file in order (the ADM suite's Inception Score) need: class by class, each of their splits
+/// would hold a few classes only and the score would collapse.
+pub fn interleaved_labels(classes: &[u32], per_class: usize) -> Vec<u32> {
+    (0..per_class).flat_map(|_| classes.iter().copied()).collect()
+}
+
+/// The labels of the `count` images of a `.npz` that `dpar sample --npz` wrote, from the
+/// settings beside it (`classes`, `per_class` and `order`: `interleaved`, or class by class in
+/// files of earlier versions); `None` when the settings do not describe `count` images.
+pub fn npz_labels(settings: &serde_json::Value, count: usize) -> Option<Vec<u32>> {
+    let classes: Vec<u32> = serde_json::from_value(settings["classes"].clone()).ok()?;
+    let per_class = settings["per_class"].as_u64()? as usize;
+    let labels = match settings["order"].as_str() {
+        Some("interleaved") => interleaved_labels(&classes, per_class),
+        _ => class_labels(&classes, per_class),
+    };
+    Some(labels).filter(|l| l.len() == count)
+}
+
 /// The sampling settings of batch `i` of a run: seed `seed + i` (every sampler of a run draws
 /// batch by batch this way, so a run's images do not depend on how they are written out).
 pub fn batch_sampling(config: &SamplingConfig, i: usize) -> SamplingConfig {
@@ -371,7 +392,15 @@ mod tests {
     }
 
     #[test]
-    fn labels_come_in_grid_rows() {
+    fn labels_come_in_grid_rows_and_npz_files_interleave_them() {
         assert_eq!(class_labels(&[7, 2], 3), vec![7, 7, 7, 2, 2, 2]);
+        assert_eq!(interleaved_labels(&[7, 2], 3), vec![7, 2, 7, 2, 7, 2]);
+        let settings = serde_json::json!({ "classes": [7, 2], "per_class": 3, "order": "interleaved" });
+        assert_eq!(npz_labels(&settings, 6), Some(vec![7, 2, 7, 2, 7, 2]));
+        assert_eq!(
+            npz_labels(&serde_json::json!({ "classes": [7, 2], "per_class": 3 }), 6),
+            Some(class_labels(&[7, 2], 3))
+        );
+        assert_eq!(npz_labels(&settings, 5), None);
     }
 }

@@ -249,15 +249,11 @@ fn npz_samples(args: SamplesArgs) -> Result<()> {
     .with_context(|| format!("--codes {}", args.codes.display()))?;
     let count = data.images.len() / (3 * data.height * data.width).max(1);
     let n = count.min(args.n);
-    // The labels `dpar sample --npz` requested: classes × per_class, in order.
+    // The labels `dpar sample --npz` requested, from the settings beside the file.
     let settings = std::fs::read_to_string(args.codes.with_extension("json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-    let labels = settings.and_then(|v| {
-        let classes: Vec<u32> = serde_json::from_value(v["classes"].clone()).ok()?;
-        let per_class = v["per_class"].as_u64()? as usize;
-        Some(dpar::sample_set::class_labels(&classes, per_class)).filter(|l| l.len() == count)
-    });
+    let labels = settings.and_then(|v| dpar::sample_set::npz_labels(&v, count));
     data.labels = labels.clone().unwrap_or_else(|| vec![0; count]);
     let data = data.take(n).prepare(c.image_size, c.in_channels)?;
     let idx: Vec<usize> = (0..n).collect();

@@ -70,8 +70,9 @@ pub struct SampleArgs {
     pub patch: crate::common::PatchArgs,
     /// Write the images as one NumPy `.npz` here instead (uint8 `[N, H, W, 3]` under `arr_0`, as
     /// LlamaGen's sample_ddp.py writes them for the ADM evaluator and `dpar eval fid`), streamed
-    /// batch by batch, in class-balanced order (--per-class of each class); the settings go to
-    /// the same name with `.json`. No PNG grid or codes file is written.
+    /// batch by batch, --per-class of each class, class-interleaved (every class once, then
+    /// again), so that evaluators that split the file in order see every class in every split;
+    /// the settings go to the same name with `.json`. No PNG grid or codes file is written.
     #[arg(long, value_name = "FILE")]
     pub npz: Option<PathBuf>,
     /// DPAR: skip samples-patches.png (the samples with their patch boundaries drawn).
@@ -217,7 +218,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     }
     let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), &mc.class_names, mc.num_classes)?;
     check_total(&args, classes.len())?;
-    let labels = dpar::sample_set::class_labels(&classes, args.per_class);
+    let labels = match args.npz {
+        Some(_) => dpar::sample_set::interleaved_labels(&classes, args.per_class),
+        None => dpar::sample_set::class_labels(&classes, args.per_class),
+    };
     if let Some(npz) = &args.npz {
         let record = serde_json::json!({
             "model": "gpt",
@@ -305,6 +309,7 @@ fn write_npz(
             ("sampling", serde_json::json!(config)),
             ("classes", serde_json::json!(classes)),
             ("per_class", serde_json::json!(args.per_class)),
+            ("order", serde_json::json!("interleaved")),
             ("batch_size", serde_json::json!(args.batch_size)),
             ("seconds", serde_json::json!(secs)),
             ("images_per_s", serde_json::json!(n as f64 / secs)),
@@ -347,7 +352,10 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
     patch.validate()?;
     let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), &mc.class_names, mc.num_classes)?;
     check_total(&args, classes.len())?;
-    let labels = dpar::sample_set::class_labels(&classes, args.per_class);
+    let labels = match args.npz {
+        Some(_) => dpar::sample_set::interleaved_labels(&classes, args.per_class),
+        None => dpar::sample_set::class_labels(&classes, args.per_class),
+    };
     if let Some(npz) = &args.npz {
         let mut steps = 0usize;
         let record = serde_json::json!({
