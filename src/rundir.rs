@@ -114,8 +114,11 @@ pub fn existing_run(dir: &Path) -> Option<Option<u64>> {
 /// Prepares a locked run folder for `start`: refuses a fresh start over an existing run, removes
 /// the old run for an overwrite, and removes temporary files left by killed processes.
 pub fn prepare(dir: &Path, _lock: &RunLock, start: Start) -> Result<()> {
-    for stale in crate::util::remove_stale_temp_files(dir) {
-        tracing::warn!("removed {}, left by an interrupted write", stale.display());
+    // The run folder and its weight snapshots, the two places the loop writes.
+    for folder in [dir.to_path_buf(), dir.join("snapshots")] {
+        for stale in crate::util::remove_stale_temp_files(&folder) {
+            tracing::warn!("removed {}, left by an interrupted write", stale.display());
+        }
     }
     match (start, existing_run(dir)) {
         (Start::Fresh, Some(step)) => Err(RunDirError::Exists {
@@ -147,6 +150,24 @@ pub fn prepare(dir: &Path, _lock: &RunLock, start: Start) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process killed while writing a weight snapshot leaves `.model-step….tmp` in
+    /// `snapshots/`; the next start removes it as it does in the run folder.
+    #[test]
+    fn a_start_removes_stale_temporaries_of_the_run_and_its_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("snapshots")).unwrap();
+        let stale = [
+            dir.path().join(".checkpoint.safetensors.4194302.tmp"),
+            dir.path().join("snapshots/.model-step0000004.safetensors.4194302.tmp"),
+        ];
+        for f in &stale {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let lock = RunLock::acquire(dir.path()).unwrap();
+        prepare(dir.path(), &lock, Start::Resume).unwrap();
+        assert!(stale.iter().all(|f| !f.exists()));
+    }
 
     #[test]
     fn a_locked_folder_is_refused_with_the_holders_pid_and_freed_on_drop() {
