@@ -27,6 +27,9 @@ pub enum TensorIoError {
     /// A tensor the caller needs is absent.
     #[error("{path}: missing tensor `{name}`")]
     MissingTensor { path: PathBuf, name: String },
+    /// A file that is not what its place asks for (a folder, an empty file, a broken config).
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
     /// A metadata entry the caller needs is absent or malformed.
     #[error("{path}: metadata `{key}`: {reason}")]
     BadMetadata { path: PathBuf, key: String, reason: String },
@@ -154,6 +157,48 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| TensorIoError::BadSafetensors { path: path.to_path_buf(), reason: e.to_string() })?;
     Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// The weight file of a run folder or file path, checked to be a readable, non-empty file:
+/// a folder in its place, a missing file or an empty one is an error saying which.
+pub fn weight_file(path: &Path) -> Result<PathBuf> {
+    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
+    let bad = |reason: &str| TensorIoError::BadFile { path: file.clone(), reason: reason.to_string() };
+    match std::fs::metadata(&file) {
+        Err(_) if !path.exists() => Err(TensorIoError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        }),
+        Err(_) => Err(bad("no such file (a run folder holds model.safetensors)")),
+        Ok(m) if m.is_dir() => Err(bad("is a folder, not a weight file")),
+        Ok(m) if m.len() == 0 => Err(bad("the file is empty")),
+        Ok(_) => Ok(file),
+    }
+}
+
+/// The config that goes with a weight file: the `config` entry of its metadata, or else the
+/// `config.json` beside it. Returns the JSON and the file it came from; `Ok(None)` when there
+/// is neither. A config that is there but not JSON is an error naming its file.
+pub fn embedded_config(file: &Path) -> Result<Option<(serde_json::Value, PathBuf)>> {
+    let is_safetensors = file.extension().is_some_and(|e| e == "safetensors");
+    if is_safetensors {
+        if let Some(text) = read_safetensors_metadata(file)?.get("config") {
+            let value = serde_json::from_str(text).map_err(|e| TensorIoError::BadMetadata {
+                path: file.to_path_buf(),
+                key: "config".into(),
+                reason: format!("not JSON: {e}"),
+            })?;
+            return Ok(Some((value, file.to_path_buf())));
+        }
+    }
+    let beside = file.with_file_name("config.json");
+    if !beside.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&beside).map_err(|source| TensorIoError::Io { path: beside.clone(), source })?;
+    let value = serde_json::from_str(&text)
+        .map_err(|e| TensorIoError::BadFile { path: beside.clone(), reason: format!("not a JSON config: {e}") })?;
+    Ok(Some((value, beside)))
 }
 
 /// Reads a PyTorch `.pt`/`.pth` checkpoint, in either `torch.save` format (the ZIP format of

@@ -147,6 +147,38 @@ pub fn check_memory(what: &str, bytes: f64) -> std::result::Result<(), String> {
     Err(format!("{what} needs about {} of memory, more than the budget of {} (the machine's memory; DPAR_MEMORY_BUDGET sets another)", gib(bytes), gib(budget)))
 }
 
+/// `value` as a `T`, refusing keys that `T` does not know, so that a misspelt or foreign
+/// setting in a config file is an error instead of being silently ignored. The known keys are
+/// those `T` writes back (serialising the parsed value); `tolerated` names keys that `T` reads
+/// but does not always write (settings of earlier versions, empty lists). The error names every
+/// unknown key by its dotted path.
+pub fn from_json_strict<T: serde::de::DeserializeOwned + serde::Serialize>(
+    value: serde_json::Value,
+    tolerated: &[&str],
+) -> std::result::Result<T, String> {
+    let parsed: T = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    let known = serde_json::to_value(&parsed).map_err(|e| e.to_string())?;
+    let mut unknown = Vec::new();
+    unknown_keys(&value, &known, "", tolerated, &mut unknown);
+    match unknown.len() {
+        0 => Ok(parsed),
+        1 => Err(format!("unknown key `{}`", unknown[0])),
+        _ => Err(format!("unknown keys {}", unknown.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))),
+    }
+}
+
+fn unknown_keys(given: &serde_json::Value, known: &serde_json::Value, at: &str, tolerated: &[&str], out: &mut Vec<String>) {
+    let (Some(given), Some(known)) = (given.as_object(), known.as_object()) else { return };
+    for (key, value) in given {
+        let path = if at.is_empty() { key.clone() } else { format!("{at}.{key}") };
+        match known.get(key) {
+            Some(k) => unknown_keys(value, k, &path, tolerated, out),
+            None if tolerated.contains(&key.as_str()) => {}
+            None => out.push(path),
+        }
+    }
+}
+
 /// Hex SHA-256 of a byte slice.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = sha2::Sha256::digest(bytes);
@@ -277,6 +309,24 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["file.txt".to_string()]);
+    }
+
+    #[test]
+    fn strict_json_names_unknown_keys_at_any_depth_and_tolerates_the_listed_ones() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Inner {
+            a: u32,
+        }
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Outer {
+            inner: Inner,
+            b: Option<u32>,
+        }
+        let ok: Outer = from_json_strict(serde_json::json!({ "inner": { "a": 1 }, "b": null, "old": 3 }), &["old"]).unwrap();
+        assert_eq!(ok, Outer { inner: Inner { a: 1 }, b: None });
+        let err = from_json_strict::<Outer>(serde_json::json!({ "inner": { "a": 1, "aa": 2 }, "c": 1 }), &[]).unwrap_err();
+        assert!(err.contains("`inner.aa`") && err.contains("`c`"), "{err}");
+        assert!(from_json_strict::<Outer>(serde_json::json!({ "inner": {} }), &[]).unwrap_err().contains("missing field"));
     }
 
     #[test]

@@ -41,23 +41,46 @@ fn image_limits() -> image::Limits {
 /// Loads every image under `root/<class>/`, prepared to `size × size × channels`.
 /// Errors: an undecodable image (named), a class folder without images, no class folders.
 pub fn load_image_folder(root: &Path, size: usize, channels: usize) -> Result<ImageDataset> {
-    if size == 0 || !(channels == 1 || channels == 3) {
-        return Err(DataError::Invalid(format!("cannot load images at size {size} with {channels} channels")));
+    load_image_folder_limited(root, size, channels, None)
+}
+
+/// [`load_image_folder`] decoding only the first `max_images` images (in class, then file-name
+/// order). The memory the prepared images take is checked against the budget before any is
+/// decoded.
+pub fn load_image_folder_limited(
+    root: &Path,
+    size: usize,
+    channels: usize,
+    max_images: Option<usize>,
+) -> Result<ImageDataset> {
+    if size == 0 || size > MAX_IMAGE_SIDE as usize || !(channels == 1 || channels == 3) {
+        return Err(DataError::Invalid(format!(
+            "cannot load images at size {size} with {channels} channels (need 1 ≤ size ≤ {MAX_IMAGE_SIDE}, 1 or 3 channels)"
+        )));
     }
     let class_dirs: Vec<PathBuf> = sorted_entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
     if class_dirs.is_empty() {
         return Err(DataError::NoDataset { path: root.to_path_buf(), reason: "no class sub-folders".to_string() });
     }
-    let mut images = Vec::new();
-    let mut labels = Vec::new();
-    let mut class_names = Vec::with_capacity(class_dirs.len());
-    for (label, dir) in class_dirs.iter().enumerate() {
-        class_names.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let mut listing = Vec::with_capacity(class_dirs.len());
+    for dir in &class_dirs {
         let files: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_file() && is_image(p)).collect();
         if files.is_empty() {
             return Err(DataError::EmptyClassFolder { path: dir.clone() });
         }
+        listing.push(files);
+    }
+    let total = listing.iter().map(Vec::len).sum::<usize>().min(max_images.unwrap_or(usize::MAX));
+    super::check_budget(root, total, channels, size)?;
+    let mut images = Vec::with_capacity(total * channels * size * size);
+    let mut labels = Vec::with_capacity(total);
+    let mut class_names = Vec::with_capacity(class_dirs.len());
+    for (label, (dir, files)) in class_dirs.iter().zip(listing).enumerate() {
+        class_names.push(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         for file in files {
+            if labels.len() == total {
+                break;
+            }
             let mut reader =
                 image::ImageReader::open(&file).map_err(io_err(&file))?.with_guessed_format().map_err(io_err(&file))?;
             reader.limits(image_limits());

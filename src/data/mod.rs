@@ -125,14 +125,16 @@ impl ImageDataset {
     /// Images no larger than `size` are padded with black, centred (28×28 MNIST → 32×32).
     /// Larger images are resized so the shorter side is `size`, then centre-cropped.
     pub fn prepare(&self, size: usize, channels: usize) -> Result<ImageDataset> {
-        if size == 0 || !(channels == 1 || channels == 3) {
+        let max = folder::MAX_IMAGE_SIDE as usize;
+        if size == 0 || size > max || !(channels == 1 || channels == 3) {
             return Err(DataError::Invalid(format!(
-                "cannot prepare images at size {size} with {channels} channels (need size > 0, 1 or 3 channels)"
+                "cannot prepare images at size {size} with {channels} channels (need 1 ≤ size ≤ {max}, 1 or 3 channels)"
             )));
         }
         if self.height == size && self.width == size && self.channels == channels {
             return Ok(self.clone());
         }
+        check_budget(Path::new(&self.source), self.len(), channels, size)?;
         let mut images = Vec::with_capacity(self.len() * channels * size * size);
         for i in 0..self.len() {
             let rgb = to_rgb_image(self.image(i), self.channels, self.height, self.width);
@@ -307,10 +309,30 @@ pub fn resolve(dir: &Path, split: &str) -> Result<DataSource> {
 
 /// Loads a split and prepares it to `size × size × channels`.
 pub fn load(source: &DataSource, size: usize, channels: usize) -> Result<ImageDataset> {
+    load_limited(source, size, channels, None)
+}
+
+/// [`load`] keeping only the first `max_images` images, before any is resized or decoded.
+pub fn load_limited(source: &DataSource, size: usize, channels: usize, max_images: Option<usize>) -> Result<ImageDataset> {
     match source {
-        DataSource::Idx { images, labels } => idx::load_idx(images, labels)?.prepare(size, channels),
-        DataSource::Folder { root } => folder::load_image_folder(root, size, channels),
+        DataSource::Idx { images, labels } => {
+            let data = idx::load_idx(images, labels)?;
+            let data = match max_images {
+                Some(n) => data.take(n),
+                None => data,
+            };
+            data.prepare(size, channels)
+        }
+        DataSource::Folder { root } => folder::load_image_folder_limited(root, size, channels, max_images),
     }
+}
+
+/// Refuses to prepare `images` images of `channels × size × size` bytes from `source` when
+/// they would not fit in the memory budget ([`crate::util::memory_budget`]).
+pub(crate) fn check_budget(source: &Path, images: usize, channels: usize, size: usize) -> Result<()> {
+    let bytes = images as f64 * channels as f64 * size as f64 * size as f64;
+    crate::util::check_memory(&format!("{}: {images} images of {channels}×{size}×{size}", source.display()), bytes)
+        .map_err(DataError::Invalid)
 }
 
 #[cfg(test)]

@@ -213,27 +213,24 @@ impl Task for DparTask {
 
 /// Loads a DPAR model from a run folder or weight file written by `dpar train --model dpar`.
 pub fn load(path: &Path, device: &Device) -> Result<(Dpar, ParamStore, DparTrainConfig)> {
-    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-    if !file.is_file() {
+    if !path.exists() {
         return Err(DparError::BadFile {
-            path: file,
-            reason: "no such model file (train one with `dpar train --model dpar`)".into(),
+            path: path.to_path_buf(),
+            reason: "no such model file or run folder (train one with `dpar train --model dpar`)".into(),
         });
     }
-    let meta = crate::tensor_io::read_safetensors_metadata(&file)?;
-    let full: serde_json::Value = meta
-        .get("config")
-        .and_then(|c| serde_json::from_str(c).ok())
-        .ok_or_else(|| DparError::BadFile { path: file.clone(), reason: "no embedded config".into() })?;
+    let file = crate::tensor_io::weight_file(path)?;
+    let Some((full, source)) = crate::tensor_io::embedded_config(&file)? else {
+        return Err(DparError::BadFile { path: file, reason: "no embedded config and no config.json beside it".into() });
+    };
+    let bad = |reason: String| DparError::BadFile { path: source.clone(), reason };
     let kind = full.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     if kind != "dpar" {
-        return Err(DparError::BadFile {
-            path: file.clone(),
-            reason: format!("holds a `{kind}` model, not a DPAR model"),
-        });
+        return Err(bad(format!("holds a `{kind}` model, not a DPAR model")));
     }
-    let config: DparTrainConfig = serde_json::from_value(full)
-        .map_err(|e| DparError::BadFile { path: file.clone(), reason: format!("config: {e}") })?;
+    let config: DparTrainConfig =
+        crate::util::from_json_strict(full, crate::nn::config::TOLERATED_KEYS).map_err(|e| bad(format!("config: {e}")))?;
+    config.model.validate().map_err(|e| bad(format!("config: {e}")))?;
     let store = ParamStore::new(0, device);
     let model = Dpar::new(&config.model, &store.root())?;
     store.load_model_file(&file, None)?;

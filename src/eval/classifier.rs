@@ -284,20 +284,20 @@ impl Task for ClassifierTask {
 /// Loads a classifier written by `dpar eval train-classifier`; returns it with its weights'
 /// SHA-256.
 pub fn load(path: &std::path::Path, device: &Device) -> Result<(Classifier, ParamStore, String)> {
-    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-    if !file.is_file() {
+    if !path.exists() {
         return Err(EvalError::Bad(format!(
             "{}: no classifier weights (train them with `dpar eval train-classifier`)",
-            file.display()
+            path.display()
         )));
     }
-    let meta = crate::tensor_io::read_safetensors_metadata(&file)?;
-    let config: ClassifierTrainConfig = meta
-        .get("config")
-        .and_then(|c| serde_json::from_str(c).ok())
-        .ok_or_else(|| EvalError::Bad(format!("{}: not a classifier checkpoint (no config)", file.display())))?;
+    let file = crate::tensor_io::weight_file(path)?;
+    let Some((full, source)) = crate::tensor_io::embedded_config(&file)? else {
+        return Err(EvalError::Bad(format!("{}: not a classifier checkpoint (no config)", file.display())));
+    };
+    let config: ClassifierTrainConfig = crate::util::from_json_strict(full, &[])
+        .map_err(|e| EvalError::Bad(format!("{}: config: {e}", source.display())))?;
     if config.kind != "classifier" {
-        return Err(EvalError::Bad(format!("{}: holds a `{}` model, not a classifier", file.display(), config.kind)));
+        return Err(EvalError::Bad(format!("{}: holds a `{}` model, not a classifier", source.display(), config.kind)));
     }
     let store = ParamStore::new(0, device);
     let model = Classifier::new(&config.model, &store.root())?;

@@ -459,31 +459,31 @@ pub fn entropy_of_logits(logits: &Tensor) -> candle_core::Result<Tensor> {
 /// Loads a GPT from a run folder or weight file. Files written by `dpar train` carry their
 /// config; LlamaGen's released c2i checkpoints need `preset` (e.g. `gpt-b`).
 pub fn load(path: &std::path::Path, preset: Option<&str>, device: &Device) -> Result<(Gpt, ParamStore)> {
-    let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-    if !file.is_file() {
+    if !path.exists() {
         return Err(GptError::BadFile {
-            path: file,
-            reason: "no such model file (train one with `dpar train`)".into(),
+            path: path.to_path_buf(),
+            reason: "no such model file or run folder (train one with `dpar train`)".into(),
         });
     }
+    let file = crate::tensor_io::weight_file(path)?;
     let config = match preset {
         Some(p) => GptConfig::preset(p)?,
         None => {
-            let meta = crate::tensor_io::read_safetensors_metadata(&file)?;
-            let full: serde_json::Value =
-                meta.get("config").and_then(|c| serde_json::from_str(c).ok()).ok_or_else(|| GptError::BadFile {
-                    path: file.clone(),
-                    reason: "no embedded config; pass --preset".into(),
-                })?;
+            let Some((full, source)) = crate::tensor_io::embedded_config(&file)? else {
+                return Err(GptError::BadFile {
+                    path: file,
+                    reason: "no embedded config and no config.json beside it; pass --preset (e.g. gpt-b)".into(),
+                });
+            };
+            let bad = |reason: String| GptError::BadFile { path: source.clone(), reason };
             let kind = full.get("kind").and_then(|k| k.as_str()).unwrap_or("");
             if kind != "gpt" && kind != "entropy" {
-                return Err(GptError::BadFile {
-                    path: file.clone(),
-                    reason: format!("holds a `{kind}` model, not a GPT"),
-                });
+                return Err(bad(format!("holds a `{kind}` model, not a GPT")));
             }
-            serde_json::from_value(full.get("model").cloned().unwrap_or_default())
-                .map_err(|e| GptError::BadFile { path: file.clone(), reason: format!("model config: {e}") })?
+            let full: train::GptTrainConfig =
+                crate::util::from_json_strict(full, nn::config::TOLERATED_KEYS).map_err(|e| bad(format!("config: {e}")))?;
+            full.model.validate().map_err(|e| bad(format!("config: {e}")))?;
+            full.model
         }
     };
     let store = ParamStore::new(0, device);

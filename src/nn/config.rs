@@ -6,6 +6,11 @@
 
 use super::{Ops, Precision};
 
+/// Keys that model configs read but do not always write back: the run-time kernel and
+/// precision choices of earlier versions, and an empty class-name list. Strict parsing
+/// ([`crate::util::from_json_strict`]) tolerates them.
+pub const TOLERATED_KEYS: &[&str] = &["ops", "precision", "class_names"];
+
 /// The shared transformer settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TransformerConfig {

@@ -112,7 +112,9 @@ impl VqConfig {
             file if file.ends_with(".json") => {
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| TokenizerError::BadConfig(format!("tokenizer config {file}: {e}")))?;
-                let config: Self = serde_json::from_str(&text)
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| TokenizerError::BadConfig(format!("tokenizer config {file}: not JSON: {e}")))?;
+                let config: Self = crate::util::from_json_strict(value, &[])
                     .map_err(|e| TokenizerError::BadConfig(format!("tokenizer config {file}: {e}")))?;
                 config.validate().map_err(|e| TokenizerError::BadConfig(format!("tokenizer config {file}: {e}")))?;
                 Ok(config)
@@ -141,6 +143,16 @@ impl VqConfig {
         }
         if !(self.in_channels == 1 || self.in_channels == 3) {
             return bad(format!("in_channels must be 1 or 3, got {}", self.in_channels));
+        }
+        if self.ch_mult.len() > 16 {
+            return bad(format!("ch_mult has {} levels; at most 16 are supported", self.ch_mult.len()));
+        }
+        if self.image_size > crate::data::folder::MAX_IMAGE_SIDE as usize {
+            return bad(format!(
+                "image_size {} is larger than the largest supported side, {} pixels",
+                self.image_size,
+                crate::data::folder::MAX_IMAGE_SIDE
+            ));
         }
         let down = 1usize << (self.ch_mult.len() - 1);
         if self.image_size == 0 || !self.image_size.is_multiple_of(down) {

@@ -207,14 +207,17 @@ pub struct ReconStats {
     pub usage: f64,
 }
 
+/// Images per forward pass of [`evaluate`].
+pub const EVAL_BATCH: usize = 100;
+
 /// Reconstructs up to `max_images` images in batches and measures MSE, PSNR and code usage.
 pub fn evaluate(model: &VqModel, data: &ImageDataset, max_images: usize, device: &Device) -> Result<ReconStats> {
     let n = data.len().min(max_images);
     let mut sq_sum = 0f64;
     let mut count = 0usize;
     let mut used = vec![false; model.config().codebook_size];
-    for start in (0..n).step_by(100) {
-        let idx: Vec<usize> = (start..(start + 100).min(n)).collect();
+    for start in (0..n).step_by(EVAL_BATCH) {
+        let idx: Vec<usize> = (start..(start + EVAL_BATCH).min(n)).collect();
         let x = data.batch_tensor(&idx, false, device)?;
         let codes = model.encode(&x)?;
         for c in codes.flatten_all()?.to_vec1::<u32>()? {
@@ -254,31 +257,25 @@ impl Tokenizer {
                 reason: "no such tokenizer folder or weight file (train one with `dpar tokenizer train`)".into(),
             });
         }
-        let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-        if !file.is_file() {
-            return Err(TokenizerError::BadFile {
-                path: file,
-                reason: "no tokenizer weights here (train them with `dpar tokenizer train`)".into(),
-            });
-        }
-        let is_safetensors = file.extension().is_some_and(|e| e == "safetensors");
-        let saved_config = if is_safetensors {
-            crate::tensor_io::read_safetensors_metadata(&file)?
-                .get("config")
-                .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
-                .and_then(|v| v.get("model").cloned())
-                .and_then(|m| serde_json::from_value::<VqConfig>(m).ok())
-        } else {
-            None
-        };
-        let config = match (preset, saved_config) {
-            (Some(p), _) => VqConfig::preset(p)?,
-            (None, Some(c)) => c,
-            (None, None) => {
-                return Err(TokenizerError::BadFile {
-                    path: file,
-                    reason: "the file carries no tokenizer config; pass --tokenizer-preset (e.g. vq16)".into(),
-                })
+        let file = crate::tensor_io::weight_file(path)?;
+        let config = match preset {
+            Some(p) => VqConfig::preset(p)?,
+            None => {
+                let Some((full, source)) = crate::tensor_io::embedded_config(&file)? else {
+                    return Err(TokenizerError::BadFile {
+                        path: file,
+                        reason: "the file carries no tokenizer config; pass --tokenizer-preset (e.g. vq16)".into(),
+                    });
+                };
+                let bad = |reason: String| TokenizerError::BadFile { path: source.clone(), reason };
+                let kind = full.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+                if kind != "tokenizer" {
+                    return Err(bad(format!("holds a `{kind}` model, not a tokenizer")));
+                }
+                let full: TokenizerTrainConfig =
+                    crate::util::from_json_strict(full, &[]).map_err(|e| bad(format!("config: {e}")))?;
+                full.model.validate().map_err(|e| bad(format!("config: {e}")))?;
+                full.model
             }
         };
         let store = ParamStore::new(0, device);
@@ -287,6 +284,30 @@ impl Tokenizer {
         let id = crate::util::sha256_file(&file)
             .map_err(|e| TokenizerError::BadFile { path: file.clone(), reason: e.to_string() })?;
         Ok(Self { model, store, config, id, path: file })
+    }
+
+    /// Refuses a batch of `batch` images whose encoder and decoder activations would not fit in
+    /// the memory budget: at each level of the ladder, a few tensors of its channels at its
+    /// resolution. Called before any image is loaded, so an absurd `image_size` or `--batch` is
+    /// an error instead of an abort.
+    pub fn check_batch_memory(&self, batch: usize) -> Result<()> {
+        let c = &self.config;
+        let per_image: f64 = c
+            .ch_mult
+            .iter()
+            .enumerate()
+            .map(|(level, &m)| {
+                let side = c.image_size as f64 / (1u64 << level) as f64;
+                (c.ch * m) as f64 * side * side
+            })
+            .sum::<f64>()
+            * 4.0
+            * 3.0;
+        crate::util::check_memory(
+            &format!("a batch of {batch} images at image_size {}", c.image_size),
+            per_image * batch as f64,
+        )
+        .map_err(|m| TokenizerError::BadFile { path: self.path.clone(), reason: format!("{m}; lower the batch size") })
     }
 
     /// Encodes a dataset into a code shard (with the flip copy when `flip`), `batch` images at a

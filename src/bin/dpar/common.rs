@@ -33,8 +33,15 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    /// Loads `split`, prepared to `size × size × channels`.
-    pub fn load(&self, split: &str, size: usize, channels: usize) -> Result<dpar::data::ImageDataset> {
+    /// Loads `split` (its first `max_images` images when given), prepared to `size × size ×
+    /// channels`.
+    pub fn load(
+        &self,
+        split: &str,
+        size: usize,
+        channels: usize,
+        max_images: Option<usize>,
+    ) -> Result<dpar::data::ImageDataset> {
         let source = match (&self.images, &self.labels) {
             (Some(images), Some(labels)) => {
                 dpar::data::DataSource::Idx { images: images.clone(), labels: labels.clone() }
@@ -43,9 +50,13 @@ impl DataArgs {
         };
         let t = std::time::Instant::now();
         let data = match (&source, &self.class_names) {
-            (_, None) => dpar::data::load(&source, size, channels),
+            (_, None) => dpar::data::load_limited(&source, size, channels, max_images),
             (dpar::data::DataSource::Idx { images, labels }, Some(names)) => {
                 dpar::data::idx::load_idx_with_classes(images, labels, Some(names))
+                    .map(|d| match max_images {
+                        Some(n) => d.take(n),
+                        None => d,
+                    })
                     .and_then(|d| d.prepare(size, channels))
             }
             (dpar::data::DataSource::Folder { root }, Some(_)) => {

@@ -139,8 +139,8 @@ fn train_classifier(args: TrainClassifierArgs) -> Result<()> {
     config.train.steps = args.steps;
     config.seed = args.seed;
     let (s, c) = (config.model.image_size, config.model.in_channels);
-    let train = args.data.load("train", s, c)?;
-    let test = args.data.load("test", s, c)?;
+    let train = args.data.load("train", s, c, None)?;
+    let test = args.data.load("test", s, c, None)?;
     config.model.num_classes = train.num_classes();
     let mut task = ClassifierTask::new(config.clone(), train, Some(test.clone()), &device)?;
     let report =
@@ -165,7 +165,7 @@ pub fn reference(common: &Common, n: usize) -> Result<(classifier::Classifier, S
     let device = common.device.device()?;
     let (model, _store, hash) = dpar::models::classifier(&common.classifier, &device)?;
     let c = model.config().clone();
-    let data = common.data.load(&common.split, c.image_size, c.in_channels)?.take(n);
+    let data = common.data.load(&common.split, c.image_size, c.in_channels, Some(n))?;
     let idx: Vec<usize> = (0..data.len()).collect();
     let (mut feats, mut probs) = (Vec::new(), Vec::new());
     for chunk in idx.chunks(1000) {
@@ -287,7 +287,7 @@ pub fn decode(
 fn real(args: RealArgs) -> Result<()> {
     let (model, hash, refs, device) = reference(&args.common, args.n)?;
     let c = model.config().clone();
-    let train = args.common.data.load("train", c.image_size, c.in_channels)?.take(args.n);
+    let train = args.common.data.load("train", c.image_size, c.in_channels, Some(args.n))?;
     let idx: Vec<usize> = (0..train.len()).collect();
     let images = train.batch_tensor(&idx, false, &device)?;
     let report = dpar::eval::quality(&model, &hash, &images, Some(&train.labels), &refs)?;

@@ -95,9 +95,9 @@ pub struct ReconstructArgs {
     /// Number of images.
     #[arg(long, default_value_t = 32)]
     n: usize,
-    /// Output PNG (default: <tokenizer folder>/reconstruction.png).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    /// Output PNG (relative to the working directory, never inside the model's folder).
+    #[arg(long, default_value = "out/reconstruction.png")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -115,10 +115,16 @@ pub struct EvalArgs {
     data: DataArgs,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Dataset split to measure: `train` or `test`.
     #[arg(long, default_value = "test")]
     split: String,
+    /// Measure the first N images.
     #[arg(long, default_value_t = 10000)]
     max_images: usize,
+    /// Also write the report as JSON here (it names the tokenizer and the data it measured).
+    /// Nothing is written into the tokenizer's folder.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -187,11 +193,8 @@ fn train(args: TrainArgs) -> Result<()> {
         model.codebook_size = v;
     }
     model.validate()?;
-    let mut data = args.data.load("train", model.image_size, model.in_channels)?;
-    if let Some(n) = args.max_images {
-        data = data.take(n);
-    }
-    let val = args.data.load("test", model.image_size, model.in_channels).ok().map(|d| d.take(args.val_images));
+    let data = args.data.load("train", model.image_size, model.in_channels, args.max_images)?;
+    let val = args.data.load("test", model.image_size, model.in_channels, Some(args.val_images)).ok();
     if val.is_none() {
         tracing::warn!("no test split found: training without validation");
     }
@@ -267,10 +270,14 @@ fn write_reconstruction(
 }
 
 fn reconstruct(args: ReconstructArgs) -> Result<()> {
+    if args.n == 0 {
+        bail!("--n 0: there is nothing to reconstruct; give at least 1");
+    }
     let device = args.device.device()?;
     let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
-    let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
-    let png = args.out.unwrap_or_else(|| tok.path.parent().unwrap_or(Path::new(".")).join("reconstruction.png"));
+    tok.check_batch_memory(args.n.min(dpar::tokenizer::train::EVAL_BATCH))?;
+    let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels, Some(args.n))?;
+    let png = args.out;
     write_reconstruction(&tok, &data, args.n, &png, &device)?;
     let stats = evaluate(&tok.model, &data, args.n, &device)?;
     println!("{} images: MSE {:.5}, PSNR {:.2} dB", stats.images, stats.mse, stats.psnr);
@@ -284,7 +291,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     let device = args.device.device()?;
     let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
-    let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels)?;
+    tok.check_batch_memory(args.max_images.min(dpar::tokenizer::train::EVAL_BATCH))?;
+    let data = args.data.load(&args.split, tok.config.image_size, tok.config.in_channels, Some(args.max_images))?;
     let t = std::time::Instant::now();
     let stats = evaluate(&tok.model, &data, args.max_images, &device)?;
     println!(
@@ -297,9 +305,21 @@ fn eval(args: EvalArgs) -> Result<()> {
         tok.config.codebook_size,
         t.elapsed().as_secs_f64()
     );
-    let out = tok.path.with_file_name(format!("eval-{}.json", args.split));
-    dpar::util::write_atomic(&out, serde_json::to_string_pretty(&stats)?.as_bytes())?;
-    println!("wrote {}", out.display());
+    if let Some(out) = &args.json {
+        // The report says what it measured: which tokenizer, on which data.
+        let report = serde_json::json!({
+            "tokenizer": tok.path.display().to_string(),
+            "tokenizer_id": tok.id,
+            "data": data.source,
+            "split": args.split,
+            "images": stats.images,
+            "mse": stats.mse,
+            "psnr": stats.psnr,
+            "usage": stats.usage,
+        });
+        dpar::util::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("wrote {}", out.display());
+    }
     Ok(())
 }
 
@@ -315,10 +335,17 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     } else {
         size
     };
-    let mut data = args.data.load(&args.split, load_size, tok.config.in_channels)?;
-    if let Some(n) = args.max_images {
-        data = data.take(n);
+    if args.batch == 0 {
+        bail!("--batch 0: images are encoded in batches of at least 1");
     }
+    if args.shard_size == 0 {
+        bail!("--shard-size 0: a shard holds at least 1 image");
+    }
+    if args.max_images == Some(0) {
+        bail!("--max-images 0: there is nothing to tokenize; give at least 1");
+    }
+    tok.check_batch_memory(args.batch)?;
+    let mut data = args.data.load(&args.split, load_size, tok.config.in_channels, args.max_images)?;
     let flip = args.flip || args.ten_crop;
     if args.ten_crop {
         data = data.five_crops(size)?;
