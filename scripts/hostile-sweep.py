@@ -255,8 +255,8 @@ def cases(s):
     c("tokenizer config", "embedded config with an unknown key", ["tokenizer", "eval", "--max-images", "4", "--tokenizer", tok], names=["imagesize"])
     c("tokenizer config", "--tokenizer-preset file that is not JSON", ["tokenizer", "eval", "--max-images", "4", "--tokenizer", f"{MODELS}/tokenizer/model.safetensors", "--tokenizer-preset", write(p("tok", "bad.json"), b"{nope")], names=["bad.json"])
     empty = write(p("tok", "empty.safetensors"), b"")
-    c("tokenizer config", "an empty --tokenizer file", ["tokenizer", "eval", "--max-images", "4", "--tokenizer", empty], names=["empty.safetensors", "empty"])
-    c("tokenizer config", "sample with an empty --tokenizer file", ["sample", "--per-class", "1", "--tokenizer", empty, "--out", p("tok", "s")], names=["empty.safetensors", "empty"])
+    c("tokenizer config", "an empty --tokenizer file", ["tokenizer", "eval", "--max-images", "4", "--tokenizer", empty], names=["empty.safetensors", "the file is empty"])
+    c("tokenizer config", "sample with an empty --tokenizer file", ["sample", "--per-class", "1", "--tokenizer", empty, "--out", p("tok", "s")], names=["empty.safetensors", "the file is empty"])
 
     # ---- weight files
     def weights(name, change):
@@ -393,7 +393,7 @@ def cases(s):
                                (["--batch-size", "0"], "--batch-size 0", "--batch-size"), (["--batch-size", "1000000000"], "--batch-size 10^9", "--batch-size"),
                                (["--steps", "0"], "--steps 0", "--steps"), (["--lr", "nan"], "--lr NaN", "--lr"), (["--lr", "-1"], "--lr -1", "--lr"),
                                (["--lr", "inf"], "--lr inf", "--lr"), (["--weight-decay", "-1"], "--weight-decay -1", "--weight-decay"),
-                               (["--grad-clip", "0"], "--grad-clip 0", "--grad-clip"), (["--dim", "0"], "--dim 0", "--dim"), (["--heads", "0"], "--heads 0", "--heads"),
+                               (["--grad-clip", "-1"], "--grad-clip -1", "--grad-clip"), (["--dim", "0"], "--dim 0", "--dim"), (["--heads", "0"], "--heads 0", "--heads"),
                                (["--dim", "33"], "--dim 33 --heads 2", "33"), (["--dim", "1000000"], "--dim 10^6", "--dim"), (["--layers", "0"], "--layers 0", "--layers"),
                                (["--layers", "x"], "--layers x", "--layers"), (["--dropout", "1.5"], "--dropout 1.5", "dropout"), (["--warmup", "1000000"], "--warmup past --steps", "--warmup"),
                                (["--min-lr", "1"], "--min-lr above --lr", "--min-lr"), (["--val-images", "0"], "--val-images 0", "--val-images"),
@@ -441,6 +441,7 @@ def cases(s):
     shutil.copytree(s.p("base/gpt"), bad, dirs_exist_ok=True)
     write(f"{bad}/config.json", b"{\"kind\": \"gpt\"")
     c("train flags", "--resume with a broken config.json", ["train", "--model", "gpt", "--out", bad, "--resume", "--steps", "5"], names=["config.json"])
+    c("train flags", "--grad-clip 0 (clipping off)", g + shape + ["--grad-clip", "0", "--out", out("clip0")], expect="ok")
     c("train flags", "--val-codes that does not exist", ["train", "--model", "gpt", "--layers", "1", *shape, *budget, "--codes", train_codes, "--val-codes", p("nowhere"), "--out", out("noval")], names=["--val-codes", "nowhere"])
     c("entropy train", "--model on entropy train", ["entropy", "train", "--model", "gpt", "--out", out("e1")], names=["--model"])
     c("entropy train", "--steps 0", ["entropy", "train", "--codes", train_codes, "--steps", "0", "--out", out("e2")], names=["--steps"])

@@ -30,6 +30,9 @@ pub enum EntropyError {
     /// The model cannot produce entropies for these codes.
     #[error("entropy model: {0}")]
     BadModel(String),
+    /// An impossible setting (the flag is named in the message).
+    #[error("{0}")]
+    BadSetting(String),
     #[error(transparent)]
     Gpt(#[from] crate::gpt::GptError),
     #[error(transparent)]
@@ -167,7 +170,24 @@ pub fn read(shard_path: &Path, shard: &CodeShard, expected_model: Option<&str>) 
         if t.dims() != [n, l] {
             return Err(mismatch(format!("`{name}` has shape {:?}, the shard has {n} images of {l} codes", t.dims())));
         }
-        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        if t.dtype() != candle_core::DType::F32 {
+            return Err(mismatch(format!("`{name}` is stored as {:?}; entropies are F32", t.dtype())));
+        }
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        // Entropies are finite and ≥ 0; H_0 is stored as +∞ (z_0 has no prediction).
+        let bad =
+            values
+                .iter()
+                .enumerate()
+                .find(|&(i, &h)| if i % l == 0 { h != f32::INFINITY } else { !(h.is_finite() && h >= 0.0) });
+        if let Some((i, &h)) = bad {
+            return Err(mismatch(format!(
+                "`{name}` of image {} holds H_{} = {h}; entropies are finite and ≥ 0, and H_0 is +inf (recompute with `dpar entropy compute`)",
+                i / l,
+                i % l
+            )));
+        }
+        Ok(values)
     };
     let entropy = read_one("entropy")?;
     let entropy_flip = if file.tensors.contains_key("entropy_flip") { Some(read_one("entropy_flip")?) } else { None };
@@ -239,6 +259,17 @@ pub fn store_for_set(
     device: &Device,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Stored>> {
+    if batch == 0 {
+        return Err(EntropyError::BadSetting(
+            "--batch 0: entropies are computed in batches of at least 1 image".into(),
+        ));
+    }
+    if model.config().cls_token_num != 0 {
+        return Err(EntropyError::BadModel(format!(
+            "{} is class-conditional; entropies come from an unconditional model (train one with `dpar entropy train`)",
+            model_path.display()
+        )));
+    }
     let model_id = crate::parts::id_of(model_path).map_err(|e| EntropyError::BadModel(e.to_string()))?;
     let model_tokenizer = crate::parts::Recorded::of(model_path).tokenizer_id;
     let mut stored = Vec::new();
@@ -264,6 +295,9 @@ pub fn store_for_set(
             None => None,
         };
         let finite: Vec<f32> = entropy.iter().copied().filter(|h| h.is_finite()).collect();
+        if finite.is_empty() {
+            return Err(EntropyError::Mismatch { path: file, reason: "the shard holds no images".into() });
+        }
         let pct = |q| crate::patching::percentile(&finite, q).unwrap_or(f64::NAN);
         let summary = Stored {
             sidecar: shards::entropy_path(&file),

@@ -174,6 +174,12 @@ impl ParamStore {
                     if non_finite > 0 {
                         return Err(bad(format!("holds {non_finite} NaN or infinite value(s)")));
                     }
+                    if let Some(m) = implausible_magnitude(&values) {
+                        return Err(bad(format!(
+                            "holds values of typical magnitude {m:.1e} (stored as {:?}), far outside what trained weights hold: bytes of another type under this label (F16 labelled BF16?)",
+                            t.dtype()
+                        )));
+                    }
                 }
             }
         }
@@ -272,6 +278,21 @@ impl<'a> Pb<'a> {
     }
 }
 
+/// The median magnitude of a tensor's non-zero values when it lies beyond anything trained
+/// weights hold (below 1e-12 or above 1e12), the mark of bytes read under the wrong dtype (the
+/// F16 bit pattern of a typical weight, read as BF16, is of order 1e-16). Tensors of fewer than 16
+/// non-zero values, and all-zero tensors (a fresh output head), pass.
+fn implausible_magnitude(values: &[f32]) -> Option<f32> {
+    let mut mags: Vec<f32> = values.iter().map(|x| x.abs()).filter(|&x| x > 0.0).collect();
+    if mags.len() < 16 {
+        return None;
+    }
+    let mid = mags.len() / 2;
+    let (_, median, _) = mags.select_nth_unstable_by(mid, f32::total_cmp);
+    let median = *median;
+    (!(1e-12..=1e12).contains(&median)).then_some(median)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +353,27 @@ mod tests {
         assert!(err.contains("`w`") && err.contains("U8"), "{err}");
         weights
             .insert("w".to_string(), Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap());
+        store.load_map(&weights, Path::new("w.safetensors"), false).unwrap();
+    }
+
+    /// F16 bytes labelled BF16 decode to values of order 1e-16 (an f16 weight of 0.02 is
+    /// 0x2519; as bf16 that is 2^-53 × 1.2); the store refuses them, and accepts the same
+    /// weights under their true label and a fresh all-zero head.
+    #[test]
+    fn weights_under_the_wrong_dtype_label_are_refused() {
+        let store = ParamStore::new(0, &Device::Cpu);
+        store.root().get(64, "w", Init::Const(0.0)).unwrap();
+        let trained: Vec<f32> = (0..64).map(|i| 0.02 * ((i as f32) * 0.7).sin() + 0.001).collect();
+        let f16_bits: Vec<u16> = trained.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+        let relabelled: Vec<half::bf16> = f16_bits.iter().map(|&b| half::bf16::from_bits(b)).collect();
+        let mut weights = HashMap::new();
+        weights.insert("w".to_string(), Tensor::new(relabelled.as_slice(), &Device::Cpu).unwrap());
+        let err = store.load_map(&weights, Path::new("w.safetensors"), false).unwrap_err().to_string();
+        assert!(err.contains("`w`") && err.contains("BF16") && err.contains("another type"), "{err}");
+        let honest: Vec<half::f16> = f16_bits.iter().map(|&b| half::f16::from_bits(b)).collect();
+        weights.insert("w".to_string(), Tensor::new(honest.as_slice(), &Device::Cpu).unwrap());
+        store.load_map(&weights, Path::new("w.safetensors"), false).unwrap();
+        weights.insert("w".to_string(), Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap());
         store.load_map(&weights, Path::new("w.safetensors"), false).unwrap();
     }
 }

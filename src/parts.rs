@@ -27,6 +27,9 @@ pub enum PartsError {
     /// A weight file could not be read.
     #[error(transparent)]
     Util(#[from] crate::util::UtilError),
+    /// A weight file is not a usable file (missing, empty, a folder).
+    #[error(transparent)]
+    TensorIo(#[from] crate::tensor_io::TensorIoError),
 }
 
 pub type Result<T> = std::result::Result<T, PartsError>;
@@ -72,9 +75,10 @@ pub fn weights_file(path: &Path) -> PathBuf {
     }
 }
 
-/// The identity of a part: the SHA-256 of its weight file.
+/// The identity of a part: the SHA-256 of its weight file (which must be a non-empty file).
 pub fn id_of(path: &Path) -> Result<String> {
-    Ok(crate::util::sha256_file(&weights_file(path))?)
+    let file = crate::tensor_io::weight_file(path)?;
+    Ok(crate::util::sha256_file(&file)?)
 }
 
 fn short(id: &str) -> String {

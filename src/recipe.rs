@@ -209,10 +209,82 @@ pub struct Overrides {
     pub precision: Option<crate::nn::Precision>,
 }
 
+/// The training shards of a run when neither a flag nor a config names them.
+pub const DEFAULT_CODES: &str = "data/codes/train";
+
 /// The mean patch length θ is calibrated for by default (the paper's 256 px figure is 1.81).
 pub const DEFAULT_TARGET_MEAN_LEN: f64 = 1.8;
 
 impl Overrides {
+    /// Refuses impossible values before anything is read or built, naming the flag.
+    pub fn check(&self) -> Result<()> {
+        fn flag(flag: &'static str, reason: String) -> Result<()> {
+            Err(RecipeError::Flag { flag, reason })
+        }
+        let positive = |v: Option<u64>| v == Some(0);
+        if positive(self.steps) {
+            return flag("--steps", "0: a run takes at least one step".into());
+        }
+        if self.batch_size == Some(0) {
+            return flag("--batch-size", "0: a step takes at least one image".into());
+        }
+        if let Some(lr) = self.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return flag("--lr", format!("{lr}: the learning rate must be finite and > 0"));
+            }
+        }
+        if let Some(wd) = self.weight_decay {
+            if !(wd.is_finite() && wd >= 0.0) {
+                return flag("--weight-decay", format!("{wd}: must be finite and ≥ 0"));
+            }
+        }
+        if let (Some(w), Some(steps)) = (self.warmup, self.steps) {
+            if w >= steps {
+                return flag(
+                    "--warmup",
+                    format!("{w} warm-up steps leave none of the {steps} --steps at the full rate"),
+                );
+            }
+        }
+        if let Some(clip) = self.grad_clip {
+            if !(clip.is_finite() && clip >= 0.0) {
+                return flag("--grad-clip", format!("{clip}: must be finite and ≥ 0 (0 turns clipping off)"));
+            }
+        }
+        if let Some(m) = self.min_lr {
+            if !(m.is_finite() && m >= 0.0) || self.lr.is_some_and(|lr| m > lr) {
+                return flag("--min-lr", format!("{m}: must lie between 0 and the learning rate"));
+            }
+        }
+        if self.dim == Some(0) {
+            return flag("--dim", "0: the width must be positive".into());
+        }
+        if self.heads == Some(0) {
+            return flag("--heads", "0: a model needs at least one attention head".into());
+        }
+        for (name, p) in [("--dropout", self.dropout), ("--class-dropout", self.class_dropout)] {
+            if let Some(p) = p {
+                if !(0.0..1.0).contains(&p) {
+                    return flag(name, format!("{p}: a probability in [0, 1)"));
+                }
+            }
+        }
+        for (name, v) in [("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every)] {
+            if v == Some(0) {
+                return flag(name, "0: must be at least 1 step".into());
+            }
+        }
+        if self.val_images == Some(0) {
+            return flag("--val-images", "0: validation needs at least one image (`--val-codes none` skips it)".into());
+        }
+        if let Some(t) = self.target_mean_len {
+            if !(t.is_finite() && t >= 1.0) {
+                return flag("--target-mean-len", format!("{t}: a mean patch length is at least 1"));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the loop settings (steps, optimiser, schedule, clipping, cadence).
     pub fn apply_loop(&self, t: &mut LoopConfig) {
         if let Some(v) = self.steps {
@@ -405,6 +477,17 @@ impl PresetRecipe {
         }
     }
 
+    /// After the overrides: a warm-up and a validation cadence that were not given explicitly
+    /// follow the run's final step count (the recipe states them as shares of the run).
+    pub fn fit_to_steps(&self, overrides: &Overrides, train: &mut LoopConfig) {
+        if overrides.warmup.is_none() {
+            train.schedule.warmup_steps = (train.steps as f64 * self.warmup_share).round() as u64;
+        }
+        if overrides.eval_every.is_none() {
+            train.eval_every = (train.steps / self.evals.max(1)).max(1);
+        }
+    }
+
     /// Sets batch, steps, learning rate, schedule, cadence and dropout for a training set of
     /// `images`.
     pub fn apply(
@@ -491,17 +574,20 @@ pub fn new_dpar_config(
     }
 }
 
-/// Reads a JSON or TOML config file (TOML by the `.toml` extension).
-pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+/// Reads a JSON or TOML config file (TOML by the `.toml` extension). Keys the config type
+/// does not know are an error naming them (a misspelt setting would otherwise be ignored).
+pub fn read_config<T: serde::de::DeserializeOwned + serde::Serialize>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| RecipeError::Config { path: path.into(), reason: format!("cannot read: {e}") })?;
     let is_toml = path.extension().is_some_and(|e| e == "toml");
-    let parsed = if is_toml {
+    let value: serde_json::Value = if is_toml {
         toml::from_str(&text).map_err(|e| e.to_string())
     } else {
         serde_json::from_str(&text).map_err(|e| e.to_string())
-    };
-    parsed.map_err(|e| RecipeError::Config { path: path.into(), reason: format!("not a valid config: {e}") })
+    }
+    .map_err(|e| RecipeError::Config { path: path.into(), reason: format!("not a valid config: {e}") })?;
+    crate::util::from_json_strict(value, crate::nn::config::TOLERATED_KEYS)
+        .map_err(|e| RecipeError::Config { path: path.into(), reason: format!("not a valid config: {e}") })
 }
 
 /// How the ranks of a run are launched. Under `mpirun` (a build with `--features mpi`) or, with
@@ -517,6 +603,48 @@ pub struct Launch {
     pub rank_timeout: Duration,
     /// NCCL: the file through which rank 0 hands out the NCCL id (default `<out>/.nccl-id`).
     pub nccl_id_file: Option<PathBuf>,
+}
+
+/// The most thread ranks one process starts (`--world-size`): each is an OS thread with its
+/// own model copy, so more than this is a mistake, not a plan.
+pub const MAX_THREAD_RANKS: usize = 256;
+
+impl Launch {
+    /// Refuses impossible rank settings before anything starts.
+    pub fn check(&self) -> Result<()> {
+        if self.world_size == 0 || self.world_size > MAX_THREAD_RANKS {
+            return Err(RecipeError::Flag {
+                flag: "--world-size",
+                reason: format!(
+                    "{}: thread ranks run 1 to {MAX_THREAD_RANKS} per process (more processes: mpirun)",
+                    self.world_size
+                ),
+            });
+        }
+        if self.grad_accum == 0 {
+            return Err(RecipeError::Flag {
+                flag: "--grad-accum",
+                reason: "0: each rank takes at least one micro-batch".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a batch that the ranks and micro-batches cannot split into equal parts, before
+    /// any rank starts.
+    pub fn check_split(&self, batch: usize) -> Result<()> {
+        let parts = self.world_size.saturating_mul(self.grad_accum);
+        if batch < parts || !batch.is_multiple_of(parts) {
+            return Err(RecipeError::Flag {
+                flag: "--batch-size/--world-size/--grad-accum",
+                reason: format!(
+                    "a batch of {batch} cannot be split into {} ranks × {} micro-batches of equal size",
+                    self.world_size, self.grad_accum
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for Launch {
@@ -605,10 +733,11 @@ pub struct TrainRequest {
     pub preset: Option<String>,
     /// A full experiment config (JSON or TOML); overrides apply on top.
     pub config: Option<PathBuf>,
-    /// Training code shards (folder or file).
-    pub codes: PathBuf,
-    /// Validation shards: `Some("none")` for none; `None` for the `test` set beside a `train`
-    /// folder when there is one.
+    /// Training code shards (folder or file); `None`: the config file's (with `config`, or the
+    /// run's own on resume), else [`DEFAULT_CODES`].
+    pub codes: Option<PathBuf>,
+    /// Validation shards, `Some("none")` for none; `None`: the config file's, else the `test`
+    /// set beside a `train` folder when there is one.
     pub val_codes: Option<String>,
     /// Run folder (default: [`ModelKind::default_out`]).
     pub out: Option<PathBuf>,
@@ -626,7 +755,7 @@ impl TrainRequest {
             kind,
             preset: None,
             config: None,
-            codes: codes.into(),
+            codes: Some(codes.into()),
             val_codes: None,
             out: None,
             overrides: Overrides::default(),
@@ -641,26 +770,44 @@ impl TrainRequest {
         self.out.clone().unwrap_or_else(|| self.kind.default_out())
     }
 
-    /// The validation shards: given, or the `test` set beside a `train` set; `None` (with a
-    /// warning when some were expected) for none.
-    pub fn val_path(&self) -> Option<String> {
-        let path = match self.val_codes.as_deref() {
-            Some("none") | Some("") => return None,
-            Some(path) => path.to_string(),
+    /// The shards a run trains and validates on. A flag given in the request wins; else the
+    /// config file's entry (`recorded`: its `codes` and `val_codes`); else the defaults:
+    /// [`DEFAULT_CODES`], and the `test` set beside a `train` folder when there is one. Named
+    /// validation shards (a flag or a config) must exist; `none` trains without validation.
+    pub fn data_paths(&self, recorded: Option<(&str, Option<&str>)>) -> Result<(PathBuf, Option<String>)> {
+        let codes = match (&self.codes, recorded) {
+            (Some(c), _) => c.clone(),
+            (None, Some((c, _))) => PathBuf::from(c),
+            (None, None) => PathBuf::from(DEFAULT_CODES),
+        };
+        let (named, flag) = match (&self.val_codes, recorded) {
+            (Some(v), _) => (Some(v.clone()), "--val-codes"),
+            (None, Some((_, v))) => (Some(v.unwrap_or("none").to_string()), "the config's val_codes"),
+            (None, None) => (None, ""),
+        };
+        let val = match named.as_deref() {
+            Some("none") | Some("") => None,
+            Some(path) if Path::new(path).exists() => Some(path.to_string()),
+            Some(path) => {
+                return Err(RecipeError::Flag {
+                    flag: "--val-codes",
+                    reason: format!(
+                        "{flag} names {path}, which does not exist (`--val-codes none` trains without validation)"
+                    ),
+                })
+            }
             None => {
-                (self.codes.file_name()? == "train").then(|| self.codes.with_file_name("test"))?.display().to_string()
+                let beside = (codes.file_name().is_some_and(|n| n == "train")).then(|| codes.with_file_name("test"));
+                match beside {
+                    Some(test) if test.exists() => Some(test.display().to_string()),
+                    _ => {
+                        tracing::warn!("no --val-codes and no `test` set beside --codes: training without validation");
+                        None
+                    }
+                }
             }
         };
-        if Path::new(&path).exists() {
-            return Some(path);
-        }
-        match &self.val_codes {
-            Some(_) => tracing::warn!(
-                "--val-codes {path}: no such shards; training without validation (`--val-codes none` says so on purpose)"
-            ),
-            None => tracing::warn!("no --val-codes and no {path} beside --codes: training without validation"),
-        }
-        None
+        Ok((codes, val))
     }
 
     /// The config file to start from: the given one, or the run folder's on resume.
@@ -674,6 +821,38 @@ impl TrainRequest {
             (None, true) => Some(saved),
             (None, false) => None,
         })
+    }
+
+    /// The flags' own checks ([`Overrides::check`]) and the ranks' ([`Launch::check`]).
+    pub fn check(&self) -> Result<()> {
+        self.overrides.check()?;
+        self.launch.check()
+    }
+
+    /// A model config that fails validation after the overrides names where it came from: the
+    /// config file or preset, and the shape flags given.
+    fn name_config_source(&self, err: RecipeError, file: Option<&Path>) -> RecipeError {
+        let RecipeError::Stage { context, source } = err else { return err };
+        if context != "model config" {
+            return RecipeError::Stage { context, source };
+        }
+        let from = match file {
+            Some(f) => format!("the config {}", f.display()),
+            None => format!("the preset {}", self.preset.as_deref().unwrap_or(self.kind.default_preset())),
+        };
+        let o = &self.overrides;
+        let flags: Vec<&str> =
+            [("--dim", o.dim.is_some()), ("--heads", o.heads.is_some()), ("--layers", o.layers.is_some())]
+                .iter()
+                .filter(|(_, given)| *given)
+                .map(|(f, _)| *f)
+                .collect();
+        let context = if flags.is_empty() {
+            format!("model config ({from})")
+        } else {
+            format!("model config ({from} with {})", flags.join(", "))
+        };
+        RecipeError::Stage { context, source }
     }
 
     fn check_same_tokenizer(&self, val: &str, val_id: &str, train_id: &str) -> Result<()> {
@@ -714,9 +893,12 @@ pub struct DparRun {
 
 /// Reads the shards and assembles a GPT or entropy-model run.
 pub fn prepare_gpt(req: &TrainRequest) -> Result<GptRun> {
+    req.check()?;
+    let file = req.config_file()?;
+    let from_file: Option<GptTrainConfig> = file.as_deref().map(read_config).transpose()?;
+    let (codes, val_codes) = req.data_paths(from_file.as_ref().map(|c| (c.codes.as_str(), c.val_codes.as_deref())))?;
     let (train, _) =
-        crate::data::shards::read_shard_set(&req.codes).map_err(stage(format!("--codes {}", req.codes.display())))?;
-    let val_codes = req.val_path();
+        crate::data::shards::read_shard_set(&codes).map_err(stage(format!("--codes {}", codes.display())))?;
     let val = match val_codes.as_deref() {
         None => None,
         Some(path) => {
@@ -727,13 +909,18 @@ pub fn prepare_gpt(req: &TrainRequest) -> Result<GptRun> {
         }
     };
     let kind = req.kind.name();
-    let mut config: GptTrainConfig = match req.config_file()? {
-        Some(path) => read_config(&path)?,
+    let mut recipe = None;
+    let mut config = match from_file {
+        Some(mut config) => {
+            (config.codes, config.val_codes) = (codes.display().to_string(), val_codes.clone());
+            config
+        }
         None => {
             let preset = req.preset.clone().unwrap_or_else(|| req.kind.default_preset().into());
             let model = GptConfig::preset(&preset).map_err(stage("--preset"))?;
-            let mut config = new_gpt_config(req.kind, model, &train, &req.codes, val.as_ref().and(val_codes.clone()));
-            if let Some(recipe) = PresetRecipe::of(req.kind, &preset) {
+            let mut config = new_gpt_config(req.kind, model, &train, &codes, val_codes.clone());
+            recipe = PresetRecipe::of(req.kind, &preset);
+            if let Some(recipe) = &recipe {
                 recipe.apply(train.len(), &mut config.batch_size, &mut config.train, &mut config.model.core);
             }
             config
@@ -741,17 +928,20 @@ pub fn prepare_gpt(req: &TrainRequest) -> Result<GptRun> {
     };
     if config.kind != kind {
         return Err(RecipeError::Config {
-            path: req.config_file()?.unwrap_or_default(),
+            path: file.unwrap_or_default(),
             reason: format!("describes a `{}` model but --model is {kind}", config.kind),
         });
     }
-    req.overrides.apply_gpt(&mut config)?;
+    req.overrides.apply_gpt(&mut config).map_err(|e| req.name_config_source(e, file.as_deref()))?;
+    if let Some(recipe) = &recipe {
+        recipe.fit_to_steps(&req.overrides, &mut config.train);
+    }
     if train.info.tokenizer_id != config.tokenizer_id {
         return Err(RecipeError::Flag {
             flag: "--codes",
             reason: format!(
                 "{}: codes come from tokenizer {}, the config expects {}",
-                req.codes.display(),
+                codes.display(),
                 short(&train.info.tokenizer_id),
                 short(&config.tokenizer_id)
             ),
@@ -763,8 +953,11 @@ pub fn prepare_gpt(req: &TrainRequest) -> Result<GptRun> {
 /// Reads the codes with their entropies and assembles a DPAR run; θ is calibrated on the
 /// training entropies for the target mean patch length when it is neither given nor saved.
 pub fn prepare_dpar(req: &TrainRequest) -> Result<DparRun> {
-    let train = read_entropy_codes(&req.codes, None).map_err(stage(format!("--codes {}", req.codes.display())))?;
-    let val_codes = req.val_path();
+    req.check()?;
+    let file = req.config_file()?;
+    let from_file: Option<DparTrainConfig> = file.as_deref().map(read_config).transpose()?;
+    let (codes, val_codes) = req.data_paths(from_file.as_ref().map(|c| (c.codes.as_str(), c.val_codes.as_deref())))?;
+    let train = read_entropy_codes(&codes, None).map_err(stage(format!("--codes {}", codes.display())))?;
     let val = match val_codes.as_deref() {
         None => None,
         Some(path) => {
@@ -774,15 +967,19 @@ pub fn prepare_dpar(req: &TrainRequest) -> Result<DparRun> {
             Some(v)
         }
     };
-    let file = req.config_file()?;
-    let from_file = file.is_some();
-    let mut config: DparTrainConfig = match &file {
-        Some(path) => read_config(path)?,
+    let from_config = from_file.is_some();
+    let mut recipe = None;
+    let mut config = match from_file {
+        Some(mut config) => {
+            (config.codes, config.val_codes) = (codes.display().to_string(), val_codes.clone());
+            config
+        }
         None => {
             let preset = req.preset.as_deref().unwrap_or(req.kind.default_preset());
             let model = DparConfig::preset(preset).map_err(stage("--preset"))?;
-            let mut config = new_dpar_config(model, &train, &req.codes, val.as_ref().and(val_codes.clone()));
-            if let Some(recipe) = PresetRecipe::of(req.kind, preset) {
+            let mut config = new_dpar_config(model, &train, &codes, val_codes.clone());
+            recipe = PresetRecipe::of(req.kind, preset);
+            if let Some(recipe) = &recipe {
                 recipe.apply(train.shard.len(), &mut config.batch_size, &mut config.train, &mut config.model.core);
             }
             config
@@ -794,23 +991,30 @@ pub fn prepare_dpar(req: &TrainRequest) -> Result<DparRun> {
             reason: format!("describes a `{}` model, not dpar", config.kind),
         });
     }
-    req.overrides.apply_dpar(&mut config)?;
+    req.overrides.apply_dpar(&mut config).map_err(|e| req.name_config_source(e, file.as_deref()))?;
+    if let Some(recipe) = &recipe {
+        recipe.fit_to_steps(&req.overrides, &mut config.train);
+    }
     let calibrate = config.model.patch.entropy_gate
         && req.overrides.patch.threshold.is_none()
-        && !(from_file && config.model.patch.threshold.is_finite());
+        && !(from_config && config.model.patch.threshold.is_finite());
     let mut calibrated = None;
     if calibrate {
         let target = req.overrides.target_mean_len.unwrap_or(DEFAULT_TARGET_MEAN_LEN);
         let (theta, stats) =
             crate::patching::calibrate(&train.entropies.entropy, config.model.grid_size, &config.model.patch, target)
-                .map_err(stage("θ calibration"))?;
+                .map_err(stage(format!("--target-mean-len {target} (θ calibration)")))?;
         config.model.patch.threshold = theta;
         calibrated = Some((theta, stats));
     }
+    config
+        .model
+        .validate()
+        .map_err(stage("model config (--preset/--config and --dim, --heads, --layers, the patcher flags)"))?;
     if train.shard.info.tokenizer_id != config.tokenizer_id {
         return Err(RecipeError::Flag {
             flag: "--codes",
-            reason: format!("{}: codes come from another tokenizer than the config expects", req.codes.display()),
+            reason: format!("{}: codes come from another tokenizer than the config expects", codes.display()),
         });
     }
     Ok(DparRun { config, train, val, calibrated })
@@ -835,6 +1039,7 @@ pub fn train(req: &TrainRequest, device: &Device) -> Result<Trained> {
     match req.kind {
         ModelKind::Gpt | ModelKind::Entropy => {
             let run = prepare_gpt(req)?;
+            req.launch.check_split(run.config.batch_size)?;
             let make = || -> Result<GptTask> {
                 GptTask::new(run.config.clone(), run.train.clone(), run.val.clone(), device).map_err(stage("model"))
             };
@@ -843,6 +1048,7 @@ pub fn train(req: &TrainRequest, device: &Device) -> Result<Trained> {
         }
         ModelKind::Dpar => {
             let run = prepare_dpar(req)?;
+            req.launch.check_split(run.config.batch_size)?;
             if let Some((theta, stats)) = &run.calibrated {
                 tracing::info!(
                     "calibrated θ = {theta:.4} on the training entropies: mean patch length {:.3} ({:.1} patches per image)",

@@ -59,7 +59,20 @@ fn bad(path: &Path, reason: impl Into<String>) -> RunsError {
 pub fn read_log(run: &Path) -> Result<Vec<serde_json::Value>> {
     let log = if run.is_dir() { run.join("log.jsonl") } else { run.to_path_buf() };
     let text = std::fs::read_to_string(&log).map_err(|e| bad(&log, format!("cannot read the log: {e}")))?;
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(v) => out.push(v),
+            // The last line of a run killed while appending may be cut short.
+            Err(_) if i + 1 == lines.len() => tracing::warn!("{}: skipping its last line, cut short", log.display()),
+            Err(e) => return Err(bad(&log, format!("line {} is not a JSON log line: {e}", i + 1))),
+        }
+    }
+    if out.is_empty() {
+        return Err(bad(&log, "holds no log lines".to_string()));
+    }
+    Ok(out)
 }
 
 /// Points `(x, y)` of a logged metric against `x_key` (`step`, `train_seconds`, `train_flops`,

@@ -202,6 +202,8 @@ impl LoopConfig {
 pub struct TrainReport {
     pub steps: u64,
     pub resumed_from: Option<u64>,
+    /// The run was resumed at or past its last step: nothing was trained or written.
+    pub already_finished: bool,
     pub final_loss: f64,
     pub final_metrics: Vec<(String, f64)>,
     pub validation: Vec<(String, f64)>,
@@ -394,6 +396,12 @@ fn load_checkpoint(task: &mut dyn Task, opt: &mut AdamW, paths: &RunPaths) -> Re
 /// maths). Everything else must match.
 fn strip_resumable(config: &serde_json::Value) -> serde_json::Value {
     let mut c = config.clone();
+    // Where the shards live may change (a moved folder, `--val-codes none`); what they hold is
+    // checked against the tokenizer the config records.
+    if let Some(top) = c.as_object_mut() {
+        top.remove("codes");
+        top.remove("val_codes");
+    }
     if let Some(lp) = c.get_mut("train").and_then(|t| t.as_object_mut()) {
         for key in ["steps", "log_every", "checkpoint_every", "eval_every", "schedule"] {
             lp.remove(key);
@@ -540,6 +548,22 @@ pub fn run_parallel(
             let change;
             (start, totals, change) = load_checkpoint(task, &mut opt, &paths)?;
             resumed_from = Some(start);
+            if start >= config.steps {
+                // A finished run: its log, weights and checkpoint stay as they are.
+                tracing::info!("{}: already at step {start} of {}; nothing to do", task.name(), config.steps);
+                return Ok(TrainReport {
+                    steps: start,
+                    resumed_from,
+                    already_finished: true,
+                    final_loss: f64::NAN,
+                    final_metrics: Vec::new(),
+                    validation: Vec::new(),
+                    seconds: 0.0,
+                    ms_per_step: f64::NAN,
+                    throughput: 0.0,
+                    out_dir: out_dir.to_path_buf(),
+                });
+            }
             if leader {
                 truncate_log(&paths.log, start)?;
                 if let Some(change) = change {
@@ -572,9 +596,6 @@ pub fn run_parallel(
             collective.world_size(),
             collective.name()
         );
-    }
-    if start >= config.steps {
-        tracing::info!("{}: already at step {start} of {}; nothing to do", task.name(), config.steps);
     }
     let params: usize = task.params().num_params();
     tracing::info!("{}: {params} parameters, steps {start}..{}", task.name(), config.steps);
@@ -754,6 +775,7 @@ pub fn run_parallel(
     Ok(TrainReport {
         steps: config.steps,
         resumed_from,
+        already_finished: false,
         final_loss: last.0,
         final_metrics: last.1,
         validation,

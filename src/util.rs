@@ -167,7 +167,13 @@ pub fn from_json_strict<T: serde::de::DeserializeOwned + serde::Serialize>(
     }
 }
 
-fn unknown_keys(given: &serde_json::Value, known: &serde_json::Value, at: &str, tolerated: &[&str], out: &mut Vec<String>) {
+fn unknown_keys(
+    given: &serde_json::Value,
+    known: &serde_json::Value,
+    at: &str,
+    tolerated: &[&str],
+    out: &mut Vec<String>,
+) {
     let (Some(given), Some(known)) = (given.as_object(), known.as_object()) else { return };
     for (key, value) in given {
         let path = if at.is_empty() { key.clone() } else { format!("{at}.{key}") };
@@ -322,11 +328,15 @@ mod tests {
             inner: Inner,
             b: Option<u32>,
         }
-        let ok: Outer = from_json_strict(serde_json::json!({ "inner": { "a": 1 }, "b": null, "old": 3 }), &["old"]).unwrap();
+        let ok: Outer =
+            from_json_strict(serde_json::json!({ "inner": { "a": 1 }, "b": null, "old": 3 }), &["old"]).unwrap();
         assert_eq!(ok, Outer { inner: Inner { a: 1 }, b: None });
-        let err = from_json_strict::<Outer>(serde_json::json!({ "inner": { "a": 1, "aa": 2 }, "c": 1 }), &[]).unwrap_err();
+        let err =
+            from_json_strict::<Outer>(serde_json::json!({ "inner": { "a": 1, "aa": 2 }, "c": 1 }), &[]).unwrap_err();
         assert!(err.contains("`inner.aa`") && err.contains("`c`"), "{err}");
-        assert!(from_json_strict::<Outer>(serde_json::json!({ "inner": {} }), &[]).unwrap_err().contains("missing field"));
+        assert!(from_json_strict::<Outer>(serde_json::json!({ "inner": {} }), &[])
+            .unwrap_err()
+            .contains("missing field"));
     }
 
     #[test]

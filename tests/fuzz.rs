@@ -302,7 +302,7 @@ fn code_shards_manifests_and_entropy_sidecars_never_panic() {
     let files = shards::write_shard_set(&set, std::slice::from_ref(&shard), false).unwrap();
     let entropies = dpar::entropy::ShardEntropies {
         entropy: (0..20).map(|i| if i % 4 == 0 { f32::INFINITY } else { i as f32 / 10.0 }).collect(),
-        entropy_flip: Some(vec![0.5; 20]),
+        entropy_flip: Some((0..20).map(|i| if i % 4 == 0 { f32::INFINITY } else { 0.5 }).collect()),
         entropy_model_id: "e".into(),
     };
     dpar::entropy::write(&files[0], &shard, &entropies).unwrap();

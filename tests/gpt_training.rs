@@ -193,7 +193,16 @@ fn cli_train_resume_and_sampling_errors() {
     assert!(ok, "{text}");
     // A shard with another grid size than the model.
     write_shard_set(&dir.path().join("codes3"), &[synthetic(8, 3, 8, 4, 1)], false).unwrap();
-    let (ok, text) =
-        run(&["train", "--config", &cfg.display().to_string(), "--codes", &p("codes3"), "--out", &p("run3")]);
+    let (ok, text) = run(&[
+        "train",
+        "--config",
+        &cfg.display().to_string(),
+        "--codes",
+        &p("codes3"),
+        "--val-codes",
+        "none",
+        "--out",
+        &p("run3"),
+    ]);
     assert!(!ok && text.contains("3×3 grid, the model expects 4×4"), "{text}");
 }

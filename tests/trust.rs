@@ -193,7 +193,7 @@ fn entropy_train_defaults_to_the_recipe() {
         "--layers",
         "1",
         "--steps",
-        "1",
+        "240",
         "--val-images",
         "4",
         "--out",
@@ -204,7 +204,9 @@ fn entropy_train_defaults_to_the_recipe() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(c["batch_size"], 32, "{c}");
     assert_eq!(c["train"]["adamw"]["lr"], 1e-3, "{c}");
-    assert_eq!(c["train"]["schedule"]["warmup_steps"], 100, "{c}");
+    // The recipe's warm-up (100 of 2400 steps) and validations (6 per run) scale with --steps.
+    assert_eq!(c["train"]["schedule"]["warmup_steps"], 10, "{c}");
+    assert_eq!(c["train"]["eval_every"], 40, "{c}");
     assert_eq!(c["train"]["schedule"]["cosine"], true, "{c}");
     assert_eq!(c["model"]["token_dropout"], 0.0, "{c}");
 }
@@ -650,14 +652,23 @@ fn a_gzip_bomb_is_inflated_only_as_far_as_its_header_says() {
         }
         e.finish().unwrap()
     };
-    // One 2×2 image declared, followed by 256 MiB of zeros: only the 4 declared bytes are read.
+    // One 2×2 image declared, followed by 256 MiB of zeros: the 4 declared bytes are read, then
+    // at most 1 MiB more to find that the stream does not end there (an error: a file must be
+    // what its header says), never the 256 MiB.
     let path = dir.path().join("bomb-images-idx3-ubyte.gz");
     std::fs::write(&path, gz(&dpar::data::idx::encode_idx(&[1, 2, 2], &[1, 2, 3, 4]), 256 << 20)).unwrap();
     assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20);
     let t = std::time::Instant::now();
+    let err = dpar::data::idx::read_idx(&path, 3).unwrap_err().to_string();
+    assert!(
+        err.contains("bomb-images-idx3-ubyte.gz") && err.contains("after the data its IDX header declares"),
+        "{err}"
+    );
+    eprintln!("read the bomb's header, data and 1 MiB more in {:?}", t.elapsed());
+    // The same image with nothing after it reads back.
+    std::fs::write(&path, gz(&dpar::data::idx::encode_idx(&[1, 2, 2], &[1, 2, 3, 4]), 0)).unwrap();
     let idx = dpar::data::idx::read_idx(&path, 3).unwrap();
     assert_eq!((idx.dims.clone(), idx.data.len()), (vec![1, 2, 2], 4));
-    eprintln!("read the bomb's header and data in {:?}", t.elapsed());
     // A header that declares more than any machine holds is refused before inflating.
     let path = dir.path().join("big-images-idx3-ubyte.gz");
     let mut header = vec![0, 0, 8, 3];

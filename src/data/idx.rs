@@ -17,15 +17,32 @@ pub struct IdxArray {
 }
 
 /// Reads a file, transparently un-gzipping it. A gzipped file is inflated only as far as its
-/// IDX header says the data goes (a gzip bomb stops there), and never past
-/// [`crate::util::memory_budget`].
+/// IDX header says the data goes (a gzip bomb stops there), never past
+/// [`crate::util::memory_budget`], and must then end: its CRC is checked and bytes after the
+/// declared data, inside the stream or after it, are an error. A raw file larger than the budget
+/// is refused before it is read.
 fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    if path.is_dir() {
+        return Err(DataError::Invalid(format!("{}: is a folder, not an IDX file", path.display())));
+    }
+    let budget = crate::util::memory_budget();
+    let size = std::fs::metadata(path).map_err(io_err(path))?.len();
+    let over_budget = |bytes: String| {
+        DataError::Invalid(format!(
+            "{}: {bytes} bytes of data, more than the memory budget of {budget} bytes (DPAR_MEMORY_BUDGET)",
+            path.display()
+        ))
+    };
     let raw = std::fs::read(path).map_err(io_err(path))?;
     if !(raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b) {
+        if size > budget {
+            return Err(over_budget(size.to_string()));
+        }
         return Ok(raw);
     }
     let gz_err = |e: std::io::Error| DataError::BadGzip { path: path.to_path_buf(), reason: e.to_string() };
-    let mut decoder = flate2::read::GzDecoder::new(&raw[..]);
+    // The bufread decoder leaves whatever follows the gzip member in `rest`.
+    let mut decoder = flate2::bufread::GzDecoder::new(&raw[..]);
     let mut out = Vec::new();
     // The magic (4 bytes), then one u32 per dimension.
     (&mut decoder).take(4).read_to_end(&mut out).map_err(gz_err)?;
@@ -40,20 +57,34 @@ fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
         .map(|i| u32::from_be_bytes([out[4 + 4 * i], out[5 + 4 * i], out[6 + 4 * i], out[7 + 4 * i]]) as u64)
         .try_fold(1u64, |acc, d| acc.checked_mul(d))
         .and_then(|c| c.checked_add(out.len() as u64));
-    let budget = crate::util::memory_budget();
-    match total {
-        Some(total) if total <= budget => {
-            out.reserve((total as usize).saturating_sub(out.len()));
-            (&mut decoder).take(total - out.len() as u64).read_to_end(&mut out).map_err(gz_err)?;
-            Ok(out)
-        }
-        _ => Err(DataError::Invalid(format!(
-            "{}: the IDX header declares {} bytes of data, more than the memory budget of {} bytes (DPAR_MEMORY_BUDGET)",
-            path.display(),
-            total.map_or("more than 2^64".to_string(), |t| t.to_string()),
-            budget
-        ))),
+    let total = match total {
+        Some(total) if total <= budget => total,
+        _ => return Err(over_budget(total.map_or("more than 2^64".to_string(), |t| t.to_string()))),
+    };
+    out.reserve((total as usize).saturating_sub(out.len()));
+    (&mut decoder).take(total - out.len() as u64).read_to_end(&mut out).map_err(gz_err)?;
+    if (out.len() as u64) < total {
+        return Ok(out); // parse_idx reports the truncation
     }
+    // The stream must end here: reading on checks the CRC and finds data the header left out.
+    let mut extra = Vec::new();
+    (&mut decoder).take(1 << 20).read_to_end(&mut extra).map_err(gz_err)?;
+    if !extra.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{}: the gzip stream holds {}{} bytes after the data its IDX header declares",
+            path.display(),
+            if extra.len() == 1 << 20 { "at least " } else { "" },
+            extra.len()
+        )));
+    }
+    let rest = decoder.into_inner().len();
+    if rest > 0 {
+        return Err(DataError::BadGzip {
+            path: path.to_path_buf(),
+            reason: format!("{rest} bytes after the gzip stream"),
+        });
+    }
+    Ok(out)
 }
 
 /// Parses IDX bytes read from `path`, requiring `want_dims` dimensions.
@@ -99,6 +130,13 @@ pub fn parse_idx(path: &Path, bytes: &[u8], want_dims: usize) -> Result<IdxArray
     };
     if (bytes.len() as u64) < expected {
         return Err(DataError::Truncated { path: path.to_path_buf(), expected, found: bytes.len() as u64 });
+    }
+    if (bytes.len() as u64) > expected {
+        return Err(DataError::Invalid(format!(
+            "{}: {} bytes after the {expected} that its IDX header declares ({dims:?})",
+            path.display(),
+            bytes.len() as u64 - expected
+        )));
     }
     Ok(IdxArray { dims, data: bytes[header..expected as usize].to_vec() })
 }
@@ -149,10 +187,18 @@ pub fn load_idx_with_classes(
         Some(names) => {
             if let Some(i) = labels.iter().position(|&l| l as usize >= names.len()) {
                 return Err(DataError::Invalid(format!(
-                    "{}: label {} (item {i}) is outside the {} declared classes",
+                    "{}: label {} (item {i}) is outside the {} declared classes (--class-names)",
                     labels_path.display(),
                     labels[i],
                     names.len()
+                )));
+            }
+            if let Some((i, name)) =
+                names.iter().enumerate().find(|(i, n)| n.trim().is_empty() || names[..*i].contains(n))
+            {
+                return Err(DataError::Invalid(format!(
+                    "--class-names: class {i} is named `{name}`, {}; every class needs a name of its own",
+                    if name.trim().is_empty() { "an empty name" } else { "like an earlier one" }
                 )));
             }
             names.to_vec()

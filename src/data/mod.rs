@@ -289,7 +289,9 @@ pub fn resolve(dir: &Path, split: &str) -> Result<DataSource> {
         for ext in ["", ".gz"] {
             let images = dir.join(format!("{prefix}-images-idx3-ubyte{ext}"));
             let labels = dir.join(format!("{prefix}-labels-idx1-ubyte{ext}"));
-            if images.is_file() && labels.is_file() {
+            // Either file present means an IDX set: a missing or broken partner is then an
+            // error about that file, not a search for class folders.
+            if images.exists() || labels.exists() {
                 return Ok(DataSource::Idx { images, labels });
             }
         }
@@ -313,7 +315,12 @@ pub fn load(source: &DataSource, size: usize, channels: usize) -> Result<ImageDa
 }
 
 /// [`load`] keeping only the first `max_images` images, before any is resized or decoded.
-pub fn load_limited(source: &DataSource, size: usize, channels: usize, max_images: Option<usize>) -> Result<ImageDataset> {
+pub fn load_limited(
+    source: &DataSource,
+    size: usize,
+    channels: usize,
+    max_images: Option<usize>,
+) -> Result<ImageDataset> {
     match source {
         DataSource::Idx { images, labels } => {
             let data = idx::load_idx(images, labels)?;

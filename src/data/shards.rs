@@ -207,6 +207,14 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         {
             return Err(bad(format!("shard name {:?} is not a plain file name", e.file)));
         }
+        if e.images == 0 {
+            return Err(bad(format!("lists {} with 0 images; a shard holds at least one", e.file)));
+        }
+    }
+    let mut names: Vec<&str> = manifest.shards.iter().map(|e| e.file.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(bad(format!("lists {} twice; every shard would be read as often as it is listed", w[0])));
     }
     if manifest.shards.iter().try_fold(0usize, |a, e| a.checked_add(e.images)) != Some(manifest.images) {
         return Err(bad(format!("the shards' image counts do not add up to {}", manifest.images)));
@@ -399,6 +407,9 @@ pub fn read_shard(path: &Path) -> Result<CodeShard> {
     let shard =
         CodeShard { info, codes: u32_values(&file, "codes")?, labels: u32_values(&file, "labels")?, flip_codes };
     shard.check(path)?;
+    if shard.is_empty() {
+        return Err(DataError::BadShard { path: path.to_path_buf(), reason: "holds no images".into() });
+    }
     Ok(shard)
 }
 

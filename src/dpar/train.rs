@@ -221,15 +221,18 @@ pub fn load(path: &Path, device: &Device) -> Result<(Dpar, ParamStore, DparTrain
     }
     let file = crate::tensor_io::weight_file(path)?;
     let Some((full, source)) = crate::tensor_io::embedded_config(&file)? else {
-        return Err(DparError::BadFile { path: file, reason: "no embedded config and no config.json beside it".into() });
+        return Err(DparError::BadFile {
+            path: file,
+            reason: "no embedded config and no config.json beside it".into(),
+        });
     };
     let bad = |reason: String| DparError::BadFile { path: source.clone(), reason };
     let kind = full.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     if kind != "dpar" {
         return Err(bad(format!("holds a `{kind}` model, not a DPAR model")));
     }
-    let config: DparTrainConfig =
-        crate::util::from_json_strict(full, crate::nn::config::TOLERATED_KEYS).map_err(|e| bad(format!("config: {e}")))?;
+    let config: DparTrainConfig = crate::util::from_json_strict(full, crate::nn::config::TOLERATED_KEYS)
+        .map_err(|e| bad(format!("config: {e}")))?;
     config.model.validate().map_err(|e| bad(format!("config: {e}")))?;
     let store = ParamStore::new(0, device);
     let model = Dpar::new(&config.model, &store.root())?;

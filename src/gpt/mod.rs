@@ -480,8 +480,8 @@ pub fn load(path: &std::path::Path, preset: Option<&str>, device: &Device) -> Re
             if kind != "gpt" && kind != "entropy" {
                 return Err(bad(format!("holds a `{kind}` model, not a GPT")));
             }
-            let full: train::GptTrainConfig =
-                crate::util::from_json_strict(full, nn::config::TOLERATED_KEYS).map_err(|e| bad(format!("config: {e}")))?;
+            let full: train::GptTrainConfig = crate::util::from_json_strict(full, nn::config::TOLERATED_KEYS)
+                .map_err(|e| bad(format!("config: {e}")))?;
             full.model.validate().map_err(|e| bad(format!("config: {e}")))?;
             full.model
         }

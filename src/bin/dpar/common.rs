@@ -346,7 +346,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub layers: Option<String>,
     /// Probability of replacing the class by the null class (for guidance) [default: the preset's, 0.1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub class_dropout: Option<f64>,
     #[command(flatten)]
     pub run: RunArgs,
@@ -355,7 +355,7 @@ pub struct TrainArgs {
     pub patch: PatchArgs,
     /// DPAR: find θ by bisection on the training entropies so that the mean patch length is
     /// this (used when --threshold is not given; the paper's 256 px figure is 1.81).
-    #[arg(long, default_value_t = dpar::recipe::DEFAULT_TARGET_MEAN_LEN)]
+    #[arg(long, default_value_t = dpar::recipe::DEFAULT_TARGET_MEAN_LEN, allow_negative_numbers = true)]
     pub target_mean_len: f64,
     /// DPAR: position encoding of the patch transformer (paper Table 9).
     #[arg(long, value_enum)]
@@ -384,11 +384,13 @@ pub struct RunArgs {
     /// A full experiment config (JSON or TOML, e.g. a run's config.json); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Training code shards (folder or file), relative to the working directory.
-    #[arg(long, default_value = "data/codes/train")]
-    pub codes: PathBuf,
-    /// Validation code shards (`none` trains without validation). Default: the `test` folder
-    /// beside a --codes folder named `train` (data/codes/train → data/codes/test), if it exists.
+    /// Training code shards (folder or file) [default: the config's `codes` with --config or
+    /// --resume, else data/codes/train].
+    #[arg(long)]
+    pub codes: Option<PathBuf>,
+    /// Validation code shards (`none` trains without validation) [default: the config's
+    /// `val_codes` with --config or --resume, else the `test` folder beside a --codes folder
+    /// named `train`, if it exists].
     #[arg(long)]
     pub val_codes: Option<String>,
     /// Run folder [default: runs/gpt, runs/entropy or runs/dpar, in the working directory].
@@ -403,10 +405,10 @@ pub struct RunArgs {
     pub batch_size: Option<usize>,
     /// Peak learning rate of AdamW [default: the preset's recipe: mnist 2e-3, mnist-entropy 1e-3;
     /// other presets the paper's 1e-4].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// AdamW weight decay on ≥ 2-D weights [default: 0.05].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Linear warm-up steps [default: the preset's recipe: mnist 2% of the steps, mnist-entropy
     /// 100; other presets 0].
@@ -423,8 +425,8 @@ pub struct RunArgs {
     /// The learning rate the cosine decay ends at (0 ≤ min-lr ≤ lr; default 0).
     #[arg(long, allow_negative_numbers = true)]
     pub min_lr: Option<f64>,
-    /// Clip the global gradient norm to this [default: 1.0].
-    #[arg(long)]
+    /// Clip the global gradient norm to this (0 turns clipping off) [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
     pub grad_clip: Option<f64>,
     /// The seed every random choice flows from (initial weights, batches, dropout) [default: 0].
     #[arg(long)]
@@ -436,7 +438,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub heads: Option<usize>,
     /// Sets token, residual and FFN dropout together [default: the preset's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dropout: Option<f64>,
     /// Train on the horizontally flipped copy of each image half of the time (the shards must be
     /// tokenized with `--flip`). Right for photos of natural scenes; wrong for digits, letters
@@ -638,7 +640,7 @@ impl EntropyTrainArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct PatchArgs {
     /// Entropy threshold θ (natural log).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threshold: Option<f64>,
     /// Maximum patch length P.
     #[arg(long)]

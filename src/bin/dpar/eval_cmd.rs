@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dpar::eval::classifier::{self, ClassifierTask, ClassifierTrainConfig};
 
@@ -162,6 +162,9 @@ fn train_classifier(args: TrainClassifierArgs) -> Result<()> {
 
 /// Loads the classifier and the reference features of `n` images of the split.
 pub fn reference(common: &Common, n: usize) -> Result<(classifier::Classifier, String, Vec<f32>, candle_core::Device)> {
+    if n < 2 {
+        bail!("--n {n}: a Fréchet distance needs at least 2 images on each side");
+    }
     let device = common.device.device()?;
     let (model, _store, hash) = dpar::models::classifier(&common.classifier, &device)?;
     let c = model.config().clone();
@@ -195,6 +198,9 @@ fn print_report(what: &str, r: &dpar::eval::QualityReport) {
 }
 
 fn samples(args: SamplesArgs) -> Result<()> {
+    if args.n < 2 {
+        bail!("--n {}: a Fréchet distance needs at least 2 images on each side", args.n);
+    }
     if args.codes.extension().is_some_and(|e| e == "npz") {
         return npz_samples(args);
     }

@@ -148,7 +148,8 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
     let config = match (args.target_mean_len, args.patch.threshold) {
         (Some(_), Some(_)) => bail!("give either --target-mean-len or --threshold"),
         (Some(target), None) => {
-            let (theta, _) = patching::calibrate(&ent.entropy, grid, &base, target)?;
+            let (theta, _) = patching::calibrate(&ent.entropy, grid, &base, target)
+                .with_context(|| format!("--target-mean-len {target}"))?;
             println!("θ = {theta:.4} gives mean patch length closest to {target} (P = {})", base.max_patch_len);
             report.insert("calibrated_threshold".into(), theta.into());
             PatchConfig { threshold: theta, entropy_gate: true, ..base }

@@ -38,15 +38,15 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 8)]
     pub per_class: usize,
     /// Classifier-free guidance scale (1 = none).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
     pub cfg: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Keep the k most likely codes (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -141,12 +141,12 @@ impl SampleArgs {
 }
 
 /// Fails now, not after the sampling, when `out` cannot be created or written.
-fn check_writable(out: &std::path::Path) -> Result<()> {
+fn check_writable(out: &std::path::Path, flag: &str) -> Result<()> {
     std::fs::create_dir_all(out)
-        .with_context(|| format!("--out {}: cannot create the output folder", out.display()))?;
+        .with_context(|| format!("{flag}: cannot create the output folder {}", out.display()))?;
     let probe = out.join(format!(".write-check.{}", std::process::id()));
     std::fs::write(&probe, b"")
-        .with_context(|| format!("--out {}: cannot write into the output folder", out.display()))?;
+        .with_context(|| format!("{flag}: cannot write into the output folder {}", out.display()))?;
     std::fs::remove_file(&probe).ok();
     Ok(())
 }
@@ -193,9 +193,10 @@ pub fn sample(args: SampleArgs) -> Result<()> {
     }
     match &args.npz {
         Some(npz) => {
-            check_writable(npz.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")))?
+            let folder = npz.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            check_writable(folder, &format!("--npz {}", npz.display()))?
         }
-        None => check_writable(&args.out)?,
+        None => check_writable(&args.out, "--out")?,
     }
     if dpar::models::kind_of(&args.ckpt) == Some(dpar::models::Kind::Dpar) {
         return sample_dpar(args, config, device);

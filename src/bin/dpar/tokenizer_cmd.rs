@@ -218,6 +218,15 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut task = TokenizerTask::new(config.clone(), data, val.clone(), &device)?;
     let report =
         dpar::train::run(&mut task, &config.train, &args.out, crate::common::start(args.resume, args.overwrite))?;
+    if report.already_finished {
+        println!(
+            "{} is finished at step {}; nothing was trained or written (train further with --resume --steps N, N > {})",
+            args.out.display(),
+            report.steps,
+            report.steps
+        );
+        return Ok(());
+    }
     println!(
         "trained tokenizer: {} steps in {} ({:.0} ms/step), final loss {:.5}",
         report.steps,

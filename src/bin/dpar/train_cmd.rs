@@ -39,6 +39,17 @@ fn run(request: dpar::recipe::TrainRequest, device: &DeviceArgs) -> Result<()> {
     let device = device.device()?;
     let trained = dpar::recipe::train(&request, &device).map_err(|e| recovery_hint(e, &request))?;
     let report = &trained.report;
+    if report.already_finished {
+        println!(
+            "{} is finished: its checkpoint is at step {}, the end of the run; nothing was trained or written (train further with `{} --out {} --resume --steps N`, N > {})",
+            trained.out.display(),
+            report.steps,
+            trained.kind.command(),
+            trained.out.display(),
+            report.steps
+        );
+        return Ok(());
+    }
     let patches = match trained.kind {
         dpar::recipe::ModelKind::Dpar => {
             let n = report.final_metrics.iter().find(|(k, _)| k == "patches_per_image").map(|(_, v)| *v);
