@@ -441,7 +441,13 @@ fn read_storage(
     len: usize,
 ) -> std::result::Result<Vec<u8>, String> {
     let mut bytes = vec![0u8; len];
-    if zip.entry(entry).map_err(|e| e.to_string())?.method == 0 {
+    let info = zip.entry(entry).map_err(|e| e.to_string())?.clone();
+    if info.method == 0 && skip == 0 && len as u64 == info.size {
+        // The whole storage: read it so that its CRC-32 is checked.
+        let mut reader = zip.verified_reader(entry).map_err(|e| e.to_string())?;
+        std::io::Read::read_exact(&mut reader, &mut bytes).map_err(|e| format!("{entry}: {e}"))?;
+        reader.finish().map_err(|e| format!("{entry}: {e}"))?;
+    } else if info.method == 0 {
         let mut reader = zip.stored_reader(entry, skip as u64).map_err(|e| e.to_string())?;
         std::io::Read::read_exact(&mut reader, &mut bytes).map_err(|e| format!("{entry}: {e}"))?;
     } else {

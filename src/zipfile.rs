@@ -269,8 +269,30 @@ impl ZipReader {
         Ok(bytes)
     }
 
+    /// A reader over the whole of stored entry `name`, without loading it, that checks the
+    /// entry's CRC-32 when its last byte has been read: reading past the end of a damaged entry
+    /// fails with `InvalidData` naming the archive. For streams that are read to their end
+    /// (large arrays, whole tensor storages).
+    pub fn verified_reader(&mut self, name: &str) -> Result<VerifiedReader<'_>> {
+        let entry = self.entry(name)?.clone();
+        if entry.method != STORED {
+            return Err(self.bad(format!("entry `{name}` is compressed; it cannot be streamed")));
+        }
+        let start = self.data_offset(&entry)?;
+        let path = self.path.clone();
+        self.file.seek(SeekFrom::Start(start)).map_err(|source| ZipError::Io { path: path.clone(), source })?;
+        Ok(VerifiedReader {
+            inner: (&mut self.file).take(entry.size),
+            crc: flate2::Crc::new(),
+            want: entry.crc32,
+            left: entry.size,
+            what: format!("{}: entry `{name}`", path.display()),
+        })
+    }
+
     /// A reader over the bytes `[skip, size)` of stored entry `name`, without loading them; for
-    /// large arrays and tensors. (No CRC check: the bytes are not all read.)
+    /// parts of large arrays and tensors. (No CRC check: the bytes are not all read; see
+    /// [`Self::verified_reader`].)
     pub fn stored_reader(&mut self, name: &str, skip: u64) -> Result<impl Read + '_> {
         let entry = self.entry(name)?.clone();
         if entry.method != STORED {
@@ -283,6 +305,38 @@ impl ZipReader {
         let path = self.path.clone();
         self.file.seek(SeekFrom::Start(start + skip)).map_err(|source| ZipError::Io { path, source })?;
         Ok((&mut self.file).take(entry.size - skip))
+    }
+}
+
+/// See [`ZipReader::verified_reader`].
+pub struct VerifiedReader<'a> {
+    inner: std::io::Take<&'a mut std::io::BufReader<std::fs::File>>,
+    crc: flate2::Crc,
+    want: u32,
+    left: u64,
+    what: String,
+}
+
+impl VerifiedReader<'_> {
+    /// Reads what is left of the entry (a caller that stopped early) and checks the CRC.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        std::io::copy(&mut self, &mut std::io::sink())?;
+        Ok(())
+    }
+}
+
+impl Read for VerifiedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc.update(&buf[..n]);
+        self.left -= n as u64;
+        if self.left == 0 && n > 0 && self.crc.sum() != self.want {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: CRC-32 mismatch (the file is damaged)", self.what),
+            ));
+        }
+        Ok(n)
     }
 }
 

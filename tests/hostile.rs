@@ -115,8 +115,9 @@ fn sizes_set_by_configs_and_flags_are_checked_before_anything_is_allocated() {
 }
 
 /// Rule 2: A file must be exactly what its header says: bytes after an IDX file's declared data,
-/// raw or inside a gzip stream, a wrong gzip CRC and bytes after the gzip stream are errors; a
-/// raw file larger than the memory budget is refused before it is read, like a gzipped one.
+/// raw or inside a gzip stream, a wrong gzip CRC and bytes after the gzip stream are errors, and
+/// so is a streamed `.npz` entry whose CRC-32 does not match; a raw file larger than the memory
+/// budget is refused before it is read, like a gzipped one.
 #[test]
 fn files_must_be_exactly_what_their_headers_say() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,6 +140,19 @@ fn files_must_be_exactly_what_their_headers_say() {
     bad_crc[at] ^= 0xff;
     let err = read("crc.gz", bad_crc).unwrap_err();
     assert!(err.contains("crc.gz") && err.contains("checksum"), "{err}");
+    // A ZIP entry carries a CRC-32: a damaged image in a streamed `.npz` is found.
+    let npz = dir.path().join("s.npz");
+    let mut writer = dpar::data::npz::ImageNpzWriter::create(&npz, 2, 2, 2).unwrap();
+    writer.push(&[7u8; 12]).unwrap();
+    writer.push(&[9u8; 12]).unwrap();
+    writer.finish().unwrap();
+    let mut bytes = std::fs::read(&npz).unwrap();
+    let at = bytes.windows(12).position(|w| w == [9u8; 12]).unwrap();
+    bytes[at] = 8;
+    std::fs::write(&npz, bytes).unwrap();
+    let mut reader = dpar::data::npz::NpzReader::open(&npz).unwrap();
+    let err = reader.for_each_image_batch("arr_0", 1, |_, _| Ok(())).unwrap_err().to_string();
+    assert!(err.contains("s.npz") && err.contains("CRC-32"), "{err}");
     // The budget (DPAR_MEMORY_BUDGET) covers raw files too: a child process with a small one.
     let images = dir.path().join("big");
     std::fs::create_dir_all(&images).unwrap();

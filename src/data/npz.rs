@@ -301,10 +301,15 @@ impl NpzReader {
             let mut done = 0;
             while done < n {
                 let take = batch.max(1).min(n - done);
-                reader.read_exact(&mut buf[..take * image]).map_err(|_| DataError::Truncated {
-                    path: path.clone(),
-                    expected: (n * image) as u64,
-                    found: (done * image) as u64,
+                reader.read_exact(&mut buf[..take * image]).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::InvalidData => {
+                        DataError::BadShard { path: path.clone(), reason: e.to_string() }
+                    }
+                    _ => DataError::Truncated {
+                        path: path.clone(),
+                        expected: (n * image) as u64,
+                        found: (done * image) as u64,
+                    },
                 })?;
                 each(&buf[..take * image], take)?;
                 done += take;
@@ -312,8 +317,12 @@ impl NpzReader {
             Ok(())
         };
         if self.zip.entry(&entry)?.method == 0 {
-            let mut reader = self.zip.stored_reader(&entry, offset as u64)?;
+            // Read from the start, through the header, so that the entry's CRC-32 is checked.
+            let mut reader = self.zip.verified_reader(&entry)?;
+            let damaged = |e: std::io::Error| DataError::BadShard { path: path.clone(), reason: e.to_string() };
+            std::io::copy(&mut (&mut reader).take(offset as u64), &mut std::io::sink()).map_err(damaged)?;
             consume(&mut reader)?;
+            reader.finish().map_err(damaged)?;
         } else {
             let bytes = self.zip.read(&entry)?;
             consume(&mut &bytes[offset..])?;

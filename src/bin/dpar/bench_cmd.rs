@@ -27,13 +27,13 @@ pub struct DeviceCheckArgs {
     #[arg(long)]
     quick: bool,
     /// Images per training step and per generation.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::common::positive_usize)]
     batch_size: usize,
     /// Untimed training steps before timing.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Timed training steps (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::common::positive_usize)]
     reps: usize,
     /// Guidance scale of the sampling row.
     #[arg(long, default_value_t = 2.0)]
@@ -61,13 +61,13 @@ pub struct SpeedArgs {
     #[arg(long, default_value = "stock,fused")]
     ops: String,
     /// Images per timed step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::common::positive_usize)]
     batch_size: usize,
     /// Untimed repetitions before timing.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Timed repetitions (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::common::positive_usize)]
     reps: usize,
     /// Also time each fused op against its stock version.
     #[arg(long)]

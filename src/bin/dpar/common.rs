@@ -78,6 +78,29 @@ impl DataArgs {
     }
 }
 
+/// A count flag that must be at least 1 (a clap value parser: the error names the flag).
+pub fn positive_usize(value: &str) -> std::result::Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// [`positive_usize`] for u64 flags (step counts).
+pub fn positive_u64(value: &str) -> std::result::Result<u64, String> {
+    positive_usize(value).map(|v| v as u64)
+}
+
+/// A rate that must be finite and > 0 (learning rates).
+pub fn positive_f64(value: &str) -> std::result::Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number > 0")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A model path flag: paths under `models/` are found from any working directory
 /// ([`dpar::home::locate`]); other paths are taken as given.
 pub fn model_path(value: &str) -> std::result::Result<PathBuf, String> {
@@ -282,6 +305,9 @@ pub fn export(args: ExportArgs) -> Result<()> {
         "bf16" => candle_core::DType::BF16,
         other => bail!("--dtype {other}: expected f32, f16 or bf16"),
     };
+    if dpar::models::kind_of(&file).is_none() {
+        bail!("--from {}: not a model weight file of this project (no embedded config with a kind)", file.display());
+    }
     let loaded = dpar::tensor_io::read_safetensors(&file, &candle_core::Device::Cpu)?;
     let mut tensors: Vec<(String, candle_core::Tensor)> = Vec::with_capacity(loaded.tensors.len());
     // The largest finite value of the target type: anything beyond would become ±inf.
@@ -304,7 +330,8 @@ pub fn export(args: ExportArgs) -> Result<()> {
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta: std::collections::BTreeMap<String, String> = loaded.metadata.into_iter().collect();
-    dpar::tensor_io::write_safetensors(&args.to, &tensors, &meta)?;
+    dpar::tensor_io::write_safetensors(&args.to, &tensors, &meta)
+        .with_context(|| format!("--to {}", args.to.display()))?;
     let size = std::fs::metadata(&args.to).map(|m| m.len()).unwrap_or(0);
     println!("wrote {} ({} tensors as {}, {:.1} MB)", args.to.display(), tensors.len(), args.dtype, size as f64 / 1e6);
     if let Some(parent) = args.to.parent() {

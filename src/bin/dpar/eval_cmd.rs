@@ -38,7 +38,7 @@ pub struct FidArgs {
     #[arg(long = "ref")]
     reference: PathBuf,
     /// Images per InceptionV3 forward pass.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = crate::common::positive_usize)]
     batch: usize,
     /// Also the Inception Score from the logits (1008-way softmax, 10 splits).
     #[arg(long)]
@@ -66,7 +66,7 @@ pub struct TrainClassifierArgs {
     #[arg(long, default_value = "runs/classifier")]
     out: PathBuf,
     /// Training steps.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 3000, value_parser = crate::common::positive_u64)]
     steps: u64,
     /// Seed of the initial weights and the batch order.
     #[arg(long, default_value_t = 0)]
@@ -109,7 +109,7 @@ pub struct SamplesArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Use at most this many samples (and as many reference images).
-    #[arg(long, default_value_t = 10000)]
+    #[arg(long, default_value_t = 10000, value_parser = crate::common::positive_usize)]
     n: usize,
     #[command(flatten)]
     common: Common,
@@ -118,7 +118,7 @@ pub struct SamplesArgs {
 #[derive(Args)]
 pub struct RealArgs {
     /// Real training images to score (and as many reference images).
-    #[arg(long, default_value_t = 10000)]
+    #[arg(long, default_value_t = 10000, value_parser = crate::common::positive_usize)]
     n: usize,
     #[command(flatten)]
     common: Common,

@@ -37,10 +37,10 @@ pub struct ExperimentArgs {
     #[arg(long, default_value = "runs/experiments")]
     pub out: PathBuf,
     /// Samples per quality measurement (and test images as reference).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_usize)]
     pub samples: Option<usize>,
     /// Images generated together while sampling.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::common::positive_usize)]
     pub sample_batch: usize,
     /// Classifier-free guidance scale for sampling.
     #[arg(long, default_value_t = 2.0)]
@@ -105,22 +105,22 @@ pub struct AblateArgs {
     #[command(flatten)]
     exp: ExperimentArgs,
     /// Training steps of each ablation model (default: the ablation scale's).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_u64)]
     steps: Option<u64>,
     /// Seeds: every row trains one model per seed and reports mean ± half-range.
     #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1])]
     seeds: Vec<u64>,
     /// Width of the ablation models (default: the ablation scale's).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_usize)]
     dim: Option<usize>,
     /// Depth of the ablation models as encoder+global+decoder, e.g. 1+3+1.
     #[arg(long)]
     layers: Option<String>,
     /// Images per training step of the ablation models (default: the ablation scale's, 16).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_usize)]
     batch_size: Option<usize>,
     /// Peak learning rate of the ablation models (default: the ablation scale's, 2e-3).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_f64)]
     lr: Option<f64>,
     /// Mean patch length the main setting targets (θ is calibrated for it).
     #[arg(long, default_value_t = 1.8)]
@@ -318,7 +318,7 @@ pub fn side_by_side(args: SideBySideArgs) -> Result<()> {
     for (runs, what) in [(&args.gpt_runs, "baseline"), (&args.dpar_runs, "DPAR")] {
         for run in runs {
             if !run.join("model.safetensors").is_file() {
-                anyhow::bail!("{}: no trained {what} here; train the runs with scripts/train-mnist (same data and epochs) or `dpar train`", run.display());
+                anyhow::bail!("{} (--{}-run): no trained {what} here; train the runs with scripts/train-mnist (same data and epochs) or `dpar train`", run.display(), if what == "DPAR" { "dpar" } else { "gpt" });
             }
         }
     }

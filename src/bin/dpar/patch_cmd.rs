@@ -27,7 +27,7 @@ pub struct ComputeArgs {
     #[arg(long, default_values = ["data/codes/train", "data/codes/test"])]
     codes: Vec<PathBuf>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = crate::common::positive_usize)]
     batch: usize,
     #[command(flatten)]
     device: DeviceArgs,

@@ -35,7 +35,7 @@ pub struct SampleArgs {
     #[arg(long)]
     pub classes: Option<String>,
     /// Images per class (one grid row per class).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::common::positive_usize)]
     pub per_class: usize,
     /// Classifier-free guidance scale (1 = none).
     #[arg(long, default_value_t = 2.0, allow_negative_numbers = true)]
@@ -51,14 +51,14 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Images generated together.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::common::positive_usize)]
     pub batch_size: usize,
     /// Output folder (samples.png, codes.safetensors, sample.json).
     #[arg(long, default_value = "out/samples")]
     pub out: PathBuf,
     /// Refuse to draw more images than this in one call (a guard against a slip such as
     /// `--per-class 100000`; raise it on purpose for large sample sets).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = crate::common::positive_usize)]
     pub max_images: usize,
     /// DPAR: the entropy model that decides patches while sampling. Default: the one the model
     /// was trained with (by hash), found beside the model, in models/mnist/entropy or in

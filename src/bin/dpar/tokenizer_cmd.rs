@@ -35,13 +35,13 @@ pub struct TrainArgs {
     #[arg(long, default_value = "runs/tokenizer")]
     out: PathBuf,
     /// Optimiser steps (the default is the shipped MNIST tokenizer's recipe).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1500, value_parser = crate::common::positive_u64)]
     steps: u64,
     /// Images per step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::common::positive_usize)]
     batch_size: usize,
     /// AdamW learning rate (constant).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = crate::common::positive_f64)]
     lr: f64,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.0)]
@@ -50,22 +50,22 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use only the first N training images.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_usize)]
     max_images: Option<usize>,
     /// Restart unused codes every N steps (0: never).
     #[arg(long, default_value_t = 100)]
     restart_every: u64,
     /// Save the checkpoint every N steps.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 250, value_parser = crate::common::positive_u64)]
     checkpoint_every: u64,
     /// Log a line to log.jsonl every N steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::common::positive_u64)]
     log_every: u64,
     /// Validation (test split) every N steps (0: only at the end).
     #[arg(long, default_value_t = 500)]
     eval_every: u64,
     /// Test images used for validation.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = crate::common::positive_usize)]
     val_images: usize,
     /// Continue from the run folder's checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
@@ -93,7 +93,7 @@ pub struct ReconstructArgs {
     #[arg(long, default_value = "test")]
     split: String,
     /// Number of images.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::common::positive_usize)]
     n: usize,
     /// Output PNG (relative to the working directory, never inside the model's folder).
     #[arg(long, default_value = "out/reconstruction.png")]
@@ -119,7 +119,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "test")]
     split: String,
     /// Measure the first N images.
-    #[arg(long, default_value_t = 10000)]
+    #[arg(long, default_value_t = 10000, value_parser = crate::common::positive_usize)]
     max_images: usize,
     /// Also write the report as JSON here (it names the tokenizer and the data it measured).
     /// Nothing is written into the tokenizer's folder.
@@ -168,13 +168,13 @@ pub struct TokenizeArgs {
     #[arg(long, default_value_t = 1.1, requires = "ten_crop")]
     crop_range: f64,
     /// Images per shard file.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = crate::common::positive_usize)]
     shard_size: usize,
     /// Use only the first N images (default: all).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::common::positive_usize)]
     max_images: Option<usize>,
     /// Images encoded together.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::common::positive_usize)]
     batch: usize,
 }
 
@@ -279,9 +279,6 @@ fn write_reconstruction(
 }
 
 fn reconstruct(args: ReconstructArgs) -> Result<()> {
-    if args.n == 0 {
-        bail!("--n 0: there is nothing to reconstruct; give at least 1");
-    }
     let device = args.device.device()?;
     let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     tok.check_batch_memory(args.n.min(dpar::tokenizer::train::EVAL_BATCH))?;
@@ -295,9 +292,6 @@ fn reconstruct(args: ReconstructArgs) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    if args.max_images == 0 {
-        bail!("--max-images 0: there is nothing to evaluate; give at least 1");
-    }
     let device = args.device.device()?;
     let tok = dpar::models::tokenizer(&args.tokenizer, args.tokenizer_preset.as_deref(), &device)?;
     tok.check_batch_memory(args.max_images.min(dpar::tokenizer::train::EVAL_BATCH))?;
@@ -344,15 +338,6 @@ pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     } else {
         size
     };
-    if args.batch == 0 {
-        bail!("--batch 0: images are encoded in batches of at least 1");
-    }
-    if args.shard_size == 0 {
-        bail!("--shard-size 0: a shard holds at least 1 image");
-    }
-    if args.max_images == Some(0) {
-        bail!("--max-images 0: there is nothing to tokenize; give at least 1");
-    }
     tok.check_batch_memory(args.batch)?;
     let mut data = args.data.load(&args.split, load_size, tok.config.in_channels, args.max_images)?;
     let flip = args.flip || args.ten_crop;
