@@ -48,7 +48,7 @@ fn impossible_hyper_parameters_are_rejected() {
         out.path().to_str().unwrap(),
     ]);
     assert!(!ok);
-    assert!(text.contains("learning rate must be finite and > 0"), "{text}");
+    assert!(text.contains("--lr") && text.contains("finite number > 0"), "{text}");
 }
 
 #[test]

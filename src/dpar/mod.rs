@@ -164,7 +164,7 @@ impl DparConfig {
             return bad("a DPAR model needs num_classes > 0".into());
         }
         let (d, v) = (self.dim as f64, self.vocab_size as f64);
-        let ffn = self.ffn_hidden.unwrap_or(4 * self.dim) as f64;
+        let ffn = self.ffn_hidden.map_or(4.0 * self.dim as f64, |h| h as f64);
         let layers = self.encoder_layers as f64 + self.global_layers as f64 + self.decoder_layers as f64;
         let params = layers * (6.0 * d * d + 3.0 * d * ffn) + 2.0 * v * d + (self.num_classes as f64 + 1.0) * d;
         crate::util::check_memory(

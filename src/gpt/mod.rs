@@ -148,7 +148,7 @@ impl GptConfig {
         }
         // Weights in f32, counted in f64 so that an absurd config cannot overflow.
         let (d, v) = (self.dim as f64, self.vocab_size as f64);
-        let ffn = self.ffn_hidden.unwrap_or(4 * self.dim) as f64;
+        let ffn = self.ffn_hidden.map_or(4.0 * self.dim as f64, |h| h as f64);
         let params =
             self.n_layer as f64 * (4.0 * d * d + 3.0 * d * ffn) + 2.0 * v * d + (self.num_classes as f64 + 1.0) * d;
         crate::util::check_memory(

@@ -305,9 +305,6 @@ pub fn export(args: ExportArgs) -> Result<()> {
         "bf16" => candle_core::DType::BF16,
         other => bail!("--dtype {other}: expected f32, f16 or bf16"),
     };
-    if dpar::models::kind_of(&file).is_none() {
-        bail!("--from {}: not a model weight file of this project (no embedded config with a kind)", file.display());
-    }
     let loaded = dpar::tensor_io::read_safetensors(&file, &candle_core::Device::Cpu)?;
     let mut tensors: Vec<(String, candle_core::Tensor)> = Vec::with_capacity(loaded.tensors.len());
     // The largest finite value of the target type: anything beyond would become ±inf.
