@@ -165,12 +165,13 @@ impl VqConfig {
             return bad("norm_groups must be > 0".into());
         }
         for &m in &self.ch_mult {
-            if !(self.ch * m).is_multiple_of(self.norm_groups) {
+            let Some(channels) = self.ch.checked_mul(m) else {
+                return bad(format!("channel count ch {} × {m} does not fit in a machine word", self.ch));
+            };
+            if !channels.is_multiple_of(self.norm_groups) {
                 return bad(format!(
-                    "channel count {} (ch {} × {m}) is not divisible by norm_groups {}",
-                    self.ch * m,
-                    self.ch,
-                    self.norm_groups
+                    "channel count {channels} (ch {} × {m}) is not divisible by norm_groups {}",
+                    self.ch, self.norm_groups
                 ));
             }
         }
