@@ -248,21 +248,112 @@ pub fn dpar_speed(
     })
 }
 
+/// What one image of a sampling run costs, counted on the lean decode steps (one decode
+/// group of the run, on one thread): GEMM and attention FLOPs, and the bytes of weights and of
+/// cached keys and values the steps read.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ImageCost {
+    pub gemm_flops: f64,
+    pub attention_flops: f64,
+    pub weight_bytes: f64,
+    pub kv_bytes: f64,
+}
+
+impl ImageCost {
+    pub fn flops(&self) -> f64 {
+        self.gemm_flops + self.attention_flops
+    }
+
+    pub fn bytes(&self) -> f64 {
+        self.weight_bytes + self.kv_bytes
+    }
+
+    /// The roofline bound (images/s) on a machine with `peak` FLOP/s and `bandwidth` B/s:
+    /// the slower of computing every product at the GEMM peak and streaming every byte from
+    /// main memory.
+    pub fn bound(&self, peak: f64, bandwidth: f64) -> f64 {
+        1.0 / (self.flops() / peak).max(self.bytes() / bandwidth)
+    }
+
+    /// Counts one generation of `images` images run by `generate` on this thread.
+    fn count(images: usize, generate: impl FnOnce() -> Result<()>) -> Result<Self> {
+        crate::kernels::matmul::take_flop_count();
+        crate::kernels::take_traffic();
+        crate::kernels::serial(generate)?;
+        let flops = crate::kernels::matmul::take_flop_count() as f64;
+        let t = crate::kernels::take_traffic();
+        let n = images as f64;
+        Ok(Self {
+            gemm_flops: flops / n,
+            attention_flops: t.attention_flops as f64 / n,
+            weight_bytes: t.weight_bytes as f64 / n,
+            kv_bytes: t.kv_bytes as f64 / n,
+        })
+    }
+}
+
+/// The machine's limits, measured in the same sitting as the sampling curve.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Machine {
+    /// STREAM-style triad `a = b + s·c` over arrays far larger than the caches, all threads, B/s
+    /// (12 bytes per element: two reads and a write).
+    pub triad_bytes_per_s: f64,
+    /// Our GEMMs at 1024³, FLOP/s, f32 and bf16.
+    pub gemm_f32_flops: f64,
+    pub gemm_bf16_flops: f64,
+    pub threads: usize,
+}
+
+/// Measures [`Machine`]: the best of `reps` triads over 3 × 64 MiB, and the 1024³ GEMMs.
+pub fn machine(reps: usize) -> Machine {
+    use rayon::prelude::*;
+    let n = 1 << 24;
+    let b: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let c: Vec<f32> = (0..n).map(|i| (i % 5) as f32).collect();
+    let mut a = vec![0f32; n];
+    let chunk = n / (4 * rayon::current_num_threads()).max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(3) {
+        let t = Instant::now();
+        a.par_chunks_mut(chunk).zip(b.par_chunks(chunk)).zip(c.par_chunks(chunk)).for_each(|((a, b), c)| {
+            for ((a, &b), &c) in a.iter_mut().zip(b).zip(c) {
+                *a = b + 3.0 * c;
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&a);
+    let gemm = gemm_1024(reps.max(3));
+    Machine {
+        triad_bytes_per_s: 12.0 * n as f64 / best,
+        gemm_f32_flops: gemm[0].1 * 1e9,
+        gemm_bf16_flops: gemm[1].1 * 1e9,
+        threads: rayon::current_num_threads(),
+    }
+}
+
 /// Sampling speed of the baseline and of DPAR at one batch size.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SamplingRow {
     pub batch: usize,
+    /// KV-cache precision of the run.
+    pub kv_cache: crate::nn::KvPrecision,
     pub gpt_images_per_s: f64,
     pub dpar_images_per_s: f64,
     /// Patch-transformer steps per image (the baseline's transformer takes L).
     pub dpar_steps_per_image: f64,
+    pub gpt_cost: ImageCost,
+    pub dpar_cost: ImageCost,
+    /// Roofline bounds (images/s) on [`Machine`], at the GEMM peak of each model's precision.
+    pub gpt_bound: f64,
+    pub dpar_bound: f64,
 }
 
-/// Median wall time (ms) of `f`, repeated until `reps` runs or about a second has passed.
-fn time_for_a_second(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median wall time (ms) of `f`, repeated until `reps` runs or about four seconds have passed.
+fn time_for_seconds(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let start = Instant::now();
     let mut times = Vec::new();
-    while times.is_empty() || (times.len() < reps && start.elapsed().as_secs_f64() < 1.0) {
+    while times.is_empty() || (times.len() < reps && start.elapsed().as_secs_f64() < 4.0) {
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -272,7 +363,8 @@ fn time_for_a_second(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f
 
 /// Images per second of whole generations with the baseline and with DPAR (the default path of
 /// `dpar sample`: lean steps on the CPU) at each batch size, classes cycling through the
-/// model's, one untimed generation first.
+/// model's, one untimed generation first; with each image's cost counted (one decode group) and
+/// its roofline bound on `machine`.
 #[allow(clippy::too_many_arguments)]
 pub fn sampling_curve(
     gpt: &Gpt,
@@ -282,6 +374,7 @@ pub fn sampling_curve(
     patch: &crate::patching::PatchConfig,
     batches: &[usize],
     reps: usize,
+    machine: Option<&Machine>,
     device: &Device,
 ) -> Result<Vec<SamplingRow>> {
     let bad = |e: String| BenchError::Bad(e);
@@ -293,47 +386,115 @@ pub fn sampling_curve(
     let run_dpar = |labels: &[u32]| {
         crate::dpar::generate::generate(dpar, entropy, labels, sampling, patch, device).map_err(|e| bad(e.to_string()))
     };
+    let bound = |cost: &ImageCost, ops: crate::nn::Ops| match machine {
+        Some(m) => cost.bound(
+            match ops.gemm() {
+                crate::kernels::matmul::Gemm::Bf16 => m.gemm_bf16_flops,
+                crate::kernels::matmul::Gemm::F32 => m.gemm_f32_flops,
+            },
+            m.triad_bytes_per_s,
+        ),
+        None => f64::NAN,
+    };
     run_gpt(&labels_of(1))?;
     run_dpar(&labels_of(1))?;
     let mut rows = Vec::with_capacity(batches.len());
     for &b in batches {
         let labels = labels_of(b);
-        let gpt_ms = time_for_a_second(reps, || run_gpt(&labels))?;
+        let gpt_ms = time_for_seconds(reps, || run_gpt(&labels))?;
         let mut steps = 0.0;
-        let dpar_ms = time_for_a_second(reps, || {
+        let dpar_ms = time_for_seconds(reps, || {
             let out = run_dpar(&labels)?;
             steps = out.global_steps().iter().sum::<usize>() as f64 / b as f64;
             Ok(())
         })?;
-        tracing::info!(
-            "batch {b}: baseline {:.1} images/s, DPAR {:.1} images/s",
-            b as f64 / gpt_ms * 1e3,
-            b as f64 / dpar_ms * 1e3
-        );
-        rows.push(SamplingRow {
+        // The lean steps' costs (the tensor path on other devices is not counted).
+        let (mut gpt_cost, mut dpar_cost) = (ImageCost::default(), ImageCost::default());
+        if machine.is_some() {
+            // Two images (one group), counted on this thread. The roofline's weight bytes
+            // are those of a batch run in lockstep (each weight read once per step for all b
+            // images), whatever groups the run used.
+            let counted = labels_of(b.min(2));
+            let g = counted.len() as f64;
+            gpt_cost = ImageCost::count(counted.len(), || run_gpt(&counted))?;
+            dpar_cost = ImageCost::count(counted.len(), || run_dpar(&counted).map(|_| ()))?;
+            gpt_cost.weight_bytes *= g / b as f64;
+            dpar_cost.weight_bytes *= g / b as f64;
+        }
+        let row = SamplingRow {
             batch: b,
+            kv_cache: sampling.kv_cache,
             gpt_images_per_s: b as f64 / gpt_ms * 1e3,
             dpar_images_per_s: b as f64 / dpar_ms * 1e3,
             dpar_steps_per_image: steps,
-        });
+            gpt_bound: bound(&gpt_cost, gpt.config().ops),
+            dpar_bound: bound(&dpar_cost, dpar.config().ops),
+            gpt_cost,
+            dpar_cost,
+        };
+        tracing::info!(
+            "batch {b} ({} KV cache): baseline {:.1} images/s ({:.0}% of its bound), DPAR {:.1} images/s ({:.0}%)",
+            sampling.kv_cache.name(),
+            row.gpt_images_per_s,
+            100.0 * row.gpt_images_per_s / row.gpt_bound,
+            row.dpar_images_per_s,
+            100.0 * row.dpar_images_per_s / row.dpar_bound
+        );
+        rows.push(row);
     }
     Ok(rows)
 }
 
-/// The sampling curve as a markdown table.
+/// The sampling curve as a markdown table: speed, and each model's counted cost per image with
+/// its roofline bound and the fraction of it reached.
 pub fn sampling_markdown(rows: &[SamplingRow], codes_per_image: usize) -> String {
-    let mut s = format!("| batch | baseline images/s | DPAR images/s | DPAR ÷ baseline | patch-transformer steps per image (baseline: {codes_per_image}) |\n|---|---|---|---|---|\n");
+    let mut s = format!(
+        "| batch | KV cache | baseline images/s | DPAR images/s | DPAR ÷ baseline | patch-transformer steps per image (baseline: {codes_per_image}) |\n|---|---|---|---|---|---|\n"
+    );
     for r in rows {
         s += &format!(
-            "| {} | {:.1} | {:.1} | {:.2}× | {:.1} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.2}× | {:.1} |\n",
             r.batch,
+            r.kv_cache.name(),
             r.gpt_images_per_s,
             r.dpar_images_per_s,
             r.dpar_images_per_s / r.gpt_images_per_s,
             r.dpar_steps_per_image
         );
     }
+    s += "\n| batch | KV cache | model | GFLOP per image (GEMM + attention) | MB per image (weights + KV) | roofline bound images/s | reached |\n|---|---|---|---|---|---|---|\n";
+    for r in rows {
+        for (name, cost, bound, got) in [
+            ("baseline", &r.gpt_cost, r.gpt_bound, r.gpt_images_per_s),
+            ("DPAR", &r.dpar_cost, r.dpar_bound, r.dpar_images_per_s),
+        ] {
+            s += &format!(
+                "| {} | {} | {name} | {:.2} ({:.2} + {:.2}) | {:.0} ({:.0} + {:.0}) | {:.1} | {:.0}% |\n",
+                r.batch,
+                r.kv_cache.name(),
+                cost.flops() / 1e9,
+                cost.gemm_flops / 1e9,
+                cost.attention_flops / 1e9,
+                cost.bytes() / 1e6,
+                cost.weight_bytes / 1e6,
+                cost.kv_bytes / 1e6,
+                bound,
+                100.0 * got / bound
+            );
+        }
+    }
     s
+}
+
+/// The machine line under the sampling tables.
+pub fn machine_line(m: &Machine) -> String {
+    format!(
+        "machine: triad {:.1} GB/s, GEMM 1024³ {:.0} GFLOP/s f32 / {:.0} bf16, {} threads; bound = 1 / max(FLOPs ÷ GEMM peak, bytes ÷ triad bandwidth)",
+        m.triad_bytes_per_s / 1e9,
+        m.gemm_f32_flops / 1e9,
+        m.gemm_bf16_flops / 1e9,
+        m.threads
+    )
 }
 
 /// One fused op against its stock composed version on the bench shapes.

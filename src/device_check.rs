@@ -375,7 +375,7 @@ pub fn sampling(device: &Device, batch: usize, cfg: f64, quick: bool) -> Result<
     randomise_heads(&estore, 1.0)?;
     let sampling = crate::sample::SamplingConfig { cfg_scale: cfg, seed: 0, ..Default::default() };
     let patch = crate::patching::PatchConfig::dpar(((dpar.vocab_size as f64).ln() - 0.35).max(0.0), 4);
-    let rows = crate::bench::sampling_curve(&g, &d, &e, &sampling, &patch, &[batch], 1, device)?;
+    let rows = crate::bench::sampling_curve(&g, &d, &e, &sampling, &patch, &[batch], 1, None, device)?;
     let r = rows.into_iter().next().ok_or_else(|| bad("no sampling row"))?;
     Ok(SamplingRow {
         batch,

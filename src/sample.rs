@@ -62,11 +62,18 @@ pub struct SamplingConfig {
     /// Keep the smallest prefix of the sorted distribution whose mass exceeds p (1 = off).
     pub top_p: f64,
     pub seed: u64,
+    /// Precision of the KV caches of the lean CPU decode steps (`f32` when absent).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub kv_cache: crate::nn::KvPrecision,
+}
+
+fn is_f32(p: &crate::nn::KvPrecision) -> bool {
+    *p == crate::nn::KvPrecision::F32
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { cfg_scale: 2.0, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self { cfg_scale: 2.0, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0, kv_cache: Default::default() }
     }
 }
 
@@ -154,10 +161,134 @@ pub fn draw(filtered_logits: &[f32], u: f64) -> u32 {
     last_kept as u32
 }
 
-/// The uniforms that drive the draws of `images × codes` samples.
+/// The uniforms that drive the draws of `images × codes` samples: image i's come from its own
+/// stream, seeded with `seed + i`. So an image's codes depend on its own seed only, never on
+/// the batch it was drawn in (image i of a batch with seed s is the lone image of seed s + i),
+/// and a batch can be split into groups (or joined by other requests) freely.
 pub fn uniforms(seed: u64, images: usize, codes: usize) -> Vec<f64> {
-    let mut rng = crate::util::rng_for(seed, "sample-draws", 0);
-    (0..images * codes).map(|_| rng.random::<f64>()).collect()
+    let mut u = Vec::with_capacity(images * codes);
+    for i in 0..images {
+        let mut rng = crate::util::rng_for(seed.wrapping_add(i as u64), "sample-draws", 0);
+        u.extend((0..codes).map(|_| rng.random::<f64>()));
+    }
+    u
+}
+
+/// The images of a batch split into decode groups: contiguous ranges, run side by side on the
+/// cores, each one a whole generation of its own (images are independent: their codes depend
+/// on their own seeds, and every per-row operation of a decode step is the same at any batch
+/// size). `group` images per range (the last one shorter); a group small enough that its KV
+/// caches stay in the CPU's caches keeps the step off main memory (design §6, "Sampling cost").
+pub fn decode_groups(images: usize, group: usize) -> Vec<std::ops::Range<usize>> {
+    let threads = crate::kernels::threads().max(1);
+    // As few groups of at most `group` as keep every thread busy, in a multiple of the threads
+    // where the images allow it, all of nearly the same size.
+    let count = images.div_ceil(group.max(1)).div_ceil(threads) * threads;
+    let count = count.clamp(1, images.max(1));
+    let size = images.div_ceil(count);
+    (0..images).step_by(size.max(1)).map(|a| a..(a + size).min(images)).collect()
+}
+
+/// Images per decode group of the lean CPU paths for a model of `weight_bytes` whose KV caches
+/// take `kv_bytes_per_image` at full length: `DPAR_DECODE_GROUP` if set (to measure), else
+/// [`decode_group_for`] on this CPU's last-level cache.
+pub fn decode_group(weight_bytes: usize, kv_bytes_per_image: usize) -> usize {
+    std::env::var("DPAR_DECODE_GROUP").ok().and_then(|v| v.parse().ok()).filter(|&g| g > 0).unwrap_or_else(|| {
+        decode_group_for(weight_bytes, kv_bytes_per_image, last_level_cache(), crate::kernels::threads())
+    })
+}
+
+/// The group rule (design §6, "Sampling cost"). While the weights fit in half the last-level
+/// cache `llc`, a step's products read them from the cache at any group size, and what must stay
+/// close is the group's KV caches: each thread gets a quarter of what the weights leave, and a
+/// group fills it (at least 2 images, whose rows keep the step products from being
+/// matrix-vector products; at most 16). Measured on the shipped MNIST models: groups of 2
+/// (f32 cache) and 2–4 (bf16) beat 1, 8 and the whole batch (docs/speed.md). A model whose weights do not fit streams them
+/// from memory at every step: then the larger the group, the fewer times they are read, and one
+/// group per thread is best ([`usize::MAX`]: [`decode_groups`] splits the batch evenly).
+pub fn decode_group_for(weight_bytes: usize, kv_bytes_per_image: usize, llc: usize, threads: usize) -> usize {
+    if weight_bytes > llc / 2 {
+        return usize::MAX;
+    }
+    let share = (llc - weight_bytes) / threads.max(1) / 4;
+    (share / kv_bytes_per_image.max(1)).clamp(2, 16)
+}
+
+/// The CPU's last-level cache in bytes (Linux sysfs; 32 MiB where it cannot be read).
+pub fn last_level_cache() -> usize {
+    static LLC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LLC.get_or_init(|| {
+        let read = |i: usize| -> Option<usize> {
+            let text = std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok()?;
+            let t = text.trim();
+            let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+            let n: usize = num.parse().ok()?;
+            Some(match unit {
+                "K" => n << 10,
+                "M" => n << 20,
+                _ => n,
+            })
+        };
+        (0..8).filter_map(read).max().unwrap_or(32 << 20)
+    })
+}
+
+/// Bytes of f32 weights and of one image's KV caches at full length for a GPT sampled with
+/// `guided` rows (2 with guidance) at cache precision `kv`.
+pub fn gpt_decode_sizes(c: &crate::gpt::GptConfig, rows: usize, kv: crate::nn::KvPrecision) -> (usize, usize) {
+    let weights = 4 * (c.n_layer * (4 * c.dim * c.dim + 3 * c.dim * c.hidden()) + c.vocab_size * c.dim);
+    let cache = rows * c.n_layer * c.input_len() * 2 * c.dim * kv.bytes();
+    (weights, cache)
+}
+
+/// Runs `work(range)` for every group of `groups` on up to [`crate::kernels::threads`] worker
+/// threads (each group on one thread, its kernels serial) and returns the results in group
+/// order. One group runs on the calling thread with the pool free to its kernels.
+pub fn run_groups<T: Send, E: Send>(
+    groups: &[std::ops::Range<usize>],
+    work: impl Fn(std::ops::Range<usize>) -> std::result::Result<T, E> + Sync,
+) -> std::result::Result<Vec<T>, E> {
+    let workers = crate::kernels::threads().min(groups.len());
+    if workers <= 1 {
+        return groups.iter().map(|g| work(g.clone())).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let mut slots: Vec<Option<std::result::Result<T, E>>> = (0..groups.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, std::result::Result<T, E>)>> = std::thread::scope(|scope| {
+        let run = || {
+            crate::kernels::serial(|| {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= groups.len() || failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let out = work(groups[i].clone());
+                    if out.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    mine.push((i, out));
+                }
+                mine
+            })
+        };
+        let handles: Vec<_> = (1..workers).map(|_| scope.spawn(run)).collect();
+        let mut all = vec![run()];
+        for h in handles {
+            all.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        all
+    });
+    for (i, out) in done.into_iter().flatten() {
+        slots[i] = Some(out);
+    }
+    // A failed group stops the others from starting new ones; its error is returned.
+    let mut out = Vec::with_capacity(groups.len());
+    for r in slots.into_iter().flatten() {
+        out.push(r?);
+    }
+    Ok(out)
 }
 
 /// Picks one code per image from model logits (B or 2B rows when guided).
@@ -305,7 +436,7 @@ fn generate_gpt_lean_observed(
     model: &Gpt,
     labels: &[u32],
     config: &SamplingConfig,
-    mut observer: Observer,
+    observer: Observer,
 ) -> Result<Vec<Vec<u32>>> {
     config.validate()?;
     let c = model.config();
@@ -314,6 +445,42 @@ fn generate_gpt_lean_observed(
             "the lean decode step follows the fused kernels; sample a stock-ops model with generate_gpt".into(),
         ));
     }
+    // The weights, copied out of the tensors once for every group.
+    let weights = crate::gpt::decode::LeanDecoder::with_cache(model, 0, config.kv_cache)?;
+    if observer.is_some() {
+        return generate_gpt_lean_group(model, &weights, labels, config, observer);
+    }
+    let rows = if config.uses_guidance() { 2 } else { 1 };
+    let (wb, kb) = gpt_decode_sizes(c, rows, config.kv_cache);
+    generate_gpt_grouped(model, &weights, labels, config, decode_group(wb, kb))
+}
+
+/// [`generate_gpt_lean`] in decode groups of `group` images (see [`decode_groups`]).
+pub(crate) fn generate_gpt_grouped(
+    model: &Gpt,
+    weights: &crate::gpt::decode::LeanDecoder,
+    labels: &[u32],
+    config: &SamplingConfig,
+    group: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let groups = decode_groups(labels.len(), group);
+    let parts = run_groups(&groups, |g| {
+        let cfg = SamplingConfig { seed: config.seed.wrapping_add(g.start as u64), ..config.clone() };
+        generate_gpt_lean_group(model, weights, &labels[g], &cfg, None)
+    })?;
+    Ok(parts.into_iter().flatten().collect())
+}
+
+/// One decode group of [`generate_gpt_lean`]: all of `labels` in lockstep, with the weights of
+/// `weights`.
+fn generate_gpt_lean_group(
+    model: &Gpt,
+    weights: &crate::gpt::decode::LeanDecoder,
+    labels: &[u32],
+    config: &SamplingConfig,
+    mut observer: Observer,
+) -> Result<Vec<Vec<u32>>> {
+    let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
     let u = uniforms(config.seed, b, l);
     let guided = config.uses_guidance() && c.cls_token_num == 1;
@@ -321,7 +488,7 @@ fn generate_gpt_lean_observed(
     if guided {
         all.extend(std::iter::repeat_n(c.num_classes as u32, b));
     }
-    let mut decoder = crate::gpt::decode::LeanDecoder::new(model, all.len())?;
+    let mut decoder = weights.sharing(all.len(), config.kv_cache);
     let v = c.vocab_size;
     let mut out = vec![Vec::with_capacity(l); b];
     let mut feed = vec![0u32; all.len()];
@@ -516,6 +683,63 @@ mod tests {
             got = lean.step(&codes).unwrap().to_vec();
         }
         assert!(lean.step(&[0]).is_err(), "a wrong batch is refused");
+    }
+
+    /// An image's codes depend on its seed only: in any batch, split into decode groups of any
+    /// size (run side by side on the threads), image i of a batch with seed s gets the codes it
+    /// gets alone with seed s + i. With and without guidance, f32 and bf16 caches (each compared
+    /// with itself), fused and bf16 kernels.
+    #[test]
+    fn batched_generation_gives_each_image_the_codes_it_gets_alone() {
+        let (m0, _s) = model(4);
+        for ops in [crate::nn::Ops::Fused, crate::nn::Ops::Bf16] {
+            let store = ParamStore::new(4, &Device::Cpu);
+            let m = Gpt::new(&m0.config().clone().with(|it| it.ops = ops), &store.root()).unwrap();
+            let labels = [2u32, 0, 1, 1, 2, 0, 1];
+            for cfg_scale in [1.0, 2.0] {
+                for kv in [crate::nn::KvPrecision::F32, crate::nn::KvPrecision::Bf16] {
+                    let config = SamplingConfig { cfg_scale, seed: 40, kv_cache: kv, ..Default::default() };
+                    let weights = crate::gpt::decode::LeanDecoder::with_cache(&m, 0, kv).unwrap();
+                    let alone: Vec<Vec<u32>> = (0..labels.len())
+                        .map(|i| {
+                            let c = SamplingConfig { seed: 40 + i as u64, ..config.clone() };
+                            generate_gpt_grouped(&m, &weights, &labels[i..i + 1], &c, 1).unwrap().remove(0)
+                        })
+                        .collect();
+                    for batch in [2, 5, 7] {
+                        for group in [1, 2, 3, 7] {
+                            let got = generate_gpt_grouped(&m, &weights, &labels[..batch], &config, group).unwrap();
+                            assert_eq!(
+                                got,
+                                alone[..batch],
+                                "{ops:?} cfg {cfg_scale} {kv:?} batch {batch} group {group}"
+                            );
+                        }
+                    }
+                    // The public entry point too (its own group rule).
+                    assert_eq!(generate_gpt(&m, &labels, &config, &Device::Cpu).unwrap(), alone);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_groups_cover_the_batch_evenly() {
+        for images in [1, 2, 5, 16, 100] {
+            for group in [1, 2, 4, 8, usize::MAX] {
+                let g = decode_groups(images, group);
+                assert_eq!(g.first().unwrap().start, 0);
+                assert_eq!(g.last().unwrap().end, images);
+                assert!(g.windows(2).all(|w| w[0].end == w[1].start));
+                let (lo, hi) = (g.iter().map(|r| r.len()).min().unwrap(), g.iter().map(|r| r.len()).max().unwrap());
+                assert!(hi <= group.max(lo) && hi - lo <= hi.div_ceil(2), "{images} {group}: {g:?}");
+            }
+        }
+        // Weights that fit in the cache: groups sized by the KV share; weights that do not: one
+        // group per thread.
+        assert_eq!(decode_group_for(6 << 20, 3 << 20, 32 << 20, 2), 2);
+        assert_eq!(decode_group_for(6 << 20, 1 << 18, 32 << 20, 2), 13);
+        assert_eq!(decode_group_for(400 << 20, 1 << 20, 32 << 20, 2), usize::MAX);
     }
 
     #[test]

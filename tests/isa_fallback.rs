@@ -6,7 +6,8 @@
 //! - the shipped GPT's and DPAR's fused forward (logits), f32 and bf16;
 //! - the fused training step of a small GPT and a small DPAR (loss and every gradient);
 //! - the lean decode step (logits of 40 steps of the GPT and of the entropy model);
-//! - the bf16 GEMM (AVX512-BF16 kernel against its fallback).
+//! - the bf16 GEMM (AVX512-BF16 kernel against its fallback);
+//! - the decode-step attention over ragged KV caches, f32 and bf16, against f64 (1e-5).
 //!
 //! One test, alone in this binary: capping the level is process-wide.
 
@@ -179,13 +180,21 @@ fn every_fallback_equals_the_fast_path() {
         [Level::Avx512, Level::Avx2, Level::Baseline].into_iter().filter(|&l| l <= detected).collect();
     eprintln!("levels on this CPU: {:?}", levels.iter().map(|l| l.name()).collect::<Vec<_>>());
     let mut runs = Vec::new();
+    let mut failures = Vec::new();
     for &level in &levels {
         assert_eq!(isa::set_max(level), level);
+        // The decode-step attention against its f64 reference, f32 and bf16 caches.
+        for kv in [dpar::nn::KvPrecision::F32, dpar::nn::KvPrecision::Bf16] {
+            let err = dpar::nn::attention::ragged_attention_error(kv, 5);
+            eprintln!("ragged attention, {} cache, {}: {err:.2e} from the f64 reference", kv.name(), level.name());
+            if err > 1e-5 {
+                failures.push(format!("ragged attention ({} cache) at {}: {err:e} > 1e-5", kv.name(), level.name()));
+            }
+        }
         runs.push((level, outputs()));
     }
     isa::set_max(Level::Avx512);
     let (fast_level, fast) = &runs[0];
-    let mut failures = Vec::new();
     for (level, other) in &runs[1..] {
         for ((name, want), (_, got)) in fast.iter().zip(other) {
             let err = max_rel(got, want);

@@ -104,7 +104,7 @@ pub(super) fn generate_lean_observed(
     labels: &[u32],
     sampling: &SamplingConfig,
     patch: &PatchConfig,
-    mut observer: crate::sample::Observer,
+    observer: crate::sample::Observer,
 ) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
@@ -113,7 +113,100 @@ pub(super) fn generate_lean_observed(
             "the lean decode step follows the fused kernels; sample a stock-ops model with generate_cached".into(),
         ));
     }
-    let gemm = c.ops.gemm();
+    let weights = Weights::new(model, entropy_model, sampling.kv_cache)?;
+    if observer.is_some() {
+        return generate_lean_group(model, &weights, labels, sampling, patch, observer);
+    }
+    // Images are independent (their own seeds, per-row arithmetic): decode groups side by side.
+    let rows = if sampling.uses_guidance() { 2 } else { 1 };
+    let (ew, ek) = crate::sample::gpt_decode_sizes(entropy_model.config(), 1, sampling.kv_cache);
+    let layers = c.global_layers + c.decoder_layers;
+    let per_layer = 4 * (4 * c.dim * c.dim + 3 * c.dim * c.hidden());
+    let weight_bytes = ew + per_layer * (layers + c.encoder_layers) + 4 * c.vocab_size * c.dim;
+    let cache = ek + (rows * layers + c.encoder_layers) * (c.seq_len() + 1) * 2 * c.dim * sampling.kv_cache.bytes();
+    generate_lean_grouped(model, &weights, labels, sampling, patch, crate::sample::decode_group(weight_bytes, cache))
+}
+
+/// [`generate_lean`] in decode groups of `group` images ([`crate::sample::decode_groups`]).
+fn generate_lean_grouped(
+    model: &Dpar,
+    weights: &Weights,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    group: usize,
+) -> Result<Generated> {
+    let groups = crate::sample::decode_groups(labels.len(), group);
+    let parts = crate::sample::run_groups(&groups, |g| {
+        let cfg = SamplingConfig { seed: sampling.seed.wrapping_add(g.start as u64), ..sampling.clone() };
+        generate_lean_group(model, weights, &labels[g], &cfg, patch, None)
+    })?;
+    let mut all = Generated { codes: Vec::with_capacity(labels.len()), lengths: Vec::with_capacity(labels.len()) };
+    for part in parts {
+        all.codes.extend(part.codes);
+        all.lengths.extend(part.lengths);
+    }
+    Ok(all)
+}
+
+/// Every weight of a lean DPAR generation, copied out of the tensors once and shared by the
+/// decode groups (stacks of zero rows whose blocks [`LeanStack::sharing`] hands on).
+struct Weights {
+    cls_table: Vec<f32>,
+    tok_table: Vec<f32>,
+    start_vector: Vec<f32>,
+    cross: Cross,
+    proj: Vec<(LeanNorm, LeanLinear)>,
+    norm: LeanNorm,
+    output: LeanLinear,
+    encoder: LeanStack,
+    global: LeanStack,
+    decoder: LeanStack,
+    entropy: LeanDecoder,
+}
+
+impl Weights {
+    fn new(model: &Dpar, entropy_model: &Gpt, kv: crate::nn::KvPrecision) -> Result<Self> {
+        let c = model.config();
+        let (gemm, dim, l) = (c.ops.gemm(), c.dim, c.seq_len());
+        Ok(Self {
+            cls_table: host(&model.cls_embedding)?,
+            tok_table: host(&model.tok_embeddings)?,
+            start_vector: host(&model.start)?,
+            cross: Cross {
+                norm_q: LeanNorm::from(&model.enc_cross.norm_q)?,
+                norm_kv: LeanNorm::from(&model.enc_cross.norm_kv)?,
+                wq: LeanLinear::from(&model.enc_cross.wq, gemm)?,
+                wk: LeanLinear::from(&model.enc_cross.wk, gemm)?,
+                wv: LeanLinear::from(&model.enc_cross.wv, gemm)?,
+                wo: LeanLinear::from(&model.enc_cross.wo, gemm)?,
+                heads: model.enc_cross.n_head,
+            },
+            proj: model
+                .dec_proj
+                .iter()
+                .map(|p| Ok((LeanNorm::from(&p.norm)?, LeanLinear::from(&p.wo, gemm)?)))
+                .collect::<Result<_>>()?,
+            norm: LeanNorm::from(&model.norm)?,
+            output: LeanLinear::from(&model.output, gemm)?,
+            encoder: LeanStack::with_cache(&model.enc_layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
+            global: LeanStack::with_cache(&model.layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
+            decoder: LeanStack::with_cache(&model.dec_layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
+            entropy: LeanDecoder::with_cache(entropy_model, 0, kv)?,
+        })
+    }
+}
+
+/// One decode group of [`generate_lean`]: all of `labels` in lockstep.
+fn generate_lean_group(
+    model: &Dpar,
+    w: &Weights,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    mut observer: crate::sample::Observer,
+) -> Result<Generated> {
+    let c = model.config();
     let (b, l, grid, dim, v) = (labels.len(), c.seq_len(), c.grid_size, c.dim, c.vocab_size);
     let half = c.head_dim() / 2;
     let guided = sampling.uses_guidance();
@@ -121,31 +214,14 @@ pub(super) fn generate_lean_observed(
     let all_rows: Vec<usize> = (0..rows).collect();
     let image_rows: Vec<usize> = (0..b).collect();
     let u = uniforms(sampling.seed, b, l);
-
-    let cls_table = host(&model.cls_embedding)?;
-    let tok_table = host(&model.tok_embeddings)?;
-    let start_vector = host(&model.start)?;
-    let cross = Cross {
-        norm_q: LeanNorm::from(&model.enc_cross.norm_q)?,
-        norm_kv: LeanNorm::from(&model.enc_cross.norm_kv)?,
-        wq: LeanLinear::from(&model.enc_cross.wq, gemm)?,
-        wk: LeanLinear::from(&model.enc_cross.wk, gemm)?,
-        wv: LeanLinear::from(&model.enc_cross.wv, gemm)?,
-        wo: LeanLinear::from(&model.enc_cross.wo, gemm)?,
-        heads: model.enc_cross.n_head,
-    };
-    let proj: Vec<(LeanNorm, LeanLinear)> = model
-        .dec_proj
-        .iter()
-        .map(|p| Ok((LeanNorm::from(&p.norm)?, LeanLinear::from(&p.wo, gemm)?)))
-        .collect::<Result<_>>()?;
-    let norm = LeanNorm::from(&model.norm)?;
-    let output = LeanLinear::from(&model.output, gemm)?;
-    let mut encoder = LeanStack::new(&model.enc_layers, dim, c.n_head, gemm, b, l + 1)?;
-    let mut global = LeanStack::new(&model.layers, dim, c.n_head, gemm, rows, l + 1)?;
-    let mut decoder = LeanStack::new(&model.dec_layers, dim, c.n_head, gemm, rows, l + 1)?;
-    let mut entropy = LeanDecoder::new(entropy_model, b)?;
-    let ev = entropy_model.config().vocab_size;
+    let (cls_table, tok_table, start_vector, cross, proj, norm, output) =
+        (&w.cls_table, &w.tok_table, &w.start_vector, &w.cross, &w.proj, &w.norm, &w.output);
+    let kv = sampling.kv_cache;
+    let mut encoder = w.encoder.sharing(b, l + 1, kv);
+    let mut global = w.global.sharing(rows, l + 1, kv);
+    let mut decoder = w.decoder.sharing(rows, l + 1, kv);
+    let mut entropy = w.entropy.sharing(b, kv);
+    let ev = w.entropy.vocab();
 
     let mut patchers = (0..b).map(|_| OnlinePatcher::new(*patch, grid)).collect::<std::result::Result<Vec<_>, _>>()?;
     for p in &mut patchers {
@@ -181,7 +257,7 @@ pub(super) fn generate_lean_observed(
     global.step(&mut g, &all_rows, &zeros, &zeros, None)?;
     inject(&g, &mut injections, &mut normed);
     for row in y.chunks_mut(dim) {
-        row.copy_from_slice(&start_vector);
+        row.copy_from_slice(start_vector);
     }
     decoder.step(&mut y, &all_rows, &dec_cos[..half], &dec_sin[..half], Some(&injections))?;
     norm.run(&y, &mut yn);
@@ -300,6 +376,47 @@ mod tests {
                 assert_eq!(generate(&m, &e, &labels, &sampling, &patch, &Device::Cpu).unwrap(), lean);
                 let steps = lean.global_steps();
                 assert!(steps.iter().any(|&s| s > 1 && s < 16), "no patch of several codes: {steps:?}");
+            }
+        }
+    }
+
+    /// An image's codes and patches depend on its seed only: in any batch and any decode
+    /// groups, image i of a batch with seed s gets what it gets alone with seed s + i. With and
+    /// without guidance, f32 and bf16 caches (each compared with itself).
+    #[test]
+    fn batched_generation_gives_each_image_the_codes_and_patches_it_gets_alone() {
+        let config = tiny();
+        let store = ParamStore::new(23, &Device::Cpu);
+        let m = Dpar::new(&config, &store.root()).unwrap();
+        for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
+            let var = store.var(name).unwrap();
+            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let (e, _es) = entropy_model(24);
+        let labels = [2u32, 0, 1, 1, 2, 0];
+        let patch = PatchConfig::dpar(2.5, 4);
+        for cfg_scale in [1.0, 2.0] {
+            for kv in [crate::nn::KvPrecision::F32, crate::nn::KvPrecision::Bf16] {
+                let sampling = SamplingConfig { cfg_scale, seed: 70, kv_cache: kv, ..Default::default() };
+                let w = Weights::new(&m, &e, kv).unwrap();
+                let alone: Vec<Generated> = (0..labels.len())
+                    .map(|i| {
+                        let s = SamplingConfig { seed: 70 + i as u64, ..sampling.clone() };
+                        generate_lean_grouped(&m, &w, &labels[i..i + 1], &s, &patch, 1).unwrap()
+                    })
+                    .collect();
+                let want = |n: usize| Generated {
+                    codes: alone[..n].iter().map(|g| g.codes[0].clone()).collect(),
+                    lengths: alone[..n].iter().map(|g| g.lengths[0].clone()).collect(),
+                };
+                for batch in [2, 3, 6] {
+                    for group in [1, 2, 4, 6] {
+                        let got = generate_lean_grouped(&m, &w, &labels[..batch], &sampling, &patch, group).unwrap();
+                        assert_eq!(got, want(batch), "cfg {cfg_scale} {kv:?} batch {batch} group {group}");
+                    }
+                }
+                assert_eq!(generate_lean(&m, &e, &labels, &sampling, &patch).unwrap(), want(labels.len()));
+                assert!(want(6).global_steps().iter().any(|&s| s > 1 && s < 16), "patches of several codes");
             }
         }
     }

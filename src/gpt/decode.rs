@@ -8,21 +8,27 @@ use crate::nn::lean::{host, LeanLinear, LeanNorm, LeanStack};
 
 use super::{Gpt, GptError, Result};
 
+/// The weights of a [`LeanDecoder`] outside its blocks, shared by decoders made with
+/// [`LeanDecoder::sharing`].
+struct Head {
+    norm: LeanNorm,
+    output: LeanLinear,
+    tok_embeddings: Vec<f32>,
+    cls_embedding: Option<Vec<f32>>,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
 /// The decoding state of `batch` sequences: weights, KV caches and scratch buffers.
 pub struct LeanDecoder {
     dim: usize,
     vocab: usize,
     max_len: usize,
     batch: usize,
-    stack: LeanStack,
-    norm: LeanNorm,
-    output: LeanLinear,
-    tok_embeddings: Vec<f32>,
-    cls_embedding: Option<Vec<f32>>,
     num_classes: usize,
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
     rope_half: usize,
+    stack: LeanStack,
+    head: std::sync::Arc<Head>,
     rows: Vec<usize>,
     pos: usize,
     x: Vec<f32>,
@@ -35,26 +41,34 @@ impl LeanDecoder {
     /// starts with [`Self::start`], an unconditional one (the entropy model) with
     /// [`Self::step`] on z_0.
     pub fn new(model: &Gpt, batch: usize) -> Result<Self> {
+        Self::with_cache(model, batch, crate::nn::KvPrecision::F32)
+    }
+
+    /// [`Self::new`] with KV caches of the given precision.
+    pub fn with_cache(model: &Gpt, batch: usize, kv: crate::nn::KvPrecision) -> Result<Self> {
         let c = model.config();
         if model.layers.is_empty() {
             return Err(GptError::BadInput("a model without layers".into()));
         }
         let max_len = c.input_len();
         let gemm = c.ops.gemm();
+        let head = Head {
+            norm: LeanNorm::from(&model.norm)?,
+            output: LeanLinear::from(&model.output, gemm)?,
+            tok_embeddings: host(&model.tok_embeddings)?,
+            cls_embedding: model.cls_embedding.as_ref().map(host).transpose()?,
+            rope_cos: model.rope.cos.to_vec(),
+            rope_sin: model.rope.sin.to_vec(),
+        };
         Ok(Self {
             dim: c.dim,
             vocab: c.vocab_size,
             max_len,
             batch,
-            stack: LeanStack::new(&model.layers, c.dim, c.n_head, gemm, batch, max_len)?,
-            norm: LeanNorm::from(&model.norm)?,
-            output: LeanLinear::from(&model.output, gemm)?,
-            tok_embeddings: host(&model.tok_embeddings)?,
-            cls_embedding: model.cls_embedding.as_ref().map(host).transpose()?,
             num_classes: c.num_classes,
-            rope_cos: model.rope.cos.to_vec(),
-            rope_sin: model.rope.sin.to_vec(),
             rope_half: model.rope.half,
+            stack: LeanStack::with_cache(&model.layers, c.dim, c.n_head, gemm, batch, max_len, kv)?,
+            head: std::sync::Arc::new(head),
             rows: (0..batch).collect(),
             pos: 0,
             x: vec![0f32; batch * c.dim],
@@ -63,10 +77,33 @@ impl LeanDecoder {
         })
     }
 
+    /// The vocabulary size (logits per row).
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// A fresh decoder of `batch` sequences with this one's weights (shared, not copied).
+    pub fn sharing(&self, batch: usize, kv: crate::nn::KvPrecision) -> Self {
+        Self {
+            batch,
+            stack: self.stack.sharing(batch, self.max_len, kv),
+            head: self.head.clone(),
+            rows: (0..batch).collect(),
+            pos: 0,
+            x: vec![0f32; batch * self.dim],
+            xn: vec![0f32; batch * self.dim],
+            logits: vec![0f32; batch * self.vocab],
+            ..*self
+        }
+    }
+
     /// Feeds the class slot (`labels`, once, first) and returns the logits (batch × V) of z_0.
     pub fn start(&mut self, labels: &[u32]) -> Result<&[f32]> {
-        let table =
-            self.cls_embedding.as_ref().ok_or_else(|| GptError::BadInput("this model has no class slot".into()))?;
+        let table = self
+            .head
+            .cls_embedding
+            .as_ref()
+            .ok_or_else(|| GptError::BadInput("this model has no class slot".into()))?;
         if self.pos != 0 || labels.len() != self.batch {
             return Err(GptError::BadInput(format!("start takes {} labels on an empty decoder", self.batch)));
         }
@@ -86,7 +123,7 @@ impl LeanDecoder {
 
     /// Feeds one code per sequence and returns the logits (batch × V) of the next code.
     pub fn step(&mut self, codes: &[u32]) -> Result<&[f32]> {
-        let needs_start = self.cls_embedding.is_some() && self.pos == 0;
+        let needs_start = self.head.cls_embedding.is_some() && self.pos == 0;
         if needs_start || codes.len() != self.batch {
             return Err(GptError::BadInput(format!(
                 "step takes {} codes (after start, for a class-conditional model)",
@@ -102,17 +139,18 @@ impl LeanDecoder {
             if z >= self.vocab {
                 return Err(GptError::BadInput(format!("code {z} is outside the vocabulary of {}", self.vocab)));
             }
-            self.x[i * d..(i + 1) * d].copy_from_slice(&self.tok_embeddings[z * d..(z + 1) * d]);
+            self.x[i * d..(i + 1) * d].copy_from_slice(&self.head.tok_embeddings[z * d..(z + 1) * d]);
         }
         self.forward()
     }
 
     fn forward(&mut self) -> Result<&[f32]> {
         let (pos, half) = (self.pos, self.rope_half);
-        let (cos, sin) = (&self.rope_cos[pos * half..(pos + 1) * half], &self.rope_sin[pos * half..(pos + 1) * half]);
+        let (cos, sin) =
+            (&self.head.rope_cos[pos * half..(pos + 1) * half], &self.head.rope_sin[pos * half..(pos + 1) * half]);
         self.stack.step(&mut self.x, &self.rows, cos, sin, None)?;
-        self.norm.run(&self.x, &mut self.xn);
-        self.output.run(&self.xn, self.batch, &mut self.logits);
+        self.head.norm.run(&self.x, &mut self.xn);
+        self.head.output.run(&self.xn, self.batch, &mut self.logits);
         self.pos += 1;
         Ok(&self.logits)
     }

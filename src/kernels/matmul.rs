@@ -233,7 +233,7 @@ unsafe fn small_m_gemm_raw(
     } else {
         &a[..m * k]
     };
-    let threads = rayon::current_num_threads();
+    let threads = super::threads();
     if threads > 1 && m * n * k >= SMALL_M_PARALLEL_WORK && panels >= 2 {
         // Panel ranges in parallel, each into its own (m × cols) buffer, then copied out.
         let per = panels.div_ceil(threads);

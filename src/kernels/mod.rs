@@ -17,7 +17,62 @@ pub mod matmul;
 pub mod rope_rows;
 pub mod segment;
 
+use std::cell::Cell;
 use std::mem::MaybeUninit;
+
+thread_local! {
+    /// Set while a thread runs its own share of a parallel job (a decode group).
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Threads a kernel may spread its work over: the thread pool's, or 1 inside [`serial`] (a
+/// decode group that already has a core of its own gains nothing from waking the pool).
+pub fn threads() -> usize {
+    if SERIAL.with(Cell::get) {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+thread_local! {
+    /// Decode-step traffic counted on this thread since the last [`take_traffic`].
+    static TRAFFIC: Cell<Traffic> = const { Cell::new(Traffic { weight_bytes: 0, kv_bytes: 0, attention_flops: 0 }) };
+}
+
+/// What the lean decode steps read and computed outside the GEMMs (whose FLOPs
+/// `matmul::take_flop_count` counts): the bytes of weights the step products streamed, the
+/// bytes of cached keys and values the attention read, and the attention's FLOPs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    pub weight_bytes: u64,
+    pub kv_bytes: u64,
+    pub attention_flops: u64,
+}
+
+/// Adds to this thread's [`Traffic`].
+pub fn count_traffic(weight_bytes: u64, kv_bytes: u64, attention_flops: u64) {
+    TRAFFIC.with(|t| {
+        let mut v = t.get();
+        v.weight_bytes += weight_bytes;
+        v.kv_bytes += kv_bytes;
+        v.attention_flops += attention_flops;
+        t.set(v);
+    });
+}
+
+/// This thread's [`Traffic`] since the previous call; resets it.
+pub fn take_traffic() -> Traffic {
+    TRAFFIC.with(|t| t.replace(Traffic::default()))
+}
+
+/// Runs `f` with [`threads`] = 1 on this thread: the kernels it calls stay on it.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|s| s.replace(true));
+    let out = f();
+    SERIAL.with(|s| s.set(before));
+    out
+}
 
 /// Extracts a contiguous f32 slice from CPU storage, or explains why not.
 pub(crate) fn cpu_f32<'a>(

@@ -56,11 +56,115 @@ impl KvCache {
     }
 }
 
+/// The precision of a host KV cache's keys and values. The attention over them computes in
+/// f32 either way; bf16 halves the bytes a decode step streams (design §6, "Sampling cost").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvPrecision {
+    /// Keys and values as computed.
+    #[default]
+    F32,
+    /// Keys and values rounded to bf16 (round to nearest even) when appended.
+    Bf16,
+}
+
+impl KvPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvPrecision::F32 => "f32",
+            KvPrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per cached key or value element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvPrecision::F32 => 4,
+            KvPrecision::Bf16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvPrecision::F32),
+            "bf16" => Ok(KvPrecision::Bf16),
+            other => Err(format!("unknown KV-cache precision `{other}`: expected f32 or bf16")),
+        }
+    }
+}
+
+/// Positions per key block of a host [`RaggedKvCache`]: one 16-lane f32 vector of scores.
+pub const KEY_BLOCK: usize = 16;
+
+/// A cached key or value element: f32, or bf16 bits.
+pub(crate) trait KvElem: Copy + Default + Send + Sync + 'static {
+    fn load(self) -> f32;
+    fn store(x: f32) -> Self;
+    /// One query row (all heads) over one cache row: `kb` holds ⌈len/16⌉ key blocks
+    /// (head, d, 16), `v` len positions (head, d). Scores of a block are 16-lane fused
+    /// multiply-add chains over d (element by element, the chain of a dot product in order),
+    /// then a softmax per head, then the values in one pass over the positions with the
+    /// output accumulated in registers. `scores` holds H × (len rounded up to a block); `out`
+    /// (H·d) is overwritten. Compiled per ISA level, chosen once per row.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_row(
+        q: &[f32],
+        kb: &[Self],
+        v: &[Self],
+        heads: usize,
+        len: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    );
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        x
+    }
+    fn attend_row(q: &[f32], kb: &[f32], v: &[f32], h: usize, len: usize, s: f32, sc: &mut [f32], out: &mut [f32]) {
+        attend_row_f32(q, kb, v, (h, len, s), sc, out)
+    }
+}
+
+impl KvElem for u16 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        crate::kernels::bf16::to_bf16(x)
+    }
+    fn attend_row(q: &[f32], kb: &[u16], v: &[u16], h: usize, len: usize, s: f32, sc: &mut [f32], out: &mut [f32]) {
+        attend_row_bf16(q, kb, v, (h, len, s), sc, out)
+    }
+}
+
+/// Host keys and values of every row: keys in blocks of [`KEY_BLOCK`] positions, each block
+/// (head, d, 16) so that a block's scores for one head are d multiply-adds of 16-lane vectors;
+/// values (position, head, d). Per row, both are contiguous from position 0, so a step reads
+/// each row's cache front to back, all heads in one pass.
+#[derive(Debug, Clone)]
+enum HostKv {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    Bf16 { k: Vec<u16>, v: Vec<u16> },
+}
+
 /// A KV cache whose batch rows advance independently (DPAR's patch transformer: each image
-/// closes patches at its own pace). Plain host memory: rows are written in place, and a step's
-/// attention reads each row's own prefix. Keys are stored transposed (per row and head,
-/// d × max_len), so the scores of a query against every cached key are d contiguous
-/// multiply-adds over positions, with no horizontal sums. Inference only (no gradients).
+/// closes patches at its own pace; every decode step of a batch). Plain host memory, f32 or
+/// bf16 ([`KvPrecision`]): rows are written in place, and a step's attention reads each row's
+/// own prefix, all heads in one contiguous pass (layout in [`HostKv`]). Inference only (no
+/// gradients).
 ///
 /// [`RaggedKvCache::on_device`] keeps the keys and values in device tensors instead (the
 /// device-native path: written in place with `scatter_set`, read with a fixed number of batch
@@ -70,19 +174,29 @@ pub struct RaggedKvCache {
     heads: usize,
     head_dim: usize,
     max_len: usize,
-    /// (row, head, d, max_len).
-    kt: Vec<f32>,
-    /// (row, head, max_len, d).
-    v: Vec<f32>,
+    host: HostKv,
     lens: Vec<usize>,
+    /// Scores of one row (H × max_len rounded up to whole key blocks), for serial steps.
+    scores: Vec<f32>,
     /// Device keys and values, each (row·max_len, H·d), when the cache lives on the device.
     device: Option<(Tensor, Tensor)>,
 }
 
 impl RaggedKvCache {
+    /// An f32 host cache.
     pub fn new(batch: usize, heads: usize, head_dim: usize, max_len: usize) -> Self {
-        let n = batch * heads * max_len * head_dim;
-        Self { heads, head_dim, max_len, kt: vec![0.0; n], v: vec![0.0; n], lens: vec![0; batch], device: None }
+        Self::with_precision(batch, heads, head_dim, max_len, KvPrecision::F32)
+    }
+
+    /// A host cache whose keys and values are stored at `precision`.
+    pub fn with_precision(batch: usize, heads: usize, head_dim: usize, max_len: usize, precision: KvPrecision) -> Self {
+        let padded = max_len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+        let (nk, nv) = (batch * padded * heads * head_dim, batch * max_len * heads * head_dim);
+        let host = match precision {
+            KvPrecision::F32 => HostKv::F32 { k: vec![0.0; nk], v: vec![0.0; nv] },
+            KvPrecision::Bf16 => HostKv::Bf16 { k: vec![0; nk], v: vec![0; nv] },
+        };
+        Self { heads, head_dim, max_len, host, lens: vec![0; batch], scores: vec![0.0; heads * padded], device: None }
     }
 
     /// A cache whose keys and values are tensors on `device` (f32).
@@ -98,9 +212,9 @@ impl RaggedKvCache {
             heads,
             head_dim,
             max_len,
-            kt: Vec::new(),
-            v: Vec::new(),
+            host: HostKv::F32 { k: Vec::new(), v: Vec::new() },
             lens: vec![0; batch],
+            scores: Vec::new(),
             device: Some((zeros()?, zeros()?)),
         })
     }
@@ -118,6 +232,14 @@ impl RaggedKvCache {
         match ops {
             super::Ops::Stock => Self::on_device(batch, heads, head_dim, max_len, device),
             _ => Ok(Self::new(batch, heads, head_dim, max_len)),
+        }
+    }
+
+    /// The precision of the host keys and values.
+    pub fn precision(&self) -> KvPrecision {
+        match self.host {
+            HostKv::F32 { .. } => KvPrecision::F32,
+            HostKv::Bf16 { .. } => KvPrecision::Bf16,
         }
     }
 
@@ -180,8 +302,22 @@ impl RaggedKvCache {
         self.lens[row]
     }
 
-    fn at(&self, row: usize, head: usize, pos: usize) -> usize {
-        ((row * self.heads + head) * self.max_len + pos) * self.head_dim
+    /// Rows the cache holds.
+    pub fn rows(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Forgets row `row`'s positions (a new sequence starts there; `dpar serve` reuses rows).
+    pub fn clear_row(&mut self, row: usize) {
+        if let Some(len) = self.lens.get_mut(row) {
+            *len = 0;
+        }
+    }
+
+    /// Key and value elements per row (padded key blocks included).
+    fn row_sizes(&self) -> (usize, usize) {
+        let dim = self.heads * self.head_dim;
+        (self.max_len.div_ceil(KEY_BLOCK) * KEY_BLOCK * dim, self.max_len * dim)
     }
 
     /// Appends one position per listed row and returns the attention output (R, H·d) of each
@@ -195,7 +331,8 @@ impl RaggedKvCache {
     }
 
     /// [`Self::step`] writing the output into `out` (R·H·d, overwritten), for callers that keep
-    /// their buffers between steps.
+    /// their buffers between steps. Rows are spread over the thread pool when there is enough
+    /// work and [`crate::kernels::threads`] allows it; otherwise the step allocates nothing.
     pub fn step_into(
         &mut self,
         rows: &[usize],
@@ -218,130 +355,306 @@ impl RaggedKvCache {
             )));
         }
         let dim = h * d;
-        let scale = 1.0 / (d as f32).sqrt();
-        for (i, &row) in rows.iter().enumerate() {
+        for &row in rows {
             if row >= self.lens.len() {
                 return Err(NnError::BadConfig(format!("ragged cache has no row {row}")));
             }
-            let pos = self.lens[row];
-            if pos >= self.max_len {
+            if self.lens[row] >= self.max_len {
                 return Err(NnError::BadConfig(format!("ragged cache row {row} is full ({} positions)", self.max_len)));
             }
-            for hi in 0..h {
-                let src = i * stride + hi * d;
-                let dst = self.at(row, hi, pos);
-                self.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
-                let kt = self.at(row, hi, 0);
-                for (j, &kv) in k[src..src + d].iter().enumerate() {
-                    self.kt[kt + j * self.max_len + pos] = kv;
-                }
+        }
+        let (rk, rv) = self.row_sizes();
+        for (i, &row) in rows.iter().enumerate() {
+            let pos = self.lens[row];
+            let (kr, vr) = (&k[i * stride..i * stride + dim], &v[i * stride..i * stride + dim]);
+            let kb = row * rk + (pos / KEY_BLOCK) * KEY_BLOCK * dim + pos % KEY_BLOCK;
+            let vb = row * rv + pos * dim;
+            match &mut self.host {
+                HostKv::F32 { k, v } => append(k, v, kb, vb, kr, vr),
+                HostKv::Bf16 { k, v } => append(k, v, kb, vb, kr, vr),
             }
             self.lens[row] = pos + 1;
         }
-        // Each (row, head) attends over its own prefix; rows are independent.
-        use rayon::prelude::*;
-        let this = &*self;
-        let attend = |(i, o): (usize, &mut [f32])| {
-            let row = rows[i];
-            let len = this.lens[row];
-            let mut scores = vec![0f32; len];
-            for hi in 0..h {
-                let qv = &q[i * stride + hi * d..i * stride + (hi + 1) * d];
-                let base = this.at(row, hi, 0);
-                let block = this.max_len * d;
-                attend_one(
-                    qv,
-                    &this.kt[base..base + block],
-                    &this.v[base..base + block],
-                    this.max_len,
-                    scale,
-                    &mut scores,
-                    &mut o[hi * d..(hi + 1) * d],
-                );
+        let positions: usize = rows.iter().map(|&r| self.lens[r]).sum();
+        let work = positions * dim;
+        // Keys and values read, and the products qkᵀ and pv (2 FLOPs per multiply-add each).
+        crate::kernels::count_traffic(0, (2 * work * self.precision().bytes()) as u64, (4 * work) as u64);
+        let parallel = rows.len() > 1 && work >= ATTEND_PARALLEL_WORK && crate::kernels::threads() > 1;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (lens, max_len) = (&self.lens, self.max_len);
+        match &self.host {
+            HostKv::F32 { k, v } => {
+                attend_rows(k, v, lens, rows, q, stride, (h, d, max_len, scale), parallel, &mut self.scores, out)
             }
-        };
-        // A decode step of a few rows is cheaper than waking the thread pool.
-        let work: usize = rows.iter().map(|&r| self.lens[r]).sum::<usize>() * dim;
-        if rows.len() > 1 && work >= ATTEND_PARALLEL_WORK && rayon::current_num_threads() > 1 {
-            out.par_chunks_mut(dim).enumerate().for_each(attend);
-        } else {
-            out.chunks_mut(dim).enumerate().for_each(attend);
+            HostKv::Bf16 { k, v } => {
+                attend_rows(k, v, lens, rows, q, stride, (h, d, max_len, scale), parallel, &mut self.scores, out)
+            }
         }
         Ok(())
     }
 }
 
+/// Writes one position's key (into its block's lane) and value.
+fn append<E: KvElem>(kc: &mut [E], vc: &mut [E], kb: usize, vb: usize, k: &[f32], v: &[f32]) {
+    for (j, &x) in k.iter().enumerate() {
+        kc[kb + j * KEY_BLOCK] = E::store(x);
+    }
+    for (o, &x) in vc[vb..vb + v.len()].iter_mut().zip(v) {
+        *o = E::store(x);
+    }
+}
+
+/// Every listed row's attention, serially (into `scratch`) or spread over the pool.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<E: KvElem>(
+    kc: &[E],
+    vc: &[E],
+    lens: &[usize],
+    rows: &[usize],
+    q: &[f32],
+    stride: usize,
+    (h, d, max_len, scale): (usize, usize, usize, f32),
+    parallel: bool,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let dim = h * d;
+    let padded = max_len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+    let (rk, rv) = (padded * dim, max_len * dim);
+    let one = |i: usize, o: &mut [f32], scores: &mut [f32]| {
+        let (row, len) = (rows[i], lens[rows[i]]);
+        let blocks = len.div_ceil(KEY_BLOCK);
+        E::attend_row(
+            &q[i * stride..i * stride + dim],
+            &kc[row * rk..row * rk + blocks * KEY_BLOCK * dim],
+            &vc[row * rv..row * rv + len * dim],
+            h,
+            len,
+            scale,
+            &mut scores[..h * blocks * KEY_BLOCK],
+            o,
+        );
+    };
+    if parallel {
+        use rayon::prelude::*;
+        out.par_chunks_mut(dim)
+            .enumerate()
+            .for_each_init(|| vec![0f32; h * padded], |scores, (i, o)| one(i, o, scores));
+    } else {
+        scratch.resize(h * padded, 0.0);
+        for (i, o) in out.chunks_mut(dim).enumerate() {
+            one(i, o, scratch);
+        }
+    }
+}
+
 /// Cached positions × width, summed over the step's rows, from which a decode step's attention is
 /// spread over the thread pool. Below it, waking the pool costs more than the split saves (the
-/// same trade as `kernels::matmul`'s small-m threshold; README, "Small batches").
+/// same trade as `kernels::matmul`'s small-m threshold).
 const ATTEND_PARALLEL_WORK: usize = 1 << 18;
 
-/// Head dims per register block of the decode output (head dims other than 16, 32, 64).
-const DB: usize = 16;
+crate::kernels::isa::multiversion! {
+    /// [`KvElem::attend_row`] over an f32 cache.
+    fn attend_row_f32<const FMA: bool>(
+        q: &[f32], kb: &[f32], v: &[f32], shape: (usize, usize, f32), scores: &mut [f32], out: &mut [f32],
+    ) {
+        let (heads, len, scale) = shape;
+        attend_row_body::<FMA, f32>(q, kb, v, heads, len, scale, scores, out)
+    }
+}
 
 crate::kernels::isa::multiversion! {
-    /// One query over one (row, head) of the cache. Scores: one sequential pass over each of the d
-    /// rows of the transposed keys `kt` (d × max_len), fused multiply-adds into the scores (which
-    /// stay in L1), so the cache streams front to back. Softmax. Output: one pass over the values
-    /// with the whole head's accumulator in registers (head dims 16, 32, 64; other sizes in blocks
-    /// of 16). `out` (d) is overwritten; `scores` has the row's length.
-    fn attend_one<const FMA: bool>(
-        q: &[f32],
-        kt: &[f32],
-        v: &[f32],
-        max_len: usize,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
+    /// [`KvElem::attend_row`] over a bf16 cache.
+    fn attend_row_bf16<const FMA: bool>(
+        q: &[f32], kb: &[u16], v: &[u16], shape: (usize, usize, f32), scores: &mut [f32], out: &mut [f32],
     ) {
-        use crate::kernels::isa::fmadd;
-        use crate::kernels::math;
-        let (d, len) = (q.len(), scores.len());
-        scores.fill(0.0);
-        for (j, &qj) in q.iter().enumerate() {
-            for (sc, &kv) in scores.iter_mut().zip(&kt[j * max_len..j * max_len + len]) {
-                *sc = fmadd::<FMA>(qj, kv, *sc);
+        let (heads, len, scale) = shape;
+        attend_row_body::<FMA, u16>(q, kb, v, heads, len, scale, scores, out)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_row_body<const FMA: bool, E: KvElem>(
+    q: &[f32],
+    kb: &[E],
+    v: &[E],
+    heads: usize,
+    len: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    use crate::kernels::isa::fmadd;
+    use crate::kernels::math;
+    let dim = q.len();
+    let d = dim / heads;
+    let blocks = len.div_ceil(KEY_BLOCK);
+    let span = blocks * KEY_BLOCK;
+    // Scores: per block, per head, d broadcast-and-FMA steps over 16 positions.
+    for b in 0..blocks {
+        let block = &kb[b * KEY_BLOCK * dim..(b + 1) * KEY_BLOCK * dim];
+        for hi in 0..heads {
+            let mut acc = [0f32; KEY_BLOCK];
+            let qh = &q[hi * d..(hi + 1) * d];
+            let kh = &block[hi * d * KEY_BLOCK..(hi + 1) * d * KEY_BLOCK];
+            for (j, &qj) in qh.iter().enumerate() {
+                let kr: &[E; KEY_BLOCK] = kh[j * KEY_BLOCK..(j + 1) * KEY_BLOCK].try_into().expect("a key block row");
+                for (a, &kx) in acc.iter_mut().zip(kr) {
+                    *a = fmadd::<FMA>(qj, kx.load(), *a);
+                }
             }
+            scores[hi * span + b * KEY_BLOCK..hi * span + (b + 1) * KEY_BLOCK].copy_from_slice(&acc);
         }
-        let m = math::max(scores) * scale;
-        for sc in scores.iter_mut() {
-            *sc = math::exp(*sc * scale - m);
+    }
+    // Softmax per head over the row's length.
+    for hi in 0..heads {
+        let sc = &mut scores[hi * span..hi * span + len];
+        let m = math::max(sc) * scale;
+        for x in sc.iter_mut() {
+            *x = math::exp(*x * scale - m);
         }
-        let inv = 1.0 / math::sum(scores);
-        for sc in scores.iter_mut() {
-            *sc *= inv;
+        let inv = 1.0 / math::sum(sc);
+        for x in sc.iter_mut() {
+            *x *= inv;
         }
-        match d {
-            16 => values::<FMA, 16>(scores, v, out),
-            32 => values::<FMA, 32>(scores, v, out),
-            64 => values::<FMA, 64>(scores, v, out),
-            _ => {
-                for d0 in (0..d).step_by(DB) {
-                    let n = DB.min(d - d0);
-                    let mut acc = [0f32; DB];
-                    for (t, &w) in scores.iter().enumerate() {
-                        for (a, &x) in acc[..n].iter_mut().zip(&v[t * d + d0..t * d + d0 + n]) {
-                            *a = fmadd::<FMA>(w, x, *a);
+    }
+    // Values: one pass over the positions per chunk of whole heads, accumulators in registers.
+    match d {
+        16 => values_chunks::<FMA, E, 16, 8>(scores, span, v, heads, len, out),
+        32 => values_chunks::<FMA, E, 32, 4>(scores, span, v, heads, len, out),
+        64 => values_chunks::<FMA, E, 64, 2>(scores, span, v, heads, len, out),
+        128 => values_chunks::<FMA, E, 128, 1>(scores, span, v, heads, len, out),
+        _ => {
+            // Other head sizes (e.g. GPT-3B's 100): 16 dims of one head at a time.
+            for hi in 0..heads {
+                for d0 in (0..d).step_by(16) {
+                    let n = 16.min(d - d0);
+                    let mut acc = [0f32; 16];
+                    for t in 0..len {
+                        let w = scores[hi * span + t];
+                        let at = t * dim + hi * d + d0;
+                        for (a, x) in acc[..n].iter_mut().zip(&v[at..at + n]) {
+                            *a = fmadd::<FMA>(w, x.load(), *a);
                         }
                     }
-                    out[d0..d0 + n].copy_from_slice(&acc[..n]);
+                    out[hi * d + d0..hi * d + d0 + n].copy_from_slice(&acc[..n]);
                 }
             }
         }
     }
 }
 
-/// Σ_t w_t·v_t for a head of D dims, the accumulator in registers.
+/// The values of one row for heads of D dims, HC heads (HC·D ≤ 128 accumulators) per pass:
+/// out[h] = Σ_t w_{h,t}·v_{t,h}, each element one fused multiply-add chain over t in order.
 #[inline(always)]
-fn values<const FMA: bool, const D: usize>(w: &[f32], v: &[f32], out: &mut [f32]) {
-    let mut acc = [0f32; D];
-    for (t, &wt) in w.iter().enumerate() {
-        let vr: &[f32; D] = v[t * D..(t + 1) * D].try_into().expect("D values");
-        for (a, &x) in acc.iter_mut().zip(vr) {
-            *a = crate::kernels::isa::fmadd::<FMA>(wt, x, *a);
+fn values_chunks<const FMA: bool, E: KvElem, const D: usize, const HC: usize>(
+    scores: &[f32],
+    span: usize,
+    v: &[E],
+    heads: usize,
+    len: usize,
+    out: &mut [f32],
+) {
+    let dim = heads * D;
+    let mut h0 = 0;
+    while h0 < heads {
+        let hc = HC.min(heads - h0);
+        if hc == HC {
+            let mut acc = [[0f32; D]; HC];
+            for t in 0..len {
+                for (hh, a) in acc.iter_mut().enumerate() {
+                    let w = scores[(h0 + hh) * span + t];
+                    let at = t * dim + (h0 + hh) * D;
+                    let vr: &[E; D] = v[at..at + D].try_into().expect("a head of values");
+                    for (x, &y) in a.iter_mut().zip(vr) {
+                        *x = crate::kernels::isa::fmadd::<FMA>(w, y.load(), *x);
+                    }
+                }
+            }
+            for (hh, a) in acc.iter().enumerate() {
+                out[(h0 + hh) * D..(h0 + hh + 1) * D].copy_from_slice(a);
+            }
+        } else {
+            for hi in h0..heads {
+                let mut acc = [0f32; D];
+                for t in 0..len {
+                    let w = scores[hi * span + t];
+                    let at = t * dim + hi * D;
+                    let vr: &[E; D] = v[at..at + D].try_into().expect("a head of values");
+                    for (x, &y) in acc.iter_mut().zip(vr) {
+                        *x = crate::kernels::isa::fmadd::<FMA>(w, y.load(), *x);
+                    }
+                }
+                out[hi * D..(hi + 1) * D].copy_from_slice(&acc);
+            }
+        }
+        h0 += hc;
+    }
+}
+
+/// The largest |kernel − reference| / max(1, |reference|) of [`RaggedKvCache`] steps at
+/// precision `kv` against attention computed in f64 (on the keys and values the cache holds,
+/// i.e. rounded to bf16 for a bf16 cache), over ragged rows (each row advancing at its own
+/// pace, several rows per step, lengths up to `max_len`) at head sizes 8, 16, 32, 64 and 100.
+/// For tests: run at every ISA level by `tests/isa_fallback.rs`.
+pub fn ragged_attention_error(kv: KvPrecision, seed: u64) -> f64 {
+    use rand::Rng;
+    let mut rng = crate::util::rng_for(seed, "ragged-attention-check", 0);
+    let mut worst = 0f64;
+    for (heads, d, max_len) in [(3usize, 8usize, 37usize), (8, 16, 40), (4, 32, 33), (2, 64, 70), (2, 100, 20)] {
+        let rows = 5;
+        let dim = heads * d;
+        let mut cache = RaggedKvCache::with_precision(rows, heads, d, max_len, kv);
+        let round = |x: f32| match kv {
+            KvPrecision::F32 => x,
+            KvPrecision::Bf16 => crate::kernels::bf16::from_bf16(crate::kernels::bf16::to_bf16(x)),
+        };
+        let mut keys: Vec<Vec<f32>> = vec![Vec::new(); rows];
+        let mut values: Vec<Vec<f32>> = vec![Vec::new(); rows];
+        let mut step = 0;
+        while (0..rows).any(|r| cache.len_of(r) < max_len) {
+            step += 1;
+            // A ragged subset of the rows that still have room.
+            let active: Vec<usize> =
+                (0..rows).filter(|&r| cache.len_of(r) < max_len && (r + step) % (r % 3 + 1) == 0).collect();
+            if active.is_empty() {
+                continue;
+            }
+            let draw = |rng: &mut rand_chacha::ChaCha8Rng, n: usize| -> Vec<f32> {
+                (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+            };
+            let (q, k, v) = (
+                draw(&mut rng, active.len() * dim),
+                draw(&mut rng, active.len() * dim),
+                draw(&mut rng, active.len() * dim),
+            );
+            let got = cache.step(&active, &q, &k, &v, dim).expect("a ragged step");
+            for (i, &r) in active.iter().enumerate() {
+                keys[r].extend(k[i * dim..(i + 1) * dim].iter().map(|&x| round(x)));
+                values[r].extend(v[i * dim..(i + 1) * dim].iter().map(|&x| round(x)));
+                let len = keys[r].len() / dim;
+                for h in 0..heads {
+                    let qh = &q[i * dim + h * d..i * dim + (h + 1) * d];
+                    let scores: Vec<f64> = (0..len)
+                        .map(|t| {
+                            let kt = &keys[r][t * dim + h * d..t * dim + (h + 1) * d];
+                            qh.iter().zip(kt).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for j in 0..d {
+                        let want: f64 = (0..len).map(|t| e[t] / z * values[r][t * dim + h * d + j] as f64).sum();
+                        let g = got[i * dim + h * d + j] as f64;
+                        worst = worst.max((g - want).abs() / want.abs().max(1.0));
+                    }
+                }
+            }
         }
     }
-    out[..D].copy_from_slice(&acc);
+    worst
 }
 
 /// Additive causal mask (T_q, T_k) for queries at absolute positions offset..offset+T_q.
@@ -537,6 +850,49 @@ mod tests {
         a.wqkv.weight = rand_var(&[3 * dim, dim], 7).as_tensor().affine(0.3, 0.0).unwrap();
         a.wo.weight = rand_var(&[dim, dim], 8).as_tensor().affine(0.3, 0.0).unwrap();
         a
+    }
+
+    /// The decode-step attention over ragged rows (all heads in one pass, keys in blocks of
+    /// 16) equals attention computed in f64, for f32 and bf16 caches and head sizes with and
+    /// without a register-blocked path (other ISA levels: tests/isa_fallback.rs).
+    #[test]
+    fn ragged_cache_attention_equals_the_f64_reference() {
+        for kv in [KvPrecision::F32, KvPrecision::Bf16] {
+            let err = ragged_attention_error(kv, 3);
+            assert!(err < 1e-5, "{kv:?}: {err:e}");
+        }
+    }
+
+    /// Rows keep their own positions: a row cleared for a new sequence attends only to what
+    /// it was given since.
+    #[test]
+    fn a_cleared_row_starts_afresh_without_disturbing_the_others() {
+        let (h, d) = (2, 8);
+        let dim = h * d;
+        let x = |seed: u32| -> Vec<f32> {
+            (0..dim).map(|i| ((i as u32 * 7 + seed * 13) % 11) as f32 / 5.0 - 1.0).collect()
+        };
+        let mut a = RaggedKvCache::new(2, h, d, 8);
+        let mut b = RaggedKvCache::new(2, h, d, 8);
+        for t in 0..3 {
+            a.step(
+                &[0, 1],
+                &[x(t), x(t + 10)].concat(),
+                &[x(t + 1), x(t + 11)].concat(),
+                &[x(t + 2), x(t + 12)].concat(),
+                dim,
+            )
+            .unwrap();
+        }
+        a.clear_row(0);
+        // b's row 0 sees only the new sequence; row 1 of both has the same history.
+        for t in 0..3 {
+            b.step(&[1], &x(t + 10), &x(t + 11), &x(t + 12), dim).unwrap();
+        }
+        let oa = a.step(&[0, 1], &[x(5), x(6)].concat(), &[x(7), x(8)].concat(), &[x(9), x(10)].concat(), dim).unwrap();
+        let ob = b.step(&[0, 1], &[x(5), x(6)].concat(), &[x(7), x(8)].concat(), &[x(9), x(10)].concat(), dim).unwrap();
+        assert_eq!(oa, ob);
+        assert_eq!((a.len_of(0), a.len_of(1)), (1, 4));
     }
 
     /// Attention (f64, composed reference rotation) and the f32 RoPE kernel pass finite

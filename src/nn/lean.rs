@@ -11,7 +11,7 @@
 //! # Shapes
 //! R rows stepped, D width, H heads, d = D/H, F SwiGLU hidden.
 
-use super::{Block, NnError, RaggedKvCache, Result};
+use super::{Block, KvPrecision, NnError, RaggedKvCache, Result};
 use crate::kernels::math;
 use crate::kernels::matmul::{small_m_gemm, small_m_weights, Gemm, SMALL_M};
 
@@ -58,11 +58,24 @@ impl LeanLinear {
         Ok(Self { weight, transposed, gemm, out_dim, in_dim })
     }
 
+    /// `out = x·Wᵀ` for `rows` rows. Rows go through [`small_m_gemm`] in chunks of at most
+    /// [`SMALL_M`], so each row's result is the same fused multiply-add chain at any batch size
+    /// (a decode step's output for an image never depends on what else is in the batch).
     pub fn run(&self, x: &[f32], rows: usize, out: &mut [f32]) {
-        if rows <= SMALL_M && rows > 0 {
-            small_m_gemm(out, rows, self.out_dim, self.in_dim, x, &self.transposed, false, self.gemm == Gemm::Bf16);
-        } else {
-            self.gemm.run(out, rows, self.out_dim, self.in_dim, x, false, &self.weight, true, false);
+        let (n, k) = (self.out_dim, self.in_dim);
+        for r0 in (0..rows).step_by(SMALL_M) {
+            let m = SMALL_M.min(rows - r0);
+            crate::kernels::count_traffic((self.transposed.len() * 4) as u64, 0, 0);
+            small_m_gemm(
+                &mut out[r0 * n..(r0 + m) * n],
+                m,
+                n,
+                k,
+                &x[r0 * k..(r0 + m) * k],
+                &self.transposed,
+                false,
+                self.gemm == Gemm::Bf16,
+            );
         }
     }
 }
@@ -93,12 +106,14 @@ struct LeanBlock {
     w2: LeanLinear,
 }
 
-/// Blocks, their ragged KV caches and the scratch of one step.
+/// Blocks, their ragged KV caches and the scratch of one step. The blocks' weights are shared
+/// ([`Self::sharing`]) by every stack made from the same one: decode groups on several threads
+/// copy the weights out of the tensors once.
 pub struct LeanStack {
     dim: usize,
     heads: usize,
     hidden: usize,
-    blocks: Vec<LeanBlock>,
+    blocks: std::sync::Arc<Vec<LeanBlock>>,
     caches: Vec<RaggedKvCache>,
     xn: Vec<f32>,
     qkv: Vec<f32>,
@@ -108,8 +123,8 @@ pub struct LeanStack {
 }
 
 impl LeanStack {
-    /// Copies `blocks` (width `dim`, `heads` heads) with caches for `cache_rows` sequences of
-    /// up to `max_len` positions.
+    /// Copies `blocks` (width `dim`, `heads` heads) with f32 caches for `cache_rows` sequences
+    /// of up to `max_len` positions.
     pub fn new(
         blocks: &[Block],
         dim: usize,
@@ -117,6 +132,19 @@ impl LeanStack {
         gemm: Gemm,
         cache_rows: usize,
         max_len: usize,
+    ) -> Result<Self> {
+        Self::with_cache(blocks, dim, heads, gemm, cache_rows, max_len, KvPrecision::F32)
+    }
+
+    /// [`Self::new`] with caches of the given precision.
+    pub fn with_cache(
+        blocks: &[Block],
+        dim: usize,
+        heads: usize,
+        gemm: Gemm,
+        cache_rows: usize,
+        max_len: usize,
+        kv: KvPrecision,
     ) -> Result<Self> {
         if heads == 0 || !dim.is_multiple_of(heads) || !(dim / heads).is_multiple_of(2) {
             return Err(NnError::BadConfig(format!(
@@ -142,14 +170,44 @@ impl LeanStack {
             dim,
             heads,
             hidden,
-            caches: (0..blocks.len()).map(|_| RaggedKvCache::new(cache_rows, heads, dim / heads, max_len)).collect(),
-            blocks: lean,
+            caches: (0..blocks.len())
+                .map(|_| RaggedKvCache::with_precision(cache_rows, heads, dim / heads, max_len, kv))
+                .collect(),
+            blocks: std::sync::Arc::new(lean),
             xn: buf(dim),
             qkv: buf(3 * dim),
             att: buf(dim),
             h13: buf(2 * hidden),
             act: buf(hidden),
         })
+    }
+
+    /// A stack with the same weights (shared, not copied) and fresh caches for `cache_rows`
+    /// sequences of up to `max_len` positions.
+    pub fn sharing(&self, cache_rows: usize, max_len: usize, kv: KvPrecision) -> Self {
+        let (dim, heads, hidden) = (self.dim, self.heads, self.hidden);
+        let buf = |width: usize| Vec::with_capacity(cache_rows * width);
+        Self {
+            dim,
+            heads,
+            hidden,
+            caches: (0..self.blocks.len())
+                .map(|_| RaggedKvCache::with_precision(cache_rows, heads, dim / heads, max_len, kv))
+                .collect(),
+            blocks: self.blocks.clone(),
+            xn: buf(dim),
+            qkv: buf(3 * dim),
+            att: buf(dim),
+            h13: buf(2 * hidden),
+            act: buf(hidden),
+        }
+    }
+
+    /// Forgets sequence `row` in every layer (a new sequence starts in that row).
+    pub fn clear_row(&mut self, row: usize) {
+        for c in &mut self.caches {
+            c.clear_row(row);
+        }
     }
 
     /// Cached positions of sequence `row` (the same in every layer).

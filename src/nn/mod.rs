@@ -17,7 +17,7 @@ pub mod rope;
 use candle_core::{Tensor, D};
 use rand::Rng;
 
-pub use attention::{Attention, AttnMask, KvCache, RaggedKvCache};
+pub use attention::{Attention, AttnMask, KvCache, KvPrecision, RaggedKvCache};
 pub use config::TransformerConfig;
 
 use crate::params::{Init, Pb};

@@ -113,6 +113,10 @@ pub struct SpeedArgs {
     /// Classifier-free guidance scale of the sampling curve (1 = none; above 1 doubles the rows).
     #[arg(long, default_value_t = 2.0)]
     cfg: f64,
+    /// KV-cache precisions of the sampling curve, comma separated (f32, bf16): one curve each,
+    /// in the same sitting.
+    #[arg(long, default_value = "f32", value_delimiter = ',')]
+    kv_cache: Vec<dpar::nn::KvPrecision>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -407,14 +411,30 @@ fn speed(args: SpeedArgs) -> Result<()> {
             dc.dim,
             args.cfg
         );
-        curve =
-            dpar::bench::sampling_curve(&gpt, &model, &entropy, &sampling, &dc.patch, &batches, args.reps, &device)?;
+        let machine = dpar::bench::machine(args.reps);
+        for &kv in &args.kv_cache {
+            let sampling = dpar::sample::SamplingConfig { kv_cache: kv, ..sampling.clone() };
+            curve.extend(dpar::bench::sampling_curve(
+                &gpt,
+                &model,
+                &entropy,
+                &sampling,
+                &dc.patch,
+                &batches,
+                args.reps,
+                Some(&machine),
+                &device,
+            )?);
+        }
         println!();
         print!("{}", dpar::bench::sampling_markdown(&curve, dc.seq_len()));
         println!(
-            "whole generations (cfg {}), median of up to {} runs or one second per batch size",
-            args.cfg, args.reps
+            "whole generations (cfg {}), median of up to {} runs or four seconds per batch size; last-level cache {} MiB",
+            args.cfg,
+            args.reps,
+            dpar::sample::last_level_cache() >> 20
         );
+        println!("{}", dpar::bench::machine_line(&machine));
     }
     if let Some(path) = args.json {
         let json = serde_json::json!({ "models": rows, "ops": ops, "torch": torch, "sampling_curve": curve, "decode_gemm": decode });

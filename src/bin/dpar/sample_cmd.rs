@@ -53,6 +53,10 @@ pub struct SampleArgs {
     /// Images generated together.
     #[arg(long, default_value_t = 100, value_parser = crate::common::positive_usize)]
     pub batch_size: usize,
+    /// Precision of the KV caches on the CPU: f32, or bf16 (half the memory traffic of a
+    /// decode step; docs/speed.md measures both, and the sample quality of each).
+    #[arg(long, default_value = "f32")]
+    pub kv_cache: dpar::nn::KvPrecision,
     /// Output folder (samples.png, codes.safetensors, sample.json).
     #[arg(long, default_value = "out/samples")]
     pub out: PathBuf,
@@ -179,6 +183,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
+        kv_cache: args.kv_cache,
     };
     config.validate()?;
     if args.per_class == 0 || args.batch_size == 0 {
