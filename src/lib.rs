@@ -53,6 +53,7 @@ pub mod rundir;
 pub mod runs;
 pub mod sample;
 pub mod sample_set;
+pub mod stream;
 pub mod tensor_io;
 pub mod tokenizer;
 pub mod train;

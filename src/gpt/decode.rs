@@ -77,6 +77,27 @@ impl LeanDecoder {
         })
     }
 
+    /// The blocks (and their weights, shared with [`LeanStack::sharing`]).
+    pub(crate) fn stack(&self) -> &LeanStack {
+        &self.stack
+    }
+
+    /// The final norm and the head.
+    pub(crate) fn head(&self) -> (&LeanNorm, &LeanLinear) {
+        (&self.head.norm, &self.head.output)
+    }
+
+    /// The token embeddings (V × D) and the class table ((classes + 1) × D), when the model has
+    /// a class slot.
+    pub(crate) fn embeddings(&self) -> (&[f32], Option<&[f32]>) {
+        (&self.head.tok_embeddings, self.head.cls_embedding.as_deref())
+    }
+
+    /// The RoPE tables (position × d/2) and d/2.
+    pub(crate) fn rope(&self) -> (&[f32], &[f32], usize) {
+        (&self.head.rope_cos, &self.head.rope_sin, self.rope_half)
+    }
+
     /// The vocabulary size (logits per row).
     pub fn vocab(&self) -> usize {
         self.vocab
