@@ -547,12 +547,14 @@ pub fn generate_gpt_full_recompute(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gpt::GptConfig;
     use crate::params::ParamStore;
 
-    fn model(seed: u64) -> (Gpt, ParamStore) {
+    /// A tiny class-conditional GPT (3 classes, 13 codes, 3 × 3 grid) whose head and class
+    /// table are random, so that the logits vary.
+    pub(crate) fn model(seed: u64) -> (Gpt, ParamStore) {
         let c = GptConfig::mnist().with(|it| {
             it.dim = 32;
             it.n_layer = 2;

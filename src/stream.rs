@@ -251,27 +251,11 @@ impl GptStreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::GptConfig;
-    use crate::params::ParamStore;
-    use candle_core::{Device, Tensor};
+    use crate::sample::tests::model as tiny;
+    use candle_core::Device;
 
-    fn model() -> (Gpt, ParamStore) {
-        let c = GptConfig::mnist().with(|it| {
-            it.dim = 32;
-            it.n_layer = 2;
-            it.n_head = 2;
-            it.ffn_hidden = Some(48);
-            it.vocab_size = 13;
-            it.num_classes = 3;
-            it.grid_size = 3;
-        });
-        let store = ParamStore::new(8, &Device::Cpu);
-        let m = Gpt::new(&c, &store.root()).unwrap();
-        for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
-            let var = store.var(name).unwrap();
-            var.set(&Tensor::randn(0f32, 0.7, var.shape(), &Device::Cpu).unwrap()).unwrap();
-        }
-        (m, store)
+    fn model() -> (Gpt, crate::params::ParamStore) {
+        tiny(8)
     }
 
     /// Streams that join at different steps, with different classes, settings and seeds, get

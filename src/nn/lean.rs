@@ -165,21 +165,19 @@ impl LeanStack {
                 w2: LeanLinear::from(&b.feed_forward.w2, gemm)?,
             });
         }
-        let buf = |width: usize| Vec::with_capacity(cache_rows * width);
-        Ok(Self {
+        let empty = Self {
             dim,
             heads,
             hidden,
-            caches: (0..blocks.len())
-                .map(|_| RaggedKvCache::with_precision(cache_rows, heads, dim / heads, max_len, kv))
-                .collect(),
             blocks: std::sync::Arc::new(lean),
-            xn: buf(dim),
-            qkv: buf(3 * dim),
-            att: buf(dim),
-            h13: buf(2 * hidden),
-            act: buf(hidden),
-        })
+            caches: Vec::new(),
+            xn: Vec::new(),
+            qkv: Vec::new(),
+            att: Vec::new(),
+            h13: Vec::new(),
+            act: Vec::new(),
+        };
+        Ok(empty.sharing(cache_rows, max_len, kv))
     }
 
     /// A stack with the same weights (shared, not copied) and fresh caches for `cache_rows`
