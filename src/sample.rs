@@ -697,6 +697,12 @@ pub(crate) mod tests {
         for ops in [crate::nn::Ops::Fused, crate::nn::Ops::Bf16] {
             let store = ParamStore::new(4, &Device::Cpu);
             let m = Gpt::new(&m0.config().clone().with(|it| it.ops = ops), &store.root()).unwrap();
+            // A random head and class table (the initial head is zero: uniform logits would
+            // make every draw depend on the seed alone).
+            for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
+                let var = store.var(name).unwrap();
+                var.set(&Tensor::randn(0f32, 1.0, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            }
             let labels = [2u32, 0, 1, 1, 2, 0, 1];
             for cfg_scale in [1.0, 2.0] {
                 for kv in [crate::nn::KvPrecision::F32, crate::nn::KvPrecision::Bf16] {
