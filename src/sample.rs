@@ -555,7 +555,13 @@ pub(crate) mod tests {
     /// A tiny class-conditional GPT (3 classes, 13 codes, 3 × 3 grid) whose head and class
     /// table are random, so that the logits vary.
     pub(crate) fn model(seed: u64) -> (Gpt, ParamStore) {
+        model_with(seed, GptConfig::mnist().ops)
+    }
+
+    /// [`model`] with kernels `ops`.
+    fn model_with(seed: u64, ops: crate::nn::Ops) -> (Gpt, ParamStore) {
         let c = GptConfig::mnist().with(|it| {
+            it.ops = ops;
             it.dim = 32;
             it.n_layer = 2;
             it.n_head = 2;
@@ -693,16 +699,8 @@ pub(crate) mod tests {
     /// with itself), fused and bf16 kernels.
     #[test]
     fn batched_generation_gives_each_image_the_codes_it_gets_alone() {
-        let (m0, _s) = model(4);
         for ops in [crate::nn::Ops::Fused, crate::nn::Ops::Bf16] {
-            let store = ParamStore::new(4, &Device::Cpu);
-            let m = Gpt::new(&m0.config().clone().with(|it| it.ops = ops), &store.root()).unwrap();
-            // A random head and class table (the initial head is zero: uniform logits would
-            // make every draw depend on the seed alone).
-            for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
-                let var = store.var(name).unwrap();
-                var.set(&Tensor::randn(0f32, 1.0, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            }
+            let (m, _s) = model_with(4, ops);
             let labels = [2u32, 0, 1, 1, 2, 0, 1];
             for cfg_scale in [1.0, 2.0] {
                 for kv in [crate::nn::KvPrecision::F32, crate::nn::KvPrecision::Bf16] {

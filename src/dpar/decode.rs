@@ -349,6 +349,18 @@ mod tests {
     use crate::params::ParamStore;
     use candle_core::{Device, Tensor};
 
+    /// A DPAR of `config` whose head and class table are random (the initial head is zero, so
+    /// every draw would depend on the seed alone).
+    fn random_head(config: &crate::dpar::DparConfig, seed: u64) -> (Dpar, ParamStore) {
+        let store = ParamStore::new(seed, &Device::Cpu);
+        let m = Dpar::new(config, &store.root()).unwrap();
+        for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
+            let var = store.var(name).unwrap();
+            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        (m, store)
+    }
+
     /// Beyond the tensor-path test in `generate`: two encoder layers, bf16 GEMMs, a batch of five
     /// and every sampling filter; the lean steps give exactly the same codes and patches, and the
     /// CPU default (`generate`) is the lean path.
@@ -359,12 +371,7 @@ mod tests {
                 it.encoder_layers = 2;
                 it.ops = ops;
             });
-            let store = ParamStore::new(21, &Device::Cpu);
-            let m = Dpar::new(&config, &store.root()).unwrap();
-            for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
-                let var = store.var(name).unwrap();
-                var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            }
+            let (m, _store) = random_head(&config, 21);
             let (e, _es) = entropy_model(22);
             let labels = [2u32, 0, 1, 1, 2];
             for (cfg_scale, top_k, top_p) in [(2.0, 0, 1.0), (1.0, 5, 0.9)] {
@@ -385,13 +392,7 @@ mod tests {
     /// without guidance, f32 and bf16 caches (each compared with itself).
     #[test]
     fn batched_generation_gives_each_image_the_codes_and_patches_it_gets_alone() {
-        let config = tiny();
-        let store = ParamStore::new(23, &Device::Cpu);
-        let m = Dpar::new(&config, &store.root()).unwrap();
-        for name in ["output.weight", "cls_embedding.embedding_table.weight"] {
-            let var = store.var(name).unwrap();
-            var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap()).unwrap();
-        }
+        let (m, _store) = random_head(&tiny(), 23);
         let (e, _es) = entropy_model(24);
         let labels = [2u32, 0, 1, 1, 2, 0];
         let patch = PatchConfig::dpar(2.5, 4);
