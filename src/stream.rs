@@ -6,8 +6,8 @@
 //! stream, its rows attend only to their own caches, and every per-row operation of a step is
 //! the same whatever the other rows are.
 //!
-//! This is the engine `dpar serve` is meant to run its baseline clients on; DPAR's stages
-//! still decode in lockstep groups.
+//! `dpar serve` runs its baseline clients on this engine, and its DPAR clients on
+//! [`crate::dpar::streams::DparStreams`], the same for DPAR's four stages.
 //!
 //! # Shapes
 //! R rows stepped (1 per unguided stream, 2 per guided one: conditional, then null class),
@@ -22,11 +22,13 @@ use crate::sample::{draw, process_logits, uniforms, Result, SampleError, Samplin
 /// What a step tells the caller about one stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    /// Code `k` of stream `id`, with the entropy (nats) of the conditional distribution it was
-    /// drawn from.
-    Code { id: u64, k: usize, code: u32, entropy: f32 },
-    /// Stream `id` drew its last code and left the batch.
-    Done { id: u64, codes: Vec<u32> },
+    /// Code `k` of stream `id`, with an entropy (nats) and whether the code opens a patch. The
+    /// baseline gives the entropy of the conditional distribution the code was drawn from, and
+    /// every code is a patch of its own; DPAR gives the entropy model's H_k, which decided the
+    /// patch (∞ for z_0).
+    Code { id: u64, k: usize, code: u32, entropy: f32, opens: bool },
+    /// Stream `id` drew its last code and left the batch: its codes and patch lengths.
+    Done { id: u64, codes: Vec<u32>, lengths: Vec<usize> },
 }
 
 struct Stream {
@@ -229,7 +231,7 @@ impl GptStreams {
             s.codes.push(code);
             s.fed += 1;
             let entropy = crate::gpt::entropy_rows(cond, v)[0];
-            if !on(StreamEvent::Code { id: s.id, k, code, entropy }) {
+            if !on(StreamEvent::Code { id: s.id, k, code, entropy, opens: true }) {
                 dropped.push(i);
             } else if s.codes.len() == self.len {
                 finished.push(i);
@@ -241,7 +243,8 @@ impl GptStreams {
             let s = self.streams.remove(i);
             self.release(&s);
             if finished.contains(&i) {
-                on(StreamEvent::Done { id: s.id, codes: s.codes });
+                let lengths = vec![1; s.codes.len()];
+                on(StreamEvent::Done { id: s.id, codes: s.codes, lengths });
             }
         }
         Ok(())
@@ -300,7 +303,7 @@ mod tests {
                             seen[id as usize].push(code);
                             !(id == 2 && seen[2].len() == 3)
                         }
-                        StreamEvent::Done { id, codes } => {
+                        StreamEvent::Done { id, codes, .. } => {
                             done[id as usize] = Some(codes);
                             true
                         }

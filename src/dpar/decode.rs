@@ -18,7 +18,7 @@ use crate::patching::{OnlinePatcher, PatchConfig};
 use crate::sample::{choose_codes_host, uniforms, SamplingConfig};
 
 /// The patch encoder's cross-attention on the host.
-struct Cross {
+pub(super) struct Cross {
     norm_q: LeanNorm,
     norm_kv: LeanNorm,
     wq: LeanLinear,
@@ -31,7 +31,7 @@ struct Cross {
 impl Cross {
     /// Patch vectors (M, D) of `segments` (offset, length) of the states (T, D): the query is
     /// the max over the patch's states, plus wo of its attention over them.
-    fn forward(&self, states: &[f32], segments: &[(usize, usize)], dim: usize) -> Vec<f32> {
+    pub(super) fn forward(&self, states: &[f32], segments: &[(usize, usize)], dim: usize) -> Vec<f32> {
         let (t, m) = (states.len() / dim, segments.len());
         let (h, d) = (self.heads, dim / self.heads);
         let mut queries = vec![0f32; m * dim];
@@ -151,22 +151,22 @@ fn generate_lean_grouped(
 
 /// Every weight of a lean DPAR generation, copied out of the tensors once and shared by the
 /// decode groups (stacks of zero rows whose blocks [`LeanStack::sharing`] hands on).
-struct Weights {
-    cls_table: Vec<f32>,
-    tok_table: Vec<f32>,
-    start_vector: Vec<f32>,
-    cross: Cross,
-    proj: Vec<(LeanNorm, LeanLinear)>,
-    norm: LeanNorm,
-    output: LeanLinear,
-    encoder: LeanStack,
-    global: LeanStack,
-    decoder: LeanStack,
-    entropy: LeanDecoder,
+pub(super) struct Weights {
+    pub(super) cls_table: Vec<f32>,
+    pub(super) tok_table: Vec<f32>,
+    pub(super) start_vector: Vec<f32>,
+    pub(super) cross: Cross,
+    pub(super) proj: Vec<(LeanNorm, LeanLinear)>,
+    pub(super) norm: LeanNorm,
+    pub(super) output: LeanLinear,
+    pub(super) encoder: LeanStack,
+    pub(super) global: LeanStack,
+    pub(super) decoder: LeanStack,
+    pub(super) entropy: LeanDecoder,
 }
 
 impl Weights {
-    fn new(model: &Dpar, entropy_model: &Gpt, kv: crate::nn::KvPrecision) -> Result<Self> {
+    pub(super) fn new(model: &Dpar, entropy_model: &Gpt, kv: crate::nn::KvPrecision) -> Result<Self> {
         let c = model.config();
         let (gemm, dim, l) = (c.ops.gemm(), c.dim, c.seq_len());
         Ok(Self {
@@ -342,7 +342,7 @@ fn generate_lean_group(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dpar::generate::{generate, generate_cached, tests::entropy_model};
     use crate::dpar::model::tests::tiny;
@@ -351,7 +351,7 @@ mod tests {
 
     /// A DPAR of `config` whose head and class table are random (the initial head is zero, so
     /// every draw would depend on the seed alone).
-    fn random_head(config: &crate::dpar::DparConfig, seed: u64) -> (Dpar, ParamStore) {
+    pub(crate) fn random_head(config: &crate::dpar::DparConfig, seed: u64) -> (Dpar, ParamStore) {
         let store = ParamStore::new(seed, &Device::Cpu);
         let m = Dpar::new(config, &store.root()).unwrap();
         for name in ["output.weight", "cls_embedding.embedding_table.weight"] {

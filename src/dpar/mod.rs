@@ -13,6 +13,7 @@ pub mod decode;
 pub mod generate;
 pub mod layout;
 pub mod model;
+pub mod streams;
 pub mod train;
 
 pub use model::Dpar;
