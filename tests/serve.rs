@@ -1,6 +1,7 @@
 //! `dpar serve` over HTTP on an ephemeral loopback port: a stream ends with a PNG, a
 //! fixed seed gives the codes of `dpar sample`, bad parameters get 400, paths outside the page
-//! get 404, a burst gets only 200 or 503, a closed stream frees its slot; and a real browser
+//! get 404, concurrent streams share a batch and keep their own codes, a burst gets only 200 or
+//! 503, a closed stream frees its slot; and a real browser
 //! (headless Chromium) draws a generation.
 #![cfg(feature = "serve")]
 
@@ -215,6 +216,55 @@ fn bad_parameters_get_400_and_paths_outside_the_page_get_404() {
 }
 
 /// Peak resident memory of a process (VmHWM), in MiB.
+/// Continuous batching: requests that arrive together share their model's running batch
+/// (the done records say how many streams it held), and each still gets exactly the codes of
+/// `dpar sample` with its own class, seed and guidance.
+#[test]
+fn concurrent_streams_share_a_batch_and_each_gets_the_codes_it_gets_alone() {
+    let server = Server::start(1, 4);
+    let root = env!("CARGO_MANIFEST_DIR");
+    for (model, ckpt) in [("dpar", "models/mnist/dpar"), ("gpt", "models/mnist/gpt")] {
+        let asks: Vec<(u32, u64, f64)> = vec![(1, 11, 2.0), (7, 12, 1.0), (4, 13, 3.0), (7, 14, 2.0)];
+        let dones: Vec<serde_json::Value> = std::thread::scope(|scope| {
+            let handles: Vec<_> = asks
+                .iter()
+                .map(|&(class, seed, cfg)| {
+                    let addr = server.addr.clone();
+                    scope.spawn(move || {
+                        let reply =
+                            get(&addr, &format!("/api/generate?model={model}&class={class}&seed={seed}&cfg={cfg}"));
+                        assert_eq!(reply.status, 200);
+                        event(&reply.body, "done").unwrap_or_else(|| panic!("no done event: {}", reply.body))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let most = dones.iter().map(|d| d["batch"].as_u64().unwrap()).max().unwrap();
+        assert!(most >= 2, "{model}: four requests at once never shared a batch");
+        for (done, &(class, seed, cfg)) in dones.iter().zip(&asks) {
+            let codes: Vec<u32> = serde_json::from_value(done["codes"].clone()).unwrap();
+            let (class, seed, cfg) = (class.to_string(), seed.to_string(), cfg.to_string());
+            let want = sample_codes(&[
+                "--ckpt",
+                &format!("{root}/{ckpt}"),
+                "--classes",
+                &class,
+                "--seed",
+                &seed,
+                "--cfg",
+                &cfg,
+            ]);
+            assert_eq!(
+                codes, want,
+                "{model} class {class} seed {seed} cfg {cfg}: batched codes differ from dpar sample's"
+            );
+        }
+        eprintln!("{model}: 4 requests at once, batches of up to {most} streams");
+    }
+    assert_eq!(status_of(&server.addr)["admitted"], 0);
+}
+
 fn peak_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb: f64 = status

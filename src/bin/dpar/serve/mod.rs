@@ -9,10 +9,13 @@
 //! - `GET /api/settings?…` gives the settings as the JSON `dpar sample --config` reads.
 //! - `GET /api/info`, `GET /api/status`; `/`, `/app.js`, `/style.css` are embedded in the binary.
 //!   Nothing else is served, and no part of a request reaches the filesystem.
+//! - Generations at full speed join their model's running batch (continuous batching, see
+//!   [`batch`]); slow-motion ones and sweeps run alone on a worker.
 //! - Every parameter is validated (HTTP 400 with a message). A bounded queue admits at most
-//!   `--workers` running and `--queue` waiting requests; more get 503 with `Retry-After`. A closed
-//!   tab (a dropped stream) cancels its generation and frees its slot.
+//!   `--workers` + `--batch` running and `--queue` waiting requests; more get 503 with
+//!   `Retry-After`. A closed tab (a dropped stream) cancels its generation and frees its slot.
 
+mod batch;
 mod request;
 
 use std::net::SocketAddr;
@@ -51,10 +54,14 @@ pub struct ServeArgs {
     /// Address to listen on. Loopback by default; `0.0.0.0:7860` opens the page to the network.
     #[arg(long, default_value = "127.0.0.1:7860")]
     addr: String,
-    /// Generations that run at once (each uses every core).
+    /// Generations that run alone at once (slow-motion ones and θ sweeps; each uses every core).
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Requests that may wait for a worker; beyond that the server answers 503 (Retry-After).
+    /// Images of each model decoded together: a request at full speed joins its model's running
+    /// batch at the next code (continuous batching). 0 runs every request alone on a worker.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Requests that may wait beyond those; more get 503 (Retry-After).
     #[arg(long, default_value_t = 8)]
     queue: usize,
 }
@@ -152,6 +159,14 @@ impl Queue {
 struct AppState {
     models: Arc<Models>,
     queue: Arc<Queue>,
+    /// Each model's batcher (none with `--batch 0`, or for a model it cannot batch).
+    batchers: Arc<[Option<batch::Batcher>; 2]>,
+}
+
+impl AppState {
+    fn batcher(&self, model: ModelChoice) -> Option<&batch::Batcher> {
+        self.batchers[model as usize].as_ref()
+    }
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -163,14 +178,22 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let models = Arc::new(Models::load(&args.models, &Device::Cpu)?);
     let queue = Arc::new(Queue {
         workers: Arc::new(tokio::sync::Semaphore::new(args.workers)),
-        capacity: args.workers + args.queue,
+        capacity: args.workers + args.batch + args.queue,
         admitted: AtomicUsize::new(0),
         running: AtomicUsize::new(0),
         served: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
         cancelled: AtomicU64::new(0),
     });
-    let state = AppState { models, queue };
+    let batchers = [ModelChoice::Dpar, ModelChoice::Gpt].map(|model| {
+        if args.batch == 0 || (model == ModelChoice::Gpt && models.gpt.is_none()) {
+            return None;
+        }
+        batch::Batcher::start(models.clone(), model, args.batch, queue.clone())
+            .map_err(|e| tracing::warn!("{}: no continuous batching ({e:#}); its requests run alone", model.name()))
+            .ok()
+    });
+    let state = AppState { models, queue, batchers: Arc::new(batchers) };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener =
@@ -289,6 +312,52 @@ async fn generate(State(state): State<AppState>, Query(pairs): Pairs) -> Respons
     let Some(ticket) = state.queue.admit() else { return busy() };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Progress>(64);
     let queued = Instant::now();
+    match state.batcher(req.model).filter(|_| req.pace_ms == 0) {
+        Some(batcher) => {
+            let l = state.models.grid() * state.models.grid();
+            let (updates, from_batch) = tokio::sync::mpsc::channel(l + 2);
+            if let Err(e) = batcher.submit(batch::Join { req: req.clone(), updates, queued }) {
+                return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response();
+            }
+            tokio::spawn(forward(state.models.clone(), req, from_batch, tx, ticket));
+        }
+        None => spawn_alone(&state, req, ticket, tx, queued),
+    }
+    let grid = state.models.grid();
+    let start = serde_json::json!({ "grid": grid, "codes": grid * grid });
+    let first = futures_util::stream::once(async move { Ok(Event::default().event("start").data(start.to_string())) });
+    let rest = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|progress| {
+        Ok::<_, std::convert::Infallible>(match progress {
+            Progress::Code { k, code, entropy, opens } => {
+                let h = if entropy.is_finite() { serde_json::json!(entropy) } else { serde_json::Value::Null };
+                Event::default()
+                    .event("code")
+                    .data(serde_json::json!({"k": k, "z": code, "h": h, "open": opens}).to_string())
+            }
+            Progress::Frame { k, png } => {
+                Event::default().event("frame").data(serde_json::json!({"k": k, "png": png}).to_string())
+            }
+            Progress::Done(done) => Event::default().event("done").data(done.to_string()),
+            Progress::Error(message) => {
+                Event::default().event("error").data(serde_json::json!({"message": message}).to_string())
+            }
+        })
+    });
+    // A keep-alive comment every second also finds a closed tab quickly (the write fails), which
+    // drops the stream, which cancels the generation or frees the queue slot.
+    Sse::new(first.chain(rest)).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(1))).into_response()
+}
+
+use futures_util::StreamExt as _;
+
+/// Runs a generation alone on a worker (slow motion, or no batcher for its model).
+fn spawn_alone(
+    state: &AppState,
+    req: GenRequest,
+    ticket: Ticket,
+    tx: tokio::sync::mpsc::Sender<Progress>,
+    queued: Instant,
+) {
     let models = state.models.clone();
     let queue = state.queue.clone();
     tokio::spawn(async move {
@@ -319,32 +388,85 @@ async fn generate(State(state): State<AppState>, Query(pairs): Pairs) -> Respons
             }
         });
     });
-    let grid = state.models.grid();
-    let start = serde_json::json!({ "grid": grid, "codes": grid * grid });
-    let first = futures_util::stream::once(async move { Ok(Event::default().event("start").data(start.to_string())) });
-    let rest = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|progress| {
-        Ok::<_, std::convert::Infallible>(match progress {
-            Progress::Code { k, code, entropy, opens } => {
-                let h = if entropy.is_finite() { serde_json::json!(entropy) } else { serde_json::Value::Null };
-                Event::default()
-                    .event("code")
-                    .data(serde_json::json!({"k": k, "z": code, "h": h, "open": opens}).to_string())
-            }
-            Progress::Frame { k, png } => {
-                Event::default().event("frame").data(serde_json::json!({"k": k, "png": png}).to_string())
-            }
-            Progress::Done(done) => Event::default().event("done").data(done.to_string()),
-            Progress::Error(message) => {
-                Event::default().event("error").data(serde_json::json!({"message": message}).to_string())
-            }
-        })
-    });
-    // A keep-alive comment every second also finds a closed tab quickly (the write fails), which
-    // drops the stream, which cancels the generation or frees the queue slot.
-    Sse::new(first.chain(rest)).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(1))).into_response()
 }
 
-use futures_util::StreamExt as _;
+/// A batched request's task: turns the batcher's codes into page events, with a frame at row
+/// ends (at most every 60 ms) and the final PNG drawn off the batcher's thread. Ends when the
+/// page closes, which drops `from_batch` and so takes the stream out of the batch.
+async fn forward(
+    models: Arc<Models>,
+    req: GenRequest,
+    mut from_batch: tokio::sync::mpsc::Receiver<batch::Update>,
+    tx: tokio::sync::mpsc::Sender<Progress>,
+    _ticket: Ticket,
+) {
+    let grid = models.grid();
+    let l = grid * grid;
+    let mut partial = vec![0u32; l];
+    let mut last_frame = Instant::now();
+    let mut framing = std::time::Duration::ZERO;
+    let png = |codes: Vec<u32>| {
+        let models = models.clone();
+        async move {
+            tokio::task::spawn_blocking(move || png_of(&models.tokenizer, &codes))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|png| png)
+        }
+    };
+    loop {
+        let update = tokio::select! {
+            update = from_batch.recv() => update,
+            _ = tx.closed() => return,
+        };
+        let progress = match update {
+            None => Progress::Error("the batcher stopped".into()),
+            Some(batch::Update::Code { k, code, entropy, opens }) => {
+                partial[k] = code;
+                if tx.send(Progress::Code { k, code, entropy, opens }).await.is_err() {
+                    return;
+                }
+                if !((k + 1).is_multiple_of(grid) && k + 1 < l && last_frame.elapsed().as_millis() >= 60) {
+                    continue;
+                }
+                let drawn = Instant::now();
+                let frame = png(partial.clone()).await;
+                framing += drawn.elapsed();
+                last_frame = Instant::now();
+                match frame {
+                    Ok(png) => Progress::Frame { k, png },
+                    Err(e) => Progress::Error(format!("{e:#}")),
+                }
+            }
+            Some(batch::Update::Done { codes, lengths, wall_ms, first_code_ms, queue_ms, batch }) => {
+                match png(codes.clone()).await {
+                    Ok(png) => Progress::Done(serde_json::json!({
+                        "model": req.model.name(),
+                        "codes": codes,
+                        "lengths": lengths,
+                        "steps": lengths.len(),
+                        "mean_patch_len": l as f64 / lengths.len() as f64,
+                        "wall_ms": wall_ms,
+                        "first_code_ms": first_code_ms,
+                        "queue_ms": queue_ms,
+                        "paused_ms": 0.0,
+                        "frames_ms": framing.as_secs_f64() * 1e3,
+                        "images_per_s": 1e3 / wall_ms,
+                        "batch": batch,
+                        "png": png,
+                        "settings": req.settings(),
+                    })),
+                    Err(e) => Progress::Error(format!("{e:#}")),
+                }
+            }
+            Some(batch::Update::Error(message)) => Progress::Error(message),
+        };
+        let last = !matches!(progress, Progress::Frame { .. });
+        if tx.send(progress).await.is_err() || last {
+            return;
+        }
+    }
+}
 
 fn is_cancelled(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| cause.to_string() == "generation cancelled")

@@ -9,8 +9,8 @@ use super::Models;
 /// Which model generates.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ModelChoice {
-    Dpar,
-    Gpt,
+    Dpar = 0,
+    Gpt = 1,
 }
 
 impl ModelChoice {
