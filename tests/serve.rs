@@ -296,7 +296,7 @@ fn a_burst_of_fifty_requests_gets_only_200_or_503_and_the_server_lives_on() {
     let ok = replies.iter().filter(|r| r.0 == 200).count();
     let busy = replies.iter().filter(|r| r.0 == 503).count();
     eprintln!(
-        "burst of 50 (1 worker, queue 4): {ok} × 200, {busy} × 503 in {:.1} s; server peak memory {:.0} MiB (idle {:.0} MiB)",
+        "burst of 50 (1 worker, batch 16, queue 4): {ok} × 200, {busy} × 503 in {:.1} s; server peak memory {:.0} MiB (idle {:.0} MiB)",
         start.elapsed().as_secs_f64(),
         peak_mib(server.pid()),
         before

@@ -244,8 +244,8 @@ impl<'m> DparStreams<'m> {
         Ok(())
     }
 
-    /// 1. For every stream past z_0: the encoder state of z_{k−1}, the entropy H_k and the
-    /// patch decision for z_k.
+    /// Stage 1, for every stream past z_0: the encoder state of z_{k−1}, the entropy H_k and
+    /// the patch decision for z_k.
     fn encode_and_patch(&mut self, dim: usize, half: usize) -> Result<()> {
         let model = self.model;
         let active: Vec<usize> = (0..self.streams.len()).filter(|&i| !self.streams[i].codes.is_empty()).collect();
@@ -288,8 +288,8 @@ impl<'m> DparStreams<'m> {
         Ok(())
     }
 
-    /// 2. One patch-transformer step: the class slot of each new stream (zero rotations), and
-    /// the patch vector of every patch that closed at z_{k−1}; then those rows' injections.
+    /// Stage 2, one patch-transformer step: the class slot of each new stream (zero rotations),
+    /// and the patch vector of every patch that closed at z_{k−1}; then those rows' injections.
     fn global_step(&mut self, dim: usize, half: usize) -> Result<()> {
         let model = self.model;
         let c = model.config();

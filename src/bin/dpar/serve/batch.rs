@@ -4,11 +4,15 @@
 //! last code, or at once when its page closes. Each stream gets exactly the codes it gets alone
 //! with the same seed and settings; rows of different models run in separate batches.
 //!
+//! A model's batch is split into lanes, one per core: each lane is a thread with its own loop
+//! and kernels that stay on its core (a step of a few rows gains nothing from waking the thread
+//! pool), and a request joins the lane with the fewest streams.
+//!
 //! The batcher only decodes codes. The request's own task turns them into page events, draws
 //! the frames and the final PNG, so that no client's pictures hold up the batch.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
@@ -48,9 +52,15 @@ pub struct Join {
     pub queued: Instant,
 }
 
-/// The handle of a model's batcher thread.
+/// The handle of a model's batcher: its lanes.
 pub struct Batcher {
+    lanes: Vec<Lane>,
+}
+
+struct Lane {
     tx: mpsc::Sender<Join>,
+    /// Streams running or waiting in this lane.
+    load: Arc<AtomicUsize>,
 }
 
 /// The decode loops, behind one face.
@@ -99,41 +109,60 @@ impl Engine for dpar::dpar::streams::DparStreams<'_> {
 }
 
 impl Batcher {
-    /// Starts the batcher of `model` with room for `images` images, or says why it cannot (a
-    /// model with stock kernels, no baseline): its requests then run alone on a worker.
+    /// Starts the batcher of `model` with room for `images` images (split over one lane per
+    /// core), or says why it cannot (a model with stock kernels, no baseline): its requests
+    /// then run alone on a worker.
     pub fn start(models: Arc<Models>, model: ModelChoice, images: usize, queue: Arc<Queue>) -> Result<Batcher> {
-        let (tx, rx) = mpsc::channel::<Join>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
-        std::thread::Builder::new().name(format!("batch-{}", model.name())).spawn(move || {
-            let kv = KvPrecision::F32;
-            let built: Result<Box<dyn Engine + '_>> = match model {
-                ModelChoice::Dpar => dpar::dpar::streams::DparStreams::new(&models.dpar, &models.entropy, images, kv)
-                    .map(|e| Box::new(e) as Box<dyn Engine>)
-                    .map_err(Into::into),
-                ModelChoice::Gpt => match &models.gpt {
-                    Some(gpt) => dpar::stream::GptStreams::new(gpt, 2 * images, kv)
-                        .map(|e| Box::new(e) as Box<dyn Engine>)
-                        .map_err(Into::into),
-                    None => Err(anyhow::anyhow!("no baseline")),
-                },
-            };
-            match built {
-                Ok(mut engine) => {
-                    let _ = ready_tx.send(Ok(()));
-                    run(engine.as_mut(), &rx, &queue);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-        })?;
-        ready_rx.recv()??;
-        Ok(Batcher { tx })
+        let count = dpar::kernels::threads().clamp(1, images.max(1));
+        let mut lanes = Vec::with_capacity(count);
+        for lane in 0..count {
+            // Lane `lane` takes its share of the images: they differ by at most one.
+            let room = images / count + usize::from(lane < images % count);
+            let (tx, rx) = mpsc::channel::<Join>();
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+            let load = Arc::new(AtomicUsize::new(0));
+            let (models, queue, lane_load) = (models.clone(), queue.clone(), load.clone());
+            std::thread::Builder::new().name(format!("batch-{}-{lane}", model.name())).spawn(move || {
+                dpar::kernels::serial(|| {
+                    let kv = KvPrecision::F32;
+                    let built: Result<Box<dyn Engine + '_>> = match model {
+                        ModelChoice::Dpar => {
+                            dpar::dpar::streams::DparStreams::new(&models.dpar, &models.entropy, room, kv)
+                                .map(|e| Box::new(e) as Box<dyn Engine>)
+                                .map_err(Into::into)
+                        }
+                        ModelChoice::Gpt => match &models.gpt {
+                            Some(gpt) => dpar::stream::GptStreams::new(gpt, 2 * room, kv)
+                                .map(|e| Box::new(e) as Box<dyn Engine>)
+                                .map_err(Into::into),
+                            None => Err(anyhow::anyhow!("no baseline")),
+                        },
+                    };
+                    match built {
+                        Ok(mut engine) => {
+                            let _ = ready_tx.send(Ok(()));
+                            run(engine.as_mut(), &rx, &queue, &lane_load);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+            })?;
+            ready_rx.recv()??;
+            lanes.push(Lane { tx, load });
+        }
+        Ok(Batcher { lanes })
     }
 
-    /// Hands `join` to the batcher (it waits there until the batch has room).
+    /// Hands `join` to the lane with the fewest streams (it waits there until it has room).
     pub fn submit(&self, join: Join) -> Result<()> {
-        self.tx.send(join).map_err(|_| anyhow::anyhow!("the batcher has stopped"))
+        let lane = self.lanes.iter().min_by_key(|l| l.load.load(Ordering::SeqCst)).expect("at least one lane");
+        lane.load.fetch_add(1, Ordering::SeqCst);
+        lane.tx.send(join).map_err(|_| {
+            lane.load.fetch_sub(1, Ordering::SeqCst);
+            anyhow::anyhow!("the batcher has stopped")
+        })
     }
 }
 
@@ -145,7 +174,8 @@ struct Running {
 }
 
 /// The batcher's loop: admit waiting requests while there is room, step, hand out codes.
-fn run(engine: &mut dyn Engine, rx: &mpsc::Receiver<Join>, queue: &Queue) {
+fn run(engine: &mut dyn Engine, rx: &mpsc::Receiver<Join>, queue: &Queue, load: &AtomicUsize) {
+    let leave = || load.fetch_sub(1, Ordering::SeqCst);
     let mut waiting: VecDeque<Join> = VecDeque::new();
     let mut running: HashMap<u64, Running> = HashMap::new();
     let mut next_id = 0u64;
@@ -160,6 +190,7 @@ fn run(engine: &mut dyn Engine, rx: &mpsc::Receiver<Join>, queue: &Queue) {
         waiting.retain(|j| {
             let open = !j.updates.is_closed();
             if !open {
+                leave();
                 queue.cancelled.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("a waiting request left: its page closed");
             }
@@ -179,6 +210,7 @@ fn run(engine: &mut dyn Engine, rx: &mpsc::Receiver<Join>, queue: &Queue) {
                     );
                 }
                 Err(e) => {
+                    leave();
                     let _ = j.updates.try_send(Update::Error(format!("{e:#}")));
                 }
             }
@@ -201,6 +233,7 @@ fn run(engine: &mut dyn Engine, rx: &mpsc::Receiver<Join>, queue: &Queue) {
             }
             StreamEvent::Done { id, codes, lengths } => {
                 if let Some(r) = running.remove(&id) {
+                    leave();
                     queue.running.fetch_sub(1, Ordering::SeqCst);
                     let wall_ms = r.joined.elapsed().as_secs_f64() * 1e3;
                     let first_code_ms = r.first_code_ms.unwrap_or(wall_ms);
@@ -216,6 +249,7 @@ fn run(engine: &mut dyn Engine, rx: &mpsc::Receiver<Join>, queue: &Queue) {
         });
         for id in left {
             if running.remove(&id).is_some() {
+                leave();
                 queue.running.fetch_sub(1, Ordering::SeqCst);
                 queue.cancelled.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("generation cancelled: the page closed its stream");
@@ -225,6 +259,7 @@ fn run(engine: &mut dyn Engine, rx: &mpsc::Receiver<Join>, queue: &Queue) {
             tracing::error!("decode step failed: {e:#}");
             for (id, r) in running.drain() {
                 engine.cancel(id);
+                leave();
                 queue.running.fetch_sub(1, Ordering::SeqCst);
                 let _ = r.updates.try_send(Update::Error(format!("{e:#}")));
             }
