@@ -1,7 +1,8 @@
 //! `dpar serve` over HTTP on an ephemeral loopback port: a stream ends with a PNG, a
 //! fixed seed gives the codes of `dpar sample`, bad parameters get 400, paths outside the page
-//! get 404, concurrent streams share a batch and keep their own codes, a burst gets only 200 or
-//! 503, a closed stream frees its slot; and a real browser
+//! get 404, concurrent streams share a batch and keep their own codes, a stream cancelled
+//! midway leaves its neighbour alone, a burst gets only 200 or 503, a closed stream frees its
+//! slot; and a real browser
 //! (headless Chromium) draws a generation.
 #![cfg(feature = "serve")]
 
@@ -20,8 +21,15 @@ struct Server {
 
 impl Server {
     fn start(workers: usize, queue: usize) -> Server {
+        Self::start_with(&["--workers", &workers.to_string(), "--queue", &queue.to_string()], &[])
+    }
+
+    /// A server with these arguments (after `serve --addr`) and environment variables.
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = common::dpar()
-            .args(["serve", "--addr", "127.0.0.1:0", "--workers", &workers.to_string(), "--queue", &queue.to_string()])
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied())
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -216,12 +224,17 @@ fn bad_parameters_get_400_and_paths_outside_the_page_get_404() {
 }
 
 /// Peak resident memory of a process (VmHWM), in MiB.
+/// A server whose batches run in one lane (one thread): concurrent streams of a model share it.
+fn one_lane_server() -> Server {
+    Server::start_with(&["--batch", "4", "--queue", "4"], &[("RAYON_NUM_THREADS", "1")])
+}
+
 /// Continuous batching: requests that arrive together share their model's running batch
 /// (the done records say how many streams it held), and each still gets exactly the codes of
 /// `dpar sample` with its own class, seed and guidance.
 #[test]
 fn concurrent_streams_share_a_batch_and_each_gets_the_codes_it_gets_alone() {
-    let server = Server::start(1, 4);
+    let server = one_lane_server();
     let root = env!("CARGO_MANIFEST_DIR");
     for (model, ckpt) in [("dpar", "models/mnist/dpar"), ("gpt", "models/mnist/gpt")] {
         let asks: Vec<(u32, u64, f64)> = vec![(1, 11, 2.0), (7, 12, 1.0), (4, 13, 3.0), (7, 14, 2.0)];
@@ -263,6 +276,41 @@ fn concurrent_streams_share_a_batch_and_each_gets_the_codes_it_gets_alone() {
         eprintln!("{model}: 4 requests at once, batches of up to {most} streams");
     }
     assert_eq!(status_of(&server.addr)["admitted"], 0);
+}
+
+/// A stream whose page closes midway leaves the batch; the stream beside it gets its own codes.
+#[test]
+fn a_stream_cancelled_midway_leaves_its_neighbour_alone() {
+    let server = one_lane_server();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for (model, ckpt) in [("dpar", "models/mnist/dpar"), ("gpt", "models/mnist/gpt")] {
+        let cancelled = status_of(&server.addr)["cancelled"].as_u64().unwrap();
+        let addr = server.addr.clone();
+        let neighbour =
+            std::thread::spawn(move || get(&addr, &format!("/api/generate?model={model}&class=5&seed=21&cfg=2")));
+        let mut stream = TcpStream::connect(&server.addr).unwrap();
+        write!(stream, "GET /api/generate?model={model}&class=8&seed=22&cfg=2 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // Read until a few codes have come, then close the page.
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+        while String::from_utf8_lossy(&seen).matches("event: code").count() < 5 {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        drop(stream);
+        let reply = neighbour.join().unwrap();
+        assert_eq!(reply.status, 200);
+        let done = event(&reply.body, "done").expect("the neighbour finishes");
+        let codes: Vec<u32> = serde_json::from_value(done["codes"].clone()).unwrap();
+        let want = sample_codes(&["--ckpt", &format!("{root}/{ckpt}"), "--classes", "5", "--seed", "21", "--cfg", "2"]);
+        assert_eq!(codes, want, "{model}: the neighbour's codes changed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status_of(&server.addr)["cancelled"].as_u64().unwrap() <= cancelled {
+            assert!(Instant::now() < deadline, "{model}: the closed stream was never cancelled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(status_of(&server.addr)["running"], 0);
 }
 
 fn peak_mib(pid: u32) -> f64 {
