@@ -229,6 +229,64 @@ pub fn stats(entropies: &[f32], grid: usize, config: &PatchConfig) -> Result<Pat
     })
 }
 
+/// How well two patchings of the same images agree on where patches start.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Agreement {
+    /// Of the starts under `other`, the share that are starts under `reference`.
+    pub precision: f64,
+    /// Of the starts under `reference`, the share that are starts under `other`.
+    pub recall: f64,
+    /// Their harmonic mean: the per-code F1 of "z_k opens a patch".
+    pub f1: f64,
+    /// Codes compared (k ≥ 2 of every image; z_0 and z_1 always open a patch).
+    pub codes: usize,
+}
+
+/// Boundary agreement of the patches of `other` (entropies, rules) with those of `reference`,
+/// over the same images: every code k ≥ 2 is a yes/no decision, "z_k opens a patch". Forced
+/// starts (row resets, the length cap) count like any other.
+pub fn agreement(
+    reference: (&[f32], &PatchConfig),
+    other: (&[f32], &PatchConfig),
+    grid: usize,
+) -> Result<Agreement> {
+    let l = grid * grid;
+    if reference.0.len() != other.0.len() {
+        return Err(PatchError::BadInput(format!(
+            "the two entropy sets differ in size ({} and {})",
+            reference.0.len(),
+            other.0.len()
+        )));
+    }
+    if l == 0 || !reference.0.len().is_multiple_of(l) {
+        return Err(PatchError::BadInput(format!("{} entropies is not a whole number of {l}-code images", reference.0.len())));
+    }
+    let starts = |h: &[f32], c: &PatchConfig| -> Result<Vec<bool>> {
+        let mut open = vec![false; l];
+        for k in patch_starts(&patch_lengths(h, grid, c, l)?) {
+            open[k] = true;
+        }
+        Ok(open)
+    };
+    let (mut both, mut only_ref, mut only_other, mut codes) = (0usize, 0usize, 0usize, 0usize);
+    for (a, b) in reference.0.chunks(l).zip(other.0.chunks(l)) {
+        let (sa, sb) = (starts(a, reference.1)?, starts(b, other.1)?);
+        for k in 2.min(l)..l {
+            codes += 1;
+            match (sa[k], sb[k]) {
+                (true, true) => both += 1,
+                (true, false) => only_ref += 1,
+                (false, true) => only_other += 1,
+                (false, false) => {}
+            }
+        }
+    }
+    let ratio = |n: usize, d: usize| if d == 0 { 1.0 } else { n as f64 / d as f64 };
+    let (precision, recall) = (ratio(both, both + only_other), ratio(both, both + only_ref));
+    let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+    Ok(Agreement { precision, recall, f1, codes })
+}
+
 /// Finds θ whose mean patch length is closest to `target` by bisection (the mean length grows
 /// with θ). Returns θ and its statistics. `target` must lie between the lengths reachable at
 /// θ = −∞ and θ = +∞ for the other settings of `config`.
@@ -338,6 +396,22 @@ mod tests {
         assert!((s.mean_len - 1.8).abs() < 0.1, "θ {theta}: {}", s.mean_len);
         assert!(calibrate(&h, 4, &PatchConfig::dpar(0.0, 4), 9.0).is_err());
         assert!(percentile(&h, 0.3).unwrap() <= percentile(&h, 0.7).unwrap());
+    }
+
+    /// One 2×2 image (L = 4, no row resets, no cap): the reference opens at k = 2 (H 3 > θ 2.5)
+    /// and not at 3; the other (θ 0.5) opens at both. Over k ∈ {2, 3}: 1 common start, 1 extra
+    /// start in the other: precision 1/2, recall 1, F1 2/3. Against itself: all 1.
+    #[test]
+    fn boundary_agreement_of_a_hand_computed_case() {
+        let h = [f32::INFINITY, 0.0, 3.0, 1.0];
+        let rules = PatchConfig { row_reset: false, max_len_rule: false, ..PatchConfig::dpar(2.5, 4) };
+        let low = PatchConfig { threshold: 0.5, ..rules };
+        let a = agreement((&h, &rules), (&h, &low), 2).unwrap();
+        assert_eq!((a.precision, a.recall, a.codes), (0.5, 1.0, 2));
+        assert!((a.f1 - 2.0 / 3.0).abs() < 1e-12);
+        let same = agreement((&h, &rules), (&h, &rules), 2).unwrap();
+        assert_eq!((same.precision, same.recall, same.f1), (1.0, 1.0, 1.0));
+        assert!(agreement((&h, &rules), (&h[..2], &rules), 2).is_err(), "sizes differ");
     }
 
     fn arb_case() -> impl Strategy<Value = (usize, Vec<f32>, f64, usize, [bool; 3])> {

@@ -66,6 +66,17 @@ pub struct PatchifyArgs {
     /// Write the statistics as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Another entropy set over the same codes (e.g. from a smaller entropy model): report how
+    /// well its patch starts agree with those of --codes (precision, recall, F1 per code).
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// θ for --compare's entropies (the other rules are those of --codes); with
+    /// --compare-target-mean-len instead, calibrated like --target-mean-len.
+    #[arg(long, requires = "compare")]
+    compare_threshold: Option<f64>,
+    /// Calibrate θ for --compare's entropies to this mean patch length.
+    #[arg(long, requires = "compare", conflicts_with = "compare_threshold")]
+    compare_target_mean_len: Option<f64>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -161,6 +172,34 @@ fn patchify(args: PatchifyArgs) -> Result<()> {
     print_stats(&format!("{} over {}", config.label(), args.codes.display()), &stats);
     report.insert("config".into(), serde_json::to_value(config)?);
     report.insert("stats".into(), serde_json::to_value(&stats)?);
+    if let Some(other) = &args.compare {
+        let (other_shard, mut other_ent) =
+            dpar::entropy::read_set(other, None).with_context(|| format!("--compare {}", other.display()))?;
+        other_ent.entropy.truncate(ent.entropy.len());
+        if other_shard.codes[..shard.codes.len().min(other_shard.codes.len())] != shard.codes[..] {
+            bail!("--compare {}: not the codes of --codes {}", other.display(), args.codes.display());
+        }
+        let theta = match (args.compare_threshold, args.compare_target_mean_len) {
+            (Some(theta), _) => theta,
+            (None, Some(target)) => {
+                patching::calibrate(&other_ent.entropy, grid, &config, target)
+                    .with_context(|| format!("--compare-target-mean-len {target}"))?
+                    .0
+            }
+            (None, None) => bail!("--compare needs --compare-threshold or --compare-target-mean-len"),
+        };
+        let other_config = PatchConfig { threshold: theta, ..config };
+        let a = patching::agreement((&ent.entropy, &config), (&other_ent.entropy, &other_config), grid)?;
+        println!(
+            "patch starts of {} (θ = {theta:.4}) against these: precision {:.4}, recall {:.4}, F1 {:.4} over {} codes",
+            other.display(),
+            a.precision,
+            a.recall,
+            a.f1,
+            a.codes
+        );
+        report.insert("compare".into(), serde_json::json!({"set": other, "threshold": theta, "agreement": a}));
+    }
     if args.percentiles {
         let mut rows = Vec::new();
         for q in [0.3, 0.5, 0.7] {
