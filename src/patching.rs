@@ -245,11 +245,7 @@ pub struct Agreement {
 /// Boundary agreement of the patches of `other` (entropies, rules) with those of `reference`,
 /// over the same images: every code k ≥ 2 is a yes/no decision, "z_k opens a patch". Forced
 /// starts (row resets, the length cap) count like any other.
-pub fn agreement(
-    reference: (&[f32], &PatchConfig),
-    other: (&[f32], &PatchConfig),
-    grid: usize,
-) -> Result<Agreement> {
+pub fn agreement(reference: (&[f32], &PatchConfig), other: (&[f32], &PatchConfig), grid: usize) -> Result<Agreement> {
     let l = grid * grid;
     if reference.0.len() != other.0.len() {
         return Err(PatchError::BadInput(format!(
@@ -259,7 +255,10 @@ pub fn agreement(
         )));
     }
     if l == 0 || !reference.0.len().is_multiple_of(l) {
-        return Err(PatchError::BadInput(format!("{} entropies is not a whole number of {l}-code images", reference.0.len())));
+        return Err(PatchError::BadInput(format!(
+            "{} entropies is not a whole number of {l}-code images",
+            reference.0.len()
+        )));
     }
     let starts = |h: &[f32], c: &PatchConfig| -> Result<Vec<bool>> {
         let mut open = vec![false; l];

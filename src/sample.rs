@@ -62,9 +62,18 @@ pub struct SamplingConfig {
     /// Keep the smallest prefix of the sorted distribution whose mass exceeds p (1 = off).
     pub top_p: f64,
     pub seed: u64,
+    /// Index of this batch's first image in its run (0 when absent): image j of the batch draws
+    /// from the stream of (`seed`, `first_image` + j). Set by whatever splits a run into batches
+    /// or groups, so that an image does not depend on how its run was split.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_image: u64,
     /// Precision of the KV caches of the lean CPU decode steps (`f32` when absent).
     #[serde(default, skip_serializing_if = "is_f32")]
     pub kv_cache: crate::nn::KvPrecision,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_f32(p: &crate::nn::KvPrecision) -> bool {
@@ -73,7 +82,15 @@ fn is_f32(p: &crate::nn::KvPrecision) -> bool {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { cfg_scale: 2.0, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0, kv_cache: Default::default() }
+        Self {
+            cfg_scale: 2.0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            first_image: 0,
+            kv_cache: Default::default(),
+        }
     }
 }
 
@@ -92,6 +109,11 @@ impl SamplingConfig {
             return Err(SampleError::BadConfig(format!("top-p must lie in (0, 1], got {}", self.top_p)));
         }
         Ok(())
+    }
+
+    /// The settings of the part of this batch that starts at its image `start`.
+    pub fn from_image(&self, start: usize) -> SamplingConfig {
+        SamplingConfig { first_image: self.first_image.wrapping_add(start as u64), ..self.clone() }
     }
 
     /// Whether guidance needs the unconditional half of the batch.
@@ -161,14 +183,17 @@ pub fn draw(filtered_logits: &[f32], u: f64) -> u32 {
     last_kept as u32
 }
 
-/// The uniforms that drive the draws of `images × codes` samples: image i's come from its own
-/// stream, seeded with `seed + i`. So an image's codes depend on its own seed only, never on
-/// the batch it was drawn in (image i of a batch with seed s is the lone image of seed s + i),
-/// and a batch can be split into groups (or joined by other requests) freely.
-pub fn uniforms(seed: u64, images: usize, codes: usize) -> Vec<f64> {
+/// The uniforms that drive the draws of `images × codes` samples of a batch whose first image
+/// is image `config.first_image` of its run: image j's come from the stream of (`config.seed`,
+/// `first_image` + j). So an image's codes depend on its seed and its index in the run only,
+/// never on the batch it was drawn in, and a batch can be split into groups (or joined by other
+/// requests) freely. Runs with different seeds share no stream (seeds s and s + 1 do not draw
+/// shifted copies of each other's images).
+pub fn uniforms(config: &SamplingConfig, images: usize, codes: usize) -> Vec<f64> {
     let mut u = Vec::with_capacity(images * codes);
     for i in 0..images {
-        let mut rng = crate::util::rng_for(seed.wrapping_add(i as u64), "sample-draws", 0);
+        let index = config.first_image.wrapping_add(i as u64);
+        let mut rng = crate::util::rng_for(config.seed, "sample-draws", index);
         u.extend((0..codes).map(|_| rng.random::<f64>()));
     }
     u
@@ -362,7 +387,7 @@ pub fn generate_gpt_observed(
     }
     config.validate()?;
     let (b, l) = (labels.len(), c.seq_len());
-    let u = uniforms(config.seed, b, l);
+    let u = uniforms(config, b, l);
     let guided = config.uses_guidance() && c.cls_token_num == 1;
     generate_gpt_with(model, labels, config, guided, &u, device, observer)
 }
@@ -378,7 +403,7 @@ pub fn generate_gpt_cached(
     config.validate()?;
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
-    let u = uniforms(config.seed, b, l);
+    let u = uniforms(config, b, l);
     let guided = config.uses_guidance() && c.cls_token_num == 1;
     generate_gpt_with(model, labels, config, guided, &u, device, None)
 }
@@ -465,7 +490,7 @@ pub(crate) fn generate_gpt_grouped(
 ) -> Result<Vec<Vec<u32>>> {
     let groups = decode_groups(labels.len(), group);
     let parts = run_groups(&groups, |g| {
-        let cfg = SamplingConfig { seed: config.seed.wrapping_add(g.start as u64), ..config.clone() };
+        let cfg = config.from_image(g.start);
         generate_gpt_lean_group(model, weights, &labels[g], &cfg, None)
     })?;
     Ok(parts.into_iter().flatten().collect())
@@ -482,7 +507,7 @@ fn generate_gpt_lean_group(
 ) -> Result<Vec<Vec<u32>>> {
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
-    let u = uniforms(config.seed, b, l);
+    let u = uniforms(config, b, l);
     let guided = config.uses_guidance() && c.cls_token_num == 1;
     let mut all = labels.to_vec();
     if guided {
@@ -528,7 +553,7 @@ pub fn generate_gpt_full_recompute(
     config.validate()?;
     let c = model.config();
     let (b, l) = (labels.len(), c.seq_len());
-    let u = uniforms(config.seed, b, l);
+    let u = uniforms(config, b, l);
     let guided = config.uses_guidance();
     let all_labels = guided_labels(labels, c.num_classes as u32, guided, device)?;
     let rows = all_labels.dim(0)?;
@@ -640,7 +665,7 @@ pub(crate) mod tests {
             let got = if lean {
                 generate_gpt_lean_observed(&m, &labels, &config, Some(&mut watch)).unwrap()
             } else {
-                let u = uniforms(config.seed, 2, m.config().seq_len());
+                let u = uniforms(&config, 2, m.config().seq_len());
                 generate_gpt_with(&m, &labels, &config, true, &u, &Device::Cpu, Some(&mut watch)).unwrap()
             };
             assert_eq!((&got, &seen), (&want, &want), "lean: {lean}");
@@ -693,9 +718,9 @@ pub(crate) mod tests {
         assert!(lean.step(&[0]).is_err(), "a wrong batch is refused");
     }
 
-    /// An image's codes depend on its seed only: in any batch, split into decode groups of any
-    /// size (run side by side on the threads), image i of a batch with seed s gets the codes it
-    /// gets alone with seed s + i. With and without guidance, f32 and bf16 caches (each compared
+    /// An image's codes depend on its seed and index only: in any batch, split into decode
+    /// groups of any size (run side by side on the threads), image i of a batch gets the codes
+    /// it gets alone as image i of its run. With and without guidance, f32 and bf16 caches (each compared
     /// with itself), fused and bf16 kernels.
     #[test]
     fn batched_generation_gives_each_image_the_codes_it_gets_alone() {
@@ -708,7 +733,7 @@ pub(crate) mod tests {
                     let weights = crate::gpt::decode::LeanDecoder::with_cache(&m, 0, kv).unwrap();
                     let alone: Vec<Vec<u32>> = (0..labels.len())
                         .map(|i| {
-                            let c = SamplingConfig { seed: 40 + i as u64, ..config.clone() };
+                            let c = config.from_image(i);
                             generate_gpt_grouped(&m, &weights, &labels[i..i + 1], &c, 1).unwrap().remove(0)
                         })
                         .collect();
@@ -727,6 +752,37 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// Image n of a run draws from the stream of (seed, n): batches of any size give the same
+    /// images, no two images of a run share a stream, and runs with seeds s and s + 1 share no
+    /// stream. (A scheme that seeded image i of batch b with seed + b + i drew shifted copies of
+    /// the same images in neighbouring batches and neighbouring seeds: half of a 2000-image run
+    /// were duplicates.)
+    #[test]
+    fn every_image_of_a_run_has_a_stream_of_its_own() {
+        let (m, _s) = model(4);
+        let labels = vec![1u32; 12];
+        let config = SamplingConfig { seed: 5, ..Default::default() };
+        let run = |config: &SamplingConfig, batch| {
+            crate::sample_set::sample_gpt(&m, &labels, batch, config, &Device::Cpu, |_| {}).unwrap()
+        };
+        let whole = run(&config, 12);
+        for batch in [1, 5] {
+            assert_eq!(run(&config, batch), whole, "batch size {batch}");
+        }
+        // No two images of a run, and no images of runs with seeds 5 and 6, share their draws.
+        let rows = |seed| {
+            let u = uniforms(&SamplingConfig { seed, ..config.clone() }, 12, 9);
+            u.chunks(9).map(|r| r.iter().map(|x| x.to_bits()).collect::<Vec<u64>>()).collect::<Vec<_>>()
+        };
+        let mut all: Vec<Vec<u64>> = rows(5);
+        all.extend(rows(6));
+        let distinct: std::collections::HashSet<&Vec<u64>> = all.iter().collect();
+        assert_eq!(distinct.len(), 24, "two images draw from the same stream");
+        let u = |seed, first| uniforms(&SamplingConfig { seed, first_image: first, ..config.clone() }, 1, 4);
+        assert_ne!(u(5, 1), u(6, 0));
+        assert_eq!(u(5, 3), uniforms(&config, 4, 4)[12..]);
     }
 
     #[test]
@@ -753,7 +809,7 @@ pub(crate) mod tests {
         let (m, _s) = model(2);
         let config = SamplingConfig { cfg_scale: 1.0, seed: 3, ..Default::default() };
         let labels = [2u32, 0, 1];
-        let u = uniforms(3, 3, 9);
+        let u = uniforms(&config, 3, 9);
         let guided = generate_gpt_with(&m, &labels, &config, true, &u, &Device::Cpu, None).unwrap();
         let plain = generate_gpt_with(&m, &labels, &config, false, &u, &Device::Cpu, None).unwrap();
         assert_eq!(guided, plain);

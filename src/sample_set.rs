@@ -1,5 +1,5 @@
-//! Sampling runs as `dpar sample` does them: class labels, generation in batches (batch `i`
-//! draws with seed `seed + i`), and the files a run leaves behind: `samples.png` (one grid row
+//! Sampling runs as `dpar sample` does them: class labels, generation in batches (image n of a
+//! run draws from the stream of (seed, n), whatever the batch size), and the files a run leaves behind: `samples.png` (one grid row
 //! per class), `samples-patches.png` for DPAR (each image's patches drawn), `codes.safetensors`
 //! (a code shard with the requested labels) and `sample.json` (the settings and timings).
 
@@ -162,10 +162,11 @@ pub fn npz_labels(settings: &serde_json::Value, count: usize) -> Option<Vec<u32>
     Some(labels).filter(|l| l.len() == count)
 }
 
-/// The sampling settings of batch `i` of a run: seed `seed + i` (every sampler of a run draws
-/// batch by batch this way, so a run's images do not depend on how they are written out).
-pub fn batch_sampling(config: &SamplingConfig, i: usize) -> SamplingConfig {
-    SamplingConfig { seed: config.seed.wrapping_add(i as u64), ..config.clone() }
+/// The sampling settings of the batch of a run that starts at image `first` (every sampler of
+/// a run draws batch by batch this way, so a run's images depend neither on the batch size nor
+/// on how they are written out).
+pub fn batch_sampling(config: &SamplingConfig, first: usize) -> SamplingConfig {
+    config.from_image(first)
 }
 
 fn check_batch(batch: usize) -> Result<()> {
@@ -175,8 +176,8 @@ fn check_batch(batch: usize) -> Result<()> {
     Ok(())
 }
 
-/// Codes for `labels` from the baseline, `batch` images at a time (batch `i` with seed
-/// `config.seed + i`); `progress` is called with the images done.
+/// Codes for `labels` from the baseline, `batch` images at a time (image n of the run draws
+/// from the stream of (`config.seed`, n)); `progress` is called with the images done.
 pub fn sample_gpt(
     model: &Gpt,
     labels: &[u32],
@@ -188,7 +189,7 @@ pub fn sample_gpt(
     check_batch(batch)?;
     let mut codes = Vec::with_capacity(labels.len());
     for (i, chunk) in labels.chunks(batch).enumerate() {
-        codes.extend(crate::sample::generate_gpt(model, chunk, &batch_sampling(config, i), device)?);
+        codes.extend(crate::sample::generate_gpt(model, chunk, &batch_sampling(config, i * batch), device)?);
         progress(chunk.len());
     }
     Ok(codes)
@@ -211,8 +212,14 @@ pub fn sample_dpar(
     patch.validate().map_err(|e| SampleSetError::BadInput(format!("patcher: {e}")))?;
     let mut all = Generated { codes: Vec::with_capacity(labels.len()), lengths: Vec::with_capacity(labels.len()) };
     for (i, chunk) in labels.chunks(batch).enumerate() {
-        let out =
-            crate::dpar::generate::generate(model, entropy_model, chunk, &batch_sampling(config, i), patch, device)?;
+        let out = crate::dpar::generate::generate(
+            model,
+            entropy_model,
+            chunk,
+            &batch_sampling(config, i * batch),
+            patch,
+            device,
+        )?;
         all.codes.extend(out.codes);
         all.lengths.extend(out.lengths);
         progress(chunk.len());
@@ -221,8 +228,8 @@ pub fn sample_dpar(
 }
 
 /// Streams samples into a `.npz` for the ADM evaluator (`arr_0`, uint8 `[N, H, W, 3]`, as
-/// LlamaGen's `sample_ddp.py` writes it): `sample_batch(i, labels)` draws the codes of batch `i`
-/// (with seed `seed + i`, as [`sample_gpt`]/[`sample_dpar`] do), which are decoded and appended
+/// LlamaGen's `sample_ddp.py` writes it): `sample_batch(first, labels)` draws the codes of the batch whose first image is image `first`
+/// (as [`sample_gpt`]/[`sample_dpar`] do), which are decoded and appended
 /// at once, so only one batch of images is ever in memory. Gray images are written as RGB.
 /// `progress` is called with the images done. Returns the image height and width.
 pub fn stream_npz(
@@ -239,7 +246,7 @@ pub fn stream_npz(
     let mut npz = crate::data::npz::ImageNpzWriter::create(path, labels.len(), side, side)?;
     let l = tokenizer.config.seq_len();
     for (i, chunk) in labels.chunks(batch).enumerate() {
-        let codes = sample_batch(i, chunk)?;
+        let codes = sample_batch(i * batch, chunk)?;
         if codes.len() != chunk.len() || codes.iter().any(|c| c.len() != l) {
             return Err(SampleSetError::BadInput(format!("batch {i}: the sampler returned codes of the wrong shape")));
         }

@@ -157,7 +157,7 @@ impl GptStreams {
             rows: (cond, uncond),
             fed: 0,
             codes: Vec::with_capacity(self.len),
-            u: uniforms(config.seed, 1, self.len),
+            u: uniforms(config, 1, self.len),
         });
         Ok(())
     }

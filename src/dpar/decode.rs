@@ -138,7 +138,7 @@ fn generate_lean_grouped(
 ) -> Result<Generated> {
     let groups = crate::sample::decode_groups(labels.len(), group);
     let parts = crate::sample::run_groups(&groups, |g| {
-        let cfg = SamplingConfig { seed: sampling.seed.wrapping_add(g.start as u64), ..sampling.clone() };
+        let cfg = sampling.from_image(g.start);
         generate_lean_group(model, weights, &labels[g], &cfg, patch, None)
     })?;
     let mut all = Generated { codes: Vec::with_capacity(labels.len()), lengths: Vec::with_capacity(labels.len()) };
@@ -213,7 +213,7 @@ fn generate_lean_group(
     let rows = if guided { 2 * b } else { b };
     let all_rows: Vec<usize> = (0..rows).collect();
     let image_rows: Vec<usize> = (0..b).collect();
-    let u = uniforms(sampling.seed, b, l);
+    let u = uniforms(sampling, b, l);
     let (cls_table, tok_table, start_vector, cross, proj, norm, output) =
         (&w.cls_table, &w.tok_table, &w.start_vector, &w.cross, &w.proj, &w.norm, &w.output);
     let kv = sampling.kv_cache;
@@ -387,9 +387,9 @@ pub(crate) mod tests {
         }
     }
 
-    /// An image's codes and patches depend on its seed only: in any batch and any decode
-    /// groups, image i of a batch with seed s gets what it gets alone with seed s + i. With and
-    /// without guidance, f32 and bf16 caches (each compared with itself).
+    /// An image's codes and patches depend on its seed and index only: in any batch and any
+    /// decode groups, image i of a batch gets what it gets alone as image i of its run. With
+    /// and without guidance, f32 and bf16 caches (each compared with itself).
     #[test]
     fn batched_generation_gives_each_image_the_codes_and_patches_it_gets_alone() {
         let (m, _store) = random_head(&tiny(), 23);
@@ -402,7 +402,7 @@ pub(crate) mod tests {
                 let w = Weights::new(&m, &e, kv).unwrap();
                 let alone: Vec<Generated> = (0..labels.len())
                     .map(|i| {
-                        let s = SamplingConfig { seed: 70 + i as u64, ..sampling.clone() };
+                        let s = sampling.from_image(i);
                         generate_lean_grouped(&m, &w, &labels[i..i + 1], &s, &patch, 1).unwrap()
                     })
                     .collect();

@@ -153,7 +153,7 @@ fn generate_cached_observed(
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
     let guided = sampling.uses_guidance();
     let rows = if guided { 2 * b } else { b };
-    let u = uniforms(sampling.seed, b, l);
+    let u = uniforms(sampling, b, l);
     let mut caches = model.new_caches(b, rows)?;
     // The entropy model runs through the lean decode step on the CPU (same logits, no tensor
     // graph per code), through its cache elsewhere.
@@ -255,7 +255,7 @@ pub fn generate_full_recompute(
     let c = model.config();
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
     let guided = sampling.uses_guidance();
-    let u = uniforms(sampling.seed, b, l);
+    let u = uniforms(sampling, b, l);
     let all_labels = guided_labels(labels, c.num_classes as u32, guided);
     let rows = all_labels.len();
     let all_labels = Tensor::new(all_labels, device)?;

@@ -150,7 +150,7 @@ impl<'m> DparStreams<'m> {
             codes: Vec::with_capacity(l),
             h_all: Vec::with_capacity(l * dim),
             injections: vec![0.0; if guided { 2 } else { 1 } * self.w.proj.len() * dim],
-            u: uniforms(sampling.seed, 1, l),
+            u: uniforms(sampling, 1, l),
             entropy: f32::INFINITY,
             opens: true,
         });

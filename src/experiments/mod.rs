@@ -278,7 +278,8 @@ pub fn eval_dpar(env: &Env, name: &str, run: &Path, patch: &PatchConfig, n: usiz
     for (i, chunk) in labels.chunks(env.setup.sample_batch).enumerate() {
         let sampling = SamplingConfig {
             cfg_scale: env.setup.cfg_scale,
-            seed: env.setup.seed.wrapping_add(i as u64),
+            seed: env.setup.seed,
+            first_image: (i * env.setup.sample_batch) as u64,
             ..Default::default()
         };
         let out = crate::dpar::generate::generate(&model, &env.entropy_model, chunk, &sampling, patch, &env.device)
@@ -305,7 +306,8 @@ pub fn eval_gpt(env: &Env, name: &str, run: &Path, n: usize) -> Result<EvalRow> 
     for (i, chunk) in labels.chunks(env.setup.sample_batch).enumerate() {
         let sampling = SamplingConfig {
             cfg_scale: env.setup.cfg_scale,
-            seed: env.setup.seed.wrapping_add(i as u64),
+            seed: env.setup.seed,
+            first_image: (i * env.setup.sample_batch) as u64,
             ..Default::default()
         };
         codes.extend(crate::sample::generate_gpt(&model, chunk, &sampling, &env.device).map_err(ctx("GPT sampling"))?);

@@ -110,6 +110,10 @@ pub struct SpeedArgs {
     /// The entropy model of the sampling curve's DPAR model.
     #[arg(long)]
     entropy_model: Option<std::path::PathBuf>,
+    /// θ of the sampling curve's DPAR patcher (default: the DPAR model's); with another
+    /// --entropy-model, the θ calibrated for it (`dpar patchify --target-mean-len`).
+    #[arg(long, value_parser = crate::common::positive_f64)]
+    threshold: Option<f64>,
     /// Classifier-free guidance scale of the sampling curve (1 = none; above 1 doubles the rows).
     #[arg(long, default_value_t = 2.0)]
     cfg: f64,
@@ -419,7 +423,7 @@ fn speed(args: SpeedArgs) -> Result<()> {
                 &model,
                 &entropy,
                 &sampling,
-                &dc.patch,
+                &dpar::patching::PatchConfig { threshold: args.threshold.unwrap_or(dc.patch.threshold), ..dc.patch },
                 &batches,
                 args.reps,
                 Some(&machine),

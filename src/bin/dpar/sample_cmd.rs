@@ -183,6 +183,7 @@ pub fn sample(args: SampleArgs) -> Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
+        first_image: 0,
         kv_cache: args.kv_cache,
     };
     config.validate()?;
@@ -235,8 +236,8 @@ pub fn sample(args: SampleArgs) -> Result<()> {
             "tokenizer": tokenizer_path.display().to_string(),
             "steps_per_image": mc.seq_len(),
         });
-        return write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |i, chunk| {
-            let batch_config = dpar::sample_set::batch_sampling(&config, i);
+        return write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |first, chunk| {
+            let batch_config = dpar::sample_set::batch_sampling(&config, first);
             Ok(dpar::sample::generate_gpt(&model, chunk, &batch_config, &device)?)
         });
     }
@@ -371,8 +372,8 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
             "tokenizer": tokenizer_path.display().to_string(),
             "patch": patch,
         });
-        write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |i, chunk| {
-            let batch_config = dpar::sample_set::batch_sampling(&config, i);
+        write_npz(&args, npz, &tokenizer, &classes, &labels, &config, &device, record, |first, chunk| {
+            let batch_config = dpar::sample_set::batch_sampling(&config, first);
             let out = dpar::dpar::generate::generate(&model, &entropy_model, chunk, &batch_config, &patch, &device)
                 .map_err(dpar::sample_set::SampleSetError::from)?;
             steps += out.lengths.iter().map(Vec::len).sum::<usize>();

@@ -145,6 +145,7 @@ pub fn parse(pairs: &[(String, String)], models: &Models, sweep: bool) -> Result
         top_k: number(pairs, "top_k", 0usize)?,
         top_p: real(pairs, "top_p", 1.0, 0.0, 1.0, true)?,
         seed: number(pairs, "seed", 0u64)?,
+        first_image: 0,
         kv_cache: Default::default(),
     };
     if sampling.top_k > c.vocab_size {
