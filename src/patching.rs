@@ -28,6 +28,43 @@ pub enum PatchError {
 
 pub type Result<T> = std::result::Result<T, PatchError>;
 
+/// Where the entropy that gates a patch comes from at sampling time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyFrom {
+    /// The entropy model's H_k (the paper's rule; training patches always come from it).
+    #[default]
+    Model,
+    /// DPAR's own decoder: the entropy of its prediction of z_k made as if z_k continued the
+    /// open patch (design §9, "Self-entropy patching"). No entropy model runs.
+    Decoder,
+}
+
+impl EntropyFrom {
+    fn is_model(&self) -> bool {
+        *self == EntropyFrom::Model
+    }
+
+    /// The name the command line and the page use: `model` or `self`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EntropyFrom::Model => "model",
+            EntropyFrom::Decoder => "self",
+        }
+    }
+}
+
+impl std::str::FromStr for EntropyFrom {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "model" => Ok(EntropyFrom::Model),
+            "self" | "decoder" => Ok(EntropyFrom::Decoder),
+            other => Err(format!("unknown patcher `{other}` (model, self)")),
+        }
+    }
+}
+
 /// Patcher settings: threshold θ, max length P and the three switches.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PatchConfig {
@@ -40,17 +77,34 @@ pub struct PatchConfig {
     pub entropy_gate: bool,
     pub max_len_rule: bool,
     pub row_reset: bool,
+    /// Where H_k comes from at sampling time (the entropy model when absent).
+    #[serde(default, skip_serializing_if = "EntropyFrom::is_model")]
+    pub entropy_from: EntropyFrom,
 }
 
 impl PatchConfig {
     /// DPAR's full rule set.
     pub fn dpar(threshold: f64, max_patch_len: usize) -> Self {
-        Self { threshold, max_patch_len, entropy_gate: true, max_len_rule: true, row_reset: true }
+        Self {
+            threshold,
+            max_patch_len,
+            entropy_gate: true,
+            max_len_rule: true,
+            row_reset: true,
+            entropy_from: EntropyFrom::Model,
+        }
     }
 
     /// Static patchification: fixed length P with row resets, no entropy.
     pub fn static_patches(max_patch_len: usize) -> Self {
-        Self { threshold: f64::INFINITY, max_patch_len, entropy_gate: false, max_len_rule: true, row_reset: true }
+        Self {
+            threshold: f64::INFINITY,
+            max_patch_len,
+            entropy_gate: false,
+            max_len_rule: true,
+            row_reset: true,
+            entropy_from: EntropyFrom::Model,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -76,7 +130,8 @@ impl PatchConfig {
             parts.push("row");
         }
         let rules = if parts.is_empty() { "none".to_string() } else { parts.join("+") };
-        format!("{rules} (θ={:.3}, P={})", self.threshold, self.max_patch_len)
+        let from = if self.entropy_from.is_model() { "" } else { ", self-entropy" };
+        format!("{rules} (θ={:.3}, P={}{from})", self.threshold, self.max_patch_len)
     }
 }
 
@@ -429,7 +484,7 @@ mod tests {
         #[test]
         fn online_and_batch_forms_agree_and_lengths_are_valid((g, mut h, theta, p, [gate, maxlen, row]) in arb_case()) {
             h[0] = f32::INFINITY;
-            let c = PatchConfig { threshold: theta, max_patch_len: p, entropy_gate: gate, max_len_rule: maxlen, row_reset: row };
+            let c = PatchConfig { threshold: theta, max_patch_len: p, entropy_gate: gate, max_len_rule: maxlen, row_reset: row, entropy_from: EntropyFrom::Model };
             let l = g * g;
             for n in [l, l - 1] {
                 let batch = patch_lengths(&h, g, &c, n).unwrap();
@@ -452,7 +507,7 @@ mod tests {
         #[test]
         fn raising_theta_never_increases_the_number_of_patches((g, mut h, theta, p, [_, maxlen, row]) in arb_case(), bump in 0.0f64..3.0) {
             h[0] = f32::INFINITY;
-            let c = PatchConfig { threshold: theta, max_patch_len: p, entropy_gate: true, max_len_rule: maxlen, row_reset: row };
+            let c = PatchConfig { threshold: theta, max_patch_len: p, entropy_gate: true, max_len_rule: maxlen, row_reset: row, entropy_from: EntropyFrom::Model };
             let raised = PatchConfig { threshold: theta + bump, ..c };
             let n = g * g;
             prop_assert!(patch_lengths(&h, g, &raised, n).unwrap().len() <= patch_lengths(&h, g, &c, n).unwrap().len());

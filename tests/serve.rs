@@ -189,6 +189,7 @@ fn bad_parameters_get_400_and_paths_outside_the_page_get_404() {
         ("class=3&entropy_gate=maybe", "entropy_gate"),
         ("class=3&thetas=1,2", "thetas"),
         ("class=3&pace=1000", "pace"),
+        ("class=3&patcher=oracle", "patcher"),
     ] {
         let reply = get(&server.addr, &format!("/api/generate?{query}"));
         assert_eq!(reply.status, 400, "{query}: {}", reply.body);
@@ -311,6 +312,21 @@ fn a_stream_cancelled_midway_leaves_its_neighbour_alone() {
         }
     }
     assert_eq!(status_of(&server.addr)["running"], 0);
+}
+
+/// `patcher=self`: the DPAR decoder's own entropy opens the patches (no entropy model); the
+/// stream gives the codes of `dpar sample --patcher self` and the settings say so.
+#[test]
+fn a_self_entropy_stream_gives_the_codes_of_dpar_sample() {
+    let server = Server::start(1, 2);
+    let reply = get(&server.addr, "/api/generate?class=6&seed=4&cfg=2&patcher=self&theta=1.81");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let done = event(&reply.body, "done").expect("a done event");
+    let codes: Vec<u32> = serde_json::from_value(done["codes"].clone()).unwrap();
+    let want =
+        sample_codes(&["--classes", "6", "--seed", "4", "--cfg", "2", "--patcher", "self", "--threshold", "1.81"]);
+    assert_eq!(codes, want);
+    assert_eq!(done["settings"]["patch"]["entropy_from"], "decoder", "{}", done["settings"]);
 }
 
 fn peak_mib(pid: u32) -> f64 {

@@ -14,7 +14,7 @@ use crate::gpt::decode::LeanDecoder;
 use crate::gpt::{entropy_rows, Gpt};
 use crate::kernels::segment;
 use crate::nn::lean::{host, LeanLinear, LeanNorm, LeanStack};
-use crate::patching::{OnlinePatcher, PatchConfig};
+use crate::patching::{EntropyFrom, OnlinePatcher, PatchConfig};
 use crate::sample::{choose_codes_host, uniforms, SamplingConfig};
 
 /// The patch encoder's cross-attention on the host.
@@ -266,6 +266,60 @@ fn generate_lean_group(
         choose_codes_host(&logits, v, b, guided, sampling, &u, 0, l).into_iter().map(|z| vec![z]).collect();
     let z0: Vec<u32> = codes.iter().map(|z| z[0]).collect();
     notify(&mut observer, 0, &z0, &vec![f32::INFINITY; b], &vec![true; b])?;
+    let self_entropy = patch.entropy_from == EntropyFrom::Decoder;
+    // Closes the patches of `closing` that end at z_{k−1}: patch vectors, one patch-transformer
+    // step, new injections.
+    #[allow(clippy::too_many_arguments)]
+    let close = |closing: &[usize],
+                 k: usize,
+                 h_all: &[f32],
+                 patch_start: &mut [usize],
+                 global: &mut LeanStack,
+                 g: &mut [f32],
+                 injections: &mut [f32],
+                 normed: &mut [f32]|
+     -> Result<()> {
+        let mut states = Vec::new();
+        let mut segments = Vec::with_capacity(closing.len());
+        let mut spans = Vec::with_capacity(closing.len());
+        for &i in closing {
+            segments.push((states.len() / dim, k - patch_start[i]));
+            spans.push((patch_start[i], k - 1));
+            for pos in patch_start[i]..k {
+                states.extend_from_slice(&h_all[(pos * b + i) * dim..(pos * b + i + 1) * dim]);
+            }
+            patch_start[i] = k;
+        }
+        let vectors = cross.forward(&states, &segments, dim); // (|C|, D)
+        let mut step_rows = closing.to_vec();
+        let mut x = vectors.clone();
+        if guided {
+            step_rows.extend(closing.iter().map(|&i| i + b));
+            x.extend_from_slice(&vectors);
+            spans.extend(spans.clone());
+        }
+        let rope = model.patch_rope(&spans);
+        global.step(&mut x, &step_rows, &rope.cos, &rope.sin, None)?;
+        for (j, &r) in step_rows.iter().enumerate() {
+            g[r * dim..(r + 1) * dim].copy_from_slice(&x[j * dim..(j + 1) * dim]);
+        }
+        inject(g, injections, normed);
+        Ok(())
+    };
+    // Decoder step of every row at position k (input h_{k−1}, the current injections).
+    let decode_all = |decoder: &mut LeanStack, y: &mut Vec<f32>, h: &[f32], injections: &[f32], k: usize| {
+        y[..b * dim].copy_from_slice(h);
+        if guided {
+            y[b * dim..].copy_from_slice(h);
+        }
+        decoder.step(
+            y,
+            &all_rows,
+            &dec_cos[k * half..(k + 1) * half],
+            &dec_sin[k * half..(k + 1) * half],
+            Some(injections),
+        )
+    };
     let mut prev = vec![0u32; b];
     let mut h = vec![0f32; b * dim];
     for k in 1..l {
@@ -285,50 +339,57 @@ fn generate_lean_group(
             None,
         )?;
         h_all.extend_from_slice(&h);
-        let entropies = entropy_rows(entropy.step(&prev)?, ev);
-        let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
-        // 2. Close the patches that end at z_{k−1}.
-        if !closing.is_empty() {
-            let mut states = Vec::new();
-            let mut segments = Vec::with_capacity(closing.len());
-            let mut spans = Vec::with_capacity(closing.len());
-            for &i in &closing {
-                segments.push((states.len() / dim, k - patch_start[i]));
-                spans.push((patch_start[i], k - 1));
-                for pos in patch_start[i]..k {
-                    states.extend_from_slice(&h_all[(pos * b + i) * dim..(pos * b + i + 1) * dim]);
+        let (entropies, closing) = if self_entropy {
+            // 2'. The decoder's prediction of z_k as if z_k continued the open patch; its
+            // entropy decides the patch. Where z_k opens one, that step is undone, the patch
+            // closes, and the decoder steps again with the new injections (design §9).
+            decode_all(&mut decoder, &mut y, &h, &injections, k)?;
+            norm.run(&y, &mut yn);
+            output.run(&yn, rows, &mut logits);
+            let entropies = entropy_rows(&logits[..b * v], v);
+            let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
+            if !closing.is_empty() {
+                close(&closing, k, &h_all, &mut patch_start, &mut global, &mut g, &mut injections, &mut normed)?;
+                let mut step_rows = closing.clone();
+                if guided {
+                    step_rows.extend(closing.iter().map(|&i| i + b));
                 }
-                patch_start[i] = k;
+                let m = step_rows.len();
+                let mut x = Vec::with_capacity(m * dim);
+                let mut inj = vec![0f32; proj.len() * m * dim];
+                for (j, &r) in step_rows.iter().enumerate() {
+                    decoder.truncate_row(r, k);
+                    let i = r % b;
+                    x.extend_from_slice(&h[i * dim..(i + 1) * dim]);
+                    for li in 0..proj.len() {
+                        let from = (li * rows + r) * dim;
+                        inj[(li * m + j) * dim..(li * m + j + 1) * dim].copy_from_slice(&injections[from..from + dim]);
+                    }
+                }
+                let (cos, sin) = (&dec_cos[k * half..(k + 1) * half], &dec_sin[k * half..(k + 1) * half]);
+                decoder.step(&mut x, &step_rows, cos, sin, Some(&inj))?;
+                let mut xn = vec![0f32; m * dim];
+                norm.run(&x, &mut xn);
+                let mut redone = vec![0f32; m * v];
+                output.run(&xn, m, &mut redone);
+                for (j, &r) in step_rows.iter().enumerate() {
+                    logits[r * v..(r + 1) * v].copy_from_slice(&redone[j * v..(j + 1) * v]);
+                }
             }
-            let vectors = cross.forward(&states, &segments, dim); // (|C|, D)
-            let mut step_rows = closing.clone();
-            let mut x = vectors.clone();
-            if guided {
-                step_rows.extend(closing.iter().map(|&i| i + b));
-                x.extend_from_slice(&vectors);
-                spans.extend(spans.clone());
+            (entropies, closing)
+        } else {
+            let entropies = entropy_rows(entropy.step(&prev)?, ev);
+            let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
+            // 2. Close the patches that end at z_{k−1}.
+            if !closing.is_empty() {
+                close(&closing, k, &h_all, &mut patch_start, &mut global, &mut g, &mut injections, &mut normed)?;
             }
-            let rope = model.patch_rope(&spans);
-            global.step(&mut x, &step_rows, &rope.cos, &rope.sin, None)?;
-            for (j, &r) in step_rows.iter().enumerate() {
-                g[r * dim..(r + 1) * dim].copy_from_slice(&x[j * dim..(j + 1) * dim]);
-            }
-            inject(&g, &mut injections, &mut normed);
-        }
-        // 3. Decoder step at position k.
-        y[..b * dim].copy_from_slice(&h);
-        if guided {
-            y[b * dim..].copy_from_slice(&h);
-        }
-        decoder.step(
-            &mut y,
-            &all_rows,
-            &dec_cos[k * half..(k + 1) * half],
-            &dec_sin[k * half..(k + 1) * half],
-            Some(&injections),
-        )?;
-        norm.run(&y, &mut yn);
-        output.run(&yn, rows, &mut logits);
+            // 3. Decoder step at position k.
+            decode_all(&mut decoder, &mut y, &h, &injections, k)?;
+            norm.run(&y, &mut yn);
+            output.run(&yn, rows, &mut logits);
+            (entropies, closing)
+        };
         let chosen = choose_codes_host(&logits, v, b, guided, sampling, &u, k, l);
         for (i, &z) in chosen.iter().enumerate() {
             codes[i].push(z);
@@ -419,6 +480,39 @@ pub(crate) mod tests {
                 assert_eq!(generate_lean(&m, &e, &labels, &sampling, &patch).unwrap(), want(labels.len()));
                 assert!(want(6).global_steps().iter().any(|&s| s > 1 && s < 16), "patches of several codes");
             }
+        }
+    }
+
+    /// Self-entropy patching (design §9): the lean path, which decodes z_k speculatively and
+    /// steps again at a boundary, gives exactly the codes and patches of the full recomputation
+    /// of the same rule (a forward over the prefix per decision). Several θ, with and without
+    /// guidance, fused and bf16 kernels; the decoder's entropy really decides some patches.
+    #[test]
+    fn self_entropy_patching_equals_its_full_recomputation() {
+        use crate::dpar::generate::generate_full_recompute;
+        use crate::patching::EntropyFrom;
+        for ops in [crate::nn::Ops::Fused, crate::nn::Ops::Bf16] {
+            let (m, _store) = random_head(&tiny().with(|it| it.ops = ops), 41);
+            let (e, _es) = entropy_model(42);
+            let labels = [2u32, 0, 1];
+            let mut decided = false;
+            for cfg_scale in [1.0, 2.0] {
+                let sampling = SamplingConfig { cfg_scale, seed: 3, ..Default::default() };
+                let at = |theta: f64| PatchConfig { entropy_from: EntropyFrom::Decoder, ..PatchConfig::dpar(theta, 4) };
+                let forced = generate_lean(&m, &e, &labels, &sampling, &at(f64::INFINITY)).unwrap().lengths;
+                for theta in [0.5, 1.0, 1.5, 2.0, 2.5] {
+                    let lean = generate_lean(&m, &e, &labels, &sampling, &at(theta)).unwrap();
+                    let full = generate_full_recompute(&m, &e, &labels, &sampling, &at(theta), &Device::Cpu).unwrap();
+                    assert_eq!(lean, full, "{ops:?} cfg {cfg_scale} θ {theta}");
+                    let ones = lean.lengths.iter().all(|l| l.iter().all(|&n| n == 1));
+                    decided |= !ones && lean.lengths != forced;
+                }
+            }
+            assert!(decided, "{ops:?}: no θ let the decoder's entropy decide a patch");
+            // The tensor path and continuous batching say they take the entropy model's patches.
+            let p = PatchConfig { entropy_from: EntropyFrom::Decoder, ..PatchConfig::dpar(1.0, 4) };
+            let err = generate_cached(&m, &e, &labels, &SamplingConfig::default(), &p, &Device::Cpu).unwrap_err();
+            assert!(err.to_string().contains("lean"), "{err}");
         }
     }
 

@@ -148,6 +148,11 @@ fn generate_cached_observed(
     device: &Device,
     mut observer: Observer,
 ) -> Result<Generated> {
+    if patch.entropy_from == crate::patching::EntropyFrom::Decoder {
+        return Err(DparError::BadInput(
+            "self-entropy patching runs on the CPU's lean decode path (a model with fused or bf16 kernels)".into(),
+        ));
+    }
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
@@ -252,6 +257,9 @@ pub fn generate_full_recompute(
     device: &Device,
 ) -> Result<Generated> {
     check(model, entropy_model, labels, sampling, patch)?;
+    if patch.entropy_from == crate::patching::EntropyFrom::Decoder {
+        return self_entropy_full_recompute(model, labels, sampling, patch, device);
+    }
     let c = model.config();
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
     let guided = sampling.uses_guidance();
@@ -292,6 +300,74 @@ pub fn generate_full_recompute(
     let lengths =
         (0..b).map(|i| patch_lengths(&entropies[i], grid, patch, l)).collect::<std::result::Result<_, _>>()?;
     Ok(Generated { codes, lengths })
+}
+
+/// The reference of self-entropy patching (design §9): for every code z_k, the padded forward
+/// over the prefix with z_k added to the open patch gives the decoder's prediction whose
+/// conditional entropy decides the patch; where z_k opens one, the forward over the prefix
+/// with z_k's new patch gives the logits it is drawn from. Same draws as [`generate`].
+fn self_entropy_full_recompute(
+    model: &Dpar,
+    labels: &[u32],
+    sampling: &SamplingConfig,
+    patch: &PatchConfig,
+    device: &Device,
+) -> Result<Generated> {
+    let c = model.config();
+    let (b, l, v) = (labels.len(), c.seq_len(), c.vocab_size);
+    let guided = sampling.uses_guidance();
+    let u = uniforms(sampling, b, l);
+    let all_labels = guided_labels(labels, c.num_classes as u32, guided);
+    let rows = all_labels.len();
+    let all_labels = Tensor::new(all_labels, device)?;
+    let mut patchers = (0..b)
+        .map(|_| crate::patching::OnlinePatcher::new(*patch, c.grid_size))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(l); b];
+    // Logits at position k (rows, V) of the forward over z_0 … z_{k−1} with these patches.
+    let logits_at = |codes: &[Vec<u32>], lengths: &[Vec<usize>], k: usize| -> Result<Tensor> {
+        let row_lengths: Vec<Vec<usize>> = (0..rows).map(|r| lengths[r % b].clone()).collect();
+        let layout = model.layout(row_lengths, k + 1)?;
+        let inputs: Vec<u32> = (0..rows).flat_map(|r| codes[r % b].iter().copied().chain(std::iter::once(0))).collect();
+        let inputs = Tensor::from_vec(inputs, (rows, k + 1), device)?;
+        let logits =
+            model.forward::<rand_chacha::ChaCha8Rng>(&inputs, &all_labels, &layout, GlobalLayout::Padded, None)?;
+        Ok(logits.narrow(1, k, 1)?.squeeze(1)?)
+    };
+    for k in 0..l {
+        let last = if k <= 1 {
+            // z_0 and z_1 always open a patch (and z_0's must stay alone).
+            for p in &mut patchers {
+                p.push(f32::INFINITY);
+            }
+            let lengths: Vec<Vec<usize>> = patchers.iter().map(|p| p.lengths().to_vec()).collect();
+            logits_at(&codes, &lengths, k)?
+        } else {
+            // z_k continuing the open patch.
+            let continued: Vec<Vec<usize>> = patchers
+                .iter()
+                .map(|p| {
+                    let mut lengths = p.lengths().to_vec();
+                    *lengths.last_mut().expect("z_0 opened a patch") += 1;
+                    lengths
+                })
+                .collect();
+            let speculative = logits_at(&codes, &continued, k)?;
+            let cond = speculative.narrow(0, 0, b)?.flatten_all()?.to_vec1::<f32>()?;
+            let entropies = entropy_rows(&cond, v);
+            let opened: Vec<bool> = (0..b).map(|i| patchers[i].push(entropies[i])).collect();
+            if opened.iter().any(|&o| o) {
+                let lengths: Vec<Vec<usize>> = patchers.iter().map(|p| p.lengths().to_vec()).collect();
+                logits_at(&codes, &lengths, k)?
+            } else {
+                speculative
+            }
+        };
+        for (i, z) in choose_codes(&last, b, guided, sampling, &u, k, l)?.into_iter().enumerate() {
+            codes[i].push(z);
+        }
+    }
+    Ok(Generated { codes, lengths: patchers.iter().map(|p| p.lengths().to_vec()).collect() })
 }
 
 #[cfg(test)]

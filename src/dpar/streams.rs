@@ -114,6 +114,9 @@ impl<'m> DparStreams<'m> {
         let c = self.model.config();
         sampling.validate()?;
         patch.validate()?;
+        if patch.entropy_from != crate::patching::EntropyFrom::Model {
+            return Err(DparError::BadInput("continuous batching takes the entropy model's patches only".into()));
+        }
         if label as usize >= c.num_classes {
             return Err(DparError::BadInput(format!("unknown class {label}: the model has {} classes", c.num_classes)));
         }

@@ -129,8 +129,22 @@ pub fn ablation_models(
     let mut models = vec![
         PatchConfig { threshold: theta, ..full },
         PatchConfig::static_patches(target_len.round().max(1.0) as usize),
-        PatchConfig { threshold: theta, max_patch_len: 4, entropy_gate: true, max_len_rule: false, row_reset: false },
-        PatchConfig { threshold: theta, max_patch_len: 4, entropy_gate: true, max_len_rule: true, row_reset: false },
+        PatchConfig {
+            threshold: theta,
+            max_patch_len: 4,
+            entropy_gate: true,
+            max_len_rule: false,
+            row_reset: false,
+            entropy_from: Default::default(),
+        },
+        PatchConfig {
+            threshold: theta,
+            max_patch_len: 4,
+            entropy_gate: true,
+            max_len_rule: true,
+            row_reset: false,
+            entropy_from: Default::default(),
+        },
     ];
     for &t in theta_targets {
         models.push(PatchConfig { threshold: env.theta_for(&full, t)?, ..full });
@@ -191,6 +205,7 @@ pub fn ablate_patching(env: &Env, scale: &Scale, target_len: f64) -> Result<Tabl
                 entropy_gate: true,
                 max_len_rule: false,
                 row_reset: false,
+                entropy_from: Default::default(),
             },
         ),
         (
@@ -201,6 +216,7 @@ pub fn ablate_patching(env: &Env, scale: &Scale, target_len: f64) -> Result<Tabl
                 entropy_gate: true,
                 max_len_rule: true,
                 row_reset: false,
+                entropy_from: Default::default(),
             },
         ),
     ];

@@ -314,6 +314,14 @@ impl RaggedKvCache {
         }
     }
 
+    /// Keeps only the first `len` positions of row `row` (no-op when it holds fewer): a step
+    /// taken speculatively is undone, and the next step writes over it.
+    pub fn truncate_row(&mut self, row: usize, len: usize) {
+        if let Some(n) = self.lens.get_mut(row) {
+            *n = (*n).min(len);
+        }
+    }
+
     /// Key and value elements per row (padded key blocks included).
     fn row_sizes(&self) -> (usize, usize) {
         let dim = self.heads * self.head_dim;

@@ -208,6 +208,13 @@ impl LeanStack {
         }
     }
 
+    /// Keeps only the first `len` positions of sequence `row` in every layer (undoes steps).
+    pub fn truncate_row(&mut self, row: usize, len: usize) {
+        for c in &mut self.caches {
+            c.truncate_row(row, len);
+        }
+    }
+
     /// Cached positions of sequence `row` (the same in every layer).
     pub fn len_of(&self, row: usize) -> usize {
         self.caches.first().map_or(0, |c| c.len_of(row))

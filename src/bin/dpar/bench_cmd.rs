@@ -114,6 +114,10 @@ pub struct SpeedArgs {
     /// --entropy-model, the θ calibrated for it (`dpar patchify --target-mean-len`).
     #[arg(long, value_parser = crate::common::positive_f64)]
     threshold: Option<f64>,
+    /// The sampling curve's DPAR patcher: `model` (its entropy model) or `self` (the decoder's
+    /// own entropy; pass its calibrated --threshold).
+    #[arg(long, default_value = "model")]
+    patcher: dpar::patching::EntropyFrom,
     /// Classifier-free guidance scale of the sampling curve (1 = none; above 1 doubles the rows).
     #[arg(long, default_value_t = 2.0)]
     cfg: f64,
@@ -423,7 +427,11 @@ fn speed(args: SpeedArgs) -> Result<()> {
                 &model,
                 &entropy,
                 &sampling,
-                &dpar::patching::PatchConfig { threshold: args.threshold.unwrap_or(dc.patch.threshold), ..dc.patch },
+                &dpar::patching::PatchConfig {
+                    threshold: args.threshold.unwrap_or(dc.patch.threshold),
+                    entropy_from: args.patcher,
+                    ..dc.patch
+                },
                 &batches,
                 args.reps,
                 Some(&machine),

@@ -72,6 +72,11 @@ pub struct SampleArgs {
     /// DPAR: inference patcher overrides (θ and P may differ from training).
     #[command(flatten)]
     pub patch: crate::common::PatchArgs,
+    /// DPAR: where the entropy that opens patches comes from: `model` (the entropy model, as in
+    /// training) or `self` (the DPAR decoder's own prediction; no entropy model runs; calibrate
+    /// --threshold for it).
+    #[arg(long, default_value = "model")]
+    pub patcher: dpar::patching::EntropyFrom,
     /// Write the images as one NumPy `.npz` here instead (uint8 `[N, H, W, 3]` under `arr_0`, as
     /// LlamaGen's sample_ddp.py writes them for the ADM evaluator and `dpar eval fid`), streamed
     /// batch by batch, --per-class of each class, class-interleaved (every class once, then
@@ -138,6 +143,9 @@ impl SampleArgs {
             }
             if !given("no_row_reset") {
                 p.no_row_reset = !patch.row_reset;
+            }
+            if !given("patcher") {
+                self.patcher = patch.entropy_from;
             }
         }
         Ok(())
@@ -355,7 +363,7 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
             mc.vocab_size
         );
     }
-    let patch = args.patch.apply(mc.patch);
+    let patch = dpar::patching::PatchConfig { entropy_from: args.patcher, ..args.patch.apply(mc.patch) };
     patch.validate()?;
     let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), &mc.class_names, mc.num_classes)?;
     check_total(&args, classes.len())?;

@@ -312,7 +312,10 @@ async fn generate(State(state): State<AppState>, Query(pairs): Pairs) -> Respons
     let Some(ticket) = state.queue.admit() else { return busy() };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Progress>(64);
     let queued = Instant::now();
-    match state.batcher(req.model).filter(|_| req.pace_ms == 0) {
+    // Slow motion and self-entropy patching run alone (the batch takes the entropy model's
+    // patches at full speed).
+    let batchable = req.pace_ms == 0 && req.patch.entropy_from == dpar::patching::EntropyFrom::Model;
+    match state.batcher(req.model).filter(|_| batchable) {
         Some(batcher) => {
             let l = state.models.grid() * state.models.grid();
             let (updates, from_batch) = tokio::sync::mpsc::channel(l + 2);

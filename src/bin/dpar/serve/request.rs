@@ -50,7 +50,8 @@ impl GenRequest {
     }
 }
 
-const KEYS: [&str; 15] = [
+const KEYS: [&str; 16] = [
+    "patcher",
     "pace",
     "model",
     "class",
@@ -166,6 +167,10 @@ pub fn parse(pairs: &[(String, String)], models: &Models, sweep: bool) -> Result
             entropy_gate: flag(pairs, "entropy_gate", models.patch.entropy_gate)?,
             max_len_rule: flag(pairs, "max_len", models.patch.max_len_rule)?,
             row_reset: flag(pairs, "row_reset", models.patch.row_reset)?,
+            entropy_from: match get(pairs, "patcher") {
+                None => Default::default(),
+                Some(name) => name.parse().map_err(|e| format!("patcher: {e}"))?,
+            },
         }
     };
     patch.validate().map_err(|e| e.to_string())?;
