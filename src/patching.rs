@@ -197,15 +197,20 @@ impl OnlinePatcher {
         self.next
     }
 
+    /// Whether the next code opens a patch whatever its entropy (z_0, z_1, a row start, a full
+    /// patch).
+    pub fn forced(&self) -> bool {
+        let k = self.next;
+        let current = self.lengths.last().copied().unwrap_or(0);
+        k <= 1
+            || (self.config.row_reset && k.is_multiple_of(self.grid))
+            || (self.config.max_len_rule && current >= self.config.max_patch_len)
+    }
+
     /// Decides for the next code z_k given H_k (ignored for k = 0) and records it. Returns
     /// whether z_k opens a new patch.
     pub fn push(&mut self, entropy: f32) -> bool {
-        let k = self.next;
-        let current = self.lengths.last().copied().unwrap_or(0);
-        let opens = k <= 1
-            || (self.config.row_reset && k.is_multiple_of(self.grid))
-            || (self.config.entropy_gate && entropy as f64 > self.config.threshold)
-            || (self.config.max_len_rule && current >= self.config.max_patch_len);
+        let opens = self.forced() || (self.config.entropy_gate && entropy as f64 > self.config.threshold);
         if opens {
             self.lengths.push(1);
         } else if let Some(last) = self.lengths.last_mut() {

@@ -340,19 +340,25 @@ fn generate_lean_group(
         )?;
         h_all.extend_from_slice(&h);
         let (entropies, closing) = if self_entropy {
-            // 2'. The decoder's prediction of z_k as if z_k continued the open patch; its
-            // entropy decides the patch. Where z_k opens one, that step is undone, the patch
-            // closes, and the decoder steps again with the new injections (design §9).
+            // 2'. Patches that must close whatever the entropy (row starts, full patches)
+            // close first. Then the decoder's prediction of z_k, for the others as if z_k
+            // continued the open patch; its entropy decides. Where it opens a patch, that step
+            // is undone, the patch closes, and the decoder steps again (design §9).
+            let forced: Vec<usize> = (0..b).filter(|&i| patchers[i].forced()).collect();
+            if !forced.is_empty() {
+                close(&forced, k, &h_all, &mut patch_start, &mut global, &mut g, &mut injections, &mut normed)?;
+            }
             decode_all(&mut decoder, &mut y, &h, &injections, k)?;
             norm.run(&y, &mut yn);
             output.run(&yn, rows, &mut logits);
             let entropies = entropy_rows(&logits[..b * v], v);
             let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
-            if !closing.is_empty() {
-                close(&closing, k, &h_all, &mut patch_start, &mut global, &mut g, &mut injections, &mut normed)?;
-                let mut step_rows = closing.clone();
+            let late: Vec<usize> = closing.iter().copied().filter(|i| !forced.contains(i)).collect();
+            if !late.is_empty() {
+                close(&late, k, &h_all, &mut patch_start, &mut global, &mut g, &mut injections, &mut normed)?;
+                let mut step_rows = late.clone();
                 if guided {
-                    step_rows.extend(closing.iter().map(|&i| i + b));
+                    step_rows.extend(late.iter().map(|&i| i + b));
                 }
                 let m = step_rows.len();
                 let mut x = Vec::with_capacity(m * dim);
