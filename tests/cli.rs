@@ -158,3 +158,32 @@ fn bench_speed_runs_the_torch_reference_and_prints_ratios() {
     ]);
     assert!(!ok && text.contains("torch_bench_model.py failed") && text.contains("No module named torch"), "{text}");
 }
+
+/// `dpar patchify --on-samples`: θ found by sampling from the shipped DPAR (self-entropy
+/// patching here); an unreachable target is an error naming the flag.
+#[test]
+fn theta_is_calibrated_on_sampled_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("theta.json");
+    let json_arg = json.to_str().unwrap();
+    let (ok, text) = common::run_dpar(&[
+        "patchify",
+        "--on-samples",
+        "models/mnist/dpar",
+        "--patcher",
+        "self",
+        "--target-mean-len",
+        "1.8",
+        "--per-class",
+        "1",
+        "--json",
+        json_arg,
+    ]);
+    assert!(ok, "{text}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let theta = report["threshold"].as_f64().unwrap();
+    assert!(theta > 0.5 && theta < 4.0, "θ {theta}: {text}");
+    assert!(text.contains("mean patch length"), "{text}");
+    let (ok, text) = common::run_dpar(&["patchify", "--on-samples", "models/mnist/dpar", "--target-mean-len", "9"]);
+    assert!(!ok && text.contains("--target-mean-len 9"), "{text}");
+}

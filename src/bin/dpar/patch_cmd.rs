@@ -77,6 +77,20 @@ pub struct PatchifyArgs {
     /// Calibrate θ for --compare's entropies to this mean patch length.
     #[arg(long, requires = "compare", conflicts_with = "compare_threshold")]
     compare_target_mean_len: Option<f64>,
+    /// Calibrate θ on images sampled from this DPAR model instead of on stored entropies: the
+    /// θ at which its samples reach --target-mean-len (generated images get shorter patches
+    /// than real codes at the training θ). With --patcher self, for self-entropy patching.
+    #[arg(long, value_parser = crate::common::model_path, requires = "target_mean_len")]
+    on_samples: Option<PathBuf>,
+    /// With --on-samples: where H_k comes from (`model`: the model's entropy model; `self`).
+    #[arg(long, default_value = "model")]
+    patcher: dpar::patching::EntropyFrom,
+    /// With --on-samples: images per class sampled for each θ tried.
+    #[arg(long, default_value_t = 20, value_parser = crate::common::positive_usize)]
+    per_class: usize,
+    /// With --on-samples: the seed of those images (the same images' draws at every θ).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -144,7 +158,75 @@ fn print_stats(label: &str, s: &PatchStats) {
     }
 }
 
+/// `dpar patchify --on-samples DPAR --target-mean-len L`: bisection over θ, each probe a sampled
+/// set (cfg 2, the same seeds) whose mean patch length is measured.
+fn calibrate_on_samples(args: &PatchifyArgs, ckpt: &std::path::Path, target: f64) -> Result<()> {
+    let device = args.device.device()?;
+    let (model, _store, _) = dpar::models::dpar(ckpt, &device)?;
+    let recorded = dpar::parts::Recorded::of(ckpt);
+    let part = dpar::parts::Part::EntropyModel;
+    let owner = format!("the model {}", ckpt.display());
+    let entropy_path =
+        dpar::parts::resolve(part, None, recorded.id(part), ckpt, &owner, crate::common::allow_mismatch())?;
+    let (entropy, _es) = dpar::models::gpt(&entropy_path, None, &device)?;
+    let c = model.config();
+    let base = PatchConfig { entropy_from: args.patcher, ..args.patch.apply(c.patch) };
+    base.validate()?;
+    if !(target.is_finite() && target > 1.0 && target < base.max_patch_len as f64) {
+        bail!("--target-mean-len {target}: must lie between 1 and P = {}", base.max_patch_len);
+    }
+    let classes: Vec<u32> = (0..c.num_classes as u32).collect();
+    let labels = dpar::sample_set::class_labels(&classes, args.per_class);
+    let sampling = dpar::sample::SamplingConfig { seed: args.seed, ..Default::default() };
+    let mean_len = |theta: f64| -> Result<f64> {
+        let patch = PatchConfig { threshold: theta, ..base };
+        let out = dpar::sample_set::sample_dpar(&model, &entropy, &labels, 100, &sampling, &patch, &device, |_| {})?;
+        let patches: usize = out.lengths.iter().map(Vec::len).sum();
+        let mean = (labels.len() * c.seq_len()) as f64 / patches as f64;
+        println!("  θ = {theta:.4}: mean patch length {mean:.4} over {} sampled images", labels.len());
+        Ok(mean)
+    };
+    // The mean length grows with θ; bracket the target, then bisect.
+    let (mut lo, mut hi) = (0.0f64, 2.0 * base.threshold.max(1.0));
+    while mean_len(hi)? < target {
+        lo = hi;
+        hi *= 2.0;
+        if hi > 1e3 {
+            bail!("no θ up to {hi} reaches a mean patch length of {target}");
+        }
+    }
+    let mut best = (hi, f64::INFINITY);
+    for _ in 0..8 {
+        let mid = 0.5 * (lo + hi);
+        let m = mean_len(mid)?;
+        if (m - target).abs() < best.1 {
+            best = (mid, (m - target).abs());
+        }
+        if m < target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    println!(
+        "θ = {:.4} gives sampled images a mean patch length closest to {target} ({} patcher, {} images, seed {}); use it with dpar sample --threshold",
+        best.0,
+        args.patcher.name(),
+        labels.len(),
+        args.seed
+    );
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({"on_samples": ckpt, "patcher": args.patcher.name(), "threshold": best.0,
+            "target_mean_len": target, "images": labels.len(), "seed": args.seed});
+        dpar::util::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}
+
 fn patchify(args: PatchifyArgs) -> Result<()> {
+    if let (Some(ckpt), Some(target)) = (&args.on_samples, args.target_mean_len) {
+        return calibrate_on_samples(&args, ckpt, target);
+    }
     let (mut shard, mut ent) = dpar::entropy::read_set(&args.codes, None)?;
     let l = shard.info.seq_len();
     let grid = shard.info.grid_size;
