@@ -246,6 +246,26 @@ fn generate_cached_observed(
     Ok(Generated { codes, lengths: patchers.iter().map(|p| p.lengths().to_vec()).collect() })
 }
 
+/// The padded forward of the references: logits at position k (R, V) for the images' codes
+/// z_0 … z_{k−1} (plus a placeholder for z_k) under `lengths` (one per image, covering k + 1
+/// codes); rows beyond the images repeat them (the null-class half).
+fn prefix_logits(
+    model: &Dpar,
+    codes: &[Vec<u32>],
+    lengths: &[Vec<usize>],
+    labels: &Tensor,
+    k: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let (b, rows) = (codes.len(), labels.dims1()?);
+    let row_lengths: Vec<Vec<usize>> = (0..rows).map(|r| lengths[r % b].clone()).collect();
+    let layout = model.layout(row_lengths, k + 1)?;
+    let inputs: Vec<u32> = (0..rows).flat_map(|r| codes[r % b].iter().copied().chain(std::iter::once(0))).collect();
+    let inputs = Tensor::from_vec(inputs, (rows, k + 1), device)?;
+    let logits = model.forward::<rand_chacha::ChaCha8Rng>(&inputs, labels, &layout, GlobalLayout::Padded, None)?;
+    Ok(logits.narrow(1, k, 1)?.squeeze(1)?)
+}
+
 /// The reference: for every code, recompute the entropies of the whole prefix, the patch lengths
 /// with the batch patcher and the padded forward over the prefix. Same draws as [`generate`].
 pub fn generate_full_recompute(
@@ -264,9 +284,7 @@ pub fn generate_full_recompute(
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
     let guided = sampling.uses_guidance();
     let u = uniforms(sampling, b, l);
-    let all_labels = guided_labels(labels, c.num_classes as u32, guided);
-    let rows = all_labels.len();
-    let all_labels = Tensor::new(all_labels, device)?;
+    let all_labels = Tensor::new(guided_labels(labels, c.num_classes as u32, guided), device)?;
     let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(l); b];
     let mut entropies = vec![vec![0f32; l]; b];
     for e in &mut entropies {
@@ -286,13 +304,7 @@ pub fn generate_full_recompute(
         }
         let lengths: Vec<Vec<usize>> =
             (0..b).map(|i| patch_lengths(&entropies[i], grid, patch, k + 1)).collect::<std::result::Result<_, _>>()?;
-        let row_lengths: Vec<Vec<usize>> = (0..rows).map(|r| lengths[r % b].clone()).collect();
-        let layout = model.layout(row_lengths, k + 1)?;
-        let inputs: Vec<u32> = (0..rows).flat_map(|r| codes[r % b].iter().copied().chain(std::iter::once(0))).collect();
-        let inputs = Tensor::from_vec(inputs, (rows, k + 1), device)?;
-        let logits =
-            model.forward::<rand_chacha::ChaCha8Rng>(&inputs, &all_labels, &layout, GlobalLayout::Padded, None)?;
-        let last = logits.narrow(1, k, 1)?.squeeze(1)?;
+        let last = prefix_logits(model, &codes, &lengths, &all_labels, k, device)?;
         for (i, z) in choose_codes(&last, b, guided, sampling, &u, k, l)?.into_iter().enumerate() {
             codes[i].push(z);
         }
@@ -317,22 +329,13 @@ fn self_entropy_full_recompute(
     let (b, l, v) = (labels.len(), c.seq_len(), c.vocab_size);
     let guided = sampling.uses_guidance();
     let u = uniforms(sampling, b, l);
-    let all_labels = guided_labels(labels, c.num_classes as u32, guided);
-    let rows = all_labels.len();
-    let all_labels = Tensor::new(all_labels, device)?;
+    let all_labels = Tensor::new(guided_labels(labels, c.num_classes as u32, guided), device)?;
     let mut patchers = (0..b)
         .map(|_| crate::patching::OnlinePatcher::new(*patch, c.grid_size))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(l); b];
-    // Logits at position k (rows, V) of the forward over z_0 … z_{k−1} with these patches.
-    let logits_at = |codes: &[Vec<u32>], lengths: &[Vec<usize>], k: usize| -> Result<Tensor> {
-        let row_lengths: Vec<Vec<usize>> = (0..rows).map(|r| lengths[r % b].clone()).collect();
-        let layout = model.layout(row_lengths, k + 1)?;
-        let inputs: Vec<u32> = (0..rows).flat_map(|r| codes[r % b].iter().copied().chain(std::iter::once(0))).collect();
-        let inputs = Tensor::from_vec(inputs, (rows, k + 1), device)?;
-        let logits =
-            model.forward::<rand_chacha::ChaCha8Rng>(&inputs, &all_labels, &layout, GlobalLayout::Padded, None)?;
-        Ok(logits.narrow(1, k, 1)?.squeeze(1)?)
+    let logits_at = |codes: &[Vec<u32>], lengths: &[Vec<usize>], k: usize| {
+        prefix_logits(model, codes, lengths, &all_labels, k, device)
     };
     for k in 0..l {
         let last = if k <= 1 {
