@@ -129,22 +129,8 @@ pub fn ablation_models(
     let mut models = vec![
         PatchConfig { threshold: theta, ..full },
         PatchConfig::static_patches(target_len.round().max(1.0) as usize),
-        PatchConfig {
-            threshold: theta,
-            max_patch_len: 4,
-            entropy_gate: true,
-            max_len_rule: false,
-            row_reset: false,
-            entropy_from: Default::default(),
-        },
-        PatchConfig {
-            threshold: theta,
-            max_patch_len: 4,
-            entropy_gate: true,
-            max_len_rule: true,
-            row_reset: false,
-            entropy_from: Default::default(),
-        },
+        PatchConfig { threshold: theta, max_len_rule: false, row_reset: false, ..full },
+        PatchConfig { threshold: theta, max_len_rule: true, row_reset: false, ..full },
     ];
     for &t in theta_targets {
         models.push(PatchConfig { threshold: env.theta_for(&full, t)?, ..full });
@@ -197,28 +183,8 @@ pub fn ablate_patching(env: &Env, scale: &Scale, target_len: f64) -> Result<Tabl
     let variants = [
         ("entropy+maxlen+row", PatchConfig { threshold: theta, ..full }),
         ("static", PatchConfig::static_patches(static_p)),
-        (
-            "entropy",
-            PatchConfig {
-                threshold: theta,
-                max_patch_len: 4,
-                entropy_gate: true,
-                max_len_rule: false,
-                row_reset: false,
-                entropy_from: Default::default(),
-            },
-        ),
-        (
-            "entropy+maxlen",
-            PatchConfig {
-                threshold: theta,
-                max_patch_len: 4,
-                entropy_gate: true,
-                max_len_rule: true,
-                row_reset: false,
-                entropy_from: Default::default(),
-            },
-        ),
+        ("entropy", PatchConfig { threshold: theta, max_len_rule: false, row_reset: false, ..full }),
+        ("entropy+maxlen", PatchConfig { threshold: theta, max_len_rule: true, row_reset: false, ..full }),
     ];
     let (mut rows, mut data, mut evals, mut names) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (name, patch) in &variants {
