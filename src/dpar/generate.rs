@@ -148,13 +148,9 @@ fn generate_cached_observed(
     device: &Device,
     mut observer: Observer,
 ) -> Result<Generated> {
-    if patch.entropy_from == crate::patching::EntropyFrom::Decoder {
-        return Err(DparError::BadInput(
-            "self-entropy patching runs on the CPU's lean decode path (a model with fused or bf16 kernels)".into(),
-        ));
-    }
     check(model, entropy_model, labels, sampling, patch)?;
     let c = model.config();
+    let self_entropy = patch.entropy_from == crate::patching::EntropyFrom::Decoder;
     let (b, l, grid) = (labels.len(), c.seq_len(), c.grid_size);
     let guided = sampling.uses_guidance();
     let rows = if guided { 2 * b } else { b };
@@ -163,7 +159,11 @@ fn generate_cached_observed(
     // The entropy model runs through the lean decode step on the CPU (same logits, no tensor
     // graph per code), through its cache elsewhere.
     let mut entropy_decoder = if device.is_cpu() && entropy_model.config().ops != crate::nn::Ops::Stock {
-        EntropyDecoder::Lean(Box::new(crate::gpt::decode::LeanDecoder::new(entropy_model, b)?))
+        EntropyDecoder::Lean(Box::new(crate::gpt::decode::LeanDecoder::for_patching(
+            entropy_model,
+            b,
+            crate::nn::KvPrecision::F32,
+        )?))
     } else {
         EntropyDecoder::Cached(entropy_model.new_cache(b)?)
     };
@@ -187,53 +187,92 @@ fn generate_cached_observed(
         choose_codes(&logits, b, guided, sampling, &u, 0, l)?.into_iter().map(|z| vec![z]).collect();
     let z0: Vec<u32> = codes.iter().map(|z| z[0]).collect();
     notify(&mut observer, 0, &z0, &vec![f32::INFINITY; b], &vec![true; b])?;
+    // Closes the patches of `closing` that end at z_{k−1}: patch vectors, one patch-transformer
+    // step, new injections.
+    let close = |closing: &[usize],
+                 k: usize,
+                 h_all: &[Tensor],
+                 patch_start: &mut [usize],
+                 caches: &mut crate::dpar::model::StepCaches,
+                 g: &mut Tensor,
+                 injections: &mut Vec<Tensor>|
+     -> Result<()> {
+        if closing.is_empty() {
+            return Ok(());
+        }
+        let mut states = Vec::new();
+        let mut segments = Vec::with_capacity(closing.len());
+        let mut spans = Vec::with_capacity(closing.len());
+        for &i in closing {
+            segments.push((states.len(), k - patch_start[i]));
+            spans.push((patch_start[i], k - 1));
+            for state in &h_all[patch_start[i]..k] {
+                states.push(state.narrow(0, i, 1)?);
+            }
+            patch_start[i] = k;
+        }
+        let vectors = model.patch_vectors(&Tensor::cat(&states, 0)?, &segments)?; // (|C|, D)
+        let mut step_rows = closing.to_vec();
+        if guided {
+            step_rows.extend(closing.iter().map(|&i| i + b));
+            spans.extend(spans.clone());
+        }
+        let g_new = model.global_step(caches, &step_rows, &dup(&vectors, guided)?, &model.patch_rope(&spans))?;
+        // Replace the stepped rows of g.
+        let mut map: Vec<u32> = (0..rows as u32).collect();
+        for (j, &r) in step_rows.iter().enumerate() {
+            map[r] = (rows + j) as u32;
+        }
+        *g = Tensor::cat(&[&*g, &g_new], 0)?.index_select(&Tensor::new(map, device)?, 0)?;
+        *injections = model.decoder_injections(g)?;
+        Ok(())
+    };
     for k in 1..l {
         let prev = Tensor::from_vec(codes.iter().map(|z| z[k - 1]).collect::<Vec<_>>(), (b, 1), device)?;
         // 1. Encoder state of z_{k−1}, entropy H_k, patch decision for z_k.
         let h = model.encoder_step(&mut caches, &prev, k - 1)?;
         h_all.push(h.clone());
-        let ev = entropy_model.config().vocab_size;
-        let entropies = match &mut entropy_decoder {
-            EntropyDecoder::Lean(lean) => {
-                let prev_codes: Vec<u32> = codes.iter().map(|z| z[k - 1]).collect();
-                entropy_rows(lean.step(&prev_codes)?, ev)
-            }
-            EntropyDecoder::Cached(cache) => {
-                entropy_rows(&entropy_model.step(cache, None, Some(&prev))?.flatten_all()?.to_vec1::<f32>()?, ev)
-            }
-        };
-        let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
-        // 2. Close the patches that end at z_{k−1}.
-        if !closing.is_empty() {
-            let mut states = Vec::new();
-            let mut segments = Vec::with_capacity(closing.len());
-            let mut spans = Vec::with_capacity(closing.len());
-            for &i in &closing {
-                segments.push((states.len(), k - patch_start[i]));
-                spans.push((patch_start[i], k - 1));
-                for state in &h_all[patch_start[i]..k] {
-                    states.push(state.narrow(0, i, 1)?);
+        let (entropies, closing, logits) = if self_entropy {
+            // Design §9: forced boundaries close first; the decoder's prediction of z_k as if it
+            // continued the open patch decides the others; where a patch opens, the decoder's
+            // step is undone (every row, here) and taken again after the patch closes.
+            let forced: Vec<usize> = (0..b).filter(|&i| patchers[i].forced()).collect();
+            close(&forced, k, &h_all, &mut patch_start, &mut caches, &mut g, &mut injections)?;
+            let logits = model.decoder_step(&mut caches, &dup(&h, guided)?, &injections, k)?;
+            let host: Vec<f32> = logits.narrow(0, 0, b)?.flatten_all()?.to_vec1()?;
+            let entropies = entropy_rows(&host, c.vocab_size);
+            let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
+            let late: Vec<usize> = closing.iter().copied().filter(|i| !forced.contains(i)).collect();
+            let logits = if late.is_empty() {
+                logits
+            } else {
+                close(&late, k, &h_all, &mut patch_start, &mut caches, &mut g, &mut injections)?;
+                for cache in &mut caches.decoder {
+                    for r in 0..rows {
+                        cache.truncate_row(r, k);
+                    }
                 }
-                patch_start[i] = k;
-            }
-            let vectors = model.patch_vectors(&Tensor::cat(&states, 0)?, &segments)?; // (|C|, D)
-            let mut step_rows = closing.clone();
-            if guided {
-                step_rows.extend(closing.iter().map(|&i| i + b));
-                spans.extend(spans.clone());
-            }
-            let g_new =
-                model.global_step(&mut caches, &step_rows, &dup(&vectors, guided)?, &model.patch_rope(&spans))?;
-            // Replace the stepped rows of g.
-            let mut map: Vec<u32> = (0..rows as u32).collect();
-            for (j, &r) in step_rows.iter().enumerate() {
-                map[r] = (rows + j) as u32;
-            }
-            g = Tensor::cat(&[&g, &g_new], 0)?.index_select(&Tensor::new(map, device)?, 0)?;
-            injections = model.decoder_injections(&g)?;
-        }
-        // 3. Decoder step at position k.
-        let logits = model.decoder_step(&mut caches, &dup(&h, guided)?, &injections, k)?;
+                model.decoder_step(&mut caches, &dup(&h, guided)?, &injections, k)?
+            };
+            (entropies, closing, logits)
+        } else {
+            let ev = entropy_model.config().vocab_size;
+            let entropies = match &mut entropy_decoder {
+                EntropyDecoder::Lean(lean) => {
+                    let prev_codes: Vec<u32> = codes.iter().map(|z| z[k - 1]).collect();
+                    entropy_rows(lean.step(&prev_codes)?, ev)
+                }
+                EntropyDecoder::Cached(cache) => {
+                    entropy_rows(&entropy_model.step(cache, None, Some(&prev))?.flatten_all()?.to_vec1::<f32>()?, ev)
+                }
+            };
+            let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
+            // 2. Close the patches that end at z_{k−1}.
+            close(&closing, k, &h_all, &mut patch_start, &mut caches, &mut g, &mut injections)?;
+            // 3. Decoder step at position k.
+            let logits = model.decoder_step(&mut caches, &dup(&h, guided)?, &injections, k)?;
+            (entropies, closing, logits)
+        };
         let chosen = choose_codes(&logits, b, guided, sampling, &u, k, l)?;
         for (i, &z) in chosen.iter().enumerate() {
             codes[i].push(z);
