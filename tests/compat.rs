@@ -1,7 +1,8 @@
 //! Files written by earlier versions keep working: every config in `models/` parses into its
 //! type, every shipped model loads, and the models give the outputs recorded when the fixture
 //! was made (`tests/fixtures/compat/outputs.json`: GPT and DPAR logits, entropies, patch
-//! lengths, decoded pixels and classifier features on fixed codes). A change to a loader, a
+//! lengths, decoded pixels and classifier features on fixed codes, and codes and patches
+//! sampled from the baseline and DPAR). A change to a loader, a
 //! config field's default or a kernel that alters what a shipped model computes fails here.
 //!
 //! To record the fixture again (only when a change of the outputs is intended, and say so in
@@ -152,7 +153,28 @@ fn shipped_models_load_and_give_the_recorded_outputs() {
         .unwrap();
     let pixels = tokenizer.decode(&codes).unwrap();
     let (features, probs) = classifier.features_and_probs(&pixels).unwrap();
+    // Sampling from the shipped models (2 images, cfg 2): the baseline's codes and DPAR's codes
+    // and patches under its entropy model and under self-entropy. Recorded on one CPU, they
+    // must come out the same on every other (the patch decisions run f32 kernels, design §4).
+    let sampling = dpar::sample::SamplingConfig { cfg_scale: 2.0, seed: 7, ..Default::default() };
+    let gpt_codes = dpar::sample::generate_gpt(&gpt, &[3, 7], &sampling, &device).unwrap();
+    let mut sampled = json!({ "gpt_codes": gpt_codes });
+    for (name, patch) in [
+        ("dpar", config.model.patch),
+        (
+            "dpar_self_entropy",
+            dpar::patching::PatchConfig {
+                entropy_from: dpar::patching::EntropyFrom::Decoder,
+                threshold: 2.0,
+                ..config.model.patch
+            },
+        ),
+    ] {
+        let g = dpar::dpar::generate::generate(&model, &entropy, &[3, 7], &sampling, &patch, &device).unwrap();
+        sampled[name] = json!({ "codes": g.codes, "patch_lengths": g.lengths });
+    }
     let got = json!({
+        "sampled": sampled,
         "gpt_logits": summary(&gpt_logits),
         "entropies": summary(&Tensor::new(h, &device).unwrap()),
         "entropies_as_shipped_bf16": summary(&Tensor::new(h_shipped, &device).unwrap()),

@@ -46,12 +46,28 @@ impl LeanDecoder {
 
     /// [`Self::new`] with KV caches of the given precision.
     pub fn with_cache(model: &Gpt, batch: usize, kv: crate::nn::KvPrecision) -> Result<Self> {
+        Self::with_gemm(model, batch, kv, model.config().ops.gemm())
+    }
+
+    /// An entropy model's decoder for cutting patches at sampling time: f32 GEMMs whatever
+    /// kernels its config asks for. A bf16 GEMM rounds differently with and without
+    /// AVX512-BF16, which would move entropies near θ and make patches depend on the CPU
+    /// (design §4).
+    pub fn for_patching(model: &Gpt, batch: usize, kv: crate::nn::KvPrecision) -> Result<Self> {
+        Self::with_gemm(model, batch, kv, crate::kernels::matmul::Gemm::F32)
+    }
+
+    fn with_gemm(
+        model: &Gpt,
+        batch: usize,
+        kv: crate::nn::KvPrecision,
+        gemm: crate::kernels::matmul::Gemm,
+    ) -> Result<Self> {
         let c = model.config();
         if model.layers.is_empty() {
             return Err(GptError::BadInput("a model without layers".into()));
         }
         let max_len = c.input_len();
-        let gemm = c.ops.gemm();
         let head = Head {
             norm: LeanNorm::from(&model.norm)?,
             output: LeanLinear::from(&model.output, gemm)?,
