@@ -272,9 +272,8 @@ pub fn store_for_set(
     }
     let model_id = crate::parts::id_of(model_path).map_err(|e| EntropyError::BadModel(e.to_string()))?;
     let model_tokenizer = crate::parts::Recorded::of(model_path).tokenizer_id;
-    let mut stored = Vec::new();
-    for (file, shard) in shards::read_set_shards(set)? {
-        check_model_fits(model, &shard, &file)?;
+    store_with(set, &model_id, |file, shard| {
+        check_model_fits(model, shard, file)?;
         if let Some(want) = &model_tokenizer {
             if *want != shard.info.tokenizer_id {
                 let reason = format!(
@@ -284,16 +283,31 @@ pub fn store_for_set(
                     &want[..12.min(want.len())]
                 );
                 if !allow_mismatch {
-                    return Err(EntropyError::Mismatch { path: file, reason });
+                    return Err(EntropyError::Mismatch { path: file.to_path_buf(), reason });
                 }
                 tracing::warn!("--allow-mismatch: {}: {reason}", file.display());
             }
         }
-        let entropy = compute(model, &shard, false, batch, device, &mut progress)?;
+        let entropy = compute(model, shard, false, batch, device, &mut progress)?;
         let entropy_flip = match shard.flip_codes {
-            Some(_) => Some(compute(model, &shard, true, batch, device, &mut progress)?),
+            Some(_) => Some(compute(model, shard, true, batch, device, &mut progress)?),
             None => None,
         };
+        Ok((entropy, entropy_flip))
+    })
+}
+
+/// Stores beside every shard of `set` the entropies `entropies(file, shard)` returns (of the
+/// codes and, when the shard has them, of the flip copies), recorded as coming from `source_id`
+/// (the SHA-256 of the weights that computed them).
+pub fn store_with(
+    set: &Path,
+    source_id: &str,
+    mut entropies: impl FnMut(&Path, &CodeShard) -> Result<(Vec<f32>, Option<Vec<f32>>)>,
+) -> Result<Vec<Stored>> {
+    let mut stored = Vec::new();
+    for (file, shard) in shards::read_set_shards(set)? {
+        let (entropy, entropy_flip) = entropies(&file, &shard)?;
         let finite: Vec<f32> = entropy.iter().copied().filter(|h| h.is_finite()).collect();
         if finite.is_empty() {
             return Err(EntropyError::Mismatch { path: file, reason: "the shard holds no images".into() });
@@ -309,7 +323,7 @@ pub fn store_for_set(
             p70: pct(0.7),
             shard: file.clone(),
         };
-        write(&file, &shard, &ShardEntropies { entropy, entropy_flip, entropy_model_id: model_id.clone() })?;
+        write(&file, &shard, &ShardEntropies { entropy, entropy_flip, entropy_model_id: source_id.to_string() })?;
         stored.push(summary);
     }
     Ok(stored)

@@ -115,7 +115,7 @@ pub(super) fn generate_lean_observed(
     }
     let weights = Weights::new(model, entropy_model, sampling.kv_cache)?;
     if observer.is_some() {
-        return generate_lean_group(model, &weights, labels, sampling, patch, observer);
+        return generate_lean_group(model, &weights, labels, sampling, patch, observer, None);
     }
     // Images are independent (their own seeds, per-row arithmetic): decode groups side by side.
     let rows = if sampling.uses_guidance() { 2 } else { 1 };
@@ -139,7 +139,7 @@ fn generate_lean_grouped(
     let groups = crate::sample::decode_groups(labels.len(), group);
     let parts = crate::sample::run_groups(&groups, |g| {
         let cfg = sampling.from_image(g.start);
-        generate_lean_group(model, weights, &labels[g], &cfg, patch, None)
+        generate_lean_group(model, weights, &labels[g], &cfg, patch, None, None)
     })?;
     let mut all = Generated { codes: Vec::with_capacity(labels.len()), lengths: Vec::with_capacity(labels.len()) };
     for part in parts {
@@ -192,12 +192,54 @@ impl Weights {
             encoder: LeanStack::with_cache(&model.enc_layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
             global: LeanStack::with_cache(&model.layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
             decoder: LeanStack::with_cache(&model.dec_layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
-            entropy: LeanDecoder::with_cache(entropy_model, 0, kv)?,
+            entropy: LeanDecoder::for_patching(entropy_model, 0, kv)?,
         })
     }
 }
 
-/// One decode group of [`generate_lean`]: all of `labels` in lockstep.
+/// The self-entropies of given codes (design §9, "Training with the decoder's own
+/// boundaries"): per image L values, H_0 = +∞ and H_k the entropy of the decoder's prediction
+/// of z_k as self-entropy patching at θ = `patch.threshold` computes it while generating these
+/// very codes (teacher forcing, no guidance). Cut with the same `patch`, they give exactly the
+/// patches that sampling would have given these codes; at another θ they mean nothing.
+pub fn self_entropies(
+    model: &Dpar,
+    entropy_model: &Gpt,
+    codes: &[Vec<u32>],
+    labels: &[u32],
+    patch: &PatchConfig,
+) -> Result<Vec<Vec<f32>>> {
+    if patch.entropy_from != EntropyFrom::Decoder {
+        return Err(super::DparError::BadInput("self_entropies needs a self-entropy patcher".into()));
+    }
+    let l = model.config().seq_len();
+    if codes.len() != labels.len() || codes.iter().any(|z| z.len() != l) {
+        return Err(super::DparError::BadInput(format!(
+            "self_entropies: {} code sequences of length {l} and as many labels expected",
+            labels.len()
+        )));
+    }
+    let sampling = SamplingConfig { cfg_scale: 1.0, ..Default::default() };
+    check(model, entropy_model, labels, &sampling, patch)?;
+    let weights = Weights::new(model, entropy_model, sampling.kv_cache)?;
+    let groups = crate::sample::decode_groups(labels.len(), 32);
+    let parts = crate::sample::run_groups(&groups, |g| {
+        let b = g.len();
+        let mut h = vec![vec![0f32; l]; b];
+        let mut record = |step: &crate::sample::CodeStep| {
+            for (row, &e) in h.iter_mut().zip(step.entropies) {
+                row[step.k] = e;
+            }
+            true
+        };
+        generate_lean_group(model, &weights, &labels[g.clone()], &sampling, patch, Some(&mut record), Some(&codes[g]))?;
+        Ok::<_, super::DparError>(h)
+    })?;
+    Ok(parts.into_iter().flatten().collect())
+}
+
+/// One decode group of [`generate_lean`]: all of `labels` in lockstep. With `teacher`, the
+/// codes are those (one sequence per label) instead of draws.
 fn generate_lean_group(
     model: &Dpar,
     w: &Weights,
@@ -205,6 +247,7 @@ fn generate_lean_group(
     sampling: &SamplingConfig,
     patch: &PatchConfig,
     mut observer: crate::sample::Observer,
+    teacher: Option<&[Vec<u32>]>,
 ) -> Result<Generated> {
     let c = model.config();
     let (b, l, grid, dim, v) = (labels.len(), c.seq_len(), c.grid_size, c.dim, c.vocab_size);
@@ -262,8 +305,11 @@ fn generate_lean_group(
     decoder.step(&mut y, &all_rows, &dec_cos[..half], &dec_sin[..half], Some(&injections))?;
     norm.run(&y, &mut yn);
     output.run(&yn, rows, &mut logits);
-    let mut codes: Vec<Vec<u32>> =
-        choose_codes_host(&logits, v, b, guided, sampling, &u, 0, l).into_iter().map(|z| vec![z]).collect();
+    let draw = |logits: &[f32], k: usize| match teacher {
+        Some(t) => t.iter().map(|z| z[k]).collect(),
+        None => choose_codes_host(logits, v, b, guided, sampling, &u, k, l),
+    };
+    let mut codes: Vec<Vec<u32>> = draw(&logits, 0).into_iter().map(|z| vec![z]).collect();
     let z0: Vec<u32> = codes.iter().map(|z| z[0]).collect();
     notify(&mut observer, 0, &z0, &vec![f32::INFINITY; b], &vec![true; b])?;
     let self_entropy = patch.entropy_from == EntropyFrom::Decoder;
@@ -396,7 +442,7 @@ fn generate_lean_group(
             output.run(&yn, rows, &mut logits);
             (entropies, closing)
         };
-        let chosen = choose_codes_host(&logits, v, b, guided, sampling, &u, k, l);
+        let chosen = draw(&logits, k);
         for (i, &z) in chosen.iter().enumerate() {
             codes[i].push(z);
         }
@@ -515,10 +561,68 @@ pub(crate) mod tests {
                 }
             }
             assert!(decided, "{ops:?}: no θ let the decoder's entropy decide a patch");
-            // The tensor path and continuous batching say they take the entropy model's patches.
-            let p = PatchConfig { entropy_from: EntropyFrom::Decoder, ..PatchConfig::dpar(1.0, 4) };
-            let err = generate_cached(&m, &e, &labels, &SamplingConfig::default(), &p, &Device::Cpu).unwrap_err();
-            assert!(err.to_string().contains("lean"), "{err}");
+        }
+    }
+
+    /// Teacher-forced self-entropies of generated codes, cut by the batch patcher at the same
+    /// θ, give exactly the patches that generation gave them, with and without guidance (the
+    /// decision reads the conditional rows only).
+    #[test]
+    fn self_entropies_of_generated_codes_give_their_patches_back() {
+        use crate::patching::EntropyFrom;
+        let (m, _store) = random_head(&tiny(), 61);
+        let (e, _es) = entropy_model(62);
+        let labels = [0u32, 1, 2, 2, 1];
+        let grid = m.config().grid_size;
+        for theta in [1.0, 2.0] {
+            let patch = PatchConfig { entropy_from: EntropyFrom::Decoder, ..PatchConfig::dpar(theta, 4) };
+            for cfg_scale in [1.0, 2.5] {
+                let sampling = SamplingConfig { cfg_scale, seed: 8, ..Default::default() };
+                let got = generate_lean(&m, &e, &labels, &sampling, &patch).unwrap();
+                let h = self_entropies(&m, &e, &got.codes, &labels, &patch).unwrap();
+                for (i, row) in h.iter().enumerate() {
+                    assert!(row[0].is_infinite() && row[1..].iter().all(|x| x.is_finite() && *x >= 0.0));
+                    let lengths = crate::patching::patch_lengths(row, grid, &patch, row.len()).unwrap();
+                    assert_eq!(lengths, got.lengths[i], "θ {theta} cfg {cfg_scale} image {i}");
+                }
+            }
+        }
+        let bad = self_entropies(
+            &m,
+            &e,
+            &[vec![0; 3]],
+            &[0],
+            &PatchConfig { entropy_from: EntropyFrom::Decoder, ..PatchConfig::dpar(1.0, 4) },
+        );
+        assert!(bad.unwrap_err().to_string().contains("length"));
+    }
+
+    /// Every patcher mode (the entropy model's full rule, its ablations, static patches and
+    /// self-entropy with and without row resets) gives the same codes and patches in the
+    /// tensor path with KV caches and in the lean steps, with and without guidance.
+    #[test]
+    fn every_patcher_mode_gives_the_same_codes_in_the_cached_and_lean_paths() {
+        use crate::patching::EntropyFrom;
+        let (m, _store) = random_head(&tiny(), 51);
+        let (e, _es) = entropy_model(52);
+        let labels = [1u32, 2, 0];
+        let full = PatchConfig::dpar(1.5, 4);
+        let modes = [
+            full,
+            PatchConfig { max_len_rule: false, row_reset: false, ..full },
+            PatchConfig::static_patches(3),
+            PatchConfig { entropy_from: EntropyFrom::Decoder, ..full },
+            PatchConfig { entropy_from: EntropyFrom::Decoder, row_reset: false, threshold: 1.0, ..full },
+        ];
+        for cfg_scale in [1.0, 2.0] {
+            let sampling = SamplingConfig { cfg_scale, seed: 5, ..Default::default() };
+            for patch in &modes {
+                let lean = generate_lean(&m, &e, &labels, &sampling, patch).unwrap();
+                let cached = generate_cached(&m, &e, &labels, &sampling, patch, &Device::Cpu).unwrap();
+                assert_eq!(lean, cached, "{} cfg {cfg_scale}", patch.label());
+                let steps = lean.global_steps();
+                assert!(steps.iter().any(|&s| s < 16), "{}: no patch of several codes: {steps:?}", patch.label());
+            }
         }
     }
 

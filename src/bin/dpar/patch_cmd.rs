@@ -29,6 +29,16 @@ pub struct ComputeArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 50, value_parser = crate::common::positive_usize)]
     batch: usize,
+    /// Store instead the self-entropies of this DPAR model (design §9): its decoder's entropy
+    /// of each code as self-entropy patching at --threshold computes it, so that training on
+    /// them cuts the patches that model would sample (the two-stage recipe). Point --codes at
+    /// a copy of the shards: the sidecars replace those beside them. --model is then the
+    /// DPAR's entropy model (default: the one it records).
+    #[arg(long, value_parser = crate::common::model_path, requires = "threshold")]
+    self_of: Option<PathBuf>,
+    /// With --self-of: the θ of the self-entropy rule (train with the same θ).
+    #[arg(long, requires = "self_of")]
+    threshold: Option<f64>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -102,6 +112,9 @@ pub fn run_compute(args: ComputeArgs) -> Result<()> {
 }
 
 fn compute(args: ComputeArgs) -> Result<()> {
+    if args.self_of.is_some() {
+        return compute_self(args);
+    }
     let device = args.device.device()?;
     let (model, _store) = dpar::models::gpt(&args.model, None, &device)?;
     let t = std::time::Instant::now();
@@ -138,6 +151,87 @@ fn compute(args: ComputeArgs) -> Result<()> {
         }
     }
     println!("computed entropies of {images} code sequences in {:.1}s (H_0 stored as +inf)", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `dpar entropy compute --self-of DPAR --threshold θ`: teacher-forced self-entropies.
+fn compute_self(args: ComputeArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let path = args.self_of.clone().expect("checked by the caller");
+    let theta = args.threshold.expect("clap requires --threshold with --self-of");
+    if !theta.is_finite() || theta < 0.0 {
+        bail!("--threshold {theta}: θ must be a finite entropy ≥ 0 (nats)");
+    }
+    let (model, _store, config) = dpar::models::dpar(&path, &device)?;
+    let recorded = dpar::parts::Recorded::of(&path);
+    let part = dpar::parts::Part::EntropyModel;
+    let given = (args.model != std::path::Path::new("runs/entropy")).then_some(args.model.as_path());
+    let owner = format!("the model {}", path.display());
+    let entropy_path =
+        dpar::parts::resolve(part, given, recorded.id(part), &path, &owner, crate::common::allow_mismatch())?;
+    let (entropy, _es) = dpar::models::gpt(&entropy_path, None, &device)?;
+    let patch =
+        PatchConfig { threshold: theta, entropy_from: dpar::patching::EntropyFrom::Decoder, ..config.model.patch };
+    let id = dpar::parts::id_of(&path)?;
+    let t = std::time::Instant::now();
+    let mut images = 0;
+    for set in &args.codes {
+        let total = dpar::data::shards::read_manifest(set).map(|m| m.images * if m.flip { 2 } else { 1 }).unwrap_or(0);
+        let bar = dpar::util::progress_bar(total as u64, "self-entropy");
+        let stored = dpar::entropy::store_with(set, &id, |file, shard| {
+            let c = model.config();
+            if shard.info.grid_size != c.grid_size || shard.info.codebook_size > c.vocab_size {
+                return Err(dpar::entropy::EntropyError::Mismatch {
+                    path: file.to_path_buf(),
+                    reason: format!(
+                        "a {}×{} grid of {} codes; the DPAR model reads {}×{} and {} codes",
+                        shard.info.grid_size,
+                        shard.info.grid_size,
+                        shard.info.codebook_size,
+                        c.grid_size,
+                        c.grid_size,
+                        c.vocab_size
+                    ),
+                });
+            }
+            let of = |flip: bool| -> dpar::entropy::Result<Vec<f32>> {
+                let mut out = Vec::with_capacity(shard.len() * c.seq_len());
+                for start in (0..shard.len()).step_by(args.batch * 8) {
+                    let idx = start..(start + args.batch * 8).min(shard.len());
+                    let codes: Vec<Vec<u32>> = idx.clone().map(|i| shard.codes_of(i, flip).to_vec()).collect();
+                    let h = dpar::dpar::decode::self_entropies(&model, &entropy, &codes, &shard.labels[idx], &patch)
+                        .map_err(|e| dpar::entropy::EntropyError::BadModel(e.to_string()))?;
+                    bar.inc(h.len() as u64);
+                    out.extend(h.into_iter().flatten());
+                }
+                Ok(out)
+            };
+            let entropy = of(false)?;
+            let flip = if shard.flip_codes.is_some() { Some(of(true)?) } else { None };
+            Ok((entropy, flip))
+        })
+        .with_context(|| format!("--codes {}", set.display()))?;
+        bar.finish_and_clear();
+        for s in stored {
+            images += s.images * if s.flip { 2 } else { 1 };
+            println!(
+                "{}: {} images{}, self-entropies of {} at θ = {theta}: mean {:.3} nats, p30/p50/p70 {:.3}/{:.3}/{:.3} → wrote {}",
+                s.shard.display(),
+                s.images,
+                if s.flip { " + flip copies" } else { "" },
+                path.display(),
+                s.mean,
+                s.p30,
+                s.p50,
+                s.p70,
+                s.sidecar.display()
+            );
+        }
+    }
+    println!(
+        "computed self-entropies of {images} code sequences in {:.1}s; train on them with --threshold {theta} (other θ mean nothing for these values)",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
