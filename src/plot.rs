@@ -285,3 +285,130 @@ mod tests {
         assert!(loss_curve_from_log(&log, &dir.path().join("x.png"), "t").is_err());
     }
 }
+
+/// A labelled point with error bars: (x, y) with ranges [x_lo, x_hi] and [y_lo, y_hi].
+pub struct ErrorPoint {
+    pub name: String,
+    pub x: f64,
+    pub x_lo: f64,
+    pub x_hi: f64,
+    pub y: f64,
+    pub y_lo: f64,
+    pub y_hi: f64,
+}
+
+/// One chart of labelled points with error bars.
+pub struct ErrorPanel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub points: Vec<ErrorPoint>,
+    /// A dashed vertical line at this x (a goal), when given.
+    pub x_guide: Option<f64>,
+}
+
+/// Draws labelled points with horizontal and vertical error bars, panels side by side (800 ×
+/// 560 pixels each), into a PNG at `path`.
+pub fn error_plot(path: &Path, panels: &[ErrorPanel]) -> Result<()> {
+    register_font()?;
+    let (w, h) = (800u32 * panels.len().max(1) as u32, 560u32);
+    let mut buffer = vec![255u8; (w * h * 3) as usize];
+    let draw = |e: &dyn std::fmt::Display| PlotError::Draw(e.to_string());
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| draw(&e))?;
+        for (area, panel) in root.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
+            let finite = |p: &&ErrorPoint| [p.x, p.x_lo, p.x_hi, p.y, p.y_lo, p.y_hi].iter().all(|v| v.is_finite());
+            let pts: Vec<&ErrorPoint> = panel.points.iter().filter(finite).collect();
+            if pts.is_empty() {
+                return Err(PlotError::NoData(format!("{}: no finite points to plot", panel.title)));
+            }
+            let fold = |f: fn(&ErrorPoint) -> f64, min: bool| {
+                pts.iter().map(|p| f(p)).fold(if min { f64::INFINITY } else { f64::NEG_INFINITY }, |a, b| {
+                    if min {
+                        a.min(b)
+                    } else {
+                        a.max(b)
+                    }
+                })
+            };
+            let mut x_min = fold(|p| p.x_lo, true);
+            let mut x_max = fold(|p| p.x_hi, false);
+            if let Some(g) = panel.x_guide {
+                x_min = x_min.min(g);
+                x_max = x_max.max(g);
+            }
+            let (y_min, y_max) = (fold(|p| p.y_lo, true), fold(|p| p.y_hi, false));
+            let xp = ((x_max - x_min) * 0.12).max(0.05);
+            let yp = ((y_max - y_min) * 0.08).max(0.5);
+            let mut chart = ChartBuilder::on(area)
+                .caption(&panel.title, ("sans-serif", 20))
+                .margin(15)
+                .x_label_area_size(45)
+                .y_label_area_size(70)
+                .build_cartesian_2d((x_min - xp)..(x_max + xp), (y_min - yp)..(y_max + yp))
+                .map_err(|e| draw(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc(panel.x_label.as_str())
+                .y_desc(panel.y_label.as_str())
+                .x_label_formatter(&|x| tick_label(*x))
+                .y_label_formatter(&|y| tick_label(*y))
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw()
+                .map_err(|e| draw(&e))?;
+            if let Some(g) = panel.x_guide {
+                let style = RGBColor(150, 150, 150).stroke_width(1);
+                let (y0, y1) = (y_min - yp, y_max + yp);
+                let steps = 30;
+                let dashes = (0..steps).step_by(2).map(|i| {
+                    let a = y0 + (y1 - y0) * i as f64 / steps as f64;
+                    let b = y0 + (y1 - y0) * (i + 1) as f64 / steps as f64;
+                    PathElement::new(vec![(g, a), (g, b)], style)
+                });
+                chart.draw_series(dashes).map_err(|e| draw(&e))?;
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        format!("{}× goal", tick_label(g)),
+                        (g, y1 - yp * 0.5),
+                        ("sans-serif", 14).into_font().color(&RGBColor(110, 110, 110)),
+                    )))
+                    .map_err(|e| draw(&e))?;
+            }
+            for (i, p) in pts.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                let style = color.stroke_width(2);
+                chart
+                    .draw_series([
+                        PathElement::new(vec![(p.x_lo, p.y), (p.x_hi, p.y)], style),
+                        PathElement::new(vec![(p.x, p.y_lo), (p.x, p.y_hi)], style),
+                    ])
+                    .map_err(|e| draw(&e))?;
+                chart
+                    .draw_series(std::iter::once(Circle::new((p.x, p.y), 5, color.filled())))
+                    .map_err(|e| draw(&e))?
+                    .label(p.name.clone())
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        p.name.clone(),
+                        (p.x + xp * 0.08, p.y + yp * 0.15),
+                        ("sans-serif", 13).into_font().color(&color),
+                    )))
+                    .map_err(|e| draw(&e))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| draw(&e))?;
+        }
+        root.present().map_err(|e| draw(&e))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buffer)
+        .ok_or_else(|| PlotError::Draw("plot buffer has the wrong size".into()))?;
+    crate::viz::save_png(&img, path).map_err(|e| PlotError::Draw(e.to_string()))?;
+    Ok(())
+}

@@ -14,6 +14,7 @@
 
 pub mod ablate;
 pub mod bench;
+pub mod pareto;
 
 pub use ablate::{ablate_inference, ablate_max_len, ablate_patching, ablate_threshold, linear_probe, run_name, Scale};
 pub use bench::{bench, BenchResult};

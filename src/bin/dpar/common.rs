@@ -257,6 +257,40 @@ pub fn plot_logs(args: PlotLogsArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+pub struct PlotParetoArgs {
+    /// A folder of variant folders, each with q-*/eval.json (`dpar eval samples --json`) and
+    /// speed-*.json (`dpar bench speed --sampling-curve … --json`), one `baseline` among them
+    /// (`scripts/pareto` fills it).
+    pub dir: PathBuf,
+    /// Batch sizes to draw, one panel each (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,100")]
+    pub batches: Vec<usize>,
+    /// Where the PNG goes.
+    #[arg(long, default_value = "out/pareto.png")]
+    pub out: PathBuf,
+    /// Also write the gathered numbers as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `dpar plot-pareto`: the speed–quality table and picture of the patchers (design §9).
+pub fn plot_pareto(args: PlotParetoArgs) -> Result<()> {
+    use dpar::experiments::pareto;
+    if args.batches.is_empty() || args.batches.contains(&0) {
+        bail!("--batches: give positive batch sizes, e.g. 1,100");
+    }
+    let variants = pareto::gather(&args.dir).with_context(|| format!("reading {}", args.dir.display()))?;
+    print!("{}", pareto::table(&variants, &args.batches));
+    pareto::plot(&variants, &args.batches, &args.out)?;
+    println!("wrote {}", args.out.display());
+    if let Some(j) = &args.json {
+        dpar::util::write_atomic(j, serde_json::to_string_pretty(&variants)?.as_bytes())?;
+        println!("wrote {}", j.display());
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
 pub struct SummarizeArgs {
     /// Run folders, each as NAME=PATH or PATH.
     #[arg(required = true)]

@@ -67,6 +67,9 @@ enum Command {
     Export(common::ExportArgs),
     /// Overlay the loss curves of several runs (their log.jsonl) in one PNG.
     PlotLogs(common::PlotLogsArgs),
+    /// The speed–quality picture of DPAR's patchers: images/s ÷ the baseline's against FD,
+    /// with seed and sitting spreads (from `scripts/pareto`'s folder).
+    PlotPareto(common::PlotParetoArgs),
     /// A markdown table of run folders: shape, budget, wall-clock, FLOPs, final validation loss.
     Summarize(common::SummarizeArgs),
     /// A local web page: watch DPAR generate code by code, turn θ, compare with the baseline.
@@ -126,6 +129,7 @@ fn main() {
         Command::Bench(BenchArgs { cmd: None, side }) => experiment_cmd::side_by_side(side),
         Command::Ablate(cmd) => experiment_cmd::ablate(cmd),
         Command::PlotLogs(args) => common::plot_logs(args),
+        Command::PlotPareto(args) => common::plot_pareto(args),
         Command::Summarize(args) => common::summarize(args),
         Command::Export(args) => common::export(args),
         Command::Eval(cmd) => eval_cmd::run(cmd),
