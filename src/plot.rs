@@ -232,60 +232,6 @@ pub fn loss_curve_from_log(log: &Path, png: &Path, title: &str) -> Result<()> {
     line_plot(png, &format!("{title}: loss"), "step", "loss", &series, true)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tick_labels_carry_no_float_noise() {
-        assert_eq!(tick_label(0.1 + 0.05), "0.15");
-        assert_eq!(tick_label(0.39999999999999997), "0.4");
-        assert_eq!(tick_label(2.0), "2");
-        assert_eq!(tick_label(-0.00001), "0");
-        assert_eq!(tick_label(1234.56), "1235");
-        assert_eq!(tick_label(1.4202), "1.4202");
-    }
-
-    #[test]
-    fn loss_curve_is_written_from_a_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("log.jsonl");
-        let lines: Vec<String> = (1..=20).map(|s| format!("{{\"step\":{s},\"loss\":{}}}", 5.0 / s as f64)).collect();
-        std::fs::write(&log, lines.join("\n")).unwrap();
-        let png = dir.path().join("loss.png");
-        loss_curve_from_log(&log, &png, "test").unwrap();
-        let img = image::open(&png).unwrap();
-        assert_eq!((img.width(), img.height()), (800, 500));
-    }
-
-    /// Labels are drawn with the compiled-in font (no system fonts involved): the title strip of
-    /// a plot holds dark text pixels, and a plot without a title has none there.
-    #[test]
-    fn titles_render_with_the_bundled_font() {
-        let dir = tempfile::tempdir().unwrap();
-        let series = [Series { name: "a".into(), points: vec![(0.0, 1.0), (1.0, 2.0)] }];
-        let dark_in_title_strip = |title: &str| {
-            let png = dir.path().join("t.png");
-            line_plot(&png, title, "x", "y", &series, false).unwrap();
-            let img = image::open(&png).unwrap().to_rgb8();
-            (250..550)
-                .flat_map(|x| (8..40).map(move |y| (x, y)))
-                .filter(|&(x, y)| img.get_pixel(x, y).0[0] < 128)
-                .count()
-        };
-        assert!(dark_in_title_strip("Validation loss of every run") > 100);
-        assert_eq!(dark_in_title_strip(""), 0);
-    }
-
-    #[test]
-    fn an_empty_log_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("log.jsonl");
-        std::fs::write(&log, "").unwrap();
-        assert!(loss_curve_from_log(&log, &dir.path().join("x.png"), "t").is_err());
-    }
-}
-
 /// A labelled point with error bars: (x, y) with ranges [x_lo, x_hi] and [y_lo, y_hi].
 pub struct ErrorPoint {
     pub name: String,
@@ -411,4 +357,58 @@ pub fn error_plot(path: &Path, panels: &[ErrorPanel]) -> Result<()> {
         .ok_or_else(|| PlotError::Draw("plot buffer has the wrong size".into()))?;
     crate::viz::save_png(&img, path).map_err(|e| PlotError::Draw(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_labels_carry_no_float_noise() {
+        assert_eq!(tick_label(0.1 + 0.05), "0.15");
+        assert_eq!(tick_label(0.39999999999999997), "0.4");
+        assert_eq!(tick_label(2.0), "2");
+        assert_eq!(tick_label(-0.00001), "0");
+        assert_eq!(tick_label(1234.56), "1235");
+        assert_eq!(tick_label(1.4202), "1.4202");
+    }
+
+    #[test]
+    fn loss_curve_is_written_from_a_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        let lines: Vec<String> = (1..=20).map(|s| format!("{{\"step\":{s},\"loss\":{}}}", 5.0 / s as f64)).collect();
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        let png = dir.path().join("loss.png");
+        loss_curve_from_log(&log, &png, "test").unwrap();
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (800, 500));
+    }
+
+    /// Labels are drawn with the compiled-in font (no system fonts involved): the title strip of
+    /// a plot holds dark text pixels, and a plot without a title has none there.
+    #[test]
+    fn titles_render_with_the_bundled_font() {
+        let dir = tempfile::tempdir().unwrap();
+        let series = [Series { name: "a".into(), points: vec![(0.0, 1.0), (1.0, 2.0)] }];
+        let dark_in_title_strip = |title: &str| {
+            let png = dir.path().join("t.png");
+            line_plot(&png, title, "x", "y", &series, false).unwrap();
+            let img = image::open(&png).unwrap().to_rgb8();
+            (250..550)
+                .flat_map(|x| (8..40).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0[0] < 128)
+                .count()
+        };
+        assert!(dark_in_title_strip("Validation loss of every run") > 100);
+        assert_eq!(dark_in_title_strip(""), 0);
+    }
+
+    #[test]
+    fn an_empty_log_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.jsonl");
+        std::fs::write(&log, "").unwrap();
+        assert!(loss_curve_from_log(&log, &dir.path().join("x.png"), "t").is_err());
+    }
 }
