@@ -445,6 +445,91 @@ pub fn sampling_curve(
     Ok(rows)
 }
 
+/// Models with random weights for a paper-scale sampling curve (`dpar bench speed --random`):
+/// the baseline, DPAR, and an unconditional entropy model, with random output heads so that
+/// their predictions (and entropies) vary from code to code, and θ for a mean patch length near
+/// `target`, calibrated on random codes: on the entropy model's entropies (`Model`), or on the
+/// DPAR decoder's self-entropies of those codes (`Decoder`). Random codes are not sampled codes,
+/// so the curve reports the patch steps its generations really took.
+pub struct RandomModels {
+    pub gpt: Gpt,
+    pub dpar: crate::dpar::Dpar,
+    pub entropy: Gpt,
+    pub patch: crate::patching::PatchConfig,
+    _stores: [ParamStore; 3],
+}
+
+/// Builds [`RandomModels`] of the given configurations (the entropy model's vocabulary and grid
+/// follow DPAR's).
+pub fn random_models(
+    gpt: &GptConfig,
+    dpar: &crate::dpar::DparConfig,
+    entropy: &GptConfig,
+    entropy_from: crate::patching::EntropyFrom,
+    target: f64,
+    device: &Device,
+) -> Result<RandomModels> {
+    let bad = |e: String| BenchError::Bad(e);
+    let randomize = |store: &ParamStore, names: &[&str], seed: u64| -> Result<()> {
+        for name in names {
+            let var = store.var(name).ok_or_else(|| bad(format!("no parameter {name}")))?;
+            let mut rng = crate::util::rng_for(seed, "bench-head", 0);
+            let n = var.elem_count();
+            let scale = 1.0 / (var.dims()[var.dims().len() - 1] as f32).sqrt();
+            let values: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * 3.0 * scale).collect();
+            var.set(&Tensor::from_vec(values, var.shape(), device)?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    };
+    let (gs, ds, es) = (ParamStore::new(10, device), ParamStore::new(11, device), ParamStore::new(12, device));
+    let gpt_model = Gpt::new(gpt, &gs.root())?;
+    randomize(&gs, &["output.weight"], 10)?;
+    let dpar_model = crate::dpar::Dpar::new(dpar, &ds.root()).map_err(|e| bad(e.to_string()))?;
+    randomize(&ds, &["output.weight"], 11)?;
+    // Self-entropy patching runs no entropy model: a token one stands in for it.
+    let ec = match entropy_from {
+        crate::patching::EntropyFrom::Decoder => {
+            GptConfig::mnist_entropy().with(|it| (it.n_layer, it.dim, it.n_head) = (1, 64, 1))
+        }
+        crate::patching::EntropyFrom::Model => entropy.clone(),
+    }
+    .with(|it| {
+        it.vocab_size = dpar.vocab_size;
+        it.grid_size = dpar.grid_size;
+        (it.cls_token_num, it.class_dropout) = (0, 0.0);
+    });
+    let entropy_model = Gpt::new(&ec, &es.root())?;
+    randomize(&es, &["output.weight"], 12)?;
+    // θ on 4 random code sequences.
+    let l = dpar.seq_len();
+    let mut rng = crate::util::rng_for(13, "bench-codes", 0);
+    let codes: Vec<Vec<u32>> =
+        (0..4).map(|_| (0..l).map(|_| rng.random_range(0..dpar.vocab_size as u32)).collect()).collect();
+    let base = crate::patching::PatchConfig { entropy_from, ..crate::patching::PatchConfig::dpar(f64::INFINITY, 4) };
+    let entropies: Vec<f32> = match entropy_from {
+        crate::patching::EntropyFrom::Model => {
+            let t = Tensor::from_vec(codes.concat(), (codes.len(), l), device)?;
+            let h = entropy_model.entropies(&t)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            h.into_iter().flat_map(|row| std::iter::once(f32::INFINITY).chain(row)).collect()
+        }
+        crate::patching::EntropyFrom::Decoder => {
+            let labels: Vec<u32> = (0..codes.len() as u32).map(|i| i % dpar.num_classes.max(1) as u32).collect();
+            crate::dpar::decode::self_entropies(&dpar_model, &entropy_model, &codes, &labels, &base)
+                .map_err(|e| bad(e.to_string()))?
+                .concat()
+        }
+    };
+    let (theta, _) =
+        crate::patching::calibrate(&entropies, dpar.grid_size, &base, target).map_err(|e| bad(e.to_string()))?;
+    Ok(RandomModels {
+        gpt: gpt_model,
+        dpar: dpar_model,
+        entropy: entropy_model,
+        patch: crate::patching::PatchConfig { threshold: theta, ..base },
+        _stores: [gs, ds, es],
+    })
+}
+
 /// The sampling curve as a markdown table: speed, and each model's counted cost per image with
 /// its roofline bound and the fraction of it reached.
 pub fn sampling_markdown(rows: &[SamplingRow], codes_per_image: usize) -> String {

@@ -113,7 +113,8 @@ pub(super) fn generate_lean_observed(
             "the lean decode step follows the fused kernels; sample a stock-ops model with generate_cached".into(),
         ));
     }
-    let weights = Weights::new(model, entropy_model, sampling.kv_cache)?;
+    let weights =
+        Weights::new(model, (patch.entropy_from == EntropyFrom::Model).then_some(entropy_model), sampling.kv_cache)?;
     if observer.is_some() {
         return generate_lean_group(model, &weights, labels, sampling, patch, observer, None);
     }
@@ -162,11 +163,17 @@ pub(super) struct Weights {
     pub(super) encoder: LeanStack,
     pub(super) global: LeanStack,
     pub(super) decoder: LeanStack,
-    pub(super) entropy: LeanDecoder,
+    /// The entropy model's decoder (none for self-entropy patching).
+    pub(super) entropy: Option<LeanDecoder>,
 }
 
 impl Weights {
-    pub(super) fn new(model: &Dpar, entropy_model: &Gpt, kv: crate::nn::KvPrecision) -> Result<Self> {
+    /// The entropy model's decoder; only called on weights built with one (continuous batching).
+    pub(super) fn entropy(&self) -> &LeanDecoder {
+        self.entropy.as_ref().expect("continuous batching builds its weights with the entropy model")
+    }
+
+    pub(super) fn new(model: &Dpar, entropy_model: Option<&Gpt>, kv: crate::nn::KvPrecision) -> Result<Self> {
         let c = model.config();
         let (gemm, dim, l) = (c.ops.gemm(), c.dim, c.seq_len());
         Ok(Self {
@@ -192,7 +199,7 @@ impl Weights {
             encoder: LeanStack::with_cache(&model.enc_layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
             global: LeanStack::with_cache(&model.layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
             decoder: LeanStack::with_cache(&model.dec_layers, dim, c.n_head, gemm, 0, l + 1, kv)?,
-            entropy: LeanDecoder::for_patching(entropy_model, 0, kv)?,
+            entropy: entropy_model.map(|e| LeanDecoder::for_patching(e, 0, kv)).transpose()?,
         })
     }
 }
@@ -221,7 +228,7 @@ pub fn self_entropies(
     }
     let sampling = SamplingConfig { cfg_scale: 1.0, ..Default::default() };
     check(model, entropy_model, labels, &sampling, patch)?;
-    let weights = Weights::new(model, entropy_model, sampling.kv_cache)?;
+    let weights = Weights::new(model, None, sampling.kv_cache)?;
     let groups = crate::sample::decode_groups(labels.len(), 32);
     let parts = crate::sample::run_groups(&groups, |g| {
         let b = g.len();
@@ -263,8 +270,7 @@ fn generate_lean_group(
     let mut encoder = w.encoder.sharing(b, l + 1, kv);
     let mut global = w.global.sharing(rows, l + 1, kv);
     let mut decoder = w.decoder.sharing(rows, l + 1, kv);
-    let mut entropy = w.entropy.sharing(b, kv);
-    let ev = w.entropy.vocab();
+    let mut entropy = w.entropy.as_ref().map(|e| (e.sharing(b, kv), e.vocab()));
 
     let mut patchers = (0..b).map(|_| OnlinePatcher::new(*patch, grid)).collect::<std::result::Result<Vec<_>, _>>()?;
     for p in &mut patchers {
@@ -430,7 +436,10 @@ fn generate_lean_group(
             }
             (entropies, closing)
         } else {
-            let entropies = entropy_rows(entropy.step(&prev)?, ev);
+            let (entropy, ev) = entropy.as_mut().ok_or_else(|| {
+                super::DparError::BadInput("the entropy model's patches need the entropy model".into())
+            })?;
+            let entropies = entropy_rows(entropy.step(&prev)?, *ev);
             let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
             // 2. Close the patches that end at z_{k−1}.
             if !closing.is_empty() {
@@ -512,7 +521,7 @@ pub(crate) mod tests {
         for cfg_scale in [1.0, 2.0] {
             for kv in [crate::nn::KvPrecision::F32, crate::nn::KvPrecision::Bf16] {
                 let sampling = SamplingConfig { cfg_scale, seed: 70, kv_cache: kv, ..Default::default() };
-                let w = Weights::new(&m, &e, kv).unwrap();
+                let w = Weights::new(&m, Some(&e), kv).unwrap();
                 let alone: Vec<Generated> = (0..labels.len())
                     .map(|i| {
                         let s = sampling.from_image(i);

@@ -76,11 +76,11 @@ impl<'m> DparStreams<'m> {
             return Err(DparError::BadConfig("continuous batching needs room for at least one image".into()));
         }
         check(model, entropy_model, &[0], &SamplingConfig::default(), &c.patch)?;
-        let w = Weights::new(model, entropy_model, kv)?;
+        let w = Weights::new(model, Some(entropy_model), kv)?;
         let l = c.seq_len();
         Ok(Self {
             encoder: w.encoder.sharing(capacity, l + 1, kv),
-            entropy: w.entropy.stack().sharing(capacity, l, kv),
+            entropy: w.entropy().stack().sharing(capacity, l, kv),
             global: w.global.sharing(2 * capacity, l + 1, kv),
             decoder: w.decoder.sharing(2 * capacity, l + 1, kv),
             model,
@@ -255,8 +255,8 @@ impl<'m> DparStreams<'m> {
         if active.is_empty() {
             return Ok(());
         }
-        let (tok, _) = self.w.entropy.embeddings();
-        let (ecos, esin, ehalf) = self.w.entropy.rope();
+        let (tok, _) = self.w.entropy().embeddings();
+        let (ecos, esin, ehalf) = self.w.entropy().rope();
         let mut rows = Vec::with_capacity(active.len());
         let (mut h, mut x) = (Vec::new(), Vec::new());
         let (mut cos, mut sin, mut ent_cos, mut ent_sin) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -268,15 +268,15 @@ impl<'m> DparStreams<'m> {
             h.extend_from_slice(&self.w.tok_table[z * dim..(z + 1) * dim]);
             cos.extend_from_slice(&model.rope_enc.cos[p * half..(p + 1) * half]);
             sin.extend_from_slice(&model.rope_enc.sin[p * half..(p + 1) * half]);
-            let ed = tok.len() / self.w.entropy.vocab();
+            let ed = tok.len() / self.w.entropy().vocab();
             x.extend_from_slice(&tok[z * ed..(z + 1) * ed]);
             ent_cos.extend_from_slice(&ecos[p * ehalf..(p + 1) * ehalf]);
             ent_sin.extend_from_slice(&esin[p * ehalf..(p + 1) * ehalf]);
         }
         self.encoder.step(&mut h, &rows, &cos, &sin, None)?;
         self.entropy.step(&mut x, &rows, &ent_cos, &ent_sin, None)?;
-        let (norm, output) = self.w.entropy.head();
-        let ev = self.w.entropy.vocab();
+        let (norm, output) = self.w.entropy().head();
+        let ev = self.w.entropy().vocab();
         let mut xn = vec![0f32; x.len()];
         norm.run(&x, &mut xn);
         let mut logits = vec![0f32; rows.len() * ev];

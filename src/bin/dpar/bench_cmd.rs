@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use crate::common::DeviceArgs;
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum BenchCmd {
     /// Medians over repeated steps after warm-up, with GFLOP/s.
     Speed(SpeedArgs),
@@ -118,6 +119,18 @@ pub struct SpeedArgs {
     /// own entropy; pass its calibrated --threshold).
     #[arg(long, default_value = "model")]
     patcher: dpar::patching::EntropyFrom,
+    /// Time the sampling curve on models with random weights instead of trained ones: a GPT
+    /// preset and a DPAR preset, comma separated (`gpt-b,dpar-b`): paper-scale per-image time,
+    /// FLOPs and bytes (design §9). θ is calibrated for --target-mean-len on random codes.
+    #[arg(long, value_name = "GPT,DPAR", conflicts_with_all = ["entropy_model"])]
+    random: Option<String>,
+    /// With --random: the entropy model's shape, a GPT preset (`gpt-b`: the paper's 111M) or
+    /// LAYERSxWIDTH (`2x256`: LlamaGen blocks with 64-wide heads); unused with --patcher self.
+    #[arg(long, default_value = "gpt-b", requires = "random")]
+    entropy_preset: String,
+    /// With --random: the mean patch length θ is calibrated for.
+    #[arg(long, default_value_t = 1.8, requires = "random")]
+    target_mean_len: f64,
     /// Classifier-free guidance scale of the sampling curve (1 = none; above 1 doubles the rows).
     #[arg(long, default_value_t = 2.0)]
     cfg: f64,
@@ -127,6 +140,41 @@ pub struct SpeedArgs {
     kv_cache: Vec<dpar::nn::KvPrecision>,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// `--random GPT,DPAR` with `--entropy-preset`: random-weight models for the sampling curve.
+fn random_models(spec: &str, args: &SpeedArgs, device: &candle_core::Device) -> Result<dpar::bench::RandomModels> {
+    let (g, d) = spec
+        .split_once(',')
+        .ok_or_else(|| anyhow::anyhow!("--random `{spec}`: give a GPT and a DPAR preset, e.g. gpt-b,dpar-b"))?;
+    let gc = dpar::gpt::GptConfig::preset(g.trim()).context("--random")?;
+    let dc = dpar::dpar::DparConfig::preset(d.trim()).context("--random")?;
+    anyhow::ensure!(
+        gc.seq_len() == dc.seq_len() && gc.num_classes == dc.num_classes && gc.vocab_size == dc.vocab_size,
+        "--random {spec}: the two presets do not generate the same images ({} and {} codes, {} and {} classes)",
+        gc.seq_len(),
+        dc.seq_len(),
+        gc.num_classes,
+        dc.num_classes
+    );
+    let e = &args.entropy_preset;
+    let ec = match e.split_once('x').map(|(l, w)| (l.parse::<usize>(), w.parse::<usize>())) {
+        Some((Ok(layers), Ok(width))) => {
+            anyhow::ensure!(
+                layers > 0 && width >= 64 && width % 64 == 0,
+                "--entropy-preset {e}: LAYERSxWIDTH needs at least one layer and a width that is a multiple of 64"
+            );
+            dpar::gpt::GptConfig::gpt_b().with(|it| {
+                (it.n_layer, it.dim, it.n_head) = (layers, width, width / 64);
+            })
+        }
+        _ => dpar::gpt::GptConfig::preset(e).context("--entropy-preset (a GPT preset or LAYERSxWIDTH)")?,
+    };
+    tracing::info!(
+        "random models: {g} and {d}; entropy model {e}; calibrating θ for mean patch length {}",
+        args.target_mean_len
+    );
+    Ok(dpar::bench::random_models(&gc, &dc, &ec, args.patcher, args.target_mean_len, device)?)
 }
 
 /// PyTorch's reference scripts, run by `--torch`.
@@ -380,20 +428,35 @@ fn speed(args: SpeedArgs) -> Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("--sampling-curve: `{b}` is not a batch size in 1..=4096"))
             })
             .collect::<Result<_>>()?;
-        let (gpt, _gs) = dpar::models::gpt(&args.gpt, None, &device)?;
-        let (model, _store, _) = dpar::models::dpar(&args.dpar, &device)?;
-        let recorded = dpar::parts::Recorded::of(&args.dpar);
-        let part = dpar::parts::Part::EntropyModel;
-        let owner = format!("the model {}", args.dpar.display());
-        let entropy_path = dpar::parts::resolve(
-            part,
-            args.entropy_model.as_deref(),
-            recorded.id(part),
-            &args.dpar,
-            &owner,
-            crate::common::allow_mismatch(),
-        )?;
-        let (entropy, _es) = dpar::models::gpt(&entropy_path, None, &device)?;
+        let random = match &args.random {
+            Some(spec) => Some(random_models(spec, &args, &device)?),
+            None => None,
+        };
+        let loaded = match &random {
+            Some(_) => None,
+            None => {
+                let (gpt, gs) = dpar::models::gpt(&args.gpt, None, &device)?;
+                let (model, store, _) = dpar::models::dpar(&args.dpar, &device)?;
+                let recorded = dpar::parts::Recorded::of(&args.dpar);
+                let part = dpar::parts::Part::EntropyModel;
+                let owner = format!("the model {}", args.dpar.display());
+                let entropy_path = dpar::parts::resolve(
+                    part,
+                    args.entropy_model.as_deref(),
+                    recorded.id(part),
+                    &args.dpar,
+                    &owner,
+                    crate::common::allow_mismatch(),
+                )?;
+                let (entropy, es) = dpar::models::gpt(&entropy_path, None, &device)?;
+                Some((gpt, model, entropy, [gs, store, es]))
+            }
+        };
+        let (gpt, model, entropy) = match (&random, &loaded) {
+            (Some(r), _) => (&r.gpt, &r.dpar, &r.entropy),
+            (None, Some((g, d, e, _))) => (g, d, e),
+            (None, None) => unreachable!("one of the two is built above"),
+        };
         let (gc, dc) = (gpt.config(), model.config());
         anyhow::ensure!(
             gc.seq_len() == dc.seq_len() && gc.num_classes == dc.num_classes,
@@ -407,12 +470,19 @@ fn speed(args: SpeedArgs) -> Result<()> {
         );
         let sampling = dpar::sample::SamplingConfig { cfg_scale: args.cfg, ..Default::default() };
         sampling.validate()?;
+        let (gpt_name, dpar_name) = match &args.random {
+            Some(spec) => (
+                format!("random {}", spec.split(',').next().unwrap_or("")),
+                format!("random {}", spec.split(',').nth(1).unwrap_or("")),
+            ),
+            None => (args.gpt.display().to_string(), args.dpar.display().to_string()),
+        };
         tracing::info!(
             "sampling curve: {} ({} layers, width {}) against {} ({}+{}+{} layers, width {}), cfg {}",
-            args.gpt.display(),
+            gpt_name,
             gc.n_layer,
             gc.dim,
-            args.dpar.display(),
+            dpar_name,
             dc.encoder_layers,
             dc.global_layers,
             dc.decoder_layers,
@@ -422,16 +492,22 @@ fn speed(args: SpeedArgs) -> Result<()> {
         let machine = dpar::bench::machine(args.reps);
         for &kv in &args.kv_cache {
             let sampling = dpar::sample::SamplingConfig { kv_cache: kv, ..sampling.clone() };
-            curve.extend(dpar::bench::sampling_curve(
-                &gpt,
-                &model,
-                &entropy,
-                &sampling,
-                &dpar::patching::PatchConfig {
+            let patch = match &random {
+                Some(r) => {
+                    dpar::patching::PatchConfig { threshold: args.threshold.unwrap_or(r.patch.threshold), ..r.patch }
+                }
+                None => dpar::patching::PatchConfig {
                     threshold: args.threshold.unwrap_or(dc.patch.threshold),
                     entropy_from: args.patcher,
                     ..dc.patch
                 },
+            };
+            curve.extend(dpar::bench::sampling_curve(
+                gpt,
+                model,
+                entropy,
+                &sampling,
+                &patch,
                 &batches,
                 args.reps,
                 Some(&machine),
