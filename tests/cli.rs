@@ -187,3 +187,92 @@ fn theta_is_calibrated_on_sampled_images() {
     let (ok, text) = common::run_dpar(&["patchify", "--on-samples", "models/mnist/dpar", "--target-mean-len", "9"]);
     assert!(!ok && text.contains("--target-mean-len 9"), "{text}");
 }
+
+/// The paper-scale timing path on random weights, at MNIST size: both patchers give a curve
+/// whose DPAR took fewer patch steps than codes; presets that do not make the same images are
+/// refused by name.
+#[test]
+fn sampling_curve_on_random_presets() {
+    let dir = tempfile::tempdir().unwrap();
+    for patcher in ["model", "self"] {
+        let json = dir.path().join(format!("{patcher}.json"));
+        let (ok, text) = common::run_dpar(&[
+            "bench",
+            "speed",
+            "--no-models",
+            "--random",
+            "mnist,mnist",
+            "--entropy-preset",
+            "1x64",
+            "--patcher",
+            patcher,
+            "--sampling-curve",
+            "2",
+            "--reps",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let steps = report["sampling_curve"][0]["dpar_steps_per_image"].as_f64().unwrap();
+        assert!(steps > 64.0 && steps < 256.0, "{patcher}: {steps} patch steps per image\n{text}");
+        assert!(text.contains("random mnist"), "{text}");
+    }
+    let (ok, text) =
+        common::run_dpar(&["bench", "speed", "--no-models", "--random", "gpt-b,mnist", "--sampling-curve", "1"]);
+    assert!(!ok && text.contains("--random gpt-b,mnist"), "{text}");
+    let (ok, text) = common::run_dpar(&[
+        "bench",
+        "speed",
+        "--no-models",
+        "--random",
+        "mnist,mnist",
+        "--entropy-preset",
+        "2x100",
+        "--sampling-curve",
+        "1",
+    ]);
+    assert!(!ok && text.contains("--entropy-preset 2x100"), "{text}");
+}
+
+/// Self-entropies of real codes: written beside a copy of the shards with the DPAR model's id;
+/// a θ that is not an entropy is refused by flag.
+#[test]
+fn self_entropies_are_stored_beside_the_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) =
+        common::run_dpar(&["entropy", "compute", "--self-of", "models/mnist/dpar", "--threshold=-1", "--codes", "x"]);
+    assert!(!ok && text.contains("--threshold -1"), "{text}");
+    // Ten made-up images of the MNIST grid, written as a shard.
+    let shard = dpar::data::shards::CodeShard {
+        info: dpar::data::shards::ShardInfo {
+            grid_size: 16,
+            codebook_size: 512,
+            num_classes: 10,
+            class_names: (0..10).map(|c| c.to_string()).collect(),
+            tokenizer_id: "t".into(),
+        },
+        codes: (0..10 * 256u32).map(|k| (k * 37 + k / 256) % 512).collect(),
+        labels: (0..10).collect(),
+        flip_codes: None,
+    };
+    let file = dir.path().join("shard-00000.safetensors");
+    dpar::data::shards::write_shard(&file, &shard).unwrap();
+    let (ok, text) = common::run_dpar(&[
+        "entropy",
+        "compute",
+        "--self-of",
+        "models/mnist/dpar",
+        "--threshold",
+        "2.3",
+        "--codes",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let stored = dpar::entropy::read(&file, &shard, None).unwrap();
+    let dpar_id = dpar::parts::id_of(std::path::Path::new("models/mnist/dpar")).unwrap();
+    assert_eq!(stored.entropy_model_id, dpar_id);
+    assert_eq!(stored.entropy.len(), 10 * 256);
+    assert!(stored.entropy[0].is_infinite() && stored.entropy[1..256].iter().all(|h| h.is_finite()));
+}
