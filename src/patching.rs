@@ -346,6 +346,86 @@ pub fn agreement(reference: (&[f32], &PatchConfig), other: (&[f32], &PatchConfig
     Ok(Agreement { precision, recall, f1, codes })
 }
 
+/// θ calibrated on a DPAR model's own samples (`dpar patchify --on-samples … --store`), one per
+/// patcher, kept beside the model as [`SamplingThresholds::FILE`] (derived data: the weights and
+/// their config stay untouched). `dpar sample --patcher self` takes the `self` one when no
+/// --threshold is given; `--sampling-threshold` takes the stored one of either patcher.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingThresholds {
+    /// For the entropy model's patches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<Calibrated>,
+    /// For self-entropy patching.
+    #[serde(default, rename = "self", skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<Calibrated>,
+}
+
+/// One calibrated θ and how it was found.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibrated {
+    pub threshold: f64,
+    /// The mean patch length the sampled images reached (the target).
+    pub target_mean_len: f64,
+    /// Sampled images per θ tried, and their seed.
+    pub images: usize,
+    pub seed: u64,
+}
+
+impl SamplingThresholds {
+    pub const FILE: &'static str = "sampling-thresholds.json";
+
+    /// Where the thresholds of the model at `model` (run folder or weight file) live.
+    pub fn path(model: &std::path::Path) -> std::path::PathBuf {
+        if model.is_dir() {
+            model.join(Self::FILE)
+        } else {
+            model.parent().unwrap_or(std::path::Path::new(".")).join(Self::FILE)
+        }
+    }
+
+    /// The stored thresholds of `model` (none stored: the default, empty).
+    pub fn read(model: &std::path::Path) -> Result<Self> {
+        let path = Self::path(model);
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| PatchError::BadInput(format!("{}: {e}", path.display())))?;
+        let t: Self =
+            serde_json::from_str(&text).map_err(|e| PatchError::BadInput(format!("{}: {e}", path.display())))?;
+        for c in t.model.iter().chain(&t.decoder) {
+            if !(c.threshold.is_finite() && c.threshold >= 0.0) {
+                return Err(PatchError::BadInput(format!("{}: θ {} is not an entropy", path.display(), c.threshold)));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The stored θ for `from`.
+    pub fn get(&self, from: EntropyFrom) -> Option<&Calibrated> {
+        match from {
+            EntropyFrom::Model => self.model.as_ref(),
+            EntropyFrom::Decoder => self.decoder.as_ref(),
+        }
+    }
+
+    /// Stores `calibrated` for `from` beside `model` (atomically), keeping the other patcher's.
+    pub fn store(model: &std::path::Path, from: EntropyFrom, calibrated: Calibrated) -> Result<std::path::PathBuf> {
+        let mut t = Self::read(model)?;
+        match from {
+            EntropyFrom::Model => t.model = Some(calibrated),
+            EntropyFrom::Decoder => t.decoder = Some(calibrated),
+        }
+        let path = Self::path(model);
+        let text = serde_json::to_string_pretty(&t).map_err(|e| PatchError::BadInput(e.to_string()))?;
+        crate::util::write_atomic(&path, text.as_bytes())
+            .map_err(|e| PatchError::BadInput(format!("{}: {e}", path.display())))?;
+        Ok(path)
+    }
+}
+
 /// Finds θ whose mean patch length is closest to `target` by bisection (the mean length grows
 /// with θ). Returns θ and its statistics. `target` must lie between the lengths reachable at
 /// θ = −∞ and θ = +∞ for the other settings of `config`.
@@ -517,5 +597,29 @@ mod tests {
             let n = g * g;
             prop_assert!(patch_lengths(&h, g, &raised, n).unwrap().len() <= patch_lengths(&h, g, &c, n).unwrap().len());
         }
+    }
+
+    /// Stored thresholds round-trip per patcher, keep each other, and a corrupt file is named.
+    #[test]
+    fn sampling_thresholds_are_stored_beside_the_model() {
+        let dir = std::env::temp_dir().join(format!("dpar-thresholds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(SamplingThresholds::read(&dir).unwrap(), SamplingThresholds::default());
+        let c = |t: f64| Calibrated { threshold: t, target_mean_len: 1.8, images: 200, seed: 0 };
+        SamplingThresholds::store(&dir, EntropyFrom::Decoder, c(1.81)).unwrap();
+        SamplingThresholds::store(&dir.join("model.safetensors"), EntropyFrom::Model, c(2.16)).unwrap();
+        let t = SamplingThresholds::read(&dir).unwrap();
+        assert_eq!(t.get(EntropyFrom::Decoder), Some(&c(1.81)));
+        assert_eq!(t.get(EntropyFrom::Model), Some(&c(2.16)));
+        let text = std::fs::read_to_string(dir.join(SamplingThresholds::FILE)).unwrap();
+        assert!(text.contains("\"self\"") && text.contains("\"model\""), "{text}");
+        std::fs::write(
+            dir.join(SamplingThresholds::FILE),
+            "{\"self\": {\"threshold\": -1, \"target_mean_len\": 1.8, \"images\": 1, \"seed\": 0}}",
+        )
+        .unwrap();
+        let err = SamplingThresholds::read(&dir).unwrap_err().to_string();
+        assert!(err.contains(SamplingThresholds::FILE) && err.contains("-1"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -276,3 +276,53 @@ fn self_entropies_are_stored_beside_the_codes() {
     assert_eq!(stored.entropy.len(), 10 * 256);
     assert!(stored.entropy[0].is_infinite() && stored.entropy[1..256].iter().all(|h| h.is_finite()));
 }
+
+/// `--patcher self` without --threshold takes the θ stored beside the model; a model without
+/// one is refused with the command that stores it; `--sampling-threshold` takes the entropy
+/// model's stored θ.
+#[test]
+fn self_entropy_sampling_takes_the_stored_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = dpar::patching::SamplingThresholds::read(std::path::Path::new("models/mnist/dpar")).unwrap();
+    let out = dir.path().join("s");
+    for (flag, from) in [
+        ("--patcher=self", dpar::patching::EntropyFrom::Decoder),
+        ("--sampling-threshold", dpar::patching::EntropyFrom::Model),
+    ] {
+        let theta = stored.get(from).expect("the shipped DPAR stores both θ").threshold;
+        let (ok, text) = common::run_dpar(&[
+            "sample",
+            "--ckpt",
+            "models/mnist/dpar",
+            flag,
+            "--classes",
+            "3",
+            "--per-class",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        assert!(text.contains(&format!("θ={theta:.3}")), "{flag}: θ {theta} not used:\n{text}");
+    }
+    // A copy of the model without the stored thresholds.
+    let bare = dir.path().join("dpar");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(std::path::Path::new("models/mnist/dpar").join(f), bare.join(f)).unwrap();
+    }
+    let (ok, text) = common::run_dpar(&[
+        "sample",
+        "--ckpt",
+        bare.to_str().unwrap(),
+        "--patcher",
+        "self",
+        "--classes",
+        "3",
+        "--per-class",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("--store") && text.contains("sampling-thresholds.json"), "{text}");
+}

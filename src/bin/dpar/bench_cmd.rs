@@ -116,7 +116,7 @@ pub struct SpeedArgs {
     #[arg(long, value_parser = crate::common::positive_f64)]
     threshold: Option<f64>,
     /// The sampling curve's DPAR patcher: `model` (its entropy model) or `self` (the decoder's
-    /// own entropy; pass its calibrated --threshold).
+    /// own entropy, at the θ stored beside the model unless --threshold is given).
     #[arg(long, default_value = "model")]
     patcher: dpar::patching::EntropyFrom,
     /// Time the sampling curve on models with random weights instead of trained ones: a GPT
@@ -489,6 +489,10 @@ fn speed(args: SpeedArgs) -> Result<()> {
             dc.dim,
             args.cfg
         );
+        let stored_theta = match &random {
+            Some(_) => None,
+            None => crate::common::stored_threshold(&args.dpar, args.patcher, args.threshold, false)?,
+        };
         let machine = dpar::bench::machine(args.reps);
         for &kv in &args.kv_cache {
             let sampling = dpar::sample::SamplingConfig { kv_cache: kv, ..sampling.clone() };
@@ -497,7 +501,7 @@ fn speed(args: SpeedArgs) -> Result<()> {
                     dpar::patching::PatchConfig { threshold: args.threshold.unwrap_or(r.patch.threshold), ..r.patch }
                 }
                 None => dpar::patching::PatchConfig {
-                    threshold: args.threshold.unwrap_or(dc.patch.threshold),
+                    threshold: stored_theta.or(args.threshold).unwrap_or(dc.patch.threshold),
                     entropy_from: args.patcher,
                     ..dc.patch
                 },

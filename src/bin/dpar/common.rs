@@ -734,3 +734,41 @@ impl PatchArgs {
         self.overrides().apply(base)
     }
 }
+
+/// The θ a sampling command takes from the model's stored sampling thresholds: with
+/// `--sampling-threshold` the chosen patcher's (an error when none is stored), and for
+/// `--patcher self` without --threshold the self-entropy one (an error when none is stored:
+/// the training θ is on the entropy model's scale, not the decoder's). `None`: keep the θ the
+/// flags and the model give.
+pub fn stored_threshold(
+    model: &std::path::Path,
+    patcher: dpar::patching::EntropyFrom,
+    given: Option<f64>,
+    sampling_threshold: bool,
+) -> Result<Option<f64>> {
+    use dpar::patching::{EntropyFrom, SamplingThresholds};
+    if given.is_some() || !(sampling_threshold || patcher == EntropyFrom::Decoder) {
+        return Ok(None);
+    }
+    let stored = SamplingThresholds::read(model)?;
+    match stored.get(patcher) {
+        Some(c) => {
+            tracing::info!(
+                "θ = {:.4} for the {} patcher, calibrated on {} sampled images to mean patch length {} ({})",
+                c.threshold,
+                patcher.name(),
+                c.images,
+                c.target_mean_len,
+                SamplingThresholds::path(model).display()
+            );
+            Ok(Some(c.threshold))
+        }
+        None => bail!(
+            "{}: no θ stored for the {} patcher; give --threshold, or calibrate and store one with `dpar patchify --on-samples {} --patcher {} --target-mean-len 1.8 --store`",
+            SamplingThresholds::path(model).display(),
+            patcher.name(),
+            model.display(),
+            patcher.name()
+        ),
+    }
+}

@@ -101,6 +101,10 @@ pub struct PatchifyArgs {
     /// With --on-samples: the seed of those images (the same images' draws at every θ).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// With --on-samples: store the θ found beside the model (sampling-thresholds.json), where
+    /// `dpar sample --patcher self` (and `--sampling-threshold`) find it.
+    #[arg(long, requires = "on_samples")]
+    store: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -309,6 +313,16 @@ fn calibrate_on_samples(args: &PatchifyArgs, ckpt: &std::path::Path, target: f64
         labels.len(),
         args.seed
     );
+    if args.store {
+        let calibrated = dpar::patching::Calibrated {
+            threshold: best.0,
+            target_mean_len: target,
+            images: labels.len(),
+            seed: args.seed,
+        };
+        let path = dpar::patching::SamplingThresholds::store(ckpt, args.patcher, calibrated)?;
+        println!("stored θ for the {} patcher in {}", args.patcher.name(), path.display());
+    }
     if let Some(path) = &args.json {
         let report = serde_json::json!({"on_samples": ckpt, "patcher": args.patcher.name(), "threshold": best.0,
             "target_mean_len": target, "images": labels.len(), "seed": args.seed});

@@ -73,10 +73,15 @@ pub struct SampleArgs {
     #[command(flatten)]
     pub patch: crate::common::PatchArgs,
     /// DPAR: where the entropy that opens patches comes from: `model` (the entropy model, as in
-    /// training) or `self` (the DPAR decoder's own prediction; no entropy model runs; calibrate
-    /// --threshold for it).
+    /// training) or `self` (the DPAR decoder's own prediction; no entropy model runs; its θ is
+    /// the one stored beside the model by `dpar patchify --on-samples --patcher self --store`,
+    /// unless --threshold is given).
     #[arg(long, default_value = "model")]
     pub patcher: dpar::patching::EntropyFrom,
+    /// DPAR: θ calibrated on the model's own samples for the chosen patcher, stored beside it
+    /// by `dpar patchify --on-samples … --store` (with --patcher self that θ is the default).
+    #[arg(long, conflicts_with = "threshold")]
+    pub sampling_threshold: bool,
     /// Write the images as one NumPy `.npz` here instead (uint8 `[N, H, W, 3]` under `arr_0`, as
     /// LlamaGen's sample_ddp.py writes them for the ADM evaluator and `dpar eval fid`), streamed
     /// batch by batch, --per-class of each class, class-interleaved (every class once, then
@@ -363,7 +368,12 @@ fn sample_dpar(args: SampleArgs, config: SamplingConfig, device: candle_core::De
             mc.vocab_size
         );
     }
-    let patch = dpar::patching::PatchConfig { entropy_from: args.patcher, ..args.patch.apply(mc.patch) };
+    let mut patch = dpar::patching::PatchConfig { entropy_from: args.patcher, ..args.patch.apply(mc.patch) };
+    if let Some(theta) =
+        crate::common::stored_threshold(&args.ckpt, args.patcher, args.patch.threshold, args.sampling_threshold)?
+    {
+        patch.threshold = theta;
+    }
     patch.validate()?;
     let classes = dpar::sample_set::parse_classes(args.classes.as_deref(), &mc.class_names, mc.num_classes)?;
     check_total(&args, classes.len())?;
