@@ -120,6 +120,111 @@ pub fn compute(
     Ok(out)
 }
 
+/// What a count table conditions z_k on (design §9, "Count tables").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountContext {
+    /// The previous code in raster order, z_{k−1} (a bigram).
+    Left,
+    /// z_{k−1} and the code above, z_{k−G} (the left neighbour alone in the first row).
+    LeftAbove,
+}
+
+impl std::str::FromStr for CountContext {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "left" => Ok(Self::Left),
+            "left-above" => Ok(Self::LeftAbove),
+            other => Err(format!("unknown count context `{other}` (left, left-above)")),
+        }
+    }
+}
+
+/// Next-code entropies from counts, no network: for each context, the entropy of the
+/// add-α smoothed distribution of the codes that followed it in the training codes. A context
+/// never seen falls back to its left code alone (`LeftAbove`), then to the unconditional
+/// distribution.
+pub struct CountTable {
+    context: CountContext,
+    grid: usize,
+    /// Entropy per left code (V), and per (left, above) pair seen in training.
+    left: Vec<f32>,
+    pair: std::collections::HashMap<(u32, u32), f32>,
+    unconditional: f32,
+    vocab: usize,
+}
+
+/// The entropy (nats) of counts smoothed by adding `alpha` to each of `vocab` codes.
+fn smoothed_entropy(counts: &std::collections::HashMap<u32, u32>, vocab: usize, alpha: f64) -> f32 {
+    let total = counts.values().map(|&c| c as f64).sum::<f64>() + alpha * vocab as f64;
+    let mut h = 0.0;
+    for &c in counts.values() {
+        let p = (c as f64 + alpha) / total;
+        h -= p * p.ln();
+    }
+    let unseen = vocab - counts.len();
+    if unseen > 0 && alpha > 0.0 {
+        let p = alpha / total;
+        h -= unseen as f64 * p * p.ln();
+    }
+    h as f32
+}
+
+impl CountTable {
+    /// Counts the codes of `shards` (one grid and vocabulary), smoothing with `alpha`.
+    pub fn fit(shards: &[CodeShard], context: CountContext, alpha: f64) -> Result<Self> {
+        let first = shards.first().ok_or_else(|| EntropyError::BadSetting("no training shards to count".into()))?;
+        let (grid, vocab) = (first.info.grid_size, first.info.codebook_size);
+        if shards.iter().any(|s| s.info.grid_size != grid || s.info.codebook_size != vocab) {
+            return Err(EntropyError::BadSetting("the training shards differ in grid or vocabulary".into()));
+        }
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(EntropyError::BadSetting(format!("smoothing α must be > 0, got {alpha}")));
+        }
+        use std::collections::HashMap;
+        let l = grid * grid;
+        let mut by_left: Vec<HashMap<u32, u32>> = vec![HashMap::new(); vocab];
+        let mut by_pair: HashMap<(u32, u32), HashMap<u32, u32>> = HashMap::new();
+        let mut all: HashMap<u32, u32> = HashMap::new();
+        for shard in shards {
+            for i in 0..shard.len() {
+                let z = shard.codes_of(i, false);
+                for k in 1..l {
+                    *by_left[z[k - 1] as usize].entry(z[k]).or_default() += 1;
+                    *all.entry(z[k]).or_default() += 1;
+                    if context == CountContext::LeftAbove && k >= grid {
+                        *by_pair.entry((z[k - 1], z[k - grid])).or_default().entry(z[k]).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let unconditional = smoothed_entropy(&all, vocab, alpha);
+        let left = by_left
+            .iter()
+            .map(|c| if c.is_empty() { unconditional } else { smoothed_entropy(c, vocab, alpha) })
+            .collect();
+        let pair = by_pair.into_iter().map(|(k, c)| (k, smoothed_entropy(&c, vocab, alpha))).collect();
+        Ok(Self { context, grid, left, pair, unconditional, vocab })
+    }
+
+    /// H_0 … H_{L−1} of one image's codes (H_0 = +∞).
+    pub fn entropies(&self, z: &[u32]) -> Vec<f32> {
+        let mut h = Vec::with_capacity(z.len());
+        h.push(f32::INFINITY);
+        for k in 1..z.len() {
+            let left = z[k - 1] as usize;
+            let by_left = if left < self.vocab { self.left[left] } else { self.unconditional };
+            h.push(match self.context {
+                CountContext::LeftAbove if k >= self.grid => {
+                    self.pair.get(&(z[k - 1], z[k - self.grid])).copied().unwrap_or(by_left)
+                }
+                _ => by_left,
+            });
+        }
+        h
+    }
+}
+
 /// Writes a shard's entropy sidecar atomically.
 pub fn write(shard_path: &Path, shard: &CodeShard, entropies: &ShardEntropies) -> Result<()> {
     let (n, l) = (shard.len(), shard.info.seq_len());
@@ -327,4 +432,45 @@ pub fn store_with(
         stored.push(summary);
     }
     Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-computed case: after code 0 always comes 1 (entropy ≈ 0 with a tiny α), after 1
+    /// comes 0 or 2 equally (ln 2); an unseen left code falls back to the unconditional entropy;
+    /// the left-above table tells apart what the bigram cannot.
+    #[test]
+    fn count_tables_give_the_entropies_of_their_counts() {
+        let info = |grid| crate::data::shards::ShardInfo {
+            grid_size: grid,
+            codebook_size: 4,
+            num_classes: 1,
+            class_names: vec!["x".into()],
+            tokenizer_id: "t".into(),
+        };
+        // 2×2 grids: 0 1 / 0 1 and 0 1 / 2 1 → after 0: {1, 1, 1, 1}; after 1: {0, 2}.
+        let shard =
+            CodeShard { info: info(2), codes: vec![0, 1, 0, 1, 0, 1, 2, 1], labels: vec![0, 0], flip_codes: None };
+        let t = CountTable::fit(std::slice::from_ref(&shard), CountContext::Left, 1e-9).unwrap();
+        let h = t.entropies(&[0, 1, 0, 3]);
+        assert!(h[0].is_infinite());
+        assert!(h[1].abs() < 1e-6, "{h:?}");
+        assert!((h[2] - std::f32::consts::LN_2).abs() < 1e-6, "{h:?}");
+        // Left code 3 never seen: the unconditional distribution of z_1..: {1:4, 0:1, 2:1}.
+        let p = [4.0f64 / 6.0, 1.0 / 6.0, 1.0 / 6.0];
+        let want = -p.iter().map(|p| p * p.ln()).sum::<f64>();
+        let h = t.entropies(&[0, 1, 3, 2]);
+        assert!((h[3] as f64 - want).abs() < 1e-6, "{h:?} vs {want}");
+        // Left and above: at k = 2 (z_2, left z_1 = 1, above z_0 = 0) both images show 0 or 2
+        // after (1, 0): ln 2; at k = 3 (left z_2, above z_1 = 1): (0, 1) → 1 and (2, 1) → 1: 0.
+        let t = CountTable::fit(std::slice::from_ref(&shard), CountContext::LeftAbove, 1e-9).unwrap();
+        let h = t.entropies(&[0, 1, 2, 1]);
+        assert!((h[2] - std::f32::consts::LN_2).abs() < 1e-6 && h[3].abs() < 1e-6, "{h:?}");
+        // Smoothing spreads mass over all four codes: a positive entropy after 0.
+        let t = CountTable::fit(std::slice::from_ref(&shard), CountContext::Left, 1.0).unwrap();
+        assert!(t.entropies(&[0, 1])[1] > 0.5);
+        assert!(CountTable::fit(&[shard], CountContext::Left, 0.0).is_err());
+    }
 }

@@ -135,6 +135,7 @@ fn main() {
         Command::Eval(cmd) => eval_cmd::run(cmd),
         Command::Entropy(patch_cmd::EntropyCmd::Train(args)) => train_cmd::train_entropy(args),
         Command::Entropy(patch_cmd::EntropyCmd::Compute(args)) => patch_cmd::run_compute(args),
+        Command::Entropy(patch_cmd::EntropyCmd::Count(args)) => patch_cmd::run_count(args),
         Command::Patchify(args) => patch_cmd::run_patchify(args),
         #[cfg(feature = "serve")]
         Command::Serve(args) => serve::serve(args),

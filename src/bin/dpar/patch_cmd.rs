@@ -15,6 +15,69 @@ pub enum EntropyCmd {
     Train(EntropyTrainArgs),
     /// Run the entropy model once over shards and store H_k beside the codes.
     Compute(ComputeArgs),
+    /// Entropies from a count table of the training codes (no network): store them beside
+    /// other shards, to compare their patches with `dpar patchify --compare`.
+    Count(CountArgs),
+}
+
+#[derive(Args)]
+pub struct CountArgs {
+    /// The codes to count (folder or file).
+    #[arg(long, default_value = "data/codes/train")]
+    train: PathBuf,
+    /// What z_k is conditioned on: `left` (z_{k−1}, a bigram) or `left-above` (z_{k−1} and the
+    /// code above it).
+    #[arg(long, default_value = "left")]
+    context: dpar::entropy::CountContext,
+    /// Add-α smoothing of every context's counts.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Shards to store the table's entropies beside (use a copy: the sidecars replace those
+    /// there).
+    #[arg(long, required = true)]
+    codes: Vec<PathBuf>,
+}
+
+/// `dpar entropy count`.
+pub fn run_count(args: CountArgs) -> Result<()> {
+    let train: Vec<_> = dpar::data::shards::read_set_shards(&args.train)
+        .with_context(|| format!("--train {}", args.train.display()))?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let table = dpar::entropy::CountTable::fit(&train, args.context, args.alpha).context("--train")?;
+    let hash = train.iter().map(dpar::data::shards::codes_hash).collect::<Vec<_>>().join("");
+    let id = format!("count-table-{:?}-alpha{}-{}", args.context, args.alpha, &hash[..16.min(hash.len())]);
+    for set in &args.codes {
+        if args.train.canonicalize().ok() == set.canonicalize().ok() {
+            bail!(
+                "--codes {}: the same shards as --train; store the table's entropies beside a copy of other codes",
+                set.display()
+            );
+        }
+        let stored = dpar::entropy::store_with(set, &id, |file, shard| {
+            if shard.info.grid_size != train[0].info.grid_size
+                || shard.info.codebook_size != train[0].info.codebook_size
+            {
+                return Err(dpar::entropy::EntropyError::Mismatch {
+                    path: file.to_path_buf(),
+                    reason: "another grid or vocabulary than the counted codes".into(),
+                });
+            }
+            let of = |flip: bool| {
+                (0..shard.len()).flat_map(|i| table.entropies(shard.codes_of(i, flip))).collect::<Vec<f32>>()
+            };
+            Ok((of(false), shard.flip_codes.as_ref().map(|_| of(true))))
+        })
+        .with_context(|| format!("--codes {}", set.display()))?;
+        for s in stored {
+            println!(
+                "{}: {} images, count-table entropies ({:?}, α {}): mean {:.3} nats, p30/p50/p70 {:.3}/{:.3}/{:.3} → wrote {}",
+                s.shard.display(), s.images, args.context, args.alpha, s.mean, s.p30, s.p50, s.p70, s.sidecar.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]
