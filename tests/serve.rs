@@ -327,6 +327,16 @@ fn a_self_entropy_stream_gives_the_codes_of_dpar_sample() {
         sample_codes(&["--classes", "6", "--seed", "4", "--cfg", "2", "--patcher", "self", "--threshold", "1.81"]);
     assert_eq!(codes, want);
     assert_eq!(done["settings"]["patch"]["entropy_from"], "decoder", "{}", done["settings"]);
+    // Without θ, both take the self-entropy θ stored beside the model, which the page offers.
+    let info: serde_json::Value = serde_json::from_str(&get(&server.addr, "/api/info").body).unwrap();
+    let stored = info["defaults"]["self_theta"].as_f64().expect("the shipped DPAR stores a self-entropy θ");
+    assert!((stored - info["defaults"]["theta"].as_f64().unwrap()).abs() > 0.1, "{info}");
+    let reply = get(&server.addr, "/api/generate?class=6&seed=4&cfg=2&patcher=self");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let done = event(&reply.body, "done").expect("a done event");
+    assert_eq!(done["settings"]["patch"]["threshold"].as_f64().unwrap(), stored, "{}", done["settings"]);
+    let codes: Vec<u32> = serde_json::from_value(done["codes"].clone()).unwrap();
+    assert_eq!(codes, sample_codes(&["--classes", "6", "--seed", "4", "--cfg", "2", "--patcher", "self"]));
 }
 
 fn peak_mib(pid: u32) -> f64 {

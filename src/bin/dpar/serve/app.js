@@ -29,6 +29,7 @@ function params(model) {
   for (const id of ['class', 'seed', 'cfg', 'temperature', 'top_k', 'top_p', 'pace']) p.set(id, $(id).value);
   if (model === 'dpar') {
     p.set('theta', $('theta').value);
+    p.set('patcher', $('entropy_from').value);
     p.set('max_patch_len', $('max_patch_len').value);
     for (const id of ['entropy_gate', 'max_len', 'row_reset', 'static']) p.set(id, $(id).checked ? '1' : '0');
   }
@@ -281,7 +282,7 @@ async function downloadSettings() {
 function syncPatcher() {
   $('theta_out').textContent = Number($('theta').value).toFixed(2);
   const isStatic = $('static').checked;
-  for (const id of ['theta', 'entropy_gate', 'max_len', 'row_reset']) $(id).disabled = isStatic;
+  for (const id of ['theta', 'entropy_gate', 'max_len', 'row_reset', 'entropy_from']) $(id).disabled = isStatic;
   $('patcher').disabled = mode() === 'gpt';
 }
 
@@ -305,6 +306,13 @@ async function start() {
   }
   $('controls').addEventListener('submit', generate);
   $('controls').addEventListener('input', syncPatcher);
+  // Each patcher's θ is on its own scale: switching sets the slider to that patcher's default
+  // (self-entropy: the θ stored beside the model).
+  $('entropy_from').addEventListener('change', () => {
+    const t = $('entropy_from').value === 'self' && d.self_theta != null ? d.self_theta : d.theta;
+    $('theta').value = t;
+    syncPatcher();
+  });
   $('dice').addEventListener('click', () => { $('seed').value = Math.floor(Math.random() * 1e6); });
   $('sweep').addEventListener('click', sweep);
   $('png').addEventListener('click', downloadPng);

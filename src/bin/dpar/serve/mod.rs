@@ -74,11 +74,18 @@ pub struct Models {
     tokenizer: Tokenizer,
     /// The patcher the DPAR model was trained with: the page's defaults.
     patch: PatchConfig,
+    /// θ calibrated on the model's samples and stored beside it (design §9), per patcher.
+    sampling_thresholds: dpar::patching::SamplingThresholds,
     class_names: Vec<String>,
     _stores: Vec<dpar::params::ParamStore>,
 }
 
 impl Models {
+    /// The stored θ of self-entropy patching, if any.
+    pub fn self_theta(&self) -> Option<f64> {
+        self.sampling_thresholds.get(dpar::patching::EntropyFrom::Decoder).map(|c| c.threshold)
+    }
+
     fn load(dir: &Path, device: &Device) -> Result<Self> {
         let dpar_dir = dir.join("dpar");
         let (dpar, dpar_store, _) =
@@ -115,7 +122,8 @@ impl Models {
             }
         }
         let class_names = (0..c.num_classes as u32).map(|i| c.class_name(i)).collect();
-        Ok(Models { patch: c.patch, dpar, entropy, gpt, tokenizer, class_names, _stores: stores })
+        let sampling_thresholds = dpar::patching::SamplingThresholds::read(&dpar_dir)?;
+        Ok(Models { patch: c.patch, sampling_thresholds, dpar, entropy, gpt, tokenizer, class_names, _stores: stores })
     }
 
     fn grid(&self) -> usize {
@@ -261,6 +269,7 @@ async fn info(State(state): State<AppState>) -> Response {
         "vocab": c.vocab_size,
         "defaults": {
             "theta": m.patch.threshold, "max_patch_len": m.patch.max_patch_len,
+            "self_theta": m.self_theta(),
             "entropy_gate": m.patch.entropy_gate, "max_len": m.patch.max_len_rule, "row_reset": m.patch.row_reset,
             "cfg": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
         },

@@ -1,7 +1,7 @@
 //! The page's requests: every query parameter checked, with a message naming the parameter and
 //! the allowed range for anything else (the server answers those with HTTP 400).
 
-use dpar::patching::PatchConfig;
+use dpar::patching::{EntropyFrom, PatchConfig};
 use dpar::sample::SamplingConfig;
 
 use super::Models;
@@ -161,16 +161,26 @@ pub fn parse(pairs: &[(String, String)], models: &Models, sweep: bool) -> Result
     let patch = if flag(pairs, "static", false)? {
         PatchConfig::static_patches(max_patch_len)
     } else {
+        let entropy_from: EntropyFrom = match get(pairs, "patcher") {
+            None => Default::default(),
+            Some(name) => name.parse().map_err(|e| format!("patcher: {e}"))?,
+        };
+        // Self-entropy's θ lives on the decoder's scale: its default is the θ stored beside the
+        // model, not the training θ of the entropy model.
+        let default_theta = match (entropy_from, models.self_theta()) {
+            (EntropyFrom::Decoder, Some(theta)) => theta,
+            (EntropyFrom::Decoder, None) if get(pairs, "theta").is_none() => {
+                return Err("theta: give θ for patcher=self (no self-entropy θ is stored beside the model: `dpar patchify --on-samples … --patcher self --store`)".into())
+            }
+            _ => models.patch.threshold,
+        };
         PatchConfig {
-            threshold: real(pairs, "theta", models.patch.threshold, 0.0, MAX_THETA, false)?,
+            threshold: real(pairs, "theta", default_theta, 0.0, MAX_THETA, false)?,
             max_patch_len,
             entropy_gate: flag(pairs, "entropy_gate", models.patch.entropy_gate)?,
             max_len_rule: flag(pairs, "max_len", models.patch.max_len_rule)?,
             row_reset: flag(pairs, "row_reset", models.patch.row_reset)?,
-            entropy_from: match get(pairs, "patcher") {
-                None => Default::default(),
-                Some(name) => name.parse().map_err(|e| format!("patcher: {e}"))?,
-            },
+            entropy_from,
         }
     };
     patch.validate().map_err(|e| e.to_string())?;
