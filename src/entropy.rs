@@ -75,17 +75,17 @@ pub fn check_model_fits(model: &Gpt, shard: &CodeShard, path: &Path) -> Result<(
             "entropies come from an unconditional model (train it with `dpar entropy train`)".into(),
         ));
     }
-    if c.grid_size != shard.info.grid_size || c.vocab_size < shard.info.codebook_size {
+    check_shape_fits("the entropy model", c.grid_size, c.vocab_size, shard, path)
+}
+
+/// Checks that a model (`who`) of a `grid`² grid and `vocab` codes can read a shard's codes.
+pub fn check_shape_fits(who: &str, grid: usize, vocab: usize, shard: &CodeShard, path: &Path) -> Result<()> {
+    if grid != shard.info.grid_size || vocab < shard.info.codebook_size {
         return Err(EntropyError::Mismatch {
             path: path.to_path_buf(),
             reason: format!(
-                "shard has a {}×{} grid of {} codes; the entropy model expects {}×{} and {} codes",
-                shard.info.grid_size,
-                shard.info.grid_size,
-                shard.info.codebook_size,
-                c.grid_size,
-                c.grid_size,
-                c.vocab_size
+                "shard has a {}×{} grid of {} codes; {who} expects {grid}×{grid} and {vocab} codes",
+                shard.info.grid_size, shard.info.grid_size, shard.info.codebook_size
             ),
         });
     }

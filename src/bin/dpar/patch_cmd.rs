@@ -56,14 +56,8 @@ pub fn run_count(args: CountArgs) -> Result<()> {
             );
         }
         let stored = dpar::entropy::store_with(set, &id, |file, shard| {
-            if shard.info.grid_size != train[0].info.grid_size
-                || shard.info.codebook_size != train[0].info.codebook_size
-            {
-                return Err(dpar::entropy::EntropyError::Mismatch {
-                    path: file.to_path_buf(),
-                    reason: "another grid or vocabulary than the counted codes".into(),
-                });
-            }
+            let counted = &train[0].info;
+            dpar::entropy::check_shape_fits("the count table", counted.grid_size, counted.codebook_size, shard, file)?;
             let of = |flip: bool| {
                 (0..shard.len()).flat_map(|i| table.entropies(shard.codes_of(i, flip))).collect::<Vec<f32>>()
             };
@@ -71,10 +65,7 @@ pub fn run_count(args: CountArgs) -> Result<()> {
         })
         .with_context(|| format!("--codes {}", set.display()))?;
         for s in stored {
-            println!(
-                "{}: {} images, count-table entropies ({:?}, α {}): mean {:.3} nats, p30/p50/p70 {:.3}/{:.3}/{:.3} → wrote {}",
-                s.shard.display(), s.images, args.context, args.alpha, s.mean, s.p30, s.p50, s.p70, s.sidecar.display()
-            );
+            print_stored(&s, &format!("count-table entropies ({:?}, α {})", args.context, args.alpha));
         }
     }
     Ok(())
@@ -203,18 +194,7 @@ fn compute(args: ComputeArgs) -> Result<()> {
         bar.finish_and_clear();
         for s in stored {
             images += s.images * if s.flip { 2 } else { 1 };
-            println!(
-                "{}: {} images{}, mean H {:.3} nats (ln V = {:.3}), p30/p50/p70 {:.3}/{:.3}/{:.3} → wrote {}",
-                s.shard.display(),
-                s.images,
-                if s.flip { " + flip copies" } else { "" },
-                s.mean,
-                (model.config().vocab_size as f64).ln(),
-                s.p30,
-                s.p50,
-                s.p70,
-                s.sidecar.display()
-            );
+            print_stored(&s, &format!("entropies (ln V = {:.3})", (model.config().vocab_size as f64).ln()));
         }
     }
     println!("computed entropies of {images} code sequences in {:.1}s (H_0 stored as +inf)", t.elapsed().as_secs_f64());
@@ -247,20 +227,7 @@ fn compute_self(args: ComputeArgs) -> Result<()> {
         let bar = dpar::util::progress_bar(total as u64, "self-entropy");
         let stored = dpar::entropy::store_with(set, &id, |file, shard| {
             let c = model.config();
-            if shard.info.grid_size != c.grid_size || shard.info.codebook_size > c.vocab_size {
-                return Err(dpar::entropy::EntropyError::Mismatch {
-                    path: file.to_path_buf(),
-                    reason: format!(
-                        "a {}×{} grid of {} codes; the DPAR model reads {}×{} and {} codes",
-                        shard.info.grid_size,
-                        shard.info.grid_size,
-                        shard.info.codebook_size,
-                        c.grid_size,
-                        c.grid_size,
-                        c.vocab_size
-                    ),
-                });
-            }
+            dpar::entropy::check_shape_fits("the DPAR model", c.grid_size, c.vocab_size, shard, file)?;
             let of = |flip: bool| -> dpar::entropy::Result<Vec<f32>> {
                 let mut out = Vec::with_capacity(shard.len() * c.seq_len());
                 for start in (0..shard.len()).step_by(args.batch * 8) {
@@ -281,18 +248,7 @@ fn compute_self(args: ComputeArgs) -> Result<()> {
         bar.finish_and_clear();
         for s in stored {
             images += s.images * if s.flip { 2 } else { 1 };
-            println!(
-                "{}: {} images{}, self-entropies of {} at θ = {theta}: mean {:.3} nats, p30/p50/p70 {:.3}/{:.3}/{:.3} → wrote {}",
-                s.shard.display(),
-                s.images,
-                if s.flip { " + flip copies" } else { "" },
-                path.display(),
-                s.mean,
-                s.p30,
-                s.p50,
-                s.p70,
-                s.sidecar.display()
-            );
+            print_stored(&s, &format!("self-entropies of {} at θ = {theta}", path.display()));
         }
     }
     println!(
@@ -300,6 +256,22 @@ fn compute_self(args: ComputeArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// One line per stored entropy sidecar: images, what the entropies are, their mean and
+/// percentiles, where they went.
+fn print_stored(s: &dpar::entropy::Stored, what: &str) {
+    println!(
+        "{}: {} images{}, {what}: mean {:.3} nats, p30/p50/p70 {:.3}/{:.3}/{:.3} → wrote {}",
+        s.shard.display(),
+        s.images,
+        if s.flip { " + flip copies" } else { "" },
+        s.mean,
+        s.p30,
+        s.p50,
+        s.p70,
+        s.sidecar.display()
+    );
 }
 
 fn print_stats(label: &str, s: &PatchStats) {
