@@ -74,6 +74,8 @@ fn dup(x: &Tensor, guided: bool) -> Result<Tensor> {
 enum EntropyDecoder {
     Lean(Box<crate::gpt::decode::LeanDecoder>),
     Cached(crate::gpt::GptCache),
+    /// Self-entropy patching: no entropy model runs.
+    None,
 }
 
 /// Incremental generation with caches in every stage: on the CPU with fused or bf16 kernels
@@ -158,7 +160,10 @@ fn generate_cached_observed(
     let mut caches = model.new_caches(b, rows)?;
     // The entropy model runs through the lean decode step on the CPU (same logits, no tensor
     // graph per code), through its cache elsewhere.
-    let mut entropy_decoder = if device.is_cpu() && entropy_model.config().ops != crate::nn::Ops::Stock {
+    // Self-entropy patching runs none.
+    let mut entropy_decoder = if self_entropy {
+        EntropyDecoder::None
+    } else if device.is_cpu() && entropy_model.config().ops != crate::nn::Ops::Stock {
         EntropyDecoder::Lean(Box::new(crate::gpt::decode::LeanDecoder::for_patching(
             entropy_model,
             b,
@@ -264,6 +269,9 @@ fn generate_cached_observed(
                 }
                 EntropyDecoder::Cached(cache) => {
                     entropy_rows(&entropy_model.step(cache, None, Some(&prev))?.flatten_all()?.to_vec1::<f32>()?, ev)
+                }
+                EntropyDecoder::None => {
+                    return Err(DparError::BadInput("the entropy model's patches need the entropy model".into()))
                 }
             };
             let closing: Vec<usize> = (0..b).filter(|&i| patchers[i].push(entropies[i])).collect();
