@@ -345,7 +345,7 @@ pub fn error_plot(path: &Path, panels: &[ErrorPanel]) -> Result<()> {
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(SeriesLabelPosition::UpperLeft)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .draw()
