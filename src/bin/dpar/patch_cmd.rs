@@ -146,6 +146,11 @@ pub struct PatchifyArgs {
     /// than real codes at the training θ). With --patcher self, for self-entropy patching.
     #[arg(long, value_parser = crate::common::model_path, requires = "target_mean_len")]
     on_samples: Option<PathBuf>,
+    /// With --on-samples: the entropy model (default: the one the model records, by hash). A
+    /// model trained on self-entropies records its first stage instead: give the entropy model
+    /// here with --allow-mismatch (with --patcher self it is loaded but never runs).
+    #[arg(long, requires = "on_samples")]
+    entropy_model: Option<PathBuf>,
     /// With --on-samples: where H_k comes from (`model`: the model's entropy model; `self`).
     #[arg(long, default_value = "model")]
     patcher: dpar::patching::EntropyFrom,
@@ -299,8 +304,14 @@ fn calibrate_on_samples(args: &PatchifyArgs, ckpt: &std::path::Path, target: f64
     let recorded = dpar::parts::Recorded::of(ckpt);
     let part = dpar::parts::Part::EntropyModel;
     let owner = format!("the model {}", ckpt.display());
-    let entropy_path =
-        dpar::parts::resolve(part, None, recorded.id(part), ckpt, &owner, crate::common::allow_mismatch())?;
+    let entropy_path = dpar::parts::resolve(
+        part,
+        args.entropy_model.as_deref(),
+        recorded.id(part),
+        ckpt,
+        &owner,
+        crate::common::allow_mismatch(),
+    )?;
     let (entropy, _es) = dpar::models::gpt(&entropy_path, None, &device)?;
     let c = model.config();
     let base = PatchConfig { entropy_from: args.patcher, ..args.patch.apply(c.patch) };
