@@ -204,8 +204,7 @@ impl Weights {
     }
 }
 
-/// The self-entropies of given codes (design §9, "Training with the decoder's own
-/// boundaries"): per image L values, H_0 = +∞ and H_k the entropy of the decoder's prediction
+/// The self-entropies of given codes (design §9, "Self-entropies of real codes"): per image L values, H_0 = +∞ and H_k the entropy of the decoder's prediction
 /// of z_k as self-entropy patching at θ = `patch.threshold` computes it while generating these
 /// very codes (teacher forcing, no guidance). Cut with the same `patch`, they give exactly the
 /// patches that sampling would have given these codes; at another θ they mean nothing.
@@ -219,12 +218,15 @@ pub fn self_entropies(
     if patch.entropy_from != EntropyFrom::Decoder {
         return Err(super::DparError::BadInput("self_entropies needs a self-entropy patcher".into()));
     }
-    let l = model.config().seq_len();
+    let (l, v) = (model.config().seq_len(), model.config().vocab_size);
     if codes.len() != labels.len() || codes.iter().any(|z| z.len() != l) {
         return Err(super::DparError::BadInput(format!(
             "self_entropies: {} code sequences of length {l} and as many labels expected",
             labels.len()
         )));
+    }
+    if let Some(z) = codes.iter().flatten().find(|&&z| z as usize >= v) {
+        return Err(super::DparError::BadInput(format!("self_entropies: code {z} is outside the model's {v} codes")));
     }
     let sampling = SamplingConfig { cfg_scale: 1.0, ..Default::default() };
     check(model, entropy_model, labels, &sampling, patch)?;
@@ -604,6 +606,9 @@ pub(crate) mod tests {
             &PatchConfig { entropy_from: EntropyFrom::Decoder, ..PatchConfig::dpar(1.0, 4) },
         );
         assert!(bad.unwrap_err().to_string().contains("length"));
+        let p = PatchConfig { entropy_from: EntropyFrom::Decoder, ..PatchConfig::dpar(1.0, 4) };
+        let big = vec![vec![m.config().vocab_size as u32; m.config().seq_len()]];
+        assert!(self_entropies(&m, &e, &big, &[0], &p).unwrap_err().to_string().contains("outside"));
     }
 
     /// Every patcher mode (the entropy model's full rule, its ablations, static patches and
